@@ -1,0 +1,1 @@
+"""switchprune: learn which neurons a network needs, then ship the smaller network."""

@@ -1,0 +1,357 @@
+"""Typed, validated configuration: one frozen dataclass per ``params.yaml`` section.
+
+Every config is built with :func:`from_dict`, which refuses unknown keys, wrong types and
+out-of-range values with a single :class:`ConfigError` naming the section and key, so a bad
+parameter is reported before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A parameter is unknown, of the wrong type or out of range."""
+
+
+Dataset = Literal["digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "idx"]
+Arch = Literal["mlp", "lenet5", "vgg11", "vgg16", "resnet20", "resnet56"]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which dataset to use and how to split it.
+
+    Attributes:
+        dataset: ``digits`` (bundled with scikit-learn), a torchvision dataset, or ``idx``.
+        idx_dir: Directory of IDX files (``*-images-idx3-ubyte[.gz]``, ``*-labels-idx1-ubyte[.gz]``)
+            when ``dataset`` is ``idx``.
+        raw_dir: Where torchvision datasets are downloaded to when absent.
+        download: Allow torchvision to download a missing dataset.
+        val_fraction: Share of the training data held out for validation.
+        test_fraction: Share held out for testing, for datasets without an official test split.
+        split_seed: Seed of the stratified splits.
+    """
+
+    dataset: Dataset = "digits"
+    idx_dir: str | None = None
+    raw_dir: str = "data/raw"
+    download: bool = True
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    split_seed: int = 0
+
+    def validate(self) -> None:
+        """Check ranges and cross-field rules."""
+        _check(0.0 <= self.val_fraction < 0.5, "data", "val_fraction", "must be in [0, 0.5)")
+        _check(0.0 < self.test_fraction < 0.5, "data", "test_fraction", "must be in (0, 0.5)")
+        _check(
+            self.dataset != "idx" or bool(self.idx_dir),
+            "data",
+            "idx_dir",
+            "is required when dataset is 'idx'",
+        )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The task network (TNN).
+
+    Attributes:
+        arch: Architecture name.
+        hidden: Hidden widths of ``mlp`` (LeNet-300-100 by default).
+        width_multiplier: Scales every hidden width of ``vgg*``/``resnet*`` (CPU-sized nets).
+    """
+
+    arch: Arch = "mlp"
+    hidden: tuple[int, ...] = (300, 100)
+    width_multiplier: float = 1.0
+
+    def validate(self) -> None:
+        """Check ranges."""
+        _check(len(self.hidden) >= 1, "model", "hidden", "needs at least one layer")
+        _check(all(h >= 1 for h in self.hidden), "model", "hidden", "widths must be >= 1")
+        _check(0.0 < self.width_multiplier <= 4.0, "model", "width_multiplier", "must be in (0, 4]")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Alternating SNN/TNN training.
+
+    Attributes:
+        epochs: Training epochs (for both the switched TNN and the baseline).
+        batch_size: Mini-batch size.
+        seed: Seed of initialisation and data order.
+        device: ``auto`` (``cuda`` when available), ``cpu`` or ``cuda``.
+        tnn_lr: SGD learning rate of the task network.
+        tnn_momentum: SGD momentum of the task network.
+        tnn_weight_decay: SGD weight decay of the task network.
+        snn_lr: SGD learning rate of the switcher.
+        snn_momentum: SGD momentum of the switcher.
+        tnn_steps_per_snn_step: ``k``: TNN steps between two SNN steps.
+        alternation: ``batch`` alternates within an epoch; ``epoch`` alternates whole epochs.
+        warmup_epochs: TNN-only epochs (factors fixed at their initial value) before switching.
+        switch_epochs_fraction: Share of the epochs during which the SNN learns; afterwards its
+            factors are frozen and the TNN fine-tunes under them.
+        detach_factors: Detach factors in TNN steps (no gradient from the SNN into the TNN).
+        snn_input: ``stats`` (fixed-length per-unit statistics) or ``rows`` (per-layer encoders
+            of the raw weight rows).
+        snn_hidden: Hidden width of the switcher.
+        compression: ``target`` switches off the lowest-scored units until ``target_metric`` is
+            at ``target_ratio`` of the full network; ``penalty`` adds a fixed cost-weighted L1
+            pressure ``penalty`` to the switcher's loss; ``none`` is the paper's task-loss-only
+            mode.
+        target_metric: ``params`` or ``macs``.
+        target_ratio: Fraction of the metric to keep (0.4 keeps 40 %).
+        penalty: Pressure weight (``penalty`` mode).
+        ramp_fraction: Share of the switching phase over which the target is lowered from 1
+            to ``target_ratio`` (``target`` mode).
+        baseline: Also train the same TNN without a switcher for the same budget.
+        checkpoint_every: Save a resumable checkpoint every this many epochs.
+    """
+
+    epochs: int = 30
+    batch_size: int = 64
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    tnn_lr: float = 0.05
+    tnn_momentum: float = 0.9
+    tnn_weight_decay: float = 5e-4
+    snn_lr: float = 0.01
+    snn_momentum: float = 0.9
+    tnn_steps_per_snn_step: int = 1
+    alternation: Literal["batch", "epoch"] = "batch"
+    warmup_epochs: int = 0
+    switch_epochs_fraction: float = 0.75
+    detach_factors: bool = True
+    snn_input: Literal["stats", "rows"] = "stats"
+    snn_hidden: int = 32
+    compression: Literal["target", "penalty", "none"] = "target"
+    target_metric: Literal["params", "macs"] = "params"
+    target_ratio: float = 0.4
+    penalty: float = 0.05
+    ramp_fraction: float = 0.5
+    baseline: bool = True
+    checkpoint_every: int = 1
+
+    def validate(self) -> None:
+        """Check ranges and cross-field rules."""
+        _check(self.epochs >= 1, "train", "epochs", "must be >= 1")
+        _check(self.batch_size >= 1, "train", "batch_size", "must be >= 1")
+        for key in ("tnn_lr", "snn_lr"):
+            _check(getattr(self, key) > 0, "train", key, "must be > 0")
+        for key in ("tnn_momentum", "snn_momentum"):
+            _check(0.0 <= getattr(self, key) < 1.0, "train", key, "must be in [0, 1)")
+        _check(self.tnn_weight_decay >= 0, "train", "tnn_weight_decay", "must be >= 0")
+        _check(self.tnn_steps_per_snn_step >= 1, "train", "tnn_steps_per_snn_step", "must be >= 1")
+        _check(
+            0 <= self.warmup_epochs < self.epochs,
+            "train",
+            "warmup_epochs",
+            "must be >= 0 and < epochs",
+        )
+        _check(
+            0.0 < self.switch_epochs_fraction <= 1.0,
+            "train",
+            "switch_epochs_fraction",
+            "must be in (0, 1]",
+        )
+        _check(self.snn_hidden >= 1, "train", "snn_hidden", "must be >= 1")
+        _check(0.0 < self.target_ratio <= 1.0, "train", "target_ratio", "must be in (0, 1]")
+        _check(self.penalty >= 0, "train", "penalty", "must be >= 0")
+        _check(0.0 <= self.ramp_fraction <= 1.0, "train", "ramp_fraction", "must be in [0, 1]")
+        _check(self.checkpoint_every >= 1, "train", "checkpoint_every", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Thresholding of the factors and compaction.
+
+    Attributes:
+        threshold: Units whose factor is at or below this are removed (0 removes exact zeros).
+        relative: Interpret ``threshold`` relative to each group's largest factor.
+        min_units: Never keep fewer units than this in a group (a layer is never emptied).
+        round_to: Round kept widths up to a multiple of this (hardware-friendly widths).
+    """
+
+    threshold: float = 0.0
+    relative: bool = False
+    min_units: int = 1
+    round_to: int = 1
+
+    def validate(self) -> None:
+        """Check ranges."""
+        _check(self.threshold >= 0, "prune", "threshold", "must be >= 0")
+        _check(not self.relative or self.threshold < 1.0, "prune", "threshold", "must be < 1 when relative")
+        _check(self.min_units >= 1, "prune", "min_units", "must be >= 1 (a layer is never emptied)")
+        _check(self.round_to >= 1, "prune", "round_to", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Measurement settings.
+
+    Attributes:
+        batch_size: Batch size of accuracy evaluation.
+        latency_warmup: Untimed forward passes before timing.
+        latency_repeats: Timed forward passes; the median is reported.
+        threads: CPU threads used for latency (0 keeps torch's default).
+        device: ``auto``, ``cpu`` or ``cuda``.
+    """
+
+    batch_size: int = 256
+    latency_warmup: int = 5
+    latency_repeats: int = 20
+    threads: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def validate(self) -> None:
+        """Check ranges."""
+        _check(self.batch_size >= 1, "evaluate", "batch_size", "must be >= 1")
+        _check(self.latency_warmup >= 0, "evaluate", "latency_warmup", "must be >= 0")
+        _check(self.latency_repeats >= 1, "evaluate", "latency_repeats", "must be >= 1")
+        _check(self.threads >= 0, "evaluate", "threads", "must be >= 0")
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "prune": PruneConfig,
+    "evaluate": EvaluateConfig,
+}
+
+
+def _check(ok: bool, section: str, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"[{section}] {key} {message}")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Return ``value`` converted to ``tp`` or raise ConfigError; ints widen to floats only."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where} must be one of {list(choices)}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where} has the wrong type")
+    if origin is tuple:
+        (item_tp, _ellipsis) = get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where} must be a list, got {type(value).__name__} {value!r}")
+        return tuple(_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {tp!r}")  # pragma: no cover
+
+
+def from_dict(cls: type[T], data: dict[str, Any] | None, section: str | None = None) -> T:
+    """Build a config from a mapping, refusing unknown keys, wrong types and bad values.
+
+    Args:
+        cls: One of the config dataclasses.
+        data: The section's mapping (``None`` means all defaults).
+        section: Section name used in messages (defaults to the class's section).
+
+    Returns:
+        The validated, frozen config.
+
+    Raises:
+        ConfigError: With one message naming the section and the key at fault.
+    """
+    section = section or next((k for k, v in SECTIONS.items() if v is cls), cls.__name__)
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"[{section}] must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"[{section}] unknown key {unknown[0]!r} (known keys: {', '.join(names)})")
+    kwargs = {k: _coerce(v, hints[k], f"[{section}] {k}") for k, v in data.items()}
+    cfg = cls(**kwargs)
+    cfg.validate()  # type: ignore[attr-defined]
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Return a config as a plain, YAML/JSON-friendly mapping (tuples become lists)."""
+    out = dataclasses.asdict(cfg)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+def load_params(path: str | Any, sections: list[str] | None = None) -> dict[str, Any]:
+    """Read a ``params.yaml`` and build the requested sections' configs.
+
+    Args:
+        path: Path to the YAML file.
+        sections: Sections to build (default: all known sections present or not).
+
+    Returns:
+        Mapping of section name to config.
+
+    Raises:
+        ConfigError: If the file is missing, unreadable, or any section is invalid.
+    """
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            raw = yaml.safe_load(fh) or {}
+    except FileNotFoundError as exc:
+        raise ConfigError(f"parameter file not found: {path}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"parameter file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"parameter file {path} must hold a mapping of sections")
+    wanted = sections or list(SECTIONS)
+    return {name: from_dict(SECTIONS[name], raw.get(name), name) for name in wanted}
+
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "PruneConfig",
+    "EvaluateConfig",
+    "SECTIONS",
+    "from_dict",
+    "to_dict",
+    "load_params",
+]

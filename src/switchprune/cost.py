@@ -1,0 +1,122 @@
+"""Exact parameter and MAC counts of a task network as functions of its group widths.
+
+Every Conv2d/Linear/BatchNorm contributes a term ``coef * W(in) * W(out)`` where ``W`` is a
+group width (or 1 for a dimension no gate touches). Evaluating the terms at kept widths gives the
+exact size of the compacted network without building it, which the training controller needs at
+every switcher step; evaluated on soft widths it is differentiable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from switchprune.models.base import TaskNet
+
+Widths = Mapping[str, float | int | torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Term:
+    """``coef * W(in_group) * W(out_group)``; a ``None`` group contributes a factor of 1."""
+
+    coef: float
+    in_group: str | None
+    out_group: str | None
+
+
+class CostModel:
+    """Parameter and MAC polynomials of one architecture, read off a full-width instance."""
+
+    def __init__(self, model: TaskNet) -> None:
+        self.full = model.group_sizes()
+        modules = dict(model.named_modules())
+        out_group: dict[str, str] = {}
+        in_group: dict[str, str] = {}
+        for g in model.groups:
+            for writer, norm in zip(g.writers, g.norms, strict=True):
+                out_group[writer] = g.name
+                if norm is not None:
+                    out_group[norm] = g.name
+            for reader in g.readers:
+                in_group[reader] = g.name
+        spatial = _output_spatial(model)
+        self.params_terms: list[Term] = []
+        self.macs_terms: list[Term] = []
+        for name, m in modules.items():
+            og = out_group.get(name)
+            ig = in_group.get(name)
+            if isinstance(m, nn.Conv2d | nn.Linear):
+                cin = m.in_channels if isinstance(m, nn.Conv2d) else m.in_features
+                cout = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+                per_in = cin // self.full[ig] if ig else cin  # >1 for a Linear after flatten
+                kernel = 1
+                if isinstance(m, nn.Conv2d):
+                    kernel = m.kernel_size[0] * m.kernel_size[1] // m.groups
+                per_out = 1 if og else cout
+                w = kernel * per_in * per_out
+                self.params_terms.append(Term(float(w), ig, og))
+                if m.bias is not None:
+                    self.params_terms.append(Term(float(per_out), None, og))
+                self.macs_terms.append(Term(float(w * spatial.get(name, 1)), ig, og))
+            elif isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d) and m.affine:
+                self.params_terms.append(Term(2.0 if og else 2.0 * m.num_features, None, og))
+
+    @staticmethod
+    def _evaluate(terms: list[Term], widths: Widths) -> float | torch.Tensor:
+        total: float | torch.Tensor = 0.0
+        for t in terms:
+            a = widths[t.in_group] if t.in_group else 1
+            b = widths[t.out_group] if t.out_group else 1
+            total = total + t.coef * a * b
+        return total
+
+    def params(self, widths: Widths | None = None) -> float | torch.Tensor:
+        """Number of parameters at the given widths (full widths by default)."""
+        return self._evaluate(self.params_terms, self.full if widths is None else widths)
+
+    def macs(self, widths: Widths | None = None) -> float | torch.Tensor:
+        """Multiply-accumulates of one sample's forward pass at the given widths."""
+        return self._evaluate(self.macs_terms, self.full if widths is None else widths)
+
+    def cost(self, metric: str, widths: Widths | None = None) -> float | torch.Tensor:
+        """``params`` or ``macs`` at the given widths."""
+        return self.params(widths) if metric == "params" else self.macs(widths)
+
+    def marginal(self, metric: str, widths: Widths) -> dict[str, float]:
+        """Cost of one more unit in each group, at the given widths."""
+        terms = self.params_terms if metric == "params" else self.macs_terms
+        out = dict.fromkeys(self.full, 0.0)
+        for t in terms:
+            if t.in_group:
+                out[t.in_group] += t.coef * float(widths[t.out_group] if t.out_group else 1)
+            if t.out_group:
+                out[t.out_group] += t.coef * float(widths[t.in_group] if t.in_group else 1)
+        return out
+
+
+def _output_spatial(model: TaskNet) -> dict[str, int]:
+    """Output positions (H*W) of every conv for one sample, by module name."""
+    sizes: dict[str, int] = {}
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+
+            def hook(_m: nn.Module, _i: object, out: torch.Tensor, name: str = name) -> None:
+                sizes[name] = int(out.shape[2] * out.shape[3])
+
+            hooks.append(m.register_forward_hook(hook))
+    try:
+        param = next(model.parameters())
+        with torch.no_grad():
+            was_training = model.training
+            model.eval()
+            model(torch.zeros(1, *model.spec.in_shape, device=param.device))
+            model.train(was_training)
+    finally:
+        for h in hooks:
+            h.remove()
+    return sizes

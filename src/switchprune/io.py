@@ -1,0 +1,97 @@
+"""The only on-disk formats: ``{spec, state_dict}`` checkpoints and flat metrics JSON.
+
+Everything is written atomically (temporary file in the same directory, then ``os.replace``)
+so an interrupted run never leaves a half-written file, and read with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from switchprune.models import ModelSpec, TaskNet, build_model
+
+COMPACT_FILE = "model.pt"
+
+
+class ArtifactError(RuntimeError):
+    """A file is missing, corrupt or not what it claims to be."""
+
+
+def atomic_write_bytes(path: Path, write: Any) -> None:
+    """Create ``path`` via ``write(fileobj)`` on a temporary file, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_torch(obj: dict[str, Any], path: Path) -> None:
+    """``torch.save`` atomically."""
+    atomic_write_bytes(path, lambda fh: torch.save(obj, fh))
+
+
+def load_torch(path: Path) -> dict[str, Any]:
+    """``torch.load(weights_only=True)`` with a readable error for missing or corrupt files."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: file not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged file
+        raise ArtifactError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(obj, dict):
+        raise ArtifactError(f"{path}: expected a mapping, found {type(obj).__name__}")
+    return obj
+
+
+def write_json(data: dict[str, Any], path: Path) -> None:
+    """Write a JSON document atomically (sorted keys, trailing newline)."""
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    atomic_write_bytes(path, lambda fh: fh.write(text.encode()))
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """Read a JSON document with a readable error."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ArtifactError(f"{path}: file not found") from exc
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def save_model(model: TaskNet, path: Path, **extra: Any) -> None:
+    """Save a task network as ``{spec, state_dict}`` plus any ``weights_only``-safe extras."""
+    save_torch({"spec": model.spec.to_dict(), "state_dict": model.state_dict(), **extra}, path)
+
+
+def load_model_file(path: Path) -> tuple[TaskNet, dict[str, Any]]:
+    """Rebuild a task network from a ``{spec, state_dict}`` file.
+
+    Returns:
+        The model in eval mode, and the whole stored mapping (for extras such as kept indices).
+    """
+    blob = load_torch(path)
+    try:
+        spec = ModelSpec.from_dict(blob["spec"])
+        model = build_model(spec)
+        model.load_state_dict(blob["state_dict"], strict=True)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise ArtifactError(f"{path}: does not hold a valid model ({exc})") from exc
+    return model.eval(), blob

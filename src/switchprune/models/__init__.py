@@ -1,0 +1,42 @@
+"""Task networks built from a :class:`ModelSpec`, and the switcher network."""
+
+from __future__ import annotations
+
+from switchprune.config import ModelConfig
+from switchprune.models import lenet, mlp, resnet, vgg
+from switchprune.models.base import Gate, GateGroup, ModelSpec, TaskNet
+
+ARCHS = ("mlp", "lenet5", "vgg11", "vgg16", "resnet20", "resnet56")
+
+
+def spec_from_config(
+    cfg: ModelConfig, in_shape: tuple[int, int, int], num_classes: int
+) -> ModelSpec:
+    """The full-width spec of the configured architecture for the given data."""
+    if cfg.arch == "mlp":
+        widths = mlp.default_widths(cfg.hidden)
+    elif cfg.arch == "lenet5":
+        widths = lenet.default_widths()
+    elif cfg.arch in vgg.LAYOUTS:
+        widths = vgg.default_widths(cfg.arch, cfg.width_multiplier)
+    elif cfg.arch in resnet.DEPTHS:
+        widths = resnet.default_widths(cfg.arch, cfg.width_multiplier)
+    else:
+        raise ValueError(f"unknown architecture {cfg.arch!r} (known: {', '.join(ARCHS)})")
+    return ModelSpec(cfg.arch, tuple(in_shape), int(num_classes), widths)  # type: ignore[arg-type]
+
+
+def build_model(spec: ModelSpec) -> TaskNet:
+    """Instantiate the task network described by ``spec``."""
+    if spec.arch == "mlp":
+        return mlp.MLP(spec)
+    if spec.arch == "lenet5":
+        return lenet.LeNet5(spec)
+    if spec.arch in vgg.LAYOUTS:
+        return vgg.VGG(spec)
+    if spec.arch in resnet.DEPTHS:
+        return resnet.ResNet(spec)
+    raise ValueError(f"unknown architecture {spec.arch!r} (known: {', '.join(ARCHS)})")
+
+
+__all__ = ["ARCHS", "Gate", "GateGroup", "ModelSpec", "TaskNet", "build_model", "spec_from_config"]

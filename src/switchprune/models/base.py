@@ -1,0 +1,131 @@
+"""Building blocks shared by every task network: gates, gate groups and the model spec."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild a task network: stored next to its ``state_dict``.
+
+    Attributes:
+        arch: Architecture name (``mlp``, ``lenet5``, ``vgg11``, ...).
+        in_shape: Input shape ``(C, H, W)``.
+        num_classes: Number of classifier outputs (never pruned).
+        widths: Width of every gate group, by group name. Compaction only changes these.
+    """
+
+    arch: str
+    in_shape: tuple[int, int, int]
+    num_classes: int
+    widths: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON/``weights_only``-safe mapping."""
+        return {
+            "arch": self.arch,
+            "in_shape": list(self.in_shape),
+            "num_classes": int(self.num_classes),
+            "widths": {k: int(v) for k, v in self.widths.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            arch=str(data["arch"]),
+            in_shape=tuple(int(v) for v in data["in_shape"]),  # type: ignore[arg-type]
+            num_classes=int(data["num_classes"]),
+            widths={str(k): int(v) for k, v in data["widths"].items()},
+        )
+
+    def with_widths(self, widths: dict[str, int]) -> ModelSpec:
+        """Return a copy with other group widths."""
+        return ModelSpec(self.arch, self.in_shape, self.num_classes, dict(widths))
+
+
+@dataclass(frozen=True)
+class GateGroup:
+    """A set of units that share one factor each, and the layers that touch them.
+
+    A plain layer is a group of its own; channels tied by residual additions form one group
+    with several writers.
+
+    Attributes:
+        name: Group name (also the key in :attr:`ModelSpec.widths`).
+        size: Number of units.
+        writers: Names of the Conv2d/Linear modules whose output channels are the units.
+        norms: For each writer, the BatchNorm that follows it, or ``None``.
+        readers: Names of the Conv2d/Linear modules whose inputs consume the units.
+    """
+
+    name: str
+    size: int
+    writers: tuple[str, ...]
+    norms: tuple[str | None, ...]
+    readers: tuple[str, ...]
+
+
+class Gate(nn.Module):
+    """Multiplies each unit (channel dim 1) by its factor; identity when no factors are set.
+
+    Factors are plain tensors attached by :meth:`TaskNet.set_factors`, not parameters, so the
+    switcher's graph reaches them in SNN steps and they can be detached in TNN steps.
+    """
+
+    def __init__(self, group: str) -> None:
+        super().__init__()
+        self.group = group
+        self.factors: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Scale the units of ``x`` by the attached factors."""
+        if self.factors is None:
+            return x
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return x * self.factors.view(shape)
+
+    def extra_repr(self) -> str:
+        return f"group={self.group!r}"
+
+
+class TaskNet(nn.Module):
+    """Base class of task networks: gate bookkeeping on top of ``nn.Module``.
+
+    Subclasses build their layers from a :class:`ModelSpec` and fill :attr:`groups`.
+    """
+
+    classifier_name: str = "classifier"
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.groups: list[GateGroup] = []
+
+    def gates(self) -> list[Gate]:
+        """All gate modules, in forward order."""
+        return [m for m in self.modules() if isinstance(m, Gate)]
+
+    def set_factors(self, factors: dict[str, torch.Tensor] | None) -> None:
+        """Attach one factor vector per group (``None`` removes all gates' effect)."""
+        for gate in self.gates():
+            gate.factors = None if factors is None else factors[gate.group]
+
+    def group_sizes(self) -> dict[str, int]:
+        """Width of every gate group."""
+        return {g.name: g.size for g in self.groups}
+
+
+def conv_out(size: int, kernel: int, stride: int = 1, padding: int = 0) -> int:
+    """Spatial output size of a convolution or pooling window."""
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def scaled(width: int, multiplier: float) -> int:
+    """Scale a nominal width, never below one unit."""
+    return max(1, int(round(width * multiplier)))

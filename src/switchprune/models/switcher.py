@@ -1,0 +1,219 @@
+"""The switcher network (SNN): reads a task network's weights, outputs one factor per unit.
+
+Each unit is described by its own weights, so the SNN is applied unit by unit and is
+permutation-equivariant within a layer:
+
+- ``stats``: fixed-length statistics of the unit's incoming weights (mean, spread, L1, L2, max),
+  its BatchNorm ``gamma``/``beta``, its bias, the norm of its outgoing weights and the layer's
+  relative depth, z-scored per layer, fed to one shared MLP;
+- ``rows``: the raw incoming weight rows (scaled by the layer's RMS) through one linear encoder
+  per writing layer, summed per unit, then the shared MLP.
+
+Exact zeros switch units off with no extra machinery: in ``relu`` mode the factor is
+``ReLU(score)``; in ``budget`` mode a compression target sets an offset, the line below which
+units are off, and kept units get ``exp(score - 1) > 0`` (see :meth:`Switcher.gate`).
+The last
+bias starts at 1 and the last weights near 0, so every factor starts near 1 and the task network
+starts unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from switchprune.models.base import GateGroup, TaskNet
+
+N_STATS = 11
+
+
+@dataclass(frozen=True)
+class SwitcherSpec:
+    """Rebuild information for a switcher.
+
+    Attributes:
+        input: ``stats`` or ``rows``.
+        hidden: Hidden width of the shared head.
+        mode: ``relu`` (the switcher's own zeros) or ``budget`` (a target sets the line).
+        row_lengths: For ``rows``: length of each writer's incoming row, by writer name.
+    """
+
+    input: str = "stats"
+    hidden: int = 32
+    row_lengths: tuple[tuple[str, int], ...] = ()
+    mode: str = "relu"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A ``weights_only``-safe mapping."""
+        return {
+            "input": self.input,
+            "hidden": self.hidden,
+            "row_lengths": dict(self.row_lengths),
+            "mode": self.mode,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SwitcherSpec:
+        """Inverse of :meth:`to_dict`."""
+        rows = tuple((str(k), int(v)) for k, v in data.get("row_lengths", {}).items())
+        return cls(str(data["input"]), int(data["hidden"]), rows, str(data.get("mode", "relu")))
+
+    @classmethod
+    def for_model(cls, model: TaskNet, input: str, hidden: int, mode: str = "relu") -> SwitcherSpec:
+        """The spec of a switcher for ``model``."""
+        modules = dict(model.named_modules())
+        rows: list[tuple[str, int]] = []
+        if input == "rows":
+            for g in model.groups:
+                for writer, norm in zip(g.writers, g.norms, strict=True):
+                    w = modules[writer].weight
+                    rows.append((writer, w[0].numel() + (2 if norm else 0)))
+        return cls(input, hidden, tuple(rows), mode)
+
+
+class Switcher(nn.Module):
+    """Maps a task network's weights to one non-negative factor per gated unit."""
+
+    def __init__(self, spec: SwitcherSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        width = spec.hidden
+        if spec.input == "rows":
+            # Module names may not contain dots; writer names do.
+            self.encoders = nn.ModuleDict(
+                {_key(name): nn.Linear(length, width) for name, length in spec.row_lengths}
+            )
+            head_in = width + 1  # + relative depth
+        else:
+            self.encoders = nn.ModuleDict()
+            head_in = N_STATS
+        self.head = nn.Sequential(nn.Linear(head_in, width), nn.ReLU(), nn.Linear(width, 1))
+        last = self.head[-1]
+        assert isinstance(last, nn.Linear)
+        nn.init.normal_(last.weight, std=0.01)
+        nn.init.constant_(last.bias, 1.0)
+        # Budget offset subtracted from every score; set by the training controller, 0 otherwise.
+        self.register_buffer("offset", torch.zeros(()))
+
+    def forward(self, model: TaskNet, grad_through_tnn: bool = False) -> dict[str, torch.Tensor]:
+        """Factors for every gate group of ``model``: the score, or 0 at or below the offset."""
+        return {k: self.gate(v) for k, v in self.scores(model, grad_through_tnn).items()}
+
+    def gate(self, scores: torch.Tensor) -> torch.Tensor:
+        """Factors from scores: exactly 0 at or below the offset.
+
+        ``relu`` mode: the score itself above an offset of 0, i.e. ``ReLU(score)``. ``budget``
+        mode: ``exp(score - 1)`` above the offset that a compression target sets, so every kept
+        factor is positive however the scores drift, and a fresh switcher gives factors of 1.
+        """
+        if self.spec.mode == "budget":
+            kept = torch.exp(scores.clamp(max=10.0) - 1.0)
+        else:
+            kept = scores
+        return torch.where(scores > self.offset, kept, torch.zeros_like(scores))
+
+    def scores(self, model: TaskNet, grad_through_tnn: bool = False) -> dict[str, torch.Tensor]:
+        """Pre-activation scores for every gate group of ``model`` (factor = ``ReLU(score)``).
+
+        Args:
+            model: The task network whose weights are read.
+            grad_through_tnn: Keep the graph into the task network's weights (otherwise they
+                are read detached).
+
+        Returns:
+            One score vector per group name.
+        """
+        modules = dict(model.named_modules())
+        depth = len(model.groups)
+        out: dict[str, torch.Tensor] = {}
+        for index, g in enumerate(model.groups):
+            position = index / max(1, depth - 1)
+            if self.spec.input == "rows":
+                x = self._encode_rows(g, modules, grad_through_tnn)
+                pos = torch.full((g.size, 1), position, device=x.device, dtype=x.dtype)
+                x = torch.cat([torch.relu(x), pos], dim=1)
+            else:
+                x = unit_statistics(g, modules, position, grad_through_tnn)
+            out[g.name] = self.head(x).squeeze(1)
+        return out
+
+    def _encode_rows(
+        self, g: GateGroup, modules: dict[str, nn.Module], grad: bool
+    ) -> torch.Tensor:
+        total: torch.Tensor | None = None
+        for writer, norm in zip(g.writers, g.norms, strict=True):
+            w = _weight(modules[writer], grad).flatten(1)
+            w = w / (w.pow(2).mean().sqrt() + 1e-8)
+            if norm is not None:
+                bn = modules[norm]
+                gb = torch.stack([_param(bn.weight, grad), _param(bn.bias, grad)], dim=1)
+                w = torch.cat([w, _zscore(gb)], dim=1)
+            enc = self.encoders[_key(writer)](w)
+            total = enc if total is None else total + enc
+        assert total is not None
+        return total
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")
+
+
+def _param(p: torch.Tensor, grad: bool) -> torch.Tensor:
+    return p if grad else p.detach()
+
+
+def _weight(module: nn.Module, grad: bool) -> torch.Tensor:
+    w = module.weight
+    assert isinstance(w, torch.Tensor)
+    return _param(w, grad)
+
+
+def _zscore(x: torch.Tensor) -> torch.Tensor:
+    """Standardise each column across the units of a layer (a stable scale while training)."""
+    if x.shape[0] < 2:
+        return torch.zeros_like(x)
+    return (x - x.mean(0, keepdim=True)) / (x.std(0, keepdim=True) + 1e-6)
+
+
+def unit_statistics(
+    g: GateGroup, modules: dict[str, nn.Module], position: float, grad: bool = False
+) -> torch.Tensor:
+    """Per-unit descriptors of a gate group, shape ``[size, N_STATS]``, z-scored per layer.
+
+    Writers of a residual group are averaged; outgoing norms are taken over every reader.
+    """
+    feats = []
+    for writer, norm in zip(g.writers, g.norms, strict=True):
+        layer = modules[writer]
+        w = _weight(layer, grad).flatten(1)
+        cols = [
+            w.mean(1),
+            w.std(1) if w.shape[1] > 1 else torch.zeros_like(w[:, 0]),
+            w.abs().mean(1),
+            w.pow(2).sum(1).sqrt(),
+            w.abs().amax(1),
+        ]
+        bias = getattr(layer, "bias", None)
+        cols.append(_param(bias, grad) if bias is not None else torch.zeros_like(cols[0]))
+        if norm is not None:
+            bn = modules[norm]
+            cols += [_param(bn.weight, grad), _param(bn.bias, grad)]
+        else:
+            cols += [torch.ones_like(cols[0]), torch.zeros_like(cols[0])]
+        feats.append(torch.stack(cols, dim=1))
+    x = torch.stack(feats).mean(0)
+    outgoing = torch.zeros(g.size, device=x.device, dtype=x.dtype)
+    for reader in g.readers:
+        r = _weight(modules[reader], grad)
+        # Conv: [out, C, k, k]; Linear after flatten: [out, C * positions]; both -> [out, C, -1].
+        r = r.reshape(r.shape[0], g.size, -1)
+        outgoing = outgoing + r.pow(2).sum(dim=(0, 2))
+    x = torch.cat([x, outgoing.sqrt().unsqueeze(1)], dim=1)
+    x = _zscore(x)
+    ones = torch.ones(g.size, 1, device=x.device, dtype=x.dtype)
+    size = torch.log(torch.tensor(float(g.size), device=x.device, dtype=x.dtype))
+    # Layer context is not z-scored: it tells the shared head which layer it is looking at.
+    return torch.cat([x, ones * position, ones * size / 10.0], dim=1)
