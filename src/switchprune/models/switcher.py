@@ -11,8 +11,8 @@ permutation-equivariant within a layer:
 
 Exact zeros switch units off with no extra machinery: in ``relu`` mode the factor is
 ``ReLU(score)``; in ``budget`` mode a compression target sets an offset, the line below which
-units are off, and kept units get ``exp(score - 1) > 0`` (see :meth:`Switcher.gate`).
-The last
+units are off, and kept units get ``exp(score - 1) > 0`` normalised to mean 1 per group (see
+:meth:`Switcher.gate`). The last
 bias starts at 1 and the last weights near 0, so every factor starts near 1 and the task network
 starts unchanged.
 """
@@ -109,11 +109,17 @@ class Switcher(nn.Module):
         mode: ``exp(score - 1)`` above the offset that a compression target sets, so every kept
         factor is positive however the scores drift, and a fresh switcher gives factors of 1.
         """
+        on = scores > self.offset
         if self.spec.mode == "budget":
             kept = torch.exp(scores.clamp(max=10.0) - 1.0)
+            # Kept factors average 1 in each group: the switcher decides which units matter
+            # and how much relative to each other, but cannot inflate the layer's scale (which
+            # only makes the logits, not the decision, larger).
+            mean = (kept * on).sum() / on.sum().clamp(min=1)
+            kept = kept / mean.clamp(min=1e-12)
         else:
             kept = scores
-        return torch.where(scores > self.offset, kept, torch.zeros_like(scores))
+        return torch.where(on, kept, torch.zeros_like(scores))
 
     def scores(self, model: TaskNet, grad_through_tnn: bool = False) -> dict[str, torch.Tensor]:
         """Pre-activation scores for every gate group of ``model`` (factor = ``ReLU(score)``).

@@ -1,0 +1,7 @@
+"""``python -m switchprune``."""
+
+import sys
+
+from switchprune.cli import main
+
+sys.exit(main())

@@ -1,0 +1,128 @@
+"""Command line: one subcommand per stage, each a thin wrapper over ``stages.<verb>.run``.
+
+Each subcommand reads its sections of ``params.yaml`` (validated before any work starts), calls
+the stage with explicit paths and writes the returned metrics to ``reports/<verb>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from switchprune.config import ConfigError, load_params
+from switchprune.data import DataError
+from switchprune.io import ArtifactError, write_json
+
+DEFAULTS = {
+    "raw_dir": "data/raw",
+    "prepared_dir": "data/prepared",
+    "checkpoint_dir": "checkpoints",
+    "trained_dir": "models/trained",
+    "model_dir": "models/compact",
+    "reports_dir": "reports",
+}
+
+
+def _preprocess(args: argparse.Namespace) -> dict[str, float]:
+    from switchprune.stages import preprocess
+
+    cfg = load_params(args.params, ["data"])["data"]
+    raw_dir = Path(args.raw_dir or cfg.raw_dir)
+    return preprocess.run(cfg, raw_dir=raw_dir, prepared_dir=Path(args.prepared_dir))
+
+
+def _train(args: argparse.Namespace) -> dict[str, float]:
+    from switchprune.stages import train
+
+    p = load_params(args.params, ["model", "train"])
+    return train.run(
+        p["train"],
+        model_cfg=p["model"],
+        prepared_dir=Path(args.prepared_dir),
+        trained_dir=Path(args.trained_dir),
+        checkpoint_dir=Path(args.checkpoint_dir),
+        progress=not args.quiet,
+    )
+
+
+def _prune(args: argparse.Namespace) -> dict[str, float]:
+    from switchprune.stages import prune
+
+    cfg = load_params(args.params, ["prune"])["prune"]
+    return prune.run(cfg, trained_dir=Path(args.trained_dir), model_dir=Path(args.model_dir))
+
+
+def _evaluate(args: argparse.Namespace) -> dict[str, float]:
+    from switchprune.stages import evaluate
+
+    cfg = load_params(args.params, ["evaluate"])["evaluate"]
+    return evaluate.run(
+        cfg,
+        prepared_dir=Path(args.prepared_dir),
+        trained_dir=Path(args.trained_dir),
+        model_dir=Path(args.model_dir),
+    )
+
+
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], dict[str, float]], str, list[str]]] = {
+    "preprocess": (_preprocess, "prepare train/val/test splits", ["raw_dir", "prepared_dir"]),
+    "train": (
+        _train,
+        "train the task net with its switcher (and the baseline)",
+        ["prepared_dir", "trained_dir", "checkpoint_dir"],
+    ),
+    "prune": (_prune, "threshold the factors and compact the net", ["trained_dir", "model_dir"]),
+    "evaluate": (
+        _evaluate,
+        "measure the unpruned, gated and compacted nets",
+        ["prepared_dir", "trained_dir", "model_dir"],
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``switchprune``."""
+    parser = argparse.ArgumentParser(
+        prog="switchprune",
+        description="Learn which neurons a network needs with a switcher network, then ship "
+        "the smaller network.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for verb, (_fn, help_text, paths) in COMMANDS.items():
+        p = sub.add_parser(verb, help=help_text, description=help_text)
+        p.add_argument("--params", default="params.yaml", help="parameter file (default: %(default)s)")
+        for name in paths:
+            default = None if name == "raw_dir" else DEFAULTS[name]
+            shown = "data.raw_dir" if name == "raw_dir" else default
+            p.add_argument(f"--{name.replace('_', '-')}", dest=name, default=default,
+                           help=f"(default: {shown})")
+        p.add_argument(
+            "--metrics",
+            default=f"{DEFAULTS['reports_dir']}/{verb}.json",
+            help="where to write the stage's metrics (default: %(default)s)",
+        )
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one stage; print one readable line and return 2 on a user-facing error."""
+    args = build_parser().parse_args(argv)
+    fn = COMMANDS[args.command][0]
+    try:
+        metrics: dict[str, Any] = fn(args)
+    except (ConfigError, DataError, ArtifactError, RuntimeError, ValueError) as exc:
+        print(f"switchprune {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    write_json(metrics, Path(args.metrics))
+    width = max((len(k) for k in metrics), default=0)
+    for key in sorted(metrics):
+        print(f"{key:<{width}}  {metrics[key]:.6g}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

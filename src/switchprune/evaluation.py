@@ -1,0 +1,137 @@
+"""Measurements of a task network: accuracy, parameters, MACs, serialized size and latency.
+
+MACs are counted by forward hooks on every ``Conv2d`` and ``Linear`` (one multiply-add = one MAC,
+per sample), independently of :class:`switchprune.cost.CostModel`, so the two can check each
+other.
+"""
+
+from __future__ import annotations
+
+import io
+import statistics
+import time
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module, data: TensorDataset, device: torch.device, batch_size: int = 512
+) -> torch.Tensor:
+    """Logits of ``model`` (in eval mode) for every sample of ``data``, on the CPU."""
+    x_all = data.tensors[0]
+    was_training = model.training
+    model.eval()
+    out = [
+        model(x_all[i : i + batch_size].to(device)).float().cpu()
+        for i in range(0, len(x_all), batch_size)
+    ]
+    model.train(was_training)
+    if not out:
+        return torch.empty(0)
+    return torch.cat(out)
+
+
+def accuracy_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy of precomputed logits."""
+    if len(labels) == 0:
+        raise ValueError("cannot compute accuracy on an empty split")
+    return float((logits.argmax(1) == labels.cpu()).float().mean())
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (BatchNorm running statistics are buffers and not counted)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, in_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of one sample's forward pass through every Conv2d and Linear.
+
+    Args:
+        model: The network; left in the mode it was in.
+        in_shape: Shape of one input, without the batch dimension.
+
+    Returns:
+        MACs per sample (one multiply-add counts as one MAC).
+    """
+    total = 0
+
+    def hook(m: nn.Module, _inp: object, out: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(m, nn.Conv2d):
+            per_position = m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+            total += per_position * int(out[0].numel())
+        elif isinstance(m, nn.Linear):
+            total += m.in_features * m.out_features
+
+    handles = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if isinstance(m, nn.Conv2d | nn.Linear)
+    ]
+    was_training = model.training
+    try:
+        model.eval()
+        device = next(model.parameters()).device
+        model(torch.zeros(1, *in_shape, device=device))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return total
+
+
+def state_dict_bytes(model: nn.Module) -> int:
+    """Size in bytes of the model's ``state_dict`` as ``torch.save`` writes it."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getbuffer().nbytes
+
+
+@torch.no_grad()
+def measure_latency_ms(
+    model: nn.Module,
+    in_shape: tuple[int, ...],
+    batch_size: int,
+    device: torch.device,
+    *,
+    warmup: int = 5,
+    repeats: int = 20,
+) -> float:
+    """Median wall time of one forward pass, in milliseconds, after untimed warm-up passes.
+
+    Args:
+        model: The network (put in eval mode).
+        in_shape: Shape of one input, without the batch dimension.
+        batch_size: Inputs per forward pass.
+        device: Where to run.
+        warmup: Untimed passes first (allocator, kernels, caches).
+        repeats: Timed passes; the median is returned.
+    """
+    model = model.to(device).eval()
+    x = torch.randn(batch_size, *in_shape, generator=torch.Generator().manual_seed(0)).to(device)
+    for _ in range(warmup):
+        model(x)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - start) * 1000.0)
+    return statistics.median(times)
+
+
+__all__ = [
+    "accuracy_from_logits",
+    "count_macs",
+    "count_params",
+    "measure_latency_ms",
+    "predict_logits",
+    "state_dict_bytes",
+]

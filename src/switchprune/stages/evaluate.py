@@ -1,0 +1,96 @@
+"""``evaluate``: accuracy, size, MACs and latency of the unpruned, gated and compacted models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from switchprune.config import EvaluateConfig
+from switchprune.data import load_meta, load_split
+from switchprune.evaluation import (
+    accuracy_from_logits,
+    count_macs,
+    count_params,
+    measure_latency_ms,
+    predict_logits,
+    state_dict_bytes,
+)
+from switchprune.io import COMPACT_FILE
+from switchprune.pruning import masked_factors
+from switchprune.stages.prune import load_compacted
+from switchprune.stages.train import load_baseline, load_switched
+from switchprune.training import resolve_device
+
+
+def run(
+    cfg: EvaluateConfig, *, prepared_dir: Path, trained_dir: Path, model_dir: Path
+) -> dict[str, float]:
+    """Measure the models on the test split.
+
+    The gated model is the full-width TNN with the factors that survive thresholding (removed
+    units at zero), i.e. exactly what compaction must reproduce; ``max_abs_logit_diff`` compares
+    the two on every test sample. The unpruned model for size and latency is the same full-width
+    TNN without gates.
+
+    Args:
+        cfg: The ``evaluate`` section.
+        prepared_dir: Output of ``preprocess``.
+        trained_dir: Output of ``train``.
+        model_dir: Output of ``prune``.
+
+    Returns:
+        The flat evaluation report (see the README for every key).
+    """
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    meta = load_meta(prepared_dir)
+    test = load_split(prepared_dir, "test")
+    labels = test.tensors[1]
+    full, factors, _ = load_switched(trained_dir)
+    small, kept = load_compacted(model_dir)
+    full, small = full.to(device), small.to(device)
+
+    full.set_factors({k: v.to(device) for k, v in masked_factors(factors, kept).items()})
+    gated_logits = predict_logits(full, test, device, cfg.batch_size)
+    small_logits = predict_logits(small, test, device, cfg.batch_size)
+    full.set_factors(None)
+
+    report: dict[str, float] = {
+        "test_accuracy": accuracy_from_logits(small_logits, labels),
+        "gated_accuracy": accuracy_from_logits(gated_logits, labels),
+        "max_abs_logit_diff": float((gated_logits - small_logits).abs().max()),
+        "params_before": float(count_params(full)),
+        "params_after": float(count_params(small)),
+        "macs_before": float(count_macs(full, meta.in_shape)),
+        "macs_after": float(count_macs(small, meta.in_shape)),
+        "bytes_before": float(state_dict_bytes(full)),
+        "bytes_after": float((Path(model_dir) / COMPACT_FILE).stat().st_size),
+        "n_test": float(len(labels)),
+    }
+    report["params_ratio"] = report["params_after"] / report["params_before"]
+    report["macs_ratio"] = report["macs_after"] / report["macs_before"]
+    baseline = load_baseline(trained_dir)
+    if baseline is not None:
+        baseline = baseline.to(device)
+        logits = predict_logits(baseline, test, device, cfg.batch_size)
+        report["baseline_accuracy"] = accuracy_from_logits(logits, labels)
+        report["accuracy_drop"] = report["baseline_accuracy"] - report["test_accuracy"]
+    for batch in (1, 256):
+        for tag, model in (("before", full), ("after", small)):
+            report[f"latency_ms_{tag}_b{batch}"] = measure_latency_ms(
+                model,
+                meta.in_shape,
+                batch,
+                device,
+                warmup=cfg.latency_warmup,
+                repeats=cfg.latency_repeats,
+            )
+        report[f"latency_speedup_b{batch}"] = (
+            report[f"latency_ms_before_b{batch}"] / report[f"latency_ms_after_b{batch}"]
+        )
+    return report
+
+
+__all__ = ["run"]

@@ -1,0 +1,77 @@
+"""``prune``: threshold the factors, fold the survivors into the weights, remove the rest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from switchprune.config import PruneConfig, to_dict
+from switchprune.evaluation import count_macs, count_params
+from switchprune.io import COMPACT_FILE, ArtifactError, load_model_file, save_model, write_json
+from switchprune.models import TaskNet
+from switchprune.pruning import compact, kept_widths, threshold_factors
+from switchprune.stages.train import load_switched
+
+WIDTHS_FILE = "widths.json"
+
+
+def run(cfg: PruneConfig, *, trained_dir: Path, model_dir: Path) -> dict[str, float]:
+    """Compact the switched task network.
+
+    Args:
+        cfg: The ``prune`` section.
+        trained_dir: Output of ``train``.
+        model_dir: Where the compacted model (``model.pt``: spec with the kept widths, kept
+            indices, ``state_dict``) and ``widths.json`` (kept/full width per group) go.
+
+    Returns:
+        Parameters and MACs before and after, and their ratios.
+    """
+    model, factors, _blob = load_switched(trained_dir)
+    kept = threshold_factors(factors, cfg)
+    small = compact(model, factors, kept)
+    in_shape = model.spec.in_shape
+    model.set_factors(None)
+    metrics = {
+        "params_before": float(count_params(model)),
+        "params_after": float(count_params(small)),
+        "macs_before": float(count_macs(model, in_shape)),
+        "macs_after": float(count_macs(small, in_shape)),
+    }
+    metrics["params_ratio"] = metrics["params_after"] / metrics["params_before"]
+    metrics["macs_ratio"] = metrics["macs_after"] / metrics["macs_before"]
+    model_dir = Path(model_dir)
+    save_model(
+        small,
+        model_dir / COMPACT_FILE,
+        kept={k: v.clone() for k, v in kept.items()},
+        full_widths=dict(model.group_sizes()),
+        prune=to_dict(cfg),
+    )
+    full = model.group_sizes()
+    write_json(
+        {g: {"kept": w, "full": full[g]} for g, w in kept_widths(kept).items()},
+        model_dir / WIDTHS_FILE,
+    )
+    return metrics
+
+
+def load_compacted(model_dir: Path) -> tuple[TaskNet, dict[str, torch.Tensor]]:
+    """The compacted model written by :func:`run` and the kept unit indices per group.
+
+    Raises:
+        ArtifactError: If the file is missing, corrupt or inconsistent.
+    """
+    path = Path(model_dir) / COMPACT_FILE
+    model, blob = load_model_file(path)
+    kept = blob.get("kept")
+    if not isinstance(kept, dict) or any(
+        not isinstance(v, torch.Tensor) or v.numel() != model.spec.widths.get(k, -1)
+        for k, v in kept.items()
+    ):
+        raise ArtifactError(f"{path}: kept indices missing or inconsistent with the widths")
+    return model, kept
+
+
+__all__ = ["WIDTHS_FILE", "load_compacted", "run"]

@@ -1,0 +1,125 @@
+"""``train``: alternating SNN/TNN training, plus the same TNN trained plainly as a baseline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from switchprune.config import ModelConfig, TrainConfig, to_dict
+from switchprune.data import load_meta, load_split
+from switchprune.io import ArtifactError, load_model_file, load_torch, save_model
+from switchprune.models import TaskNet, spec_from_config
+from switchprune.training import fit, resolve_device
+
+SWITCHED_FILE = "switched.pt"
+BASELINE_FILE = "baseline.pt"
+
+
+def run(
+    cfg: TrainConfig,
+    *,
+    model_cfg: ModelConfig,
+    prepared_dir: Path,
+    trained_dir: Path,
+    checkpoint_dir: Path | None = None,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Train the switched task network (and the baseline when ``cfg.baseline``).
+
+    Args:
+        cfg: The ``train`` section.
+        model_cfg: The ``model`` section (architecture and widths).
+        prepared_dir: Output of ``preprocess``.
+        trained_dir: Where ``switched.pt`` (full-width TNN, its factors, the switcher) and
+            ``baseline.pt`` are written.
+        checkpoint_dir: Where resumable per-epoch checkpoints live; a run interrupted after an
+            epoch resumes from there with the same result as an uninterrupted run.
+        progress: Show progress bars.
+
+    Returns:
+        Validation accuracy, reached compression and time per epoch of both runs.
+    """
+    prepared_dir, trained_dir = Path(prepared_dir), Path(trained_dir)
+    device = resolve_device(cfg.device)
+    meta = load_meta(prepared_dir)
+    train_set, val_set = load_split(prepared_dir, "train"), load_split(prepared_dir, "val")
+    spec = spec_from_config(model_cfg, meta.in_shape, meta.num_classes)
+    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+
+    result = fit(
+        spec,
+        train_set,
+        val_set,
+        cfg,
+        switched=True,
+        checkpoint_path=ckpt / "switched.ckpt" if ckpt else None,
+        device=device,
+        progress=progress,
+    )
+    assert result.switcher is not None and result.factors is not None
+    metrics = {k: float(v) for k, v in result.metrics.items()}
+    save_model(
+        result.model,
+        trained_dir / SWITCHED_FILE,
+        factors=result.factors,
+        switcher_spec=result.switcher.spec.to_dict(),
+        switcher_state=result.switcher.state_dict(),
+        train=to_dict(cfg),
+    )
+    if cfg.baseline:
+        base = fit(
+            spec,
+            train_set,
+            val_set,
+            cfg,
+            switched=False,
+            checkpoint_path=ckpt / "baseline.ckpt" if ckpt else None,
+            device=device,
+            progress=progress,
+        )
+        save_model(base.model, trained_dir / BASELINE_FILE, train=to_dict(cfg))
+        if "val_accuracy" in base.metrics:
+            metrics["baseline_val_accuracy"] = float(base.metrics["val_accuracy"])
+        metrics["baseline_epoch_seconds"] = float(base.metrics["epoch_seconds"])
+        if base.metrics["epoch_seconds"] > 0:
+            metrics["epoch_seconds_ratio"] = (
+                metrics["epoch_seconds"] / base.metrics["epoch_seconds"]
+            )
+    else:
+        # A stale baseline from other settings must not be evaluated as this run's.
+        (trained_dir / BASELINE_FILE).unlink(missing_ok=True)
+    return metrics
+
+
+def load_switched(trained_dir: Path) -> tuple[TaskNet, dict[str, torch.Tensor], dict[str, Any]]:
+    """Read the switched TNN and its final factors written by :func:`run`.
+
+    Returns:
+        The full-width task network (eval mode), its factors per group, and the stored mapping.
+
+    Raises:
+        ArtifactError: If the file is missing, corrupt or its factors do not fit the network.
+    """
+    path = Path(trained_dir) / SWITCHED_FILE
+    model, blob = load_model_file(path)
+    factors = blob.get("factors")
+    sizes = model.group_sizes()
+    if not isinstance(factors, dict) or set(factors) != set(sizes):
+        raise ArtifactError(f"{path}: factors missing or not one per gate group")
+    for name, s in factors.items():
+        if not isinstance(s, torch.Tensor) or s.shape != (sizes[name],) or bool((s < 0).any()):
+            raise ArtifactError(f"{path}: factors of group {name!r} are malformed")
+    return model, factors, blob
+
+
+def load_baseline(trained_dir: Path) -> TaskNet | None:
+    """The baseline TNN written by :func:`run`, or ``None`` when it was not trained."""
+    path = Path(trained_dir) / BASELINE_FILE
+    if not path.exists():
+        return None
+    return load_model_file(path)[0]
+
+
+__all__ = ["BASELINE_FILE", "SWITCHED_FILE", "load_baseline", "load_switched", "run"]
