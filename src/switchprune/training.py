@@ -284,6 +284,11 @@ def fit(
     final = None
     if snn is not None:
         with torch.no_grad():
+            if state["frozen"] is None and cfg.compression == "target":
+                # No fixed phase (too few epochs): still end exactly on budget, since the TNN
+                # steps after the last SNN step move the scores across the line.
+                budget = cfg.target_ratio * full_cost
+                snn.offset.fill_(budget_offset(snn.scores(tnn), costs, cfg.target_metric, budget))
             final = _current_factors(tnn, snn, state, "fixed" if state["frozen"] else "switch")
             assert final is not None
             final = {k: v.detach().cpu() for k, v in final.items()}

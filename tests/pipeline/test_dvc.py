@@ -1,0 +1,88 @@
+"""The real ``dvc repro`` on the project's own dvc.yaml, in a throwaway copy of the repository."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+pytestmark = pytest.mark.slow
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["DVC_NO_ANALYTICS"] = "1"
+    env.setdefault("GIT_AUTHOR_NAME", "test")
+    env.setdefault("GIT_AUTHOR_EMAIL", "test@example.invalid")
+    env.setdefault("GIT_COMMITTER_NAME", "test")
+    env.setdefault("GIT_COMMITTER_EMAIL", "test@example.invalid")
+    return env
+
+
+def _run(args: list[str], cwd: Path) -> str:
+    proc = subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A git repository holding the project's pipeline files, with a tiny training budget."""
+    dst = tmp_path_factory.mktemp("project")
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
+        shutil.copy(ROOT / name, dst / name)
+    (dst / ".dvc").mkdir()
+    shutil.copy(ROOT / ".dvc" / "config", dst / ".dvc" / "config")
+    shutil.copytree(ROOT / "src", dst / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    params = yaml.safe_load((dst / "params.yaml").read_text())
+    params["model"]["hidden"] = [32, 16]
+    params["train"].update(epochs=3, batch_size=128, snn_hidden=8, baseline=True)
+    params["evaluate"].update(latency_warmup=1, latency_repeats=2)
+    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(["git", "init", "-q"], dst)
+    _run(["git", "add", "-A"], dst)
+    _run(["git", "commit", "-qm", "init"], dst)
+    return dst
+
+
+def _stages_run(output: str) -> set[str]:
+    return {s for s in ("preprocess", "train", "prune", "evaluate") if f"Running stage '{s}'" in output}
+
+
+def test_repro_runs_all_stages_then_nothing(project: Path) -> None:
+    first = _run([str(BIN / "dvc"), "repro"], project)
+    assert _stages_run(first) == {"preprocess", "train", "prune", "evaluate"}
+    report = json.loads((project / "reports" / "evaluate.json").read_text())
+    assert report["params_after"] < report["params_before"]
+    assert report["max_abs_logit_diff"] <= 1e-5
+    assert (project / "models" / "compact" / "model.pt").is_file()
+    assert (project / "dvc.lock").is_file()
+
+    second = _run([str(BIN / "dvc"), "repro"], project)
+    assert _stages_run(second) == set(), second
+    status = _run([str(BIN / "dvc"), "status"], project)
+    assert "up to date" in status
+
+
+def test_changing_the_threshold_reruns_only_the_stages_after_training(project: Path) -> None:
+    _run([str(BIN / "dvc"), "repro"], project)  # up to date whatever ran before
+    trained = (project / "models" / "trained" / "switched.pt").read_bytes()
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["prune"]["threshold"] = 0.5
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    out = _run([str(BIN / "dvc"), "repro"], project)
+    assert _stages_run(out) == {"prune", "evaluate"}, out
+    assert (project / "models" / "trained" / "switched.pt").read_bytes() == trained
+    prune = json.loads((project / "reports" / "prune.json").read_text())
+    assert prune["params_after"] < prune["params_before"]

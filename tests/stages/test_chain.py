@@ -1,0 +1,99 @@
+"""The four stages chained on tiny data, for a plain net, a conv net and a residual net."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from switchprune.config import DataConfig, EvaluateConfig, ModelConfig, PruneConfig, TrainConfig
+from switchprune.io import load_model_file
+from switchprune.stages import evaluate, preprocess, prune, train
+
+REPORT_KEYS = {
+    "test_accuracy",
+    "gated_accuracy",
+    "baseline_accuracy",
+    "params_before",
+    "params_after",
+    "macs_before",
+    "macs_after",
+    "max_abs_logit_diff",
+    "latency_ms_before_b1",
+    "latency_ms_after_b1",
+    "latency_ms_before_b256",
+    "latency_ms_after_b256",
+}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("prepared")
+    metrics = preprocess.run(DataConfig(), raw_dir=out / "raw", prepared_dir=out)
+    assert metrics["n_train"] + metrics["n_val"] + metrics["n_test"] == 1797
+    return out
+
+
+@pytest.mark.parametrize(
+    ("model_cfg", "epochs"),
+    [
+        (ModelConfig(arch="mlp", hidden=(64, 32)), 4),
+        (ModelConfig(arch="lenet5"), 2),
+        (ModelConfig(arch="resnet20", width_multiplier=0.5), 1),
+    ],
+    ids=["mlp", "lenet5", "resnet20"],
+)
+def test_chain_compresses_and_compaction_is_exact(
+    prepared: Path, tmp_path: Path, model_cfg: ModelConfig, epochs: int
+) -> None:
+    cfg = TrainConfig(epochs=epochs, batch_size=128, snn_hidden=8, target_ratio=0.5, device="cpu")
+    train_metrics = train.run(
+        cfg,
+        model_cfg=model_cfg,
+        prepared_dir=prepared,
+        trained_dir=tmp_path / "trained",
+        checkpoint_dir=tmp_path / "ckpt",
+        progress=False,
+    )
+    assert train_metrics["train_params_ratio"] <= 0.5 + 1e-9
+    prune_metrics = prune.run(PruneConfig(), trained_dir=tmp_path / "trained", model_dir=tmp_path / "m")
+    report = evaluate.run(
+        EvaluateConfig(latency_warmup=1, latency_repeats=2, device="cpu"),
+        prepared_dir=prepared,
+        trained_dir=tmp_path / "trained",
+        model_dir=tmp_path / "m",
+    )
+    assert REPORT_KEYS <= set(report)
+    assert report["max_abs_logit_diff"] <= 1e-5
+    assert report["max_abs_logit_diff_f64"] <= 1e-10
+    assert report["test_accuracy"] == report["gated_accuracy"]
+    assert report["params_after"] == prune_metrics["params_after"] < report["params_before"]
+    assert report["params_after"] <= 0.5 * report["params_before"]
+    assert report["macs_after"] < report["macs_before"]
+    assert report["bytes_after"] < report["bytes_before"]
+    # The compacted file is {spec, state_dict}: rebuilt without pickled code.
+    model, blob = load_model_file(tmp_path / "m" / "model.pt")
+    assert set(blob["spec"]["widths"]) == set(blob["kept"])
+    assert sum(p.numel() for p in model.parameters()) == report["params_after"]
+    raw = torch.load(tmp_path / "m" / "model.pt", weights_only=True)
+    assert isinstance(raw["state_dict"], dict)
+
+
+def test_baseline_off_leaves_no_stale_baseline(prepared: Path, tmp_path: Path) -> None:
+    trained = tmp_path / "trained"
+    cfg = TrainConfig(epochs=1, batch_size=256, snn_hidden=4, device="cpu")
+    model_cfg = ModelConfig(hidden=(16,))
+    train.run(cfg, model_cfg=model_cfg, prepared_dir=prepared, trained_dir=trained, progress=False)
+    assert (trained / train.BASELINE_FILE).is_file()
+    off = TrainConfig(epochs=1, batch_size=256, snn_hidden=4, device="cpu", baseline=False)
+    train.run(off, model_cfg=model_cfg, prepared_dir=prepared, trained_dir=trained, progress=False)
+    assert not (trained / train.BASELINE_FILE).exists()
+    prune.run(PruneConfig(), trained_dir=trained, model_dir=tmp_path / "m")
+    report = evaluate.run(
+        EvaluateConfig(latency_warmup=0, latency_repeats=1, device="cpu"),
+        prepared_dir=prepared,
+        trained_dir=trained,
+        model_dir=tmp_path / "m",
+    )
+    assert "baseline_accuracy" not in report
