@@ -7,6 +7,7 @@ the stage with explicit paths and writes the returned metrics to ``reports/<verb
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import Any
 from switchprune.config import ConfigError, load_params
 from switchprune.data import DataError
 from switchprune.io import ArtifactError, write_json
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 DEFAULTS = {
     "raw_dir": "data/raw",
@@ -93,12 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for verb, (_fn, help_text, paths) in COMMANDS.items():
         p = sub.add_parser(verb, help=help_text, description=help_text)
-        p.add_argument("--params", default="params.yaml", help="parameter file (default: %(default)s)")
+        p.add_argument(
+            "--params", default="params.yaml", help="parameter file (default: %(default)s)"
+        )
         for name in paths:
             default = None if name == "raw_dir" else DEFAULTS[name]
             shown = "data.raw_dir" if name == "raw_dir" else default
-            p.add_argument(f"--{name.replace('_', '-')}", dest=name, default=default,
-                           help=f"(default: {shown})")
+            p.add_argument(
+                f"--{name.replace('_', '-')}",
+                dest=name,
+                default=default,
+                help=f"(default: {shown})",
+            )
         p.add_argument(
             "--metrics",
             default=f"{DEFAULTS['reports_dir']}/{verb}.json",
@@ -115,7 +124,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         metrics: dict[str, Any] = fn(args)
     except (ConfigError, DataError, ArtifactError, RuntimeError, ValueError) as exc:
-        print(f"switchprune {args.command}: error: {exc}", file=sys.stderr)
+        # One line, whatever the message holds (YAML and torch errors span several lines).
+        message = " ".join(_ANSI.sub("", str(exc)).split())
+        print(f"switchprune {args.command}: error: {message}", file=sys.stderr)
         return 2
     write_json(metrics, Path(args.metrics))
     width = max((len(k) for k in metrics), default=0)

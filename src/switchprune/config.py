@@ -188,7 +188,12 @@ class PruneConfig:
     def validate(self) -> None:
         """Check ranges."""
         _check(self.threshold >= 0, "prune", "threshold", "must be >= 0")
-        _check(not self.relative or self.threshold < 1.0, "prune", "threshold", "must be < 1 when relative")
+        _check(
+            not self.relative or self.threshold < 1.0,
+            "prune",
+            "threshold",
+            "must be < 1 when relative",
+        )
         _check(self.min_units >= 1, "prune", "min_units", "must be >= 1 (a layer is never emptied)")
         _check(self.round_to >= 1, "prune", "round_to", "must be >= 1")
 
@@ -302,7 +307,9 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, section: str | None = N
     names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(names))
     if unknown:
-        raise ConfigError(f"[{section}] unknown key {unknown[0]!r} (known keys: {', '.join(names)})")
+        raise ConfigError(
+            f"[{section}] unknown key {unknown[0]!r} (known keys: {', '.join(names)})"
+        )
     kwargs = {k: _coerce(v, hints[k], f"[{section}] {k}") for k, v in data.items()}
     cfg = cls(**kwargs)
     cfg.validate()  # type: ignore[attr-defined]
@@ -339,6 +346,13 @@ def load_params(path: str | Any, sections: list[str] | None = None) -> dict[str,
         raise ConfigError(f"parameter file {path} is not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"parameter file {path} must hold a mapping of sections")
+    unknown = sorted(str(k) for k in raw if k not in SECTIONS)
+    if unknown:
+        # A misspelt section would otherwise silently leave every one of its keys at default.
+        raise ConfigError(
+            f"parameter file {path}: unknown section {unknown[0]!r} "
+            f"(known sections: {', '.join(SECTIONS)})"
+        )
     wanted = sections or list(SECTIONS)
     return {name: from_dict(SECTIONS[name], raw.get(name), name) for name in wanted}
 

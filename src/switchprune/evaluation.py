@@ -25,8 +25,7 @@ def predict_logits(
     was_training = model.training
     model.eval()
     out = [
-        model(x_all[i : i + batch_size].to(device)).cpu()
-        for i in range(0, len(x_all), batch_size)
+        model(x_all[i : i + batch_size].to(device)).cpu() for i in range(0, len(x_all), batch_size)
     ]
     model.train(was_training)
     if not out:

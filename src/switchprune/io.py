@@ -53,7 +53,9 @@ def load_torch(path: Path) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged file
-        raise ArtifactError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
+        raise ArtifactError(
+            f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})"
+        ) from exc
     if not isinstance(obj, dict):
         raise ArtifactError(f"{path}: expected a mapping, found {type(obj).__name__}")
     return obj

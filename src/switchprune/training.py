@@ -163,7 +163,10 @@ def fit(
     costs = CostModel(tnn)
     full_cost = float(costs.cost(cfg.target_metric))
     opt_t = torch.optim.SGD(
-        tnn.parameters(), lr=cfg.tnn_lr, momentum=cfg.tnn_momentum, weight_decay=cfg.tnn_weight_decay
+        tnn.parameters(),
+        lr=cfg.tnn_lr,
+        momentum=cfg.tnn_momentum,
+        weight_decay=cfg.tnn_weight_decay,
     )
     opt_s = (
         torch.optim.SGD(snn.parameters(), lr=cfg.snn_lr, momentum=cfg.snn_momentum) if snn else None
@@ -174,16 +177,18 @@ def fit(
         "switched": switched,
         "n_train": len(train),
     }
-    state: dict[str, Any] = {"epoch": 0, "frozen": None, "history": []}
+    # ``step`` counts TNN steps over the whole run: it sets where SNN steps fall (every k-th),
+    # so a resumed run must continue the count, not restart it at the resumed epoch.
+    state: dict[str, Any] = {"epoch": 0, "step": 0, "frozen": None, "history": []}
     if checkpoint_path is not None and checkpoint_path.is_file():
         blob = load_torch(checkpoint_path)
-        if blob.get("fingerprint") == fingerprint:
+        if blob.get("fingerprint") == fingerprint and set(state) <= set(blob):
             tnn.load_state_dict(blob["tnn"])
             opt_t.load_state_dict(blob["opt_tnn"])
             if snn is not None and opt_s is not None:
                 snn.load_state_dict(blob["snn"])
                 opt_s.load_state_dict(blob["opt_snn"])
-            state = {k: blob[k] for k in ("epoch", "frozen", "history")}
+            state = {k: blob[k] for k in state}
             if state["frozen"] is not None:
                 state["frozen"] = {k: v.to(device) for k, v in state["frozen"].items()}
 
@@ -191,7 +196,6 @@ def fit(
     n = len(y_train)
     switch_end = max(cfg.warmup_epochs + 1, round(cfg.switch_epochs_fraction * cfg.epochs))
     loss_fn = nn.CrossEntropyLoss()
-    step = 0
     bar = tqdm(
         range(state["epoch"], cfg.epochs),
         initial=state["epoch"],
@@ -218,7 +222,9 @@ def fit(
                         if cfg.compression == "target":
                             # Freeze exactly on budget: the final widths meet the target.
                             budget = cfg.target_ratio * full_cost
-                            offset = budget_offset(snn.scores(tnn), costs, cfg.target_metric, budget)
+                            offset = budget_offset(
+                                snn.scores(tnn), costs, cfg.target_metric, budget
+                            )
                             snn.offset.fill_(offset)
                         state["frozen"] = {k: v.detach() for k, v in snn(tnn).items()}
         snn_epoch = (
@@ -227,7 +233,9 @@ def fit(
             and (epoch - cfg.warmup_epochs) % (cfg.tnn_steps_per_snn_step + 1)
             == cfg.tnn_steps_per_snn_step
         )
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+        order = torch.randperm(
+            n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        )
         losses = []
         tnn.train()
         for i in range(0, n, cfg.batch_size):
@@ -235,10 +243,10 @@ def fit(
             x, y = x_train[idx], y_train[idx]
             if not snn_epoch:
                 losses.append(_tnn_step(tnn, snn, state, phase, cfg, x, y, opt_t, loss_fn))
-                step += 1
+                state["step"] += 1
             do_snn = phase == "switch" and (
                 snn_epoch
-                or (cfg.alternation == "batch" and step % cfg.tnn_steps_per_snn_step == 0)
+                or (cfg.alternation == "batch" and state["step"] % cfg.tnn_steps_per_snn_step == 0)
             )
             if do_snn:
                 assert snn is not None and opt_s is not None
@@ -378,7 +386,9 @@ def _snn_step(
         factors = {k: snn.gate(v) for k, v in scores.items()}
         # Forward: exact zeros for units that are off. Backward: straight through for them, so
         # the task loss can raise a unit back above the line when it would help.
-        tnn.set_factors({k: factors[k] + (v - v.detach()) * (factors[k] == 0) for k, v in scores.items()})
+        tnn.set_factors(
+            {k: factors[k] + (v - v.detach()) * (factors[k] == 0) for k, v in scores.items()}
+        )
         loss = loss_fn(tnn(x), y)
         if cfg.compression == "penalty":
             # L1 on the factors, each unit weighted by what it costs at the current widths.

@@ -43,7 +43,9 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
         shutil.copy(ROOT / name, dst / name)
     (dst / ".dvc").mkdir()
     shutil.copy(ROOT / ".dvc" / "config", dst / ".dvc" / "config")
-    shutil.copytree(ROOT / "src", dst / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    shutil.copytree(
+        ROOT / "src", dst / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+    )
     params = yaml.safe_load((dst / "params.yaml").read_text())
     params["model"]["hidden"] = [32, 16]
     params["train"].update(epochs=3, batch_size=128, snn_hidden=8, baseline=True)
@@ -56,7 +58,9 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _stages_run(output: str) -> set[str]:
-    return {s for s in ("preprocess", "train", "prune", "evaluate") if f"Running stage '{s}'" in output}
+    return {
+        s for s in ("preprocess", "train", "prune", "evaluate") if f"Running stage '{s}'" in output
+    }
 
 
 def test_repro_runs_all_stages_then_nothing(project: Path) -> None:

@@ -91,6 +91,7 @@ class Gate(nn.Module):
         return x * self.factors.view(shape)
 
     def extra_repr(self) -> str:
+        """Shown by ``print(model)``."""
         return f"group={self.group!r}"
 
 

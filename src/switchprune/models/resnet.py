@@ -33,7 +33,9 @@ def default_widths(arch: str, multiplier: float) -> dict[str, int]:
 class BasicBlock(nn.Module):
     """``conv-BN-gate-ReLU-conv-BN-gate`` plus a shortcut (1x1 projection when shapes change)."""
 
-    def __init__(self, cin: int, inner: int, cout: int, stride: int, inner_group: str, stream: str):
+    def __init__(
+        self, cin: int, inner: int, cout: int, stride: int, inner_group: str, stream: str
+    ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(cin, inner, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(inner)

@@ -28,6 +28,8 @@ from torch import nn
 from switchprune.models.base import GateGroup, TaskNet
 
 N_STATS = 11
+# Smallest factor of a group's last unit in ``relu`` mode (a group is never emptied).
+MIN_FACTOR = 1e-3
 
 
 @dataclass(frozen=True)
@@ -103,13 +105,20 @@ class Switcher(nn.Module):
         return {k: self.gate(v) for k, v in self.scores(model, grad_through_tnn).items()}
 
     def gate(self, scores: torch.Tensor) -> torch.Tensor:
-        """Factors from scores: exactly 0 at or below the offset.
+        """Factors from scores: exactly 0 at or below the offset (but for a group's top unit).
 
         ``relu`` mode: the score itself above an offset of 0, i.e. ``ReLU(score)``. ``budget``
         mode: ``exp(score - 1)`` above the offset that a compression target sets, so every kept
         factor is positive however the scores drift, and a fresh switcher gives factors of 1.
+        In both modes the group's top-scored unit is kept even at or below the line (in ``relu``
+        mode with a factor of at least :data:`MIN_FACTOR`), so a group is never emptied.
         """
-        on = scores > self.offset
+        above = scores > self.offset
+        # A layer is never emptied: the top-scored unit of a group stays on whatever the line.
+        top = torch.zeros_like(above)
+        if scores.numel():
+            top[scores.argmax()] = True
+        on = above | top
         if self.spec.mode == "budget":
             kept = torch.exp(scores.clamp(max=10.0) - 1.0)
             # Kept factors average 1 in each group: the switcher decides which units matter
@@ -118,7 +127,8 @@ class Switcher(nn.Module):
             mean = (kept * on).sum() / on.sum().clamp(min=1)
             kept = kept / mean.clamp(min=1e-12)
         else:
-            kept = scores
+            # ReLU, except that a kept top unit at or below the line is floored at MIN_FACTOR.
+            kept = torch.where(above, scores, scores.clamp(min=MIN_FACTOR))
         return torch.where(on, kept, torch.zeros_like(scores))
 
     def scores(self, model: TaskNet, grad_through_tnn: bool = False) -> dict[str, torch.Tensor]:
@@ -146,9 +156,7 @@ class Switcher(nn.Module):
             out[g.name] = self.head(x).squeeze(1)
         return out
 
-    def _encode_rows(
-        self, g: GateGroup, modules: dict[str, nn.Module], grad: bool
-    ) -> torch.Tensor:
+    def _encode_rows(self, g: GateGroup, modules: dict[str, nn.Module], grad: bool) -> torch.Tensor:
         total: torch.Tensor | None = None
         for writer, norm in zip(g.writers, g.norms, strict=True):
             w = _weight(modules[writer], grad).flatten(1)

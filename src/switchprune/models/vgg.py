@@ -9,7 +9,26 @@ from switchprune.models.base import Gate, GateGroup, ModelSpec, TaskNet, scaled
 
 LAYOUTS: dict[str, list[int | str]] = {
     "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
-    "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+    "vgg16": [
+        64,
+        64,
+        "M",
+        128,
+        128,
+        "M",
+        256,
+        256,
+        256,
+        "M",
+        512,
+        512,
+        512,
+        "M",
+        512,
+        512,
+        512,
+        "M",
+    ],
 }
 
 
@@ -48,7 +67,9 @@ class VGG(TaskNet):
         for i in range(1, index + 1):
             reader = f"conv{i + 1}" if i < index else "classifier"
             self.groups.append(
-                GateGroup(f"conv{i}", spec.widths[f"conv{i}"], (f"conv{i}",), (f"bn{i}",), (reader,))
+                GateGroup(
+                    f"conv{i}", spec.widths[f"conv{i}"], (f"conv{i}",), (f"bn{i}",), (reader,)
+                )
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -67,8 +67,15 @@ def compact(
     Returns:
         A new, ungated task network whose spec has the kept widths.
     """
-    work = copy.deepcopy(model).cpu().eval()
-    work.set_factors(None)
+    # Live factors on the gates (the switcher's output, not graph leaves) cannot be deep-copied:
+    # copy the model without them and give them back to the caller's model afterwards.
+    attached = [(gate, gate.factors) for gate in model.gates()]
+    model.set_factors(None)
+    try:
+        work = copy.deepcopy(model).cpu().eval()
+    finally:
+        for gate, s in attached:
+            gate.factors = s
     fold_factors(work, masked_factors({k: v.cpu() for k, v in factors.items()}, kept))
     modules = dict(work.named_modules())
     example = torch.zeros(1, *work.spec.in_shape)
@@ -79,7 +86,11 @@ def compact(
         if not removed:
             continue
         writer = modules[g.writers[0]]
-        fn = tp.prune_conv_out_channels if isinstance(writer, nn.Conv2d) else tp.prune_linear_out_channels
+        fn = (
+            tp.prune_conv_out_channels
+            if isinstance(writer, nn.Conv2d)
+            else tp.prune_linear_out_channels
+        )
         graph.get_pruning_group(writer, fn, idxs=removed).prune()
     spec: ModelSpec = work.spec.with_widths({g: int(idx.numel()) for g, idx in kept.items()})
     small = build_model(spec)

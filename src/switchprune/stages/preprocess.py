@@ -19,4 +19,6 @@ def run(cfg: DataConfig, *, raw_dir: Path, prepared_dir: Path) -> dict[str, floa
     Returns:
         Sample counts per split and the class count.
     """
-    return {k: float(v) for k, v in prepare_data(cfg, raw_dir=raw_dir, out_dir=prepared_dir).items()}
+    return {
+        k: float(v) for k, v in prepare_data(cfg, raw_dir=raw_dir, out_dir=prepared_dir).items()
+    }

@@ -9,7 +9,7 @@ import torch
 
 from switchprune.config import ModelConfig, TrainConfig, to_dict
 from switchprune.data import load_meta, load_split
-from switchprune.io import ArtifactError, load_model_file, load_torch, save_model
+from switchprune.io import ArtifactError, load_model_file, save_model
 from switchprune.models import TaskNet, spec_from_config
 from switchprune.training import fit, resolve_device
 

@@ -1,0 +1,185 @@
+"""Typed, validated configuration: refusals, coercions and ``params.yaml`` loading."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from switchprune.config import (
+    SECTIONS,
+    ConfigError,
+    DataConfig,
+    EvaluateConfig,
+    ModelConfig,
+    PruneConfig,
+    TrainConfig,
+    from_dict,
+    load_params,
+    to_dict,
+)
+
+
+def refusal(cls: type, data: dict[str, Any]) -> str:
+    """The single message of the ConfigError that ``from_dict`` raises."""
+    with pytest.raises(ConfigError) as info:
+        from_dict(cls, data)
+    assert type(info.value) is ConfigError
+    assert len(info.value.args) == 1
+    message = str(info.value)
+    assert "\n" not in message  # one message, one line
+    return message
+
+
+BAD = [
+    # unknown key
+    pytest.param(TrainConfig, {"epochz": 3}, "train", "epochz", id="unknown-train"),
+    pytest.param(PruneConfig, {"threshhold": 0.1}, "prune", "threshhold", id="unknown-prune"),
+    # wrong types
+    pytest.param(TrainConfig, {"epochs": "5"}, "train", "epochs", id="str-for-int"),
+    pytest.param(TrainConfig, {"batch_size": 64.0}, "train", "batch_size", id="float-for-int"),
+    pytest.param(TrainConfig, {"epochs": True}, "train", "epochs", id="bool-for-int"),
+    pytest.param(DataConfig, {"download": 1}, "data", "download", id="int-for-bool"),
+    pytest.param(TrainConfig, {"detach_factors": "yes"}, "train", "detach_factors", id="str-bool"),
+    pytest.param(TrainConfig, {"tnn_lr": "0.1"}, "train", "tnn_lr", id="str-for-float"),
+    pytest.param(TrainConfig, {"tnn_lr": False}, "train", "tnn_lr", id="bool-for-float"),
+    pytest.param(TrainConfig, {"compression": "l1"}, "train", "compression", id="bad-choice"),
+    pytest.param(EvaluateConfig, {"device": "gpu"}, "evaluate", "device", id="bad-device"),
+    pytest.param(ModelConfig, {"hidden": 300}, "model", "hidden", id="int-for-list"),
+    pytest.param(ModelConfig, {"hidden": [300, "100"]}, "model", "hidden", id="bad-list-item"),
+    pytest.param(DataConfig, {"idx_dir": 5}, "data", "idx_dir", id="int-for-optional-str"),
+    # out of range
+    pytest.param(TrainConfig, {"epochs": 0}, "train", "epochs", id="epochs-0"),
+    pytest.param(TrainConfig, {"target_ratio": 1.5}, "train", "target_ratio", id="ratio-1.5"),
+    pytest.param(TrainConfig, {"target_ratio": 0}, "train", "target_ratio", id="ratio-0"),
+    pytest.param(PruneConfig, {"threshold": -1}, "prune", "threshold", id="threshold--1"),
+    pytest.param(DataConfig, {"val_fraction": 0.7}, "data", "val_fraction", id="val-0.7"),
+    pytest.param(
+        TrainConfig, {"epochs": 3, "warmup_epochs": 3}, "train", "warmup_epochs", id="warmup"
+    ),
+    pytest.param(ModelConfig, {"hidden": []}, "model", "hidden", id="no-layers"),
+    pytest.param(PruneConfig, {"min_units": 0}, "prune", "min_units", id="min-units-0"),
+    pytest.param(DataConfig, {"dataset": "idx"}, "data", "idx_dir", id="idx-needs-dir"),
+    pytest.param(
+        PruneConfig, {"relative": True, "threshold": 1.0}, "prune", "threshold", id="rel-thr"
+    ),
+]
+
+
+@pytest.mark.parametrize(("cls", "data", "section", "key"), BAD)
+def test_from_dict_refuses_with_one_error_naming_section_and_key(
+    cls: type, data: dict[str, Any], section: str, key: str
+) -> None:
+    message = refusal(cls, data)
+    assert message.startswith(f"[{section}] ")
+    assert key in message
+
+
+def test_unknown_key_lists_the_known_keys() -> None:
+    message = refusal(TrainConfig, {"epochz": 3, "zzz": 1})
+    assert "'epochz'" in message and "zzz" not in message  # one key at fault, the first
+    assert "epochs" in message
+
+
+def test_wrong_type_message_says_what_was_expected_and_got() -> None:
+    message = refusal(TrainConfig, {"epochs": 2.5})
+    assert message == "[train] epochs must be an integer, got 2.5"
+
+
+def test_non_mapping_section_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"^\[train\] must be a mapping"):
+        from_dict(TrainConfig, [1, 2])  # type: ignore[arg-type]
+
+
+def test_ints_widen_to_floats_and_lists_become_tuples() -> None:
+    cfg = from_dict(TrainConfig, {"tnn_lr": 1, "target_ratio": 1, "penalty": 0})
+    assert cfg.tnn_lr == 1.0 and type(cfg.tnn_lr) is float
+    assert type(cfg.target_ratio) is float and type(cfg.penalty) is float
+    model = from_dict(ModelConfig, {"hidden": [32, 16], "width_multiplier": 2})
+    assert model.hidden == (32, 16) and isinstance(model.hidden, tuple)
+    assert type(model.width_multiplier) is float
+    prune = from_dict(PruneConfig, {"threshold": 1})
+    assert prune.threshold == 1.0 and type(prune.threshold) is float
+
+
+def test_none_and_empty_mean_defaults_and_configs_are_frozen() -> None:
+    for cls in SECTIONS.values():
+        assert from_dict(cls, None) == cls() == from_dict(cls, {})
+    cfg = from_dict(TrainConfig, {"epochs": 3})
+    with pytest.raises(AttributeError):
+        cfg.epochs = 4  # type: ignore[misc]
+
+
+def test_optional_string_accepts_none_and_a_string() -> None:
+    assert from_dict(DataConfig, {"idx_dir": None}).idx_dir is None
+    cfg = from_dict(DataConfig, {"dataset": "idx", "idx_dir": "raw/idx"})
+    assert cfg.idx_dir == "raw/idx"
+
+
+@pytest.mark.parametrize("cls", list(SECTIONS.values()))
+def test_to_dict_round_trips_through_yaml(cls: type) -> None:
+    cfg = cls()
+    plain = to_dict(cfg)
+    assert all(not isinstance(v, tuple) for v in plain.values())
+    assert from_dict(cls, yaml.safe_load(yaml.safe_dump(plain))) == cfg
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_load_params_builds_requested_sections(tmp_path: Path) -> None:
+    path = write(tmp_path, "train:\n  epochs: 2\n  tnn_lr: 1\nmodel:\n  hidden: [8, 4]\n")
+    p = load_params(path, ["model", "train"])
+    assert set(p) == {"model", "train"}
+    assert p["train"] == TrainConfig(epochs=2, tnn_lr=1.0)
+    assert p["model"].hidden == (8, 4)
+    everything = load_params(path)
+    assert set(everything) == set(SECTIONS)
+    assert everything["prune"] == PruneConfig()
+
+
+def test_load_params_reads_the_repository_params_yaml() -> None:
+    path = Path(__file__).resolve().parents[2] / "params.yaml"
+    p = load_params(path)
+    assert isinstance(p["train"], TrainConfig)
+
+
+def test_load_params_names_the_bad_key(tmp_path: Path) -> None:
+    path = write(tmp_path, "train:\n  epochs: 2\n  target_ratio: 1.5\n")
+    with pytest.raises(ConfigError, match=r"^\[train\] target_ratio must be in \(0, 1\]$"):
+        load_params(path, ["train"])
+
+
+def test_load_params_refuses_an_unknown_section(tmp_path: Path) -> None:
+    """A misspelt section would otherwise leave all its keys silently at their defaults."""
+    path = write(tmp_path, "trian:\n  epochs: 2\n")
+    with pytest.raises(ConfigError, match="unknown section 'trian'"):
+        load_params(path, ["train"])
+
+
+def test_load_params_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found") as info:
+        load_params(tmp_path / "nope.yaml")
+    assert "nope.yaml" in str(info.value)
+
+
+def test_load_params_invalid_yaml(tmp_path: Path) -> None:
+    path = write(tmp_path, "train: {epochs: 2\nmodel: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(path)
+
+
+@pytest.mark.parametrize("text", ["- train\n- model\n", "just a string\n", "42\n"])
+def test_load_params_non_mapping(tmp_path: Path, text: str) -> None:
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_params(write(tmp_path, text))
+
+
+def test_load_params_empty_file_means_defaults(tmp_path: Path) -> None:
+    p = load_params(write(tmp_path, "# nothing\n"), ["train"])
+    assert p["train"] == TrainConfig()

@@ -1,0 +1,468 @@
+"""Behaviour of alternating SNN/TNN training: freezing, determinism, resume, compression."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from switchprune import training
+from switchprune.config import TrainConfig
+from switchprune.cost import CostModel
+from switchprune.io import load_torch
+from switchprune.models import ModelSpec, TaskNet, build_model, vgg
+from switchprune.models.switcher import Switcher, SwitcherSpec
+from switchprune.training import (
+    FitResult,
+    _snn_step,
+    _tnn_step,
+    budget_offset,
+    fit,
+    hard_widths,
+    ramped_target,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny nets run fastest on one thread, and do not stall when the cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+MLP_SPEC = ModelSpec("mlp", (1, 8, 8), 10, {"fc1": 32, "fc2": 16})
+VGG_SPEC = ModelSpec("vgg11", (3, 8, 8), 10, vgg.default_widths("vgg11", 0.125))
+
+# 200 samples in batches of 32: 7 batches per epoch (an odd count, which matters for resume).
+BASE = {"epochs": 4, "batch_size": 32, "snn_hidden": 8, "device": "cpu", "baseline": False}
+
+
+def make_data(in_shape: tuple[int, int, int], n: int = 200, seed: int = 0) -> TensorDataset:
+    """Synthetic data whose labels depend on the inputs (a fixed random linear map)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *in_shape, generator=g)
+    w = torch.randn(x[0].numel(), 10, generator=g)
+    y = (x.flatten(1) @ w).argmax(1)
+    return TensorDataset(x, y)
+
+
+MLP_DATA = make_data(MLP_SPEC.in_shape)
+VGG_DATA = make_data(VGG_SPEC.in_shape, n=96)
+
+
+def make_cfg(**overrides: Any) -> TrainConfig:
+    return TrainConfig(**{**BASE, **overrides})
+
+
+def run(cfg: TrainConfig, spec: ModelSpec = MLP_SPEC, **kwargs: Any) -> FitResult:
+    data = MLP_DATA if spec is MLP_SPEC else VGG_DATA
+    return fit(spec, data, None, cfg, progress=False, **kwargs)
+
+
+def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def equal_states(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def assert_identical(a: FitResult, b: FitResult) -> None:
+    assert equal_states(a.model.state_dict(), b.model.state_dict())
+    if a.switcher is None:
+        assert b.switcher is None and a.factors is None and b.factors is None
+        return
+    assert b.switcher is not None and a.factors is not None and b.factors is not None
+    assert equal_states(a.switcher.state_dict(), b.switcher.state_dict())
+    assert equal_states(a.factors, b.factors)
+    assert a.metrics["train_params_ratio"] == b.metrics["train_params_ratio"]
+    assert len(a.history) == len(b.history)
+    for ra, rb in zip(a.history, b.history, strict=True):
+        assert ra.keys() == rb.keys()
+        for k in ra.keys() - {"seconds"}:
+            # ``loss`` is NaN in an SNN-only epoch (alternation "epoch"): NaN matches NaN.
+            assert ra[k] == rb[k] or (math.isnan(ra[k]) and math.isnan(rb[k])), k
+
+
+def bn_stats(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        f"{name}.{buf}": getattr(m, buf).detach().clone()
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        for buf in ("running_mean", "running_var")
+    }
+
+
+def params_of(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: p.detach().clone() for k, p in module.named_parameters()}
+
+
+def changed(before: dict[str, torch.Tensor], module: nn.Module) -> list[str]:
+    after = dict(module.named_parameters())
+    return [k for k, v in before.items() if not torch.equal(v, after[k])]
+
+
+def setup_pair(spec: ModelSpec, mode: str) -> tuple[TaskNet, Switcher]:
+    torch.manual_seed(0)
+    tnn = build_model(spec)
+    snn = Switcher(SwitcherSpec.for_model(tnn, "stats", 8, mode))
+    tnn.train()
+    return tnn, snn
+
+
+def batch(spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    data = MLP_DATA if spec is MLP_SPEC else VGG_DATA
+    x, y = data.tensors
+    return x[:32], y[:32]
+
+
+# --- 1. the other network is frozen in each phase ---------------------------------------------
+
+
+@pytest.mark.parametrize("spec", [MLP_SPEC, VGG_SPEC], ids=["mlp", "vgg11"])
+@pytest.mark.parametrize("detach", [True, False], ids=["detached", "grad_through_tnn"])
+def test_tnn_step_trains_tnn_and_leaves_switcher_untouched(spec: ModelSpec, detach: bool) -> None:
+    tnn, snn = setup_pair(spec, "budget")
+    cfg = make_cfg(detach_factors=detach)
+    opt = torch.optim.SGD(tnn.parameters(), lr=0.1, momentum=0.9)
+    snn_before, tnn_before = snapshot(snn), params_of(tnn)
+    x, y = batch(spec)
+    loss = _tnn_step(tnn, snn, {"frozen": None}, "switch", cfg, x, y, opt, nn.CrossEntropyLoss())
+    assert loss > 0
+    assert equal_states(snn_before, snn.state_dict())
+    assert all(p.grad is None for p in snn.parameters())
+    assert all(p.requires_grad for p in snn.parameters())  # restored after the step
+    assert len(changed(tnn_before, tnn)) == len(tnn_before)  # every TNN parameter moved
+    assert all(g.factors is None for g in tnn.gates())  # gates detached again
+
+
+@pytest.mark.parametrize("compression", ["target", "penalty", "none"])
+def test_snn_step_trains_switcher_and_freezes_tnn_including_bn_stats(compression: str) -> None:
+    tnn, snn = setup_pair(VGG_SPEC, "budget" if compression == "target" else "relu")
+    cfg = make_cfg(compression=compression, penalty=1.0)
+    x, y = batch(VGG_SPEC)
+    # Non-trivial running statistics, and proof that a plain train-mode forward moves them.
+    initial = bn_stats(tnn)
+    with torch.no_grad():
+        tnn(x * 3 + 1)
+    moved = bn_stats(tnn)
+    assert all(not torch.equal(initial[k], moved[k]) for k in initial)
+
+    costs = CostModel(tnn)
+    full_cost = float(costs.cost(cfg.target_metric))
+    opt = torch.optim.SGD(snn.parameters(), lr=0.5, momentum=0.9)
+    tnn_params, snn_params = params_of(tnn), params_of(snn)
+    momenta = [m.momentum for m in tnn.modules() if isinstance(m, nn.BatchNorm2d)]
+    state = {"frozen": None}
+    _snn_step(tnn, snn, state, cfg, x, y, opt, nn.CrossEntropyLoss(), costs, full_cost, 0.5)
+
+    assert changed(tnn_params, tnn) == []
+    assert all(torch.equal(moved[k], v) for k, v in bn_stats(tnn).items())
+    assert all(p.grad is None for p in tnn.parameters())
+    assert all(p.requires_grad for p in tnn.parameters())  # unfrozen after the step
+    assert [m.momentum for m in tnn.modules() if isinstance(m, nn.BatchNorm2d)] == momenta
+    assert all(g.factors is None for g in tnn.gates())
+    assert "head.0.weight" in changed(snn_params, snn)
+    assert "head.2.weight" in changed(snn_params, snn)
+
+
+@pytest.mark.parametrize("alternation", ["batch", "epoch"])
+def test_each_phase_of_fit_freezes_the_other_network(
+    monkeypatch: pytest.MonkeyPatch, alternation: str
+) -> None:
+    """Wrap the real steps inside ``fit`` and watch the real tensors around each call."""
+    calls = {"tnn": 0, "snn": 0}
+    real_tnn, real_snn = training._tnn_step, training._snn_step
+
+    def tnn_step(tnn: TaskNet, snn: Switcher | None, *args: Any) -> float:
+        before = snapshot(snn) if snn is not None else {}
+        tnn_before = params_of(tnn)
+        out = real_tnn(tnn, snn, *args)
+        if snn is not None:
+            assert equal_states(before, snn.state_dict())
+        assert changed(tnn_before, tnn)
+        calls["tnn"] += 1
+        return out
+
+    def snn_step(tnn: TaskNet, snn: Switcher, *args: Any) -> None:
+        tnn_before, stats, snn_before = params_of(tnn), bn_stats(tnn), params_of(snn)
+        real_snn(tnn, snn, *args)
+        assert equal_states(stats, bn_stats(tnn))
+        assert changed(tnn_before, tnn) == []
+        assert changed(snn_before, snn)
+        calls["snn"] += 1
+
+    monkeypatch.setattr(training, "_tnn_step", tnn_step)
+    monkeypatch.setattr(training, "_snn_step", snn_step)
+    run(make_cfg(epochs=3, alternation=alternation, switch_epochs_fraction=1.0), VGG_SPEC)
+    assert calls["tnn"] > 0 and calls["snn"] > 0
+
+
+# --- 2. determinism ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"alternation": "epoch", "compression": "penalty"}, {"snn_input": "rows"}],
+    ids=["target", "epoch-penalty", "rows"],
+)
+def test_same_seed_is_bit_identical_and_other_seed_differs(overrides: dict[str, Any]) -> None:
+    a = run(make_cfg(**overrides))
+    b = run(make_cfg(**overrides))
+    assert_identical(a, b)
+    c = run(make_cfg(seed=1, **overrides))
+    assert c.switcher is not None and a.switcher is not None
+    assert not equal_states(a.model.state_dict(), c.model.state_dict())
+    assert not equal_states(a.switcher.state_dict(), c.switcher.state_dict())
+
+
+def test_same_seed_is_bit_identical_with_batchnorm() -> None:
+    cfg = make_cfg(epochs=2)
+    assert_identical(run(cfg, VGG_SPEC), run(cfg, VGG_SPEC))
+
+
+# --- 3. checkpoints and resume ----------------------------------------------------------------
+
+
+class Interrupt(Exception):
+    pass
+
+
+def stop_after(epoch: int) -> Callable[[int], None]:
+    def hook(e: int) -> None:
+        if e == epoch:
+            raise Interrupt
+
+    return hook
+
+
+def recorder(seen: list[int]) -> Callable[[int], None]:
+    return seen.append
+
+
+# epochs=5, switch_epochs_fraction=0.6: switch_end = 3, factors frozen at the start of epoch 3.
+RESUME_CASES = [
+    pytest.param(1, {}, True, id="batch"),
+    pytest.param(0, {"tnn_steps_per_snn_step": 2}, True, id="k2-odd-steps"),
+    pytest.param(1, {"alternation": "epoch"}, True, id="epoch-alternation"),
+    pytest.param(2, {}, True, id="freeze-after-resume"),
+    pytest.param(3, {}, True, id="frozen-in-checkpoint"),
+    pytest.param(3, {"alternation": "epoch", "warmup_epochs": 1}, True, id="epoch-frozen"),
+    pytest.param(2, {"checkpoint_every": 2}, True, id="redo-unsaved-epoch"),
+    pytest.param(1, {}, False, id="baseline"),
+]
+
+
+@pytest.mark.parametrize(("stop", "overrides", "switched"), RESUME_CASES)
+def test_interrupted_then_resumed_run_equals_uninterrupted_run(
+    tmp_path: Path, stop: int, overrides: dict[str, Any], switched: bool
+) -> None:
+    cfg = make_cfg(epochs=5, switch_epochs_fraction=0.6, **overrides)
+    reference = run(cfg, switched=switched)
+    ckpt = tmp_path / "run.ckpt"
+    with pytest.raises(Interrupt):
+        run(cfg, switched=switched, checkpoint_path=ckpt, on_epoch_end=stop_after(stop))
+    blob = load_torch(ckpt)
+    saved_epoch = stop + 1 - (stop + 1) % cfg.checkpoint_every
+    assert blob["epoch"] == saved_epoch
+    if switched:
+        # The frozen factors are in the checkpoint exactly when the fixed phase had started.
+        assert (blob["frozen"] is not None) == (saved_epoch > 3)
+    seen: list[int] = []
+    resumed = run(cfg, switched=switched, checkpoint_path=ckpt, on_epoch_end=recorder(seen))
+    assert seen == list(range(saved_epoch, cfg.epochs))  # really resumed, not restarted
+    assert_identical(reference, resumed)
+    assert os.listdir(tmp_path) == ["run.ckpt"]  # no temporary files left behind
+
+
+@pytest.mark.parametrize(
+    ("first", "second_kwargs"),
+    [
+        ({"seed": 1}, {}),
+        ({"tnn_lr": 0.01}, {}),
+        ({}, {"switched": False}),
+        ({}, {"n": 150}),
+    ],
+    ids=["seed", "lr", "switched", "data-size"],
+)
+def test_checkpoint_from_other_settings_is_ignored(
+    tmp_path: Path, first: dict[str, Any], second_kwargs: dict[str, Any]
+) -> None:
+    ckpt = tmp_path / "run.ckpt"
+    fit(MLP_SPEC, MLP_DATA, None, make_cfg(**first), progress=False, checkpoint_path=ckpt)
+    assert load_torch(ckpt)["epoch"] == BASE["epochs"]
+    switched = second_kwargs.get("switched", True)
+    data = make_data(MLP_SPEC.in_shape, n=second_kwargs.get("n", 200))
+    seen: list[int] = []
+    cfg = make_cfg()
+    result = fit(
+        MLP_SPEC,
+        data,
+        None,
+        cfg,
+        switched=switched,
+        progress=False,
+        checkpoint_path=ckpt,
+        on_epoch_end=recorder(seen),
+    )
+    assert seen == list(range(cfg.epochs))  # a fresh start
+    assert_identical(result, fit(MLP_SPEC, data, None, cfg, switched=switched, progress=False))
+
+
+def test_checkpoint_is_written_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash while saving leaves the previous checkpoint whole and no temporary file."""
+    cfg = make_cfg()
+    ckpt = tmp_path / "run.ckpt"
+    real_save = torch.save
+    saves = {"n": 0}
+
+    def crashing_save(obj: Any, fh: Any, *args: Any, **kwargs: Any) -> None:
+        saves["n"] += 1
+        if saves["n"] == 3:
+            fh.write(b"half a checkpoint")
+            raise Interrupt
+        real_save(obj, fh, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(Interrupt):
+        run(cfg, checkpoint_path=ckpt)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert os.listdir(tmp_path) == ["run.ckpt"]
+    assert load_torch(ckpt)["epoch"] == 2  # the last complete save
+    seen: list[int] = []
+    resumed = run(cfg, checkpoint_path=ckpt, on_epoch_end=recorder(seen))
+    assert seen == [2, 3]
+    assert_identical(run(cfg), resumed)
+    assert os.listdir(tmp_path) == ["run.ckpt"]
+
+
+# --- 4. compression control -------------------------------------------------------------------
+
+
+def kept_ratio(spec: ModelSpec, factors: dict[str, torch.Tensor], metric: str) -> float:
+    costs = CostModel(build_model(spec))
+    widths = {k: int((v > 0).sum()) for k, v in factors.items()}
+    return float(costs.cost(metric, widths)) / float(costs.cost(metric))
+
+
+def assert_no_group_empty(factors: dict[str, torch.Tensor], spec: ModelSpec) -> None:
+    assert set(factors) == set(spec.widths)
+    for name, v in factors.items():
+        assert v.shape == (spec.widths[name],)
+        assert bool((v >= 0).all()) and bool(torch.isfinite(v).all())
+        assert int((v > 0).sum()) >= 1, f"group {name} was emptied"
+
+
+@pytest.mark.parametrize(
+    ("ratio", "overrides"),
+    [(0.4, {}), (0.2, {}), (0.3, {"switch_epochs_fraction": 1.0}), (0.3, {"alternation": "epoch"})],
+    ids=["0.4", "0.2", "no-fixed-phase", "epoch-alternation"],
+)
+def test_target_mode_reaches_the_params_ratio(ratio: float, overrides: dict[str, Any]) -> None:
+    result = run(make_cfg(target_ratio=ratio, **overrides))
+    assert result.factors is not None
+    assert_no_group_empty(result.factors, MLP_SPEC)
+    reached = result.metrics["train_params_ratio"]
+    assert reached == pytest.approx(kept_ratio(MLP_SPEC, result.factors, "params"))
+    assert reached <= ratio + 1e-9
+    assert reached >= ratio - 0.1  # reaches the target, does not overshoot far below it
+
+
+def test_target_mode_reaches_the_macs_ratio_on_a_conv_net() -> None:
+    result = run(make_cfg(epochs=3, target_metric="macs", target_ratio=0.3), VGG_SPEC)
+    assert result.factors is not None
+    assert_no_group_empty(result.factors, VGG_SPEC)
+    reached = result.metrics["train_macs_ratio"]
+    assert reached == pytest.approx(kept_ratio(VGG_SPEC, result.factors, "macs"))
+    assert 0.2 <= reached <= 0.3 + 1e-9
+
+
+def test_tiny_target_keeps_one_unit_per_group() -> None:
+    result = run(make_cfg(target_ratio=0.01))
+    assert result.factors is not None
+    assert {k: int((v > 0).sum()) for k, v in result.factors.items()} == {"fc1": 1, "fc2": 1}
+
+
+def test_none_mode_trains_the_switcher_on_the_task_loss_only() -> None:
+    cfg = make_cfg(compression="none")
+    result = run(cfg)
+    assert result.switcher is not None and result.factors is not None
+    assert result.switcher.spec.mode == "relu"
+    assert float(result.switcher.offset) == 0.0
+    assert_no_group_empty(result.factors, MLP_SPEC)
+    torch.manual_seed(cfg.seed)
+    fresh = Switcher(SwitcherSpec.for_model(build_model(MLP_SPEC), "stats", cfg.snn_hidden))
+    assert not equal_states(fresh.state_dict(), result.switcher.state_dict())
+    assert result.metrics["train_params_ratio"] == pytest.approx(
+        kept_ratio(MLP_SPEC, result.factors, "params")
+    )
+    assert all("params_ratio" in r for r in result.history)
+
+
+def test_penalty_mode_switches_units_off_but_never_empties_a_group() -> None:
+    mild = run(make_cfg(compression="penalty", penalty=0.0))
+    harsh = run(make_cfg(compression="penalty", penalty=100.0))
+    assert mild.factors is not None and harsh.factors is not None
+    for result in (mild, harsh):
+        assert_no_group_empty(result.factors, MLP_SPEC)
+    kept = {k: int((v > 0).sum()) for k, v in harsh.factors.items()}
+    assert sum(kept.values()) < sum(MLP_SPEC.widths.values())
+    assert harsh.metrics["train_params_ratio"] < mild.metrics["train_params_ratio"]
+    assert harsh.metrics["train_params_ratio"] == pytest.approx(
+        kept_ratio(MLP_SPEC, harsh.factors, "params")
+    )
+
+
+@pytest.mark.parametrize("metric", ["params", "macs"])
+@pytest.mark.parametrize("ratio", [0.0, 0.02, 0.1, 0.35, 0.8, 1.0])
+def test_budget_offset_meets_the_budget_and_keeps_a_unit_per_group(
+    metric: str, ratio: float
+) -> None:
+    tnn = build_model(VGG_SPEC)
+    costs = CostModel(tnn)
+    g = torch.Generator().manual_seed(3)
+    scores = {k: torch.randn(w, generator=g) for k, w in VGG_SPEC.widths.items()}
+    budget = ratio * float(costs.cost(metric))
+    offset = budget_offset(scores, costs, metric, budget)
+
+    switcher = Switcher(SwitcherSpec(mode="budget"))
+    switcher.offset.fill_(offset)
+    factors = {k: switcher.gate(v) for k, v in scores.items()}
+    widths = {k: int((v > 0).sum()) for k, v in factors.items()}
+    assert all(w >= 1 for w in widths.values())
+    assert widths == hard_widths(factors)
+    floor = float(costs.cost(metric, dict.fromkeys(widths, 1)))
+    if budget >= floor:
+        assert float(costs.cost(metric, widths)) <= budget
+        # The lowest such offset: one more unit (the next score down) would break the budget.
+        below = [float(s) for v in scores.values() for s in v if float(s) < offset]
+        if below:
+            lower = max(below)
+            more = {k: max(1, int((v > lower).sum())) for k, v in scores.items()}
+            assert float(costs.cost(metric, more)) > budget
+    else:
+        assert widths == dict.fromkeys(widths, 1)  # impossible budget: the floor
+    if ratio == 1.0:
+        assert widths == VGG_SPEC.widths
+
+
+def test_ramped_target() -> None:
+    assert ramped_target(0.4, 0.0, 0.5) == 1.0
+    assert ramped_target(0.4, 0.5, 0.5) == pytest.approx(0.4)
+    assert ramped_target(0.4, 1.0, 0.5) == pytest.approx(0.4)
+    assert ramped_target(0.4, 3.0, 0.5) == pytest.approx(0.4)
+    assert ramped_target(0.4, -1.0, 0.5) == 1.0
+    assert ramped_target(0.25, 0.0, 0.0) == pytest.approx(0.25)  # no ramp: at once
+    values = [ramped_target(0.3, t / 20, 0.8) for t in range(21)]
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+    assert 0.3 < values[8] < 1.0  # halfway down the ramp
+    assert values[16] == pytest.approx(0.3)
