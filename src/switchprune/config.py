@@ -8,6 +8,7 @@ parameter is reported before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -224,12 +225,96 @@ class EvaluateConfig:
         _check(self.threads >= 0, "evaluate", "threads", "must be >= 0")
 
 
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+@dataclass(frozen=True)
+class RegisterConfig:
+    """Logging and registration in MLflow.
+
+    The tracking URI is not a parameter: it comes from ``MLFLOW_TRACKING_URI``, else the
+    embedded default (a SQLite store ``mlflow.db`` with artifacts under ``mlruns/``).
+
+    Attributes:
+        model_name: Registered model name.
+        experiment: MLflow experiment of the runs.
+        alias: Alias set on the registered version.
+    """
+
+    model_name: str = "switchprune-digits-mlp"
+    experiment: str = "switchprune"
+    alias: str = "candidate"
+
+    def validate(self) -> None:
+        """Check names."""
+        for key in ("model_name", "experiment", "alias"):
+            _check(
+                bool(_NAME_RE.match(getattr(self, key))),
+                "register",
+                key,
+                "must be 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit",
+            )
+        _check(
+            self.alias != "champion",
+            "register",
+            "alias",
+            "must not be 'champion' (promote sets it)",
+        )
+
+
+@dataclass(frozen=True)
+class PromoteConfig:
+    """The gate a registered model passes before it is copied to S3 and made ``champion``.
+
+    Attributes:
+        s3_uri: Where promoted models go: ``s3://bucket[/prefix]``; a version lands under
+            ``<prefix>/<model_name>/v<version>/`` and the manifest at
+            ``<prefix>/<model_name>/current.json``.
+        alias: Alias moved to the promoted version.
+        min_accuracy: Lowest acceptable ``test_accuracy``.
+        max_accuracy_drop: Largest acceptable ``baseline_accuracy - test_accuracy``.
+        max_params_ratio: Largest acceptable ``params_after / params_before`` (minimum
+            compression).
+        not_worse_than_champion: Refuse a model less accurate than the current champion.
+    """
+
+    s3_uri: str = "s3://switchprune-models"
+    alias: str = "champion"
+    min_accuracy: float = 0.9
+    max_accuracy_drop: float = 0.02
+    max_params_ratio: float = 0.8
+    not_worse_than_champion: bool = True
+
+    def validate(self) -> None:
+        """Check ranges and the S3 URI."""
+        bucket = self.s3_uri[5:].split("/", 1)[0] if self.s3_uri.startswith("s3://") else ""
+        _check(
+            bool(re.match(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", bucket)),
+            "promote",
+            "s3_uri",
+            f"must be s3://bucket[/prefix] with a valid bucket name, got {self.s3_uri!r}",
+        )
+        _check(bool(_NAME_RE.match(self.alias)), "promote", "alias", "is not a valid alias")
+        _check(0.0 <= self.min_accuracy <= 1.0, "promote", "min_accuracy", "must be in [0, 1]")
+        _check(
+            0.0 <= self.max_accuracy_drop <= 1.0,
+            "promote",
+            "max_accuracy_drop",
+            "must be in [0, 1]",
+        )
+        _check(
+            0.0 < self.max_params_ratio <= 1.0, "promote", "max_params_ratio", "must be in (0, 1]"
+        )
+
+
 SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "model": ModelConfig,
     "train": TrainConfig,
     "prune": PruneConfig,
     "evaluate": EvaluateConfig,
+    "register": RegisterConfig,
+    "promote": PromoteConfig,
 }
 
 
@@ -364,6 +449,8 @@ __all__ = [
     "TrainConfig",
     "PruneConfig",
     "EvaluateConfig",
+    "RegisterConfig",
+    "PromoteConfig",
     "SECTIONS",
     "from_dict",
     "to_dict",

@@ -1,0 +1,248 @@
+"""Local services on 127.0.0.1: an S3 server (``rclone serve s3``) and an ``mlflow server``.
+
+Both run as child processes in their own process group, so stopping them also ends anything
+they spawned. They are what ``make run`` uses when no endpoint is configured, and what the
+integration tests run against.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+
+ENDPOINT_ENV = "SWITCHPRUNE_S3_ENDPOINT"
+
+
+class ServiceError(RuntimeError):
+    """A local service could not be started or reached."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def s3_environment(endpoint: str) -> dict[str, str]:
+    """Environment variables through which boto3, MLflow and DVC's S3 client find ``endpoint``.
+
+    The endpoint is named once (``SWITCHPRUNE_S3_ENDPOINT``); MLflow reads
+    ``MLFLOW_S3_ENDPOINT_URL`` and botocore ``AWS_ENDPOINT_URL_S3``.
+    """
+    return {
+        ENDPOINT_ENV: endpoint,
+        "MLFLOW_S3_ENDPOINT_URL": endpoint,
+        "AWS_ENDPOINT_URL_S3": endpoint,
+    }
+
+
+def _tool(name: str) -> str:
+    """A console script of this environment (beside the interpreter), else from ``PATH``."""
+    local = Path(sys.executable).parent / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if found is None:
+        raise ServiceError(f"{name!r} is not installed (run 'make setup')")
+    return found
+
+
+class _Process:
+    """A child process in its own process group, ended with its whole group."""
+
+    def __init__(self, name: str, log_path: Path) -> None:
+        self.name = name
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def _spawn(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                args,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+            )
+
+    def _wait_until(self, ready: object, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        assert self.proc is not None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                tail = self.log_path.read_text(errors="replace")[-2000:]
+                raise ServiceError(f"{self.name} exited with code {self.proc.returncode}: {tail}")
+            if ready():  # type: ignore[operator]
+                return
+            time.sleep(0.1)
+        self.stop()
+        raise ServiceError(f"{self.name} did not become ready within {timeout:.0f} s")
+
+    def stop(self) -> None:
+        """End the process group: SIGTERM, then SIGKILL after a grace period."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        except ProcessLookupError:
+            pass
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+class S3Server(_Process):
+    """``rclone serve s3`` on 127.0.0.1, serving the buckets that are folders under ``root``.
+
+    Objects are plain files and persist across runs. Keys are generated per start unless given,
+    and handed to clients through :attr:`credentials` only (never written to disk).
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        port: int | None = None,
+        access_key: str | None = None,
+        secret_key: str | None = None,
+        log_path: Path | None = None,
+    ) -> None:
+        root = Path(root)
+        super().__init__("rclone serve s3", log_path or root.parent / f"{root.name}.log")
+        self.root = root
+        self.port = port or free_port()
+        self.access_key = access_key or "sp" + secrets.token_hex(8)
+        self.secret_key = secret_key or secrets.token_hex(20)
+
+    @property
+    def endpoint(self) -> str:
+        """The server's URL."""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def credentials(self) -> dict[str, str]:
+        """The environment variables every S3 client here reads credentials from."""
+        return {
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+    @property
+    def environment(self) -> dict[str, str]:
+        """Endpoint and credentials, for child processes or ``os.environ``."""
+        return {**s3_environment(self.endpoint), **self.credentials}
+
+    def start(self, timeout: float = 20.0) -> S3Server:
+        """Start the server and wait until it accepts connections."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        # The key pair goes through the environment, not the command line (visible in ps).
+        # rclone reads list options from the environment as CSV: quote the pair.
+        env = {**os.environ, "RCLONE_AUTH_KEY": f'"{self.access_key},{self.secret_key}"'}
+        args = [_tool("rclone"), "serve", "s3", "--addr", f"127.0.0.1:{self.port}"]
+        self._spawn([*args, "--config", "/dev/null", str(self.root)], env)
+        self._wait_until(lambda: _port_open(self.port), timeout)
+        return self
+
+    def __enter__(self) -> S3Server:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class MlflowServer(_Process):
+    """``mlflow server`` on 127.0.0.1 with a SQLite backend and artifacts in S3 (or a folder)."""
+
+    def __init__(
+        self,
+        backend_uri: str,
+        artifacts_destination: str,
+        *,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+        log_path: Path,
+    ) -> None:
+        super().__init__("mlflow server", log_path)
+        self.backend_uri = backend_uri
+        self.artifacts_destination = artifacts_destination
+        self.port = port or free_port()
+        self.env = env or {}
+
+    @property
+    def uri(self) -> str:
+        """The tracking URI."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.uri}/health", timeout=1) as resp:
+                return bool(resp.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def start(self, timeout: float = 90.0) -> MlflowServer:
+        """Start the server and wait until ``/health`` answers."""
+        args = [
+            _tool("mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            self.backend_uri,
+            "--artifacts-destination",
+            self.artifacts_destination,
+        ]
+        self._spawn(args, {**os.environ, **self.env})
+        self._wait_until(self._healthy, timeout)
+        return self
+
+    def __enter__(self) -> MlflowServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+__all__ = [
+    "ENDPOINT_ENV",
+    "MlflowServer",
+    "S3Server",
+    "ServiceError",
+    "free_port",
+    "s3_environment",
+]
