@@ -17,8 +17,8 @@ $(STAMP): requirements-torch.txt requirements.lock pyproject.toml
 	$(BIN)/python -m pip install --no-deps -e .
 	touch $(STAMP)
 
-run: setup  ## the whole pipeline on params.yaml
-	$(BIN)/dvc repro
+run: setup  ## the whole pipeline on params.yaml, with S3 and MLflow (see pipeline/local.py)
+	$(BIN)/python pipeline/local.py
 
 test: setup
 	$(BIN)/python -m pytest

@@ -1,1 +1,17 @@
-"""switchprune: learn which neurons a network needs, then ship the smaller network."""
+"""switchprune: learn which neurons a network needs with a switcher network, ship the rest."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+
+def load_model(uri: Any, *, tracking_uri: str | None = None) -> Any:
+    """Load a compacted model (see :func:`switchprune.loading.load_model`)."""
+    from switchprune.loading import load_model as _load
+
+    return _load(uri, tracking_uri=tracking_uri)
+
+
+__all__ = ["__version__", "load_model"]

@@ -70,7 +70,28 @@ def _evaluate(args: argparse.Namespace) -> dict[str, float]:
     )
 
 
-COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], dict[str, float]], str, list[str]]] = {
+def _register(args: argparse.Namespace) -> dict[str, Any]:
+    from switchprune.config import to_dict
+    from switchprune.stages import register
+
+    p = load_params(args.params)
+    return register.run(
+        p["register"],
+        prepared_dir=Path(args.prepared_dir),
+        model_dir=Path(args.model_dir),
+        evaluate_path=Path(args.reports_dir) / "evaluate.json",
+        params={name: to_dict(cfg) for name, cfg in p.items() if name not in ("register",)},
+    )
+
+
+def _promote(args: argparse.Namespace) -> dict[str, Any]:
+    from switchprune.stages import promote
+
+    cfg = load_params(args.params, ["promote"])["promote"]
+    return promote.run(cfg, register_path=Path(args.reports_dir) / "register.json")
+
+
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], dict[str, Any]], str, list[str]]] = {
     "preprocess": (_preprocess, "prepare train/val/test splits", ["raw_dir", "prepared_dir"]),
     "train": (
         _train,
@@ -82,6 +103,16 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], dict[str, float]], str,
         _evaluate,
         "measure the unpruned, gated and compacted nets",
         ["prepared_dir", "trained_dir", "model_dir"],
+    ),
+    "register": (
+        _register,
+        "log the run and register the compacted model in MLflow (alias: candidate)",
+        ["prepared_dir", "model_dir", "reports_dir"],
+    ),
+    "promote": (
+        _promote,
+        "gate the registered version, copy it to S3 with a manifest, move the champion alias",
+        ["reports_dir"],
     ),
 }
 
@@ -114,14 +145,31 @@ def build_parser() -> argparse.ArgumentParser:
             help="where to write the stage's metrics (default: %(default)s)",
         )
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p = sub.add_parser(
+        "pull",
+        help="download a registered model's files from MLflow",
+        description="Download a registered model's files (model.pt, widths.json, meta.json, "
+        "evaluate.json) from MLflow. MLFLOW_TRACKING_URI names the server (default: the "
+        "embedded store).",
+    )
+    p.add_argument(
+        "ref", help="NAME (means NAME@champion), NAME@ALIAS, NAME:VERSION or models:/..."
+    )
+    p.add_argument("--out", required=True, help="destination folder")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one stage; print one readable line and return 2 on a user-facing error."""
     args = build_parser().parse_args(argv)
-    fn = COMMANDS[args.command][0]
     try:
+        if args.command == "pull":
+            from switchprune.loading import pull
+
+            info = pull(args.ref, Path(args.out))
+            print(f"pulled {info['name']} version {info['version']} into {args.out}")
+            return 0
+        fn = COMMANDS[args.command][0]
         metrics: dict[str, Any] = fn(args)
     except (ConfigError, DataError, ArtifactError, RuntimeError, ValueError) as exc:
         # One line, whatever the message holds (YAML and torch errors span several lines).
@@ -131,7 +179,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_json(metrics, Path(args.metrics))
     width = max((len(k) for k in metrics), default=0)
     for key in sorted(metrics):
-        print(f"{key:<{width}}  {metrics[key]:.6g}")
+        value = metrics[key]
+        shown = f"{value:.6g}" if isinstance(value, float) else str(value)
+        print(f"{key:<{width}}  {shown}")
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import hashlib
 import json
 import os
 import re
@@ -71,6 +72,8 @@ class DataMeta:
         n_train: Number of training samples.
         n_val: Number of validation samples.
         n_test: Number of test samples.
+        source_md5: DVC hash (md5) of the raw data the splits were made from: the same value
+            ``dvc add`` records for that file or directory, so a model names its data version.
     """
 
     dataset: str
@@ -81,6 +84,7 @@ class DataMeta:
     n_train: int
     n_val: int
     n_test: int
+    source_md5: str = ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -104,8 +108,11 @@ def prepare_data(cfg: DataConfig, *, raw_dir: Path, out_dir: Path) -> dict[str, 
     """
     raw_dir = Path(raw_dir)
     out_dir = Path(out_dir)
+    source = source_dir(cfg, raw_dir)
     if cfg.dataset == "digits":
-        x_train, y_train, x_val, y_val, x_test, y_test, num_classes = _prepare_digits(cfg)
+        if not (source.is_dir() and _find_by_prefix(source, _IMAGES_RE)):
+            export_digits(source)
+        x_train, y_train, x_val, y_val, x_test, y_test, num_classes = _prepare_idx_dir(cfg, source)
     elif cfg.dataset in _TORCHVISION:
         x_train, y_train, x_val, y_val, x_test, y_test, num_classes = _prepare_torchvision(
             cfg, raw_dir
@@ -125,6 +132,7 @@ def prepare_data(cfg: DataConfig, *, raw_dir: Path, out_dir: Path) -> dict[str, 
         n_train=int(x_train.shape[0]),
         n_val=int(x_val.shape[0]),
         n_test=int(x_test.shape[0]),
+        source_md5=dvc_md5(source),
     )
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -177,6 +185,7 @@ def load_meta(data_dir: Path) -> DataMeta:
             n_train=int(raw["n_train"]),
             n_val=int(raw["n_val"]),
             n_test=int(raw["n_test"]),
+            source_md5=str(raw["source_md5"]),
         )
     except (TypeError, ValueError) as exc:
         raise DataError(f"{path} has a malformed field: {exc}") from exc
@@ -295,22 +304,81 @@ _Prepared = tuple[
 ]
 
 
-def _prepare_digits(cfg: DataConfig) -> _Prepared:
+def export_digits(out_dir: Path) -> Path:
+    """Write scikit-learn's bundled digits as IDX files (byte-identical on every machine).
+
+    These files are the versioned raw data of the ``digits`` dataset: DVC tracks them, and a
+    fresh checkout without access to the DVC remote can recreate exactly the same bytes.
+
+    Args:
+        out_dir: Directory to create (``<raw_dir>/digits``).
+
+    Returns:
+        ``out_dir``.
+    """
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
     # scikit-learn stores 0..16 intensities; rescale to the 0..255 range of the other sets.
-    images = np.rint(np.asarray(bunch.images, dtype=np.float64) * (255.0 / 16.0))
-    x = torch.from_numpy(images.astype(np.uint8)).unsqueeze(1)
-    y = torch.from_numpy(np.asarray(bunch.target, dtype=np.int64))
-    return (*_split_three(x, y, cfg), 10)
+    images = np.rint(np.asarray(bunch.images, dtype=np.float64) * (255.0 / 16.0)).astype(np.uint8)
+    labels = np.asarray(bunch.target, dtype=np.uint8)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, arr in (("digits-images-idx3-ubyte", images), ("digits-labels-idx1-ubyte", labels)):
+        header = bytes([0, 0, 0x08, arr.ndim]) + b"".join(
+            int(d).to_bytes(4, "big") for d in arr.shape
+        )
+        blob = header + arr.tobytes()
+        _atomic_write(out_dir / name, lambda fh, b=blob: fh.write(b))
+    return out_dir
+
+
+def source_dir(cfg: DataConfig, raw_dir: Path) -> Path:
+    """Where the raw data of the configured dataset lives."""
+    if cfg.dataset == "idx":
+        return Path(cfg.idx_dir or "")
+    if cfg.dataset in _TORCHVISION:
+        return Path(raw_dir) / _TORCHVISION[cfg.dataset]
+    return Path(raw_dir) / cfg.dataset
+
+
+def dvc_md5(path: Path) -> str:
+    """The hash DVC 3 records for a file or directory (``dvc add``, ``dvc.lock``).
+
+    A file's hash is the md5 of its bytes. A directory's is the md5 of the JSON list of its
+    files' ``{"md5", "relpath"}`` sorted by path, with ``.dir`` appended.
+    """
+    path = Path(path)
+    if path.is_file():
+        return _md5_file(path)
+    if not path.is_dir():
+        raise DataError(f"cannot hash {path}: no such file or directory")
+    entries = [
+        {"md5": _md5_file(f), "relpath": f.relative_to(path).as_posix()}
+        for f in path.rglob("*")
+        if f.is_file()
+    ]
+    entries.sort(key=lambda e: e["relpath"])
+    return hashlib.md5(json.dumps(entries, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"
+
+
+def _md5_file(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _prepare_idx_dir(cfg: DataConfig, idx_dir: Path) -> _Prepared:
+    x, y = _read_idx_dir(idx_dir)
+    return (*_split_three(x, y, cfg), int(y.max().item()) + 1)
 
 
 def _prepare_idx(cfg: DataConfig) -> _Prepared:
     if not cfg.idx_dir:
         raise DataError("dataset 'idx' needs data.idx_dir")
-    x, y = _read_idx_dir(Path(cfg.idx_dir))
-    return (*_split_three(x, y, cfg), int(y.max().item()) + 1)
+    return _prepare_idx_dir(cfg, Path(cfg.idx_dir))
 
 
 def _prepare_torchvision(cfg: DataConfig, raw_dir: Path) -> _Prepared:

@@ -1,4 +1,8 @@
-"""The real ``dvc repro`` on the project's own dvc.yaml, in a throwaway copy of the repository."""
+"""The real ``dvc repro`` on the project's own dvc.yaml, in a throwaway copy of the repository.
+
+Only the stages up to ``evaluate`` run here (no S3 or MLflow needed); the whole chain with
+``register`` and ``promote`` runs in tests/integration.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from switchprune.data import export_digits
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -51,6 +57,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     params["train"].update(epochs=3, batch_size=128, snn_hidden=8, baseline=True)
     params["evaluate"].update(latency_warmup=1, latency_repeats=2)
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    export_digits(dst / "data" / "raw" / "digits")
     _run(["git", "init", "-q"], dst)
     _run(["git", "add", "-A"], dst)
     _run(["git", "commit", "-qm", "init"], dst)
@@ -64,7 +71,7 @@ def _stages_run(output: str) -> set[str]:
 
 
 def test_repro_runs_all_stages_then_nothing(project: Path) -> None:
-    first = _run([str(BIN / "dvc"), "repro"], project)
+    first = _run([str(BIN / "dvc"), "repro", "evaluate"], project)
     assert _stages_run(first) == {"preprocess", "train", "prune", "evaluate"}
     report = json.loads((project / "reports" / "evaluate.json").read_text())
     assert report["params_after"] < report["params_before"]
@@ -72,20 +79,20 @@ def test_repro_runs_all_stages_then_nothing(project: Path) -> None:
     assert (project / "models" / "compact" / "model.pt").is_file()
     assert (project / "dvc.lock").is_file()
 
-    second = _run([str(BIN / "dvc"), "repro"], project)
+    second = _run([str(BIN / "dvc"), "repro", "evaluate"], project)
     assert _stages_run(second) == set(), second
-    status = _run([str(BIN / "dvc"), "status"], project)
+    status = _run([str(BIN / "dvc"), "status", "evaluate"], project)
     assert "up to date" in status
 
 
 def test_changing_the_threshold_reruns_only_the_stages_after_training(project: Path) -> None:
-    _run([str(BIN / "dvc"), "repro"], project)  # up to date whatever ran before
+    _run([str(BIN / "dvc"), "repro", "evaluate"], project)  # up to date whatever ran before
     trained = (project / "models" / "trained" / "switched.pt").read_bytes()
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["prune"]["threshold"] = 0.5
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
-    out = _run([str(BIN / "dvc"), "repro"], project)
+    out = _run([str(BIN / "dvc"), "repro", "evaluate"], project)
     assert _stages_run(out) == {"prune", "evaluate"}, out
     assert (project / "models" / "trained" / "switched.pt").read_bytes() == trained
     prune = json.loads((project / "reports" / "prune.json").read_text())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import TensorDataset
@@ -27,7 +28,7 @@ from switchprune.training import resolve_device
 
 def run(
     cfg: EvaluateConfig, *, prepared_dir: Path, trained_dir: Path, model_dir: Path
-) -> dict[str, float]:
+) -> dict[str, float | str]:
     """Measure the models on the test split.
 
     The gated model is the full-width TNN with the factors that survive thresholding (removed
@@ -42,7 +43,8 @@ def run(
         model_dir: Output of ``prune``.
 
     Returns:
-        The flat evaluation report (see the README for every key).
+        The flat evaluation report (see the README for every key): numbers, plus ``data_md5``,
+        the DVC hash of the raw data the model was trained on.
     """
     device = resolve_device(cfg.device)
     if cfg.threads:
@@ -68,7 +70,7 @@ def run(
     del full64, small64
     full.set_factors(None)
 
-    report: dict[str, float] = {
+    report: dict[str, Any] = {
         "test_accuracy": accuracy_from_logits(small_logits, labels),
         "gated_accuracy": accuracy_from_logits(gated_logits, labels),
         "max_abs_logit_diff": float((gated_logits - small_logits).abs().max()),
@@ -80,6 +82,7 @@ def run(
         "bytes_before": float(state_dict_bytes(full)),
         "bytes_after": float((Path(model_dir) / COMPACT_FILE).stat().st_size),
         "n_test": float(len(labels)),
+        "data_md5": meta.source_md5,
     }
     report["params_ratio"] = report["params_after"] / report["params_before"]
     report["macs_ratio"] = report["macs_after"] / report["macs_before"]

@@ -1,0 +1,116 @@
+"""``make run``: the whole pipeline on one machine, from versioned data to a promoted model.
+
+1. S3: ``SWITCHPRUNE_S3_ENDPOINT`` (with ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``) names
+   the server; when unset, a real S3 server (``rclone serve s3``) is started on 127.0.0.1 on a
+   free port, backed by ``.s3/`` so objects persist, and stopped at the end. DVC, MLflow and
+   boto3 all take the endpoint from that one setting.
+2. Data: the raw data tracked by ``data/raw/digits.dvc`` is pulled from the DVC remote when
+   absent (or recreated byte-identically from scikit-learn when the remote does not have it),
+   checked against its recorded hash, and pushed.
+3. ``dvc repro`` runs the six stages; ``dvc push`` uploads the cached outputs.
+
+MLflow: ``MLFLOW_TRACKING_URI`` when set, else the embedded SQLite store (``mlflow.db``).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from switchprune import storage
+from switchprune.data import export_digits
+from switchprune.servers import ENDPOINT_ENV, S3Server, s3_environment
+
+ROOT = Path(__file__).resolve().parents[1]
+RAW = Path("data/raw/digits")
+REMOTE = "storage"
+
+
+def dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run a DVC command in the repository; its output goes straight to the terminal."""
+    exe = Path(sys.executable).parent / "dvc"
+    cmd = [str(exe) if exe.exists() else "dvc", *args]
+    print(f"+ dvc {' '.join(args)}", flush=True)
+    return subprocess.run(cmd, cwd=ROOT, check=check, text=True)
+
+
+def remote_bucket() -> str:
+    """The bucket of the default DVC remote (``.dvc/config``)."""
+    exe = Path(sys.executable).parent / "dvc"
+    out = subprocess.run(
+        [str(exe) if exe.exists() else "dvc", "remote", "list"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    for line in out.splitlines():
+        name, _, url = line.partition("\t")
+        if name.strip() == REMOTE:
+            return storage.parse_s3_uri(url.split()[0]).bucket
+    raise SystemExit(f"no DVC remote named {REMOTE!r} in .dvc/config")
+
+
+def ensure_raw_data() -> None:
+    """Materialise the versioned raw data and check it is the version ``.dvc`` records."""
+    if not (ROOT / RAW).is_dir():
+        if dvc("pull", f"{RAW}.dvc", check=False).returncode != 0:
+            print(f"{RAW}: not on the remote yet; recreating it from scikit-learn", flush=True)
+            export_digits(ROOT / RAW)
+    status = subprocess.run(
+        [str(Path(sys.executable).parent / "dvc"), "status", f"{RAW}.dvc"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    if "changed" in status.stdout or status.returncode != 0:
+        raise SystemExit(
+            f"{RAW} differs from the version recorded in {RAW}.dvc:\n{status.stdout}"
+            f"run 'dvc checkout {RAW}.dvc' to restore it, or 'dvc add {RAW}' to record a new one"
+        )
+
+
+def main() -> int:
+    """Set up S3, run the pipeline, push data and outputs, stop what was started."""
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    server: S3Server | None = None
+    endpoint = os.environ.get(ENDPOINT_ENV)
+    if endpoint:
+        os.environ.update(s3_environment(endpoint))
+    else:
+        server = S3Server(ROOT / ".s3" / "data", log_path=ROOT / ".s3" / "server.log").start()
+        endpoint = server.endpoint
+        # Child processes (dvc and the stages it runs) inherit endpoint and credentials.
+        os.environ.update(server.environment)
+        print(f"embedded S3 server at {endpoint} (objects under .s3/data)", flush=True)
+    try:
+        dvc("remote", "modify", "--local", REMOTE, "endpointurl", endpoint)
+        client = storage.make_client(endpoint)
+        params = yaml.safe_load((ROOT / "params.yaml").read_text()) or {}
+        promote_uri = (params.get("promote") or {}).get("s3_uri", "s3://switchprune-models")
+        for bucket in {remote_bucket(), storage.parse_s3_uri(promote_uri).bucket}:
+            storage.ensure_bucket(client, bucket)
+        ensure_raw_data()
+        dvc("push", f"{RAW}.dvc")
+        dvc("repro")
+        dvc("push")
+    except subprocess.CalledProcessError as exc:
+        print(f"make run: {' '.join(exc.cmd[1:3])} failed (exit {exc.returncode})", file=sys.stderr)
+        return 1
+    except storage.StorageError as exc:
+        print(f"make run: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if server is not None:
+            # The embedded server's port is gone after this run: don't leave DVC pointing at it.
+            dvc("remote", "modify", "--local", "--unset", REMOTE, "endpointurl", check=False)
+            server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

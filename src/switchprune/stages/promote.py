@@ -1,0 +1,123 @@
+"""``promote``: gate a registered version; copy it to S3 with a manifest; move ``champion``."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from switchprune.config import PromoteConfig
+from switchprune.io import read_json
+
+
+def check_gate(
+    cfg: PromoteConfig, metrics: dict[str, float], champion: dict[str, Any] | None, version: int
+) -> tuple[bool, str]:
+    """Whether a version's metrics pass the gate, and why (or why not).
+
+    Args:
+        cfg: The ``promote`` section.
+        metrics: The version's run metrics (``test_accuracy``, ``baseline_accuracy``,
+            ``params_ratio``).
+        champion: The current champion (``version``, ``metrics``), or ``None``.
+        version: The candidate version.
+
+    Returns:
+        ``(passed, reason)``.
+    """
+    missing = [k for k in ("test_accuracy", "params_ratio") if k not in metrics]
+    if missing:
+        return False, f"the run of version {version} has no metric {missing[0]!r}"
+    acc = metrics["test_accuracy"]
+    if acc < cfg.min_accuracy:
+        return False, f"test_accuracy {acc:.4f} < min_accuracy {cfg.min_accuracy:.4f}"
+    if "baseline_accuracy" in metrics:
+        drop = metrics["baseline_accuracy"] - acc
+        if drop > cfg.max_accuracy_drop:
+            base = metrics["baseline_accuracy"]
+            return False, (
+                f"accuracy drop {drop:.4f} against baseline_accuracy {base:.4f} "
+                f"> max_accuracy_drop {cfg.max_accuracy_drop:.4f}"
+            )
+    ratio = metrics["params_ratio"]
+    if ratio > cfg.max_params_ratio:
+        return False, f"params_ratio {ratio:.4f} > max_params_ratio {cfg.max_params_ratio:.4f}"
+    if champion is not None and cfg.not_worse_than_champion and champion["version"] != version:
+        best = champion["metrics"].get("test_accuracy")
+        if best is not None and acc < best:
+            return False, (
+                f"test_accuracy {acc:.4f} is worse than champion version {champion['version']} "
+                f"({best:.4f})"
+            )
+    return True, "passed the gate"
+
+
+def run(
+    cfg: PromoteConfig,
+    *,
+    register_path: Path,
+    tracking_uri: str | None = None,
+    s3_client: Any = None,
+) -> dict[str, Any]:
+    """Promote the version named in ``register_path`` if it passes the gate.
+
+    Order matters for consumers: the version's files are uploaded and verified, the manifest
+    ``current.json`` is written last, and only then does the alias move. A failure at any
+    point leaves the previous manifest and alias as they were. Promoting the current champion
+    again writes nothing.
+
+    Args:
+        cfg: The ``promote`` section.
+        register_path: The ``register`` stage's output (model name, version).
+        tracking_uri: MLflow tracking URI (default: ``MLFLOW_TRACKING_URI`` or embedded).
+        s3_client: A boto3 S3 client (default: one for the configured endpoint).
+
+    Returns:
+        ``promoted``, ``reason``, ``version``, ``s3_uri``, ``changed``, ``champion_before``.
+    """
+    from switchprune import registry, storage
+
+    registered = read_json(Path(register_path))
+    name, version = str(registered["model_name"]), int(registered["version"])
+    uri = registry.resolve_tracking_uri(tracking_uri)
+    registry.check_reachable(uri)
+    info = registry.version_info(uri, registry.ModelRef(name, version=version))
+    champion = registry.get_alias_version(uri, name, cfg.alias)
+    passed, reason = check_gate(cfg, info["metrics"], champion, version)
+    target = f"{cfg.s3_uri.rstrip('/')}/{name}/v{version}/"
+    out: dict[str, Any] = {
+        "model_name": name,
+        "version": version,
+        "s3_uri": target,
+        "champion_before": champion["version"] if champion else None,
+        "changed": False,
+    }
+    if not passed:
+        return {**out, "promoted": False, "reason": f"refused: {reason}"}
+
+    client = s3_client if s3_client is not None else storage.make_client()
+    storage.ensure_bucket(client, storage.parse_s3_uri(cfg.s3_uri).bucket)
+    with tempfile.TemporaryDirectory(prefix="switchprune-promote-") as tmp:
+        files_dir = Path(tmp) / "files"
+        registry.download_model_version(uri, registry.ModelRef(name, version=version), files_dir)
+        files = {p.name: p for p in sorted(files_dir.iterdir()) if p.is_file()}
+        manifest = {
+            "run_id": info["run_id"],
+            "model_uri": f"models:/{name}/{version}",
+            "data_md5": info["tags"].get("data_md5", ""),
+            "git_commit": info["tags"].get("git_commit", ""),
+            "metrics": info["metrics"],
+        }
+        result = storage.promote_files(
+            client, files, s3_uri=cfg.s3_uri, model_name=name, version=version, manifest=manifest
+        )
+    moved = champion is None or champion["version"] != version
+    if moved:
+        registry.set_alias(uri, name, cfg.alias, version)
+    changed = bool(result["changed"]) or moved
+    if not changed:
+        reason = f"version {version} is already {cfg.alias}; nothing to do"
+    return {**out, "promoted": True, "reason": reason, "changed": changed}
+
+
+__all__ = ["check_gate", "run"]

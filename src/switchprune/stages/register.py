@@ -1,0 +1,109 @@
+"""``register``: log the run and the compacted model to MLflow, register it, alias it."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from switchprune.config import RegisterConfig
+from switchprune.data import META_FILE, load_split
+from switchprune.io import COMPACT_FILE, read_json
+from switchprune.stages.prune import WIDTHS_FILE, load_compacted
+
+EVALUATE_FILE = "evaluate.json"
+
+
+def run(
+    cfg: RegisterConfig,
+    *,
+    prepared_dir: Path,
+    model_dir: Path,
+    evaluate_path: Path,
+    params: dict[str, Any],
+    tracking_uri: str | None = None,
+) -> dict[str, Any]:
+    """Log params, metrics, kept widths, data hash and commit; register the model; set the alias.
+
+    Registering the same model file again reuses its version (and only re-sets the alias).
+
+    Args:
+        cfg: The ``register`` section.
+        prepared_dir: Output of ``preprocess`` (its ``meta.json`` travels with the model).
+        model_dir: Output of ``prune``.
+        evaluate_path: The evaluation report.
+        params: Every parameter section, logged as ``section.key`` params.
+        tracking_uri: MLflow tracking URI (default: ``MLFLOW_TRACKING_URI``, else the embedded
+            SQLite store).
+
+    Returns:
+        ``model_name``, ``version``, ``run_id``, ``model_uri``, ``alias``, ``changed``,
+        ``data_md5``.
+    """
+    from switchprune import registry
+
+    uri = registry.resolve_tracking_uri(tracking_uri)
+    registry.check_reachable(uri)
+    model, _kept = load_compacted(model_dir)
+    report = read_json(Path(evaluate_path))
+    widths = read_json(Path(model_dir) / WIDTHS_FILE)
+    files = {
+        COMPACT_FILE: Path(model_dir) / COMPACT_FILE,
+        WIDTHS_FILE: Path(model_dir) / WIDTHS_FILE,
+        META_FILE: Path(prepared_dir) / META_FILE,
+        EVALUATE_FILE: Path(evaluate_path),
+    }
+    metrics = {k: float(v) for k, v in report.items() if isinstance(v, int | float)}
+    metrics.update({f"width_{g}": float(w["kept"]) for g, w in widths.items()})
+    data_md5 = str(report.get("data_md5", ""))
+    tags = {"data_md5": data_md5, **_git_state()}
+    example = load_split(prepared_dir, "test").tensors[0][:4].numpy()
+    result = registry.log_and_register(
+        tracking_uri=uri,
+        experiment=cfg.experiment,
+        model_name=cfg.model_name,
+        alias=cfg.alias,
+        model=model,
+        files=files,
+        params={**params, "widths": {g: w["kept"] for g, w in widths.items()}},
+        metrics=metrics,
+        tags=tags,
+        input_example=example,
+        artifact_location=None if uri.startswith("http") else registry.DEFAULT_ARTIFACT_ROOT,
+    )
+    return {
+        "model_name": cfg.model_name,
+        "alias": cfg.alias,
+        "data_md5": data_md5,
+        "tracking_uri": _redact(uri),
+        **result,
+    }
+
+
+def _git_state() -> dict[str, str]:
+    """The commit the code came from, and whether the working tree differed from it."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": "unknown"}
+    return {"git_commit": commit, "git_dirty": str(bool(dirty)).lower()}
+
+
+def _redact(uri: str) -> str:
+    """A URI without any ``user:password@`` part."""
+    if "://" in uri and "@" in uri.split("://", 1)[1].split("/", 1)[0]:
+        scheme, rest = uri.split("://", 1)
+        return f"{scheme}://{rest.split('@', 1)[1]}"
+    return uri
+
+
+__all__ = ["EVALUATE_FILE", "run"]
