@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from switchprune import storage
-from switchprune.data import export_digits
+from switchprune.data import dvc_md5, export_digits
 from switchprune.servers import ENDPOINT_ENV, S3Server, s3_environment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,9 +49,9 @@ def remote_bucket() -> str:
         text=True,
     ).stdout
     for line in out.splitlines():
-        name, _, url = line.partition("\t")
-        if name.strip() == REMOTE:
-            return storage.parse_s3_uri(url.split()[0]).bucket
+        fields = line.split()
+        if len(fields) >= 2 and fields[0] == REMOTE:
+            return storage.parse_s3_uri(fields[1]).bucket
     raise SystemExit(f"no DVC remote named {REMOTE!r} in .dvc/config")
 
 
@@ -61,17 +61,15 @@ def ensure_raw_data() -> None:
         if dvc("pull", f"{RAW}.dvc", check=False).returncode != 0:
             print(f"{RAW}: not on the remote yet; recreating it from scikit-learn", flush=True)
             export_digits(ROOT / RAW)
-    status = subprocess.run(
-        [str(Path(sys.executable).parent / "dvc"), "status", f"{RAW}.dvc"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
-    if "changed" in status.stdout or status.returncode != 0:
+    recorded = yaml.safe_load((ROOT / f"{RAW}.dvc").read_text())["outs"][0]["md5"]
+    actual = dvc_md5(ROOT / RAW)
+    if actual != recorded:
         raise SystemExit(
-            f"{RAW} differs from the version recorded in {RAW}.dvc:\n{status.stdout}"
+            f"{RAW} (md5 {actual}) is not the version recorded in {RAW}.dvc ({recorded}): "
             f"run 'dvc checkout {RAW}.dvc' to restore it, or 'dvc add {RAW}' to record a new one"
         )
+    # Same bytes as recorded; make sure DVC's cache holds them so they can be pushed.
+    dvc("add", "-q", str(RAW))
 
 
 def main() -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import pytest
@@ -10,6 +11,11 @@ from torch import nn
 
 from switchprune.config import ModelConfig
 from switchprune.models import TaskNet, build_model, spec_from_config
+
+# No analytics or telemetry calls from the tools the tests run (the network is closed anyway).
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
 
 NUM_CLASSES = 5
 

@@ -226,6 +226,7 @@ class EvaluateConfig:
 
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_ALIAS_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,99}$")
 
 
 @dataclass(frozen=True)
@@ -247,7 +248,13 @@ class RegisterConfig:
 
     def validate(self) -> None:
         """Check names."""
-        for key in ("model_name", "experiment", "alias"):
+        _check(
+            bool(_ALIAS_RE.match(self.alias)),
+            "register",
+            "alias",
+            "must be letters, digits, '_' or '-' (an MLflow alias)",
+        )
+        for key in ("model_name", "experiment"):
             _check(
                 bool(_NAME_RE.match(getattr(self, key))),
                 "register",
@@ -294,7 +301,12 @@ class PromoteConfig:
             "s3_uri",
             f"must be s3://bucket[/prefix] with a valid bucket name, got {self.s3_uri!r}",
         )
-        _check(bool(_NAME_RE.match(self.alias)), "promote", "alias", "is not a valid alias")
+        _check(
+            bool(_ALIAS_RE.match(self.alias)),
+            "promote",
+            "alias",
+            "must be letters, digits, '_' or '-' (an MLflow alias)",
+        )
         _check(0.0 <= self.min_accuracy <= 1.0, "promote", "min_accuracy", "must be in [0, 1]")
         _check(
             0.0 <= self.max_accuracy_drop <= 1.0,

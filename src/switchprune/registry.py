@@ -1,0 +1,816 @@
+"""The MLflow side of a compacted model: log a run, register a version, move aliases, pull files.
+
+Every function takes the tracking URI explicitly (see :func:`resolve_tracking_uri`) and works
+the same against an embedded SQLite store and an ``mlflow server``. For the duration of each
+call MLflow's tracking and registry URIs are pointed at that URI, and its HTTP client is made to
+fail fast (few retries, short timeout) unless the caller set those variables already, so an
+unreachable server is reported within seconds instead of retried for minutes. The previous
+global MLflow state is restored afterwards. These functions are not thread-safe.
+
+A registered version carries:
+
+* the model itself (``mlflow.pytorch``, pickle format, loadable with
+  ``mlflow.pytorch.load_model("models:/NAME@ALIAS")`` wherever ``switchprune`` is importable);
+* the plain files (``model.pt``, ``widths.json``, ...) as the model's extra files, which
+  :func:`download_model_version` fetches without unpickling anything;
+* the tags ``model_sha256`` (of ``model.pt``) and whatever the caller adds (``data_md5``,
+  ``git_commit``).
+
+Stages are not used (deprecated in MLflow); aliases are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import mlflow.artifacts
+import mlflow.pytorch
+import numpy
+import torch
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+from mlflow.tracking import MlflowClient
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_ARTIFACT_ROOT = "mlruns"
+DEFAULT_ALIAS = "champion"
+MODEL_FILE = "model.pt"
+SHA_TAG = "model_sha256"
+MODEL_ARTIFACT = "model"
+EXTRA_FILES_DIR = "extra_files"
+
+# Applied (unless already set) for the duration of every call, so MLflow's HTTP client gives up
+# after a few seconds on a dead server instead of retrying 7 times with exponential backoff.
+FAIL_FAST_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",  # MLflow parses it as an int
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_ALIAS_RE = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
+_REF_RE = re.compile(r"^(?P<name>[^@:/\s]+)(?:@(?P<alias>[^@:/\s]+)|:(?P<version>[^@:/\s]+))?$")
+_URI_REF_RE = re.compile(r"^models:/(?P<name>[^@/\s]+)(?:@(?P<alias>[^@/\s]+)|/(?P<version>\S+))$")
+_NOT_FOUND = "RESOURCE_DOES_NOT_EXIST"
+
+
+class RegistryError(RuntimeError):
+    """The registry cannot do what was asked; the message names the URI, model, alias or version."""
+
+
+class _NotFoundError(RegistryError):
+    """A model, alias or version does not exist (as opposed to the server failing)."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A registered model version, by alias or by number.
+
+    Attributes:
+        name: Registered model name.
+        alias: Alias to resolve (``None`` with no version means ``champion``).
+        version: Version number (exclusive with ``alias``).
+    """
+
+    name: str
+    alias: str | None = None
+    version: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_name(self.name)
+        if self.alias is not None and self.version is not None:
+            raise RegistryError(
+                f"model reference {self.name!r}: give an alias or a version, not both "
+                f"(alias={self.alias!r}, version={self.version})"
+            )
+        if self.alias is not None:
+            _check_alias(self.alias)
+        if self.version is not None and (
+            isinstance(self.version, bool) or not isinstance(self.version, int) or self.version < 1
+        ):
+            raise RegistryError(
+                f"model reference {self.name!r}: version must be a positive integer, "
+                f"got {self.version!r}"
+            )
+
+    @property
+    def effective_alias(self) -> str | None:
+        """The alias to resolve: the given one, ``champion`` if neither is given, else ``None``."""
+        if self.version is not None:
+            return None
+        return self.alias or DEFAULT_ALIAS
+
+    @property
+    def uri(self) -> str:
+        """The ``models:/`` URI of this reference."""
+        if self.version is not None:
+            return f"models:/{self.name}/{self.version}"
+        return f"models:/{self.name}@{self.effective_alias}"
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise RegistryError(
+            f"invalid model name {name!r}: use 1-100 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+
+
+def _check_alias(alias: str) -> None:
+    if not isinstance(alias, str) or not _ALIAS_RE.match(alias):
+        raise RegistryError(
+            f"invalid alias {alias!r}: MLflow aliases are 1-255 letters, digits, '_' or '-'"
+        )
+    if alias.lower() == "latest" or re.match(r"^[vV]\d+$", alias):
+        raise RegistryError(f"invalid alias {alias!r}: 'latest' and 'v<number>' are reserved")
+
+
+def _redact(uri: str) -> str:
+    """``uri`` without any ``user:password@`` part, for messages."""
+    if "://" in uri:
+        scheme, rest = uri.split("://", 1)
+        host, sep, path = rest.partition("/")
+        if "@" in host:
+            return f"{scheme}://{host.rsplit('@', 1)[1]}{sep}{path}"
+    return uri
+
+
+def _is_http(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _short(exc: BaseException) -> str:
+    """One line describing ``exc`` (MLflow messages can span many lines)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if len(text) > 400:
+        text = text[:400] + "..."
+    return f"{type(exc).__name__}: {text}"
+
+
+def _is_not_found(exc: BaseException) -> bool:
+    return isinstance(exc, MlflowException) and exc.error_code == _NOT_FOUND
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as ``{"section.key": value}``."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def _param_value(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return json.dumps(list(value), default=str)
+    return str(value)
+
+
+def _numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Flattened metrics that are real numbers (booleans and text are left out)."""
+    return {
+        key: float(value)
+        for key, value in _flatten(metrics).items()
+        if isinstance(value, int | float) and not isinstance(value, bool)
+    }
+
+
+@contextlib.contextmanager
+def _quiet(*loggers: str) -> Iterator[None]:
+    """Raise some MLflow loggers to ERROR for the block (for warnings about choices we made)."""
+    saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in loggers]
+    for logger, _ in saved:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in saved:
+            logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def mlflow_session(tracking_uri: str) -> Iterator[MlflowClient]:
+    """Point MLflow at ``tracking_uri`` (tracking and registry) and make HTTP fail fast.
+
+    Everything is restored on exit: the global tracking/registry URIs and the environment
+    variables MLflow sets as a side effect (``MLFLOW_TRACKING_URI``, ``MLFLOW_REGISTRY_URI``).
+
+    Args:
+        tracking_uri: The tracking URI to use.
+
+    Yields:
+        A client bound to that URI.
+    """
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", *FAIL_FAST_ENV)
+    saved_env = {name: os.environ.get(name) for name in names}
+    saved_tracking = getattr(tracking_utils, "_tracking_uri", None)
+    saved_registry = getattr(registry_utils, "_registry_uri", None)
+    for name, value in FAIL_FAST_ENV.items():
+        os.environ.setdefault(name, value)
+    try:
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(tracking_uri)
+        yield MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    finally:
+        mlflow.set_tracking_uri(saved_tracking)  # type: ignore[arg-type]  # None unsets
+        registry_utils._registry_uri = saved_registry
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+# --------------------------------------------------------------------------------------------
+# URIs and references
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """The tracking URI to use: ``uri``, else ``MLFLOW_TRACKING_URI``, else the embedded store.
+
+    Args:
+        uri: An explicit tracking URI (empty counts as not given).
+
+    Returns:
+        The URI, e.g. ``http://127.0.0.1:5000`` or ``sqlite:///mlflow.db``.
+    """
+    for candidate in (uri, os.environ.get("MLFLOW_TRACKING_URI")):
+        if candidate and candidate.strip():
+            return candidate.strip()
+    return DEFAULT_TRACKING_URI
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (``None`` for an in-memory database)."""
+    rest = uri[len("sqlite://") :]
+    if not rest.startswith("/"):
+        return None
+    path = urllib.parse.unquote(rest[1:].split("?", 1)[0])
+    if path in ("", ":memory:"):
+        return None
+    return Path(path)
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_reachable(tracking_uri: str, timeout: float = 5.0) -> None:
+    """Fail early, with a readable message, if the tracking store cannot be used.
+
+    HTTP(S) URIs must answer ``GET <uri>/health`` within ``timeout``; a SQLite store's folder
+    must exist and be writable; a ``file:`` store's nearest existing folder must be writable.
+    Other schemes are left to MLflow.
+
+    Args:
+        tracking_uri: The tracking URI.
+        timeout: Seconds to wait for an HTTP answer.
+
+    Raises:
+        RegistryError: The server does not answer, or the store's folder is not usable.
+    """
+    shown = _redact(tracking_uri)
+    if _is_http(tracking_uri):
+        url = tracking_uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310
+                status = resp.status
+        except urllib.error.HTTPError as exc:
+            status = exc.code
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise RegistryError(
+                f"MLflow tracking server at {shown} is unreachable: {reason} "
+                "(check MLFLOW_TRACKING_URI, or start the server)"
+            ) from exc
+        if status != 200:
+            raise RegistryError(
+                f"MLflow tracking server at {shown} is unreachable: /health answered {status}"
+            )
+        return
+    if tracking_uri.startswith("sqlite:"):
+        db = _sqlite_path(tracking_uri)
+        if db is None:
+            return
+        folder = db.absolute().parent
+        if not folder.is_dir():
+            raise RegistryError(f"MLflow tracking store {shown}: folder {folder} does not exist")
+        if not os.access(folder, os.W_OK) or (db.exists() and not os.access(db, os.W_OK)):
+            raise RegistryError(f"MLflow tracking store {shown}: {folder} is not writable")
+        return
+    if tracking_uri.startswith("file:") or "://" not in tracking_uri:
+        path = (
+            Path(urllib.parse.unquote(urllib.parse.urlparse(tracking_uri).path))
+            if tracking_uri.startswith("file:")
+            else Path(tracking_uri)
+        )
+        existing = _nearest_existing(path)
+        if not os.access(existing, os.W_OK):
+            raise RegistryError(f"MLflow tracking store {shown}: {existing} is not writable")
+
+
+def parse_model_ref(text: str) -> ModelRef:
+    """Parse a model reference given on the command line or in a config.
+
+    Accepted: ``NAME``, ``NAME@ALIAS``, ``NAME:VERSION``, ``models:/NAME@ALIAS`` and
+    ``models:/NAME/VERSION``. A bare ``NAME`` means ``NAME@champion``.
+
+    Args:
+        text: The reference.
+
+    Returns:
+        The parsed reference.
+
+    Raises:
+        RegistryError: The text is none of these forms, or holds an invalid name, alias or
+            version.
+    """
+    forms = "NAME, NAME@ALIAS, NAME:VERSION, models:/NAME@ALIAS or models:/NAME/VERSION"
+    raw = text.strip() if isinstance(text, str) else ""
+    match = _URI_REF_RE.match(raw) if raw.startswith("models:") else _REF_RE.match(raw)
+    if match is None:
+        raise RegistryError(f"invalid model reference {text!r}: expected {forms}")
+    name, alias, version = match["name"], match["alias"], match["version"]
+    if version is not None:
+        if not version.isdigit() or int(version) < 1:
+            raise RegistryError(
+                f"invalid model reference {text!r}: version {version!r} is not a positive integer"
+            )
+        return ModelRef(name, version=int(version))
+    return ModelRef(name, alias=alias or DEFAULT_ALIAS)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading the registry
+
+
+def _resolve(client: MlflowClient, ref: ModelRef, shown_uri: str) -> ModelVersion:
+    """The model version ``ref`` names; :class:`_NotFoundError` naming what is missing."""
+    try:
+        registered = client.get_registered_model(ref.name)
+    except MlflowException as exc:
+        if _is_not_found(exc):
+            raise _NotFoundError(f"no registered model {ref.name!r} at {shown_uri}") from exc
+        raise
+    alias = ref.effective_alias
+    if alias is not None:
+        aliases = dict(registered.aliases or {})
+        if alias not in aliases:
+            known = ", ".join(f"{a}->v{v}" for a, v in sorted(aliases.items())) or "none"
+            raise _NotFoundError(
+                f"registered model {ref.name!r} at {shown_uri} has no alias {alias!r} "
+                f"(aliases: {known})"
+            )
+        number = int(aliases[alias])
+    else:
+        number = int(ref.version)  # type: ignore[arg-type]
+    try:
+        return client.get_model_version(ref.name, str(number))
+    except MlflowException as exc:
+        if _is_not_found(exc):
+            where = f"alias {alias!r} points to " if alias else ""
+            raise _NotFoundError(
+                f"registered model {ref.name!r} at {shown_uri}: {where}version {number}, "
+                "which does not exist"
+            ) from exc
+        raise
+
+
+def _info(client: MlflowClient, mv: ModelVersion, alias: str | None) -> dict[str, Any]:
+    metrics: dict[str, float] = {}
+    if mv.run_id:
+        try:
+            metrics = dict(client.get_run(mv.run_id).data.metrics)
+        except MlflowException as exc:
+            if not _is_not_found(exc):
+                raise
+    return {
+        "name": mv.name,
+        "version": int(mv.version),
+        "alias": alias,
+        "aliases": sorted(mv.aliases or []),
+        "run_id": mv.run_id,
+        "tags": dict(mv.tags or {}),
+        "metrics": metrics,
+        "model_uri": f"models:/{mv.name}/{int(mv.version)}",
+        "source": mv.source,
+        "status": mv.status,
+    }
+
+
+@contextlib.contextmanager
+def _translated(what: str, tracking_uri: str) -> Iterator[None]:
+    """Turn any non-registry failure inside the block into one readable :class:`RegistryError`."""
+    try:
+        yield
+    except RegistryError:
+        raise
+    except Exception as exc:  # MLflow, requests, boto3 and OS errors alike
+        raise RegistryError(f"{what} at {_redact(tracking_uri)} failed: {_short(exc)}") from exc
+
+
+def version_info(tracking_uri: str, ref: ModelRef) -> dict[str, Any]:
+    """Describe the model version ``ref`` names.
+
+    Args:
+        tracking_uri: The tracking URI.
+        ref: Model name and alias or version.
+
+    Returns:
+        ``name``, ``version`` (int), ``alias`` (the alias resolved, or ``None``), ``aliases``
+        (all aliases on the version), ``run_id``, ``tags`` (the version's tags),
+        ``metrics`` (the run's metrics), ``model_uri`` (``models:/NAME/VERSION``), ``source``
+        and ``status``.
+
+    Raises:
+        RegistryError: Unknown model name, alias or version (the message says which), or the
+            store cannot be reached.
+    """
+    check_reachable(tracking_uri)
+    with mlflow_session(tracking_uri) as client, _translated(f"reading {ref.uri}", tracking_uri):
+        mv = _resolve(client, ref, _redact(tracking_uri))
+        return _info(client, mv, ref.effective_alias)
+
+
+def get_alias_version(tracking_uri: str, model_name: str, alias: str) -> dict[str, Any] | None:
+    """The version an alias points to, or ``None`` if the model or the alias does not exist.
+
+    Args:
+        tracking_uri: The tracking URI.
+        model_name: Registered model name.
+        alias: Alias to look up.
+
+    Returns:
+        As :func:`version_info` (``version``, ``run_id``, ``tags``, ``metrics``, ...), or
+        ``None``.
+
+    Raises:
+        RegistryError: The store cannot be reached, or the name or alias is invalid.
+    """
+    try:
+        return version_info(tracking_uri, ModelRef(model_name, alias=alias))
+    except _NotFoundError:
+        return None
+
+
+def set_alias(tracking_uri: str, model_name: str, alias: str, version: int) -> None:
+    """Point ``alias`` at ``version`` of ``model_name`` (moving it if it pointed elsewhere).
+
+    Args:
+        tracking_uri: The tracking URI.
+        model_name: Registered model name.
+        alias: Alias to set.
+        version: Existing version number.
+
+    Raises:
+        RegistryError: Unknown model or version, invalid alias, or the store cannot be reached.
+    """
+    ref = ModelRef(model_name, version=version)
+    _check_alias(alias)
+    check_reachable(tracking_uri)
+    what = f"setting alias {alias!r} of {model_name!r} to version {version}"
+    with mlflow_session(tracking_uri) as client, _translated(what, tracking_uri):
+        _resolve(client, ref, _redact(tracking_uri))
+        client.set_registered_model_alias(model_name, alias, str(version))
+
+
+def download_model_version(tracking_uri: str, ref: ModelRef, out_dir: Path) -> dict[str, Any]:
+    """Download a version's plain files (``model.pt``, ``widths.json``, ...) into ``out_dir``.
+
+    Only the files logged alongside the model are fetched, nothing is unpickled. They are
+    downloaded into a temporary folder beside ``out_dir`` first and ``model.pt`` is checked
+    against the version's ``model_sha256`` tag; then a missing ``out_dir`` is created by one
+    rename, or each file replaces its namesake in an existing ``out_dir`` (other files there
+    are left alone).
+
+    Args:
+        tracking_uri: The tracking URI.
+        ref: Model name and alias or version.
+        out_dir: Destination folder.
+
+    Returns:
+        The :func:`version_info` of the version downloaded, plus ``files`` (sorted names).
+
+    Raises:
+        RegistryError: Unknown model, alias or version; the version has no files; the download
+            is corrupt; or the store cannot be reached.
+    """
+    check_reachable(tracking_uri)
+    out_dir = Path(out_dir)
+    with mlflow_session(tracking_uri) as client, _translated(f"pulling {ref.uri}", tracking_uri):
+        mv = _resolve(client, ref, _redact(tracking_uri))
+        info = _info(client, mv, ref.effective_alias)
+        out_dir.absolute().parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out_dir.absolute().parent, prefix=f".{out_dir.name}."))
+        try:
+            got = Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=f"{info['model_uri']}/{EXTRA_FILES_DIR}", dst_path=str(tmp)
+                )
+            )
+            files = sorted(p.name for p in got.iterdir() if p.is_file()) if got.is_dir() else []
+            if not files:
+                raise RegistryError(
+                    f"version {info['version']} of {ref.name!r} has no files to pull "
+                    f"(nothing under {EXTRA_FILES_DIR}/)"
+                )
+            expected = info["tags"].get(SHA_TAG)
+            if expected and MODEL_FILE in files and _sha256(got / MODEL_FILE) != expected:
+                raise RegistryError(
+                    f"version {info['version']} of {ref.name!r}: downloaded {MODEL_FILE} does "
+                    f"not match its {SHA_TAG} tag"
+                )
+            if not out_dir.exists():
+                os.rename(got, out_dir)
+            else:
+                for name in files:
+                    os.replace(got / name, out_dir / name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return {**info, "files": files}
+
+
+# --------------------------------------------------------------------------------------------
+# Writing to the registry
+
+
+def _find_by_sha(client: MlflowClient, model_name: str, sha: str) -> ModelVersion | None:
+    """The newest ready version of ``model_name`` tagged with ``sha``, if any."""
+    found = client.search_model_versions(f"name='{model_name}' and tags.{SHA_TAG}='{sha}'")
+    ready = [mv for mv in found if mv.status in (None, "READY")]
+    return max(ready, key=lambda mv: int(mv.version)) if ready else None
+
+
+def _artifact_location(tracking_uri: str, given: str | None) -> str | None:
+    """A local artifact root as an absolute ``file:`` URI; URIs and server-side roots as given."""
+    if given is None:
+        return None if _is_http(tracking_uri) else Path(DEFAULT_ARTIFACT_ROOT).resolve().as_uri()
+    if "://" in given or given.startswith(("file:", "mlflow-artifacts:")) or _is_http(tracking_uri):
+        return given
+    return Path(given).expanduser().resolve().as_uri()
+
+
+def _experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+    """The id of experiment ``name``, created (or restored if deleted) when needed."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    if experiment.lifecycle_stage == "deleted":
+        client.restore_experiment(experiment.experiment_id)
+    return experiment.experiment_id
+
+
+def _pip_requirements() -> list[str]:
+    return [
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"mlflow=={mlflow.__version__}",
+        "switchprune",
+    ]
+
+
+def _log_model(model: torch.nn.Module, example: numpy.ndarray, extra_files: list[str]) -> Any:
+    """``mlflow.pytorch.log_model`` in pickle format, in eval mode, with an inferred signature."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            output = model(torch.as_tensor(example))
+        signature = infer_signature(example, output.detach().cpu().numpy())
+        # We chose pickle deliberately (pt2 loads back as a GraphModule, not our class).
+        with _quiet("mlflow.pytorch"):
+            return mlflow.pytorch.log_model(
+                model,
+                name=MODEL_ARTIFACT,
+                serialization_format="pickle",
+                signature=signature,
+                input_example=example,
+                pip_requirements=_pip_requirements(),
+                extra_files=extra_files,
+            )
+    finally:
+        model.train(was_training)
+
+
+def _best_effort(fn: Any, *args: Any) -> bool:
+    """Call ``fn(*args)``; whether it succeeded (failures are swallowed)."""
+    try:
+        fn(*args)
+    except Exception:
+        return False
+    return True
+
+
+def _end_run(status: str, *, strict: bool = False) -> bool:
+    """End the active run with ``status``; whether MLflow recorded it.
+
+    Against a server, MLflow prints "View run ... at <url>" to stdout on ending a run; that
+    goes to stderr here, so a command's stdout stays its own. The run leaves MLflow's active
+    run stack even when recording the status fails.
+    """
+    with contextlib.redirect_stdout(sys.stderr):
+        if strict:
+            mlflow.end_run(status)
+            return True
+        return _best_effort(mlflow.end_run, status)
+
+
+def log_and_register(
+    *,
+    tracking_uri: str,
+    experiment: str,
+    model_name: str,
+    alias: str,
+    model: torch.nn.Module,
+    files: dict[str, Path],
+    params: dict[str, Any],
+    metrics: dict[str, float],
+    tags: dict[str, str],
+    input_example: numpy.ndarray,
+    artifact_location: str | None = None,
+) -> dict[str, Any]:
+    """Log one run, register its model as a new version of ``model_name`` and set ``alias``.
+
+    The run (in ``experiment``, created with ``artifact_location`` if absent) gets the params
+    flattened as ``section.key`` (lists as JSON text), the numeric metrics (flattened the same
+    way; text and booleans are left out), ``tags`` plus ``model_sha256``, and every file of
+    ``files`` as an artifact. The model is logged in pickle format (so it loads back as its
+    own class) with a signature inferred from ``input_example`` and the model's output, and
+    with ``files`` as extra files, so they travel with the version. The version is tagged
+    with ``model_sha256`` (of ``files["model.pt"]``) and ``tags``.
+
+    Idempotent: when a version of ``model_name`` already carries the same ``model_sha256``,
+    nothing is logged; the alias is (re)set on that version and ``changed`` is ``False``.
+
+    If anything fails after the run was created, the run is marked ``FAILED`` and a version
+    registered without its alias is deleted (both best effort).
+
+    Args:
+        tracking_uri: The tracking URI.
+        experiment: Experiment name.
+        model_name: Registered model name.
+        alias: Alias to set on the version (e.g. ``candidate``).
+        model: The network (logged in eval mode; its train/eval mode is restored).
+        files: Files to attach, by the name they get (must include ``model.pt``).
+        params: Parameters, possibly nested by section.
+        metrics: Metrics, possibly nested.
+        tags: Tags for the run and the version (e.g. ``data_md5``, ``git_commit``).
+        input_example: A small input batch (numpy), for the signature and the example.
+        artifact_location: Artifact root of a new experiment (a local folder or a URI);
+            default: the server's for HTTP, ``./mlruns`` otherwise.
+
+    Returns:
+        ``run_id``, ``version`` (int), ``model_uri`` (``models:/NAME/VERSION``) and
+        ``changed`` (``False`` if an existing version was reused).
+
+    Raises:
+        RegistryError: Invalid names, a missing file, an unreachable store, or any MLflow
+            failure (the message says which step).
+    """
+    _check_name(model_name)
+    _check_alias(alias)
+    if not experiment or not isinstance(experiment, str):
+        raise RegistryError(f"invalid experiment name {experiment!r}")
+    if MODEL_FILE not in files:
+        raise RegistryError(f"files must include {MODEL_FILE!r} (got {sorted(files)})")
+    for name, path in files.items():
+        if "/" in name or name in ("", ".", ".."):
+            raise RegistryError(f"file name {name!r} must be a plain file name")
+        if not Path(path).is_file():
+            raise RegistryError(f"file {name!r} not found at {path}")
+    sha = _sha256(Path(files[MODEL_FILE]))
+    check_reachable(tracking_uri)
+    shown = _redact(tracking_uri)
+
+    with mlflow_session(tracking_uri) as client:
+        with _translated(f"looking up {model_name!r}", tracking_uri):
+            existing = _find_by_sha(client, model_name, sha)
+        if existing is not None:
+            with _translated(f"setting alias {alias!r} of {model_name!r}", tracking_uri):
+                client.set_registered_model_alias(model_name, alias, existing.version)
+            return {
+                "run_id": existing.run_id,
+                "version": int(existing.version),
+                "model_uri": f"models:/{model_name}/{int(existing.version)}",
+                "changed": False,
+            }
+        with _translated(f"opening experiment {experiment!r}", tracking_uri):
+            exp_id = _experiment_id(
+                client, experiment, _artifact_location(tracking_uri, artifact_location)
+            )
+            run = mlflow.start_run(
+                experiment_id=exp_id,
+                run_name=f"register-{model_name}",
+                nested=mlflow.active_run() is not None,
+            )
+        run_id = run.info.run_id
+        step = "logging params and metrics"
+        version: str | None = None
+        try:
+            with tempfile.TemporaryDirectory(prefix="switchprune-register-") as staging_dir:
+                staging = Path(staging_dir)
+                for name, path in files.items():
+                    shutil.copyfile(path, staging / name)
+                now = int(time.time() * 1000)
+                run_tags = {**{k: str(v) for k, v in tags.items()}, SHA_TAG: sha}
+                client.log_batch(
+                    run_id,
+                    metrics=[
+                        Metric(k, v, now, 0)
+                        for k, v in _numeric_metrics(metrics).items()
+                        if math.isfinite(v)
+                    ],
+                    params=[Param(k, _param_value(v)) for k, v in _flatten(params).items()],
+                    tags=[RunTag(k, v) for k, v in run_tags.items()],
+                )
+                step = "uploading files"
+                client.log_artifacts(run_id, str(staging))
+                step = "logging the model"
+                extra = [str(staging / name) for name in sorted(files)]
+                logged = _log_model(model, input_example, extra)
+            step = f"registering model {model_name!r}"
+            mv = mlflow.register_model(logged.model_uri, model_name, tags=run_tags)
+            version = str(mv.version)
+            step = f"setting alias {alias!r} on version {version}"
+            client.set_registered_model_alias(model_name, alias, version)
+            result = {
+                "run_id": run_id,
+                "version": int(version),
+                "model_uri": f"models:/{model_name}/{version}",
+                "changed": True,
+            }
+        except BaseException as exc:
+            note = ""
+            if version is not None and not _best_effort(
+                client.delete_model_version, model_name, version
+            ):
+                note = f"; version {version} is left without the alias, registering again sets it"
+            marked = _end_run("FAILED")
+            if not isinstance(exc, Exception):
+                raise
+            state = "marked FAILED" if marked else "could not be marked FAILED"
+            raise RegistryError(
+                f"registering {model_name!r} at {shown} failed while {step} "
+                f"(run {run_id} {state}{note}): {_short(exc)}"
+            ) from exc
+        with _translated(f"finishing run {run_id}", tracking_uri):
+            _end_run("FINISHED", strict=True)
+    return result
+
+
+__all__ = [
+    "DEFAULT_ARTIFACT_ROOT",
+    "DEFAULT_TRACKING_URI",
+    "ModelRef",
+    "RegistryError",
+    "check_reachable",
+    "download_model_version",
+    "get_alias_version",
+    "log_and_register",
+    "mlflow_session",
+    "parse_model_ref",
+    "resolve_tracking_uri",
+    "set_alias",
+    "version_info",
+]

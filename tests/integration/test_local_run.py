@@ -1,0 +1,157 @@
+"""``make run``'s runner end to end in a throwaway copy of the repository.
+
+Real parts only: the embedded ``rclone serve s3`` server, real ``dvc repro``/``push``/``pull``,
+an MLflow SQLite store, and a fresh Python process loading the champion.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from switchprune.servers import S3Server
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+MODEL = "switchprune-test-mlp"
+
+pytestmark = pytest.mark.slow
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "SWITCHPRUNE_"))
+    }
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["DVC_NO_ANALYTICS"] = "1"
+    for key in ("AUTHOR", "COMMITTER"):
+        env[f"GIT_{key}_NAME"] = "test"
+        env[f"GIT_{key}_EMAIL"] = "test@example.invalid"
+    env.update(extra)
+    return env
+
+
+def _run(args: list[str], cwd: Path, **extra: str) -> str:
+    proc = subprocess.run(
+        args, cwd=cwd, env=_env(**extra), capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A git repository with the project's files (as committed or staged) and tiny settings."""
+    dst = tmp_path_factory.mktemp("repo")
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for rel in listed:
+        if rel.startswith(("reports/", "tests/")) or rel == "dvc.lock":
+            continue
+        if not (ROOT / rel).is_file():
+            continue
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, dst / rel)
+    params = yaml.safe_load((dst / "params.yaml").read_text())
+    params["model"]["hidden"] = [32, 16]
+    params["train"].update(epochs=4, batch_size=128, snn_hidden=8, target_ratio=0.5)
+    params["evaluate"].update(latency_warmup=1, latency_repeats=2)
+    params["register"]["model_name"] = MODEL
+    params["promote"].update(min_accuracy=0.3, max_accuracy_drop=0.5, max_params_ratio=0.9)
+    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(["git", "init", "-q"], dst)
+    _run(["git", "add", "-A"], dst)
+    _run(["git", "commit", "-qm", "init"], dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def first_run(project: Path) -> str:
+    return _run([sys.executable, "pipeline/local.py"], project)
+
+
+def test_make_run_registers_and_promotes(project: Path, first_run: str) -> None:
+    promote = json.loads((project / "reports" / "promote.json").read_text())
+    assert promote["promoted"] is True, promote
+    assert promote["version"] == 1
+    report = json.loads((project / "reports" / "evaluate.json").read_text())
+    raw_md5 = yaml.safe_load((project / "data/raw/digits.dvc").read_text())["outs"][0]["md5"]
+    assert report["data_md5"] == raw_md5
+    bucket = project / ".s3" / "data" / "switchprune-models" / MODEL
+    manifest = json.loads((bucket / "current.json").read_text())
+    assert manifest["version"] == 1
+    assert manifest["data_md5"] == raw_md5
+    assert {f["name"] for f in manifest["files"]} >= {"model.pt", "widths.json", "meta.json"}
+    for entry in manifest["files"]:
+        assert (bucket / "v1" / entry["name"]).stat().st_size == entry["size"]
+    # The raw data was pushed to the DVC remote (a content-addressed cache in the bucket).
+    assert any((project / ".s3" / "data" / "switchprune-dvc").rglob("*"))
+    # The embedded server is gone, and DVC does not point at its dead port.
+    assert "endpointurl" not in (project / ".dvc" / "config.local").read_text()
+
+
+def test_second_run_changes_nothing(project: Path, first_run: str) -> None:
+    manifest = project / ".s3/data/switchprune-models" / MODEL / "current.json"
+    before = (manifest.read_bytes(), manifest.stat().st_mtime_ns)
+    out = _run([sys.executable, "pipeline/local.py"], project)
+    assert "Running stage" not in out, out
+    assert (manifest.read_bytes(), manifest.stat().st_mtime_ns) == before
+    assert not (project / ".s3/data/switchprune-models" / MODEL / "v2").exists()
+
+
+def test_champion_loads_in_a_fresh_process(project: Path, first_run: str) -> None:
+    code = f"""
+import json, mlflow, switchprune
+from switchprune.data import load_split
+x, y = load_split("data/prepared", "test").tensors
+model = switchprune.load_model("models:/{MODEL}@champion")
+acc = float((model(x).argmax(1) == y).float().mean())
+flavour = mlflow.pytorch.load_model("models:/{MODEL}@champion")
+same = float((flavour(x).argmax(1) == y).float().mean())
+s3 = switchprune.load_model("s3://switchprune-models/{MODEL}")
+from_s3 = float((s3(x).argmax(1) == y).float().mean())
+print(json.dumps({{"acc": acc, "flavour": same, "s3": from_s3}}))
+"""
+    with S3Server(project / ".s3" / "data", log_path=project / ".s3" / "test.log") as s3:
+        out = _run(
+            [sys.executable, "-c", code],
+            project,
+            MLFLOW_TRACKING_URI=f"sqlite:///{project / 'mlflow.db'}",
+            **s3.environment,
+        )
+    got = json.loads(out.strip().splitlines()[-1])
+    report = json.loads((project / "reports" / "evaluate.json").read_text())
+    assert got["acc"] == pytest.approx(report["test_accuracy"], abs=1e-9)
+    assert got["flavour"] == pytest.approx(report["test_accuracy"], abs=1e-9)
+    assert got["s3"] == pytest.approx(report["test_accuracy"], abs=1e-9)
+
+
+def test_dvc_pull_into_a_clean_clone(project: Path, first_run: str, tmp_path: Path) -> None:
+    _run(["git", "add", "-A"], project)
+    _run(["git", "commit", "-qm", "run", "--allow-empty"], project)
+    clone = tmp_path / "clone"
+    _run(["git", "clone", "-q", str(project), str(clone)], tmp_path)
+    assert not (clone / "data/raw/digits").exists()
+    with S3Server(project / ".s3" / "data", log_path=tmp_path / "s3.log") as s3:
+        dvc = str(BIN / "dvc")
+        _run([dvc, "remote", "modify", "--local", "storage", "endpointurl", s3.endpoint], clone)
+        _run([dvc, "pull"], clone, **s3.environment)
+    for name in ("digits-images-idx3-ubyte", "digits-labels-idx1-ubyte"):
+        assert (clone / "data/raw/digits" / name).read_bytes() == (
+            project / "data/raw/digits" / name
+        ).read_bytes()
+    assert (clone / "models/compact/model.pt").read_bytes() == (
+        project / "models/compact/model.pt"
+    ).read_bytes()

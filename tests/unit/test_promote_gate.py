@@ -1,0 +1,48 @@
+"""The promotion gate: each rule refuses with a reason that names it."""
+
+from __future__ import annotations
+
+import pytest
+
+from switchprune.config import PromoteConfig
+from switchprune.stages.promote import check_gate
+
+GOOD = {"test_accuracy": 0.95, "baseline_accuracy": 0.96, "params_ratio": 0.4}
+CFG = PromoteConfig(min_accuracy=0.9, max_accuracy_drop=0.02, max_params_ratio=0.6)
+
+
+def test_a_good_model_passes_without_a_champion() -> None:
+    assert check_gate(CFG, GOOD, None, 1) == (True, "passed the gate")
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"test_accuracy": 0.85, "baseline_accuracy": 0.86}, "min_accuracy"),
+        ({"baseline_accuracy": 0.99}, "max_accuracy_drop"),
+        ({"params_ratio": 0.7}, "max_params_ratio"),
+    ],
+)
+def test_each_threshold_refuses(change: dict, needle: str) -> None:
+    ok, reason = check_gate(CFG, {**GOOD, **change}, None, 1)
+    assert not ok and needle in reason
+
+
+def test_missing_metric_refuses() -> None:
+    ok, reason = check_gate(CFG, {"test_accuracy": 0.95}, None, 3)
+    assert not ok and "params_ratio" in reason and "version 3" in reason
+
+
+def test_worse_than_champion_refuses_unless_disabled() -> None:
+    champion = {"version": 1, "metrics": {"test_accuracy": 0.97}}
+    ok, reason = check_gate(CFG, GOOD, champion, 2)
+    assert not ok and "champion version 1" in reason
+    relaxed = PromoteConfig(min_accuracy=0.9, max_params_ratio=0.6, not_worse_than_champion=False)
+    assert check_gate(relaxed, GOOD, champion, 2)[0]
+
+
+def test_the_champion_itself_and_better_models_pass() -> None:
+    champion = {"version": 2, "metrics": {"test_accuracy": 0.97}}
+    assert check_gate(CFG, GOOD, champion, 2)[0]  # re-promoting the champion
+    better = {"version": 1, "metrics": {"test_accuracy": 0.94}}
+    assert check_gate(CFG, GOOD, better, 2)[0]

@@ -1,0 +1,405 @@
+"""The MLflow registry layer against a real, temporary SQLite tracking store."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from switchprune import registry
+from switchprune.io import save_model
+from switchprune.models import ModelSpec, TaskNet, build_model
+from switchprune.registry import ModelRef, RegistryError, parse_model_ref
+from switchprune.servers import free_port
+
+SPEC = ModelSpec("mlp", (1, 8, 8), 10, {"fc1": 8, "fc2": 4})
+EXAMPLE = np.linspace(-1.0, 1.0, 2 * 64, dtype=np.float32).reshape(2, 1, 8, 8)
+
+PARAMS = {"train": {"epochs": 3, "lr": 0.1}, "model": {"hidden": [8, 4]}, "seed": 0}
+METRICS: dict[str, Any] = {"test_accuracy": 0.93, "params_ratio": 0.5, "kept": {"fc1": 6}}
+TAGS = {"data_md5": "d41d8cd98f00b204e9800998ecf8427e", "git_commit": "abc123"}
+
+
+def tiny_model(seed: int) -> TaskNet:
+    torch.manual_seed(seed)
+    return build_model(SPEC).eval()
+
+
+def model_files(folder: Path, model: TaskNet) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_model(model, folder / "model.pt")
+    docs = {
+        "widths.json": {"fc1": {"kept": 6}, "fc2": {"kept": 4}},
+        "meta.json": {"dataset": "digits", "classes": 10},
+        "evaluate.json": {"test_accuracy": 0.93},
+    }
+    for name, doc in docs.items():
+        (folder / name).write_text(json.dumps(doc))
+    return {name: folder / name for name in ("model.pt", *docs)}
+
+
+class Store:
+    """A temporary SQLite tracking store with a local artifact root."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.uri = f"sqlite:///{root}/mlflow.db"
+        self.artifacts = root / "artifacts"
+
+    def register(self, model: TaskNet, files: dict[str, Path], **kw: Any) -> dict[str, Any]:
+        args: dict[str, Any] = dict(
+            tracking_uri=self.uri,
+            experiment="exp",
+            model_name="tiny",
+            alias="candidate",
+            model=model,
+            files=files,
+            params=PARAMS,
+            metrics=METRICS,
+            tags=TAGS,
+            input_example=EXAMPLE,
+            artifact_location=str(self.artifacts),
+        )
+        args.update(kw)
+        return registry.log_and_register(**args)
+
+    def client(self) -> MlflowClient:
+        return MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+
+
+def alias_version(client: MlflowClient, name: str, alias: str) -> int:
+    return int(client.get_model_version_by_alias(name, alias).version)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
+    return Store(tmp_path_factory.mktemp("mlflow"))
+
+
+@pytest.fixture(scope="module")
+def registered(store: Store, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Model ``tiny`` version 1 with alias ``candidate``, shared by the read-only tests."""
+    model = tiny_model(0)
+    files = model_files(tmp_path_factory.mktemp("files"), model)
+    result = store.register(model, files)
+    return {"model": model, "files": files, "result": result}
+
+
+def test_log_and_register_creates_version_with_alias_and_metadata(
+    store: Store, registered: dict[str, Any]
+) -> None:
+    result = registered["result"]
+    assert result["version"] == 1 and result["changed"] is True
+    assert result["model_uri"] == "models:/tiny/1"
+    client = store.client()
+    assert alias_version(client, "tiny", "candidate") == 1
+
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.epochs"] == "3"
+    assert run.data.params["train.lr"] == "0.1"
+    assert run.data.params["model.hidden"] == "[8, 4]"
+    assert run.data.params["seed"] == "0"
+    assert run.data.metrics == {"test_accuracy": 0.93, "params_ratio": 0.5, "kept.fc1": 6.0}
+    sha = registry._sha256(registered["files"]["model.pt"])
+    assert run.data.tags["data_md5"] == TAGS["data_md5"]
+    assert run.data.tags["model_sha256"] == sha
+
+    mv = client.get_model_version("tiny", "1")
+    assert mv.tags == {**TAGS, "model_sha256": sha}
+    assert mv.run_id == result["run_id"]
+
+    run_files = {a.path for a in client.list_artifacts(result["run_id"])}
+    assert run_files >= {"model.pt", "widths.json", "meta.json", "evaluate.json"}
+    # Everything landed under the given local artifact root, the model's extra files included.
+    extra = {p.name for p in store.artifacts.rglob("extra_files/*")}
+    assert extra == {"model.pt", "widths.json", "meta.json", "evaluate.json"}
+    requirements = next(store.artifacts.rglob("requirements.txt")).read_text().split()
+    assert f"torch=={torch.__version__.split('+')[0]}" in requirements
+    assert "switchprune" in requirements
+
+
+def test_same_model_file_reuses_version_and_new_model_adds_one(
+    store: Store, tmp_path: Path
+) -> None:
+    name, experiment = "idem", "idem-exp"
+    model_a = tiny_model(1)
+    files_a = model_files(tmp_path / "a", model_a)
+    first = store.register(model_a, files_a, model_name=name, experiment=experiment)
+    assert (first["version"], first["changed"]) == (1, True)
+
+    # Alias removed by hand: registering the same file again only re-sets it.
+    store.client().delete_registered_model_alias(name, "candidate")
+    again = store.register(
+        tiny_model(1), model_files(tmp_path / "a2", model_a), model_name=name, experiment=experiment
+    )
+    assert again == {**first, "changed": False}
+    exp = store.client().get_experiment_by_name(experiment)
+    assert len(store.client().search_runs([exp.experiment_id])) == 1
+    assert alias_version(store.client(), name, "candidate") == 1
+
+    model_b = tiny_model(2)
+    second = store.register(
+        model_b, model_files(tmp_path / "b", model_b), model_name=name, experiment=experiment
+    )
+    assert (second["version"], second["changed"]) == (2, True)
+    assert second["run_id"] != first["run_id"]
+    assert len(store.client().search_runs([exp.experiment_id])) == 2
+    assert alias_version(store.client(), name, "candidate") == 2
+
+
+def test_get_alias_version_and_set_alias(store: Store, tmp_path: Path) -> None:
+    name = "aliases"
+    assert registry.get_alias_version(store.uri, name, "champion") is None  # no such model
+    for seed in (3, 4):
+        model = tiny_model(seed)
+        store.register(model, model_files(tmp_path / str(seed), model), model_name=name)
+    assert registry.get_alias_version(store.uri, name, "champion") is None  # no such alias
+
+    registry.set_alias(store.uri, name, "champion", 1)
+    info = registry.get_alias_version(store.uri, name, "champion")
+    assert info is not None
+    assert info["version"] == 1
+    assert info["metrics"]["test_accuracy"] == pytest.approx(0.93)
+    assert info["tags"]["git_commit"] == "abc123"
+    assert info["run_id"] == store.client().get_model_version(name, "1").run_id
+
+    registry.set_alias(store.uri, name, "champion", 2)  # moves
+    assert registry.get_alias_version(store.uri, name, "champion")["version"] == 2
+    assert registry.get_alias_version(store.uri, name, "candidate")["version"] == 2
+
+    with pytest.raises(RegistryError, match="version 7"):
+        registry.set_alias(store.uri, name, "champion", 7)
+    with pytest.raises(RegistryError, match="no registered model 'nope'"):
+        registry.set_alias(store.uri, "nope", "champion", 1)
+    with pytest.raises(RegistryError, match="invalid alias 'latest'"):
+        registry.set_alias(store.uri, name, "latest", 1)
+    assert registry.get_alias_version(store.uri, name, "champion")["version"] == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("tiny", ModelRef("tiny", alias="champion")),
+        ("switchprune-digits-mlp@candidate", ModelRef("switchprune-digits-mlp", alias="candidate")),
+        ("tiny:3", ModelRef("tiny", version=3)),
+        ("models:/tiny@champion", ModelRef("tiny", alias="champion")),
+        ("models:/my.model/12", ModelRef("my.model", version=12)),
+        ("  tiny@cand_1  ", ModelRef("tiny", alias="cand_1")),
+    ],
+)
+def test_parse_model_ref(text: str, expected: ModelRef) -> None:
+    assert parse_model_ref(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "invalid model reference"),
+        ("tiny@", "invalid model reference"),
+        ("tiny:", "invalid model reference"),
+        ("tiny:0", "not a positive integer"),
+        ("tiny:abc", "not a positive integer"),
+        ("tiny@a@b", "invalid model reference"),
+        ("models:/tiny", "invalid model reference"),
+        ("models:/tiny/x", "not a positive integer"),
+        ("runs:/abc/model", "invalid model reference"),
+        ("-bad@champion", "invalid model name"),
+        ("tiny@latest", "invalid alias"),
+        ("tiny@v2", "invalid alias"),
+    ],
+)
+def test_parse_model_ref_errors(text: str, message: str) -> None:
+    with pytest.raises(RegistryError, match=message):
+        parse_model_ref(text)
+
+
+def test_model_ref_refuses_alias_and_version_together() -> None:
+    with pytest.raises(RegistryError, match="not both"):
+        ModelRef("tiny", alias="champion", version=1)
+    assert ModelRef("tiny").uri == "models:/tiny@champion"
+    assert ModelRef("tiny", version=2).uri == "models:/tiny/2"
+
+
+def test_version_info_resolves_and_names_what_is_unknown(
+    store: Store, registered: dict[str, Any]
+) -> None:
+    info = registry.version_info(store.uri, ModelRef("tiny", alias="candidate"))
+    assert info["name"] == "tiny"
+    assert info["version"] == 1
+    assert info["run_id"] == registered["result"]["run_id"]
+    assert info["model_uri"] == "models:/tiny/1"
+    assert "candidate" in info["aliases"]
+    assert registry.version_info(store.uri, ModelRef("tiny", version=1))["version"] == 1
+
+    with pytest.raises(RegistryError, match="no registered model 'ghost'"):
+        registry.version_info(store.uri, ModelRef("ghost", alias="candidate"))
+    with pytest.raises(RegistryError, match="no alias 'champion'.*candidate->v1"):
+        registry.version_info(store.uri, parse_model_ref("tiny"))
+    with pytest.raises(RegistryError, match="version 99, which does not exist"):
+        registry.version_info(store.uri, ModelRef("tiny", version=99))
+
+
+def test_download_model_version_round_trip(
+    store: Store, registered: dict[str, Any], tmp_path: Path
+) -> None:
+    out = tmp_path / "pulled"
+    info = registry.download_model_version(store.uri, parse_model_ref("tiny@candidate"), out)
+    assert info["version"] == 1
+    files = registered["files"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(files)
+    for name, src in files.items():
+        assert (out / name).read_bytes() == src.read_bytes(), name
+    # No temporary folder is left beside the destination.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pulled"]
+
+    # Into an existing folder: files are replaced, other files are kept.
+    (out / "model.pt").write_bytes(b"stale")
+    (out / "notes.txt").write_text("mine")
+    registry.download_model_version(store.uri, ModelRef("tiny", version=1), out)
+    assert (out / "model.pt").read_bytes() == files["model.pt"].read_bytes()
+    assert (out / "notes.txt").read_text() == "mine"
+
+    with pytest.raises(RegistryError, match="no alias 'champion'"):
+        registry.download_model_version(store.uri, ModelRef("tiny"), tmp_path / "none")
+    assert not (tmp_path / "none").exists()
+
+
+def test_load_model_in_a_fresh_process(store: Store, registered: dict[str, Any]) -> None:
+    model = registered["model"]
+    with torch.no_grad():
+        expected = model(torch.from_numpy(EXAMPLE)).tolist()
+    code = (
+        "import json, sys, mlflow.pytorch, numpy as np, torch\n"
+        "m = mlflow.pytorch.load_model('models:/tiny@candidate')\n"
+        "x = np.linspace(-1.0, 1.0, 128, dtype=np.float32).reshape(2, 1, 8, 8)\n"
+        "with torch.no_grad():\n"
+        "    y = m(torch.from_numpy(x)).tolist()\n"
+        "print(json.dumps({'cls': type(m).__module__ + '.' + type(m).__name__, 'y': y}))\n"
+    )
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store.uri}
+    env.pop("MLFLOW_REGISTRY_URI", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        cwd=store.root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["cls"] == "switchprune.models.mlp.MLP"
+    assert out["y"] == expected
+
+
+def test_failure_after_run_start_marks_run_failed_and_registers_nothing(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise ConnectionError("registry went away")
+
+    monkeypatch.setattr(mlflow, "register_model", broken)
+    model = tiny_model(5)
+    with pytest.raises(
+        RegistryError, match="while registering model 'broken' .*marked FAILED.*went away"
+    ):
+        store.register(model, model_files(tmp_path, model), model_name="broken", experiment="bx")
+    client = store.client()
+    runs = client.search_runs([client.get_experiment_by_name("bx").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert client.search_model_versions("name='broken'") == []
+    assert mlflow.active_run() is None
+
+
+def test_alias_failure_removes_the_new_version(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(self: MlflowClient, *args: Any, **kwargs: Any) -> None:
+        raise ConnectionError("alias lost")
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", broken)
+    model = tiny_model(8)
+    with pytest.raises(RegistryError, match="while setting alias 'candidate' on version 1"):
+        store.register(model, model_files(tmp_path, model), model_name="noalias", experiment="na")
+    client = store.client()
+    assert client.search_model_versions("name='noalias'") == []
+    runs = client.search_runs([client.get_experiment_by_name("na").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+    monkeypatch.undo()
+    # Nothing is left that a retry could wrongly reuse: it logs and registers afresh.
+    again = store.register(
+        model, model_files(tmp_path / "again", model), model_name="noalias", experiment="na"
+    )
+    assert again["changed"] is True
+    assert alias_version(client, "noalias", "candidate") == again["version"]
+
+
+def test_calls_restore_mlflow_global_state(store: Store, registered: dict[str, Any]) -> None:
+    before_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    before_env.update({k: os.environ.get(k) for k in registry.FAIL_FAST_ENV})
+    before_uri = mlflow.get_tracking_uri()
+    registry.version_info(store.uri, ModelRef("tiny", alias="candidate"))
+    after_env = {k: os.environ.get(k) for k in before_env}
+    assert after_env == before_env
+    assert mlflow.get_tracking_uri() == before_uri != store.uri
+
+
+def test_check_reachable_closed_port_fails_fast() -> None:
+    uri = f"http://127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    with pytest.raises(RegistryError, match=r"MLflow tracking server at .* is unreachable"):
+        registry.check_reachable(uri)
+    assert time.monotonic() - start < 10
+
+
+def test_check_reachable_sqlite_folder(tmp_path: Path) -> None:
+    registry.check_reachable(f"sqlite:///{tmp_path}/mlflow.db")
+    with pytest.raises(RegistryError, match="does not exist"):
+        registry.check_reachable(f"sqlite:///{tmp_path}/missing/mlflow.db")
+
+
+def test_log_and_register_unreachable_server_fails_fast(tmp_path: Path) -> None:
+    model = tiny_model(6)
+    files = model_files(tmp_path, model)
+    start = time.monotonic()
+    with pytest.raises(RegistryError, match="unreachable"):
+        registry.log_and_register(
+            tracking_uri=f"http://127.0.0.1:{free_port()}",
+            experiment="exp",
+            model_name="tiny",
+            alias="candidate",
+            model=model,
+            files=files,
+            params={},
+            metrics={},
+            tags={},
+            input_example=EXAMPLE,
+        )
+    assert time.monotonic() - start < 10
+
+
+def test_log_and_register_requires_model_file(store: Store, tmp_path: Path) -> None:
+    model = tiny_model(7)
+    files = model_files(tmp_path, model)
+    del files["model.pt"]
+    with pytest.raises(RegistryError, match="'model.pt'"):
+        store.register(model, files)
+
+
+def test_resolve_tracking_uri(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert registry.resolve_tracking_uri() == registry.DEFAULT_TRACKING_URI
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert registry.resolve_tracking_uri() == "http://127.0.0.1:5000"
+    assert registry.resolve_tracking_uri("sqlite:///x.db") == "sqlite:///x.db"
