@@ -37,7 +37,8 @@ def accuracy_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Top-1 accuracy of precomputed logits."""
     if len(labels) == 0:
         raise ValueError("cannot compute accuracy on an empty split")
-    return float((logits.argmax(1) == labels.cpu()).float().mean())
+    # Count, then divide in Python: a float32 mean would print 0.9777777791 for 352/360.
+    return int((logits.argmax(1) == labels.cpu()).sum()) / len(labels)
 
 
 def count_params(model: nn.Module) -> int:
