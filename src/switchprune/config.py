@@ -319,6 +319,82 @@ class PromoteConfig:
         )
 
 
+@dataclass(frozen=True)
+class KubeflowConfig:
+    """Placement of the pipeline's tasks on a Kubernetes cluster (used only when compiling).
+
+    Attributes:
+        gpu_type: Accelerator resource of the ``train`` task (``nvidia.com/gpu``).
+        gpu_count: Accelerators for ``train`` (0 runs it on a CPU node).
+        node_selector: Node labels the ``train`` task must land on.
+        tolerations: Taints the ``train`` task tolerates: mappings with ``key``, ``operator``
+            (``Exists``/``Equal``), optional ``value`` and ``effect``.
+        cpu_request: CPU request of every task.
+        cpu_limit: CPU limit of every task.
+        memory_request: Memory request of every task.
+        memory_limit: Memory limit of every task.
+        train_cpu_limit: CPU limit of ``train``.
+        train_memory_limit: Memory limit of ``train``.
+        s3_secret: Kubernetes secret with ``SWITCHPRUNE_S3_ENDPOINT``, ``AWS_ACCESS_KEY_ID``
+            and ``AWS_SECRET_ACCESS_KEY``.
+        mlflow_secret: Kubernetes secret with ``MLFLOW_TRACKING_URI`` (and, if the server
+            needs them, ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD``).
+        retries: Retries of the tasks that talk to S3 or MLflow.
+    """
+
+    gpu_type: str = "nvidia.com/gpu"
+    gpu_count: int = 1
+    node_selector: dict[str, str] = dataclasses.field(
+        default_factory=lambda: {"nvidia.com/gpu.present": "true"}
+    )
+    tolerations: tuple[dict[str, str], ...] = (
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+    )
+    cpu_request: str = "500m"
+    cpu_limit: str = "2"
+    memory_request: str = "1Gi"
+    memory_limit: str = "4Gi"
+    train_cpu_limit: str = "8"
+    train_memory_limit: str = "16Gi"
+    s3_secret: str = "switchprune-s3"
+    mlflow_secret: str = "switchprune-mlflow"
+    retries: int = 3
+
+    def validate(self) -> None:
+        """Check counts, quantities and tolerations."""
+        _check(self.gpu_count >= 0, "kubeflow", "gpu_count", "must be >= 0")
+        _check(self.retries >= 0, "kubeflow", "retries", "must be >= 0")
+        for key in (
+            "cpu_request",
+            "cpu_limit",
+            "memory_request",
+            "memory_limit",
+            "train_cpu_limit",
+            "train_memory_limit",
+        ):
+            _check(_quantity(getattr(self, key)), "kubeflow", key, "is not a Kubernetes quantity")
+        for t in self.tolerations:
+            _check(
+                set(t) <= {"key", "operator", "value", "effect"} and "key" in t,
+                "kubeflow",
+                "tolerations",
+                "entries need 'key' and may have 'operator', 'value', 'effect'",
+            )
+            _check(
+                t.get("operator", "Equal") in ("Exists", "Equal"),
+                "kubeflow",
+                "tolerations",
+                "operator must be Exists or Equal",
+            )
+        for key in ("s3_secret", "mlflow_secret"):
+            _check(
+                bool(re.match(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$", getattr(self, key))),
+                "kubeflow",
+                key,
+                "must be a Kubernetes secret name",
+            )
+
+
 SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "model": ModelConfig,
@@ -327,6 +403,7 @@ SECTIONS: dict[str, type] = {
     "evaluate": EvaluateConfig,
     "register": RegisterConfig,
     "promote": PromoteConfig,
+    "kubeflow": KubeflowConfig,
 }
 
 
@@ -358,6 +435,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if errors else f"{where} has the wrong type")
+    if origin is dict:
+        key_tp, value_tp = get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {type(value).__name__} {value!r}")
+        return {
+            _coerce(k, key_tp, f"{where} key"): _coerce(v, value_tp, f"{where}[{k!r}]")
+            for k, v in value.items()
+        }
     if origin is tuple:
         (item_tp, _ellipsis) = get_args(tp)
         if not isinstance(value, list | tuple):
@@ -419,6 +504,11 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
 
+def _quantity(text: str) -> bool:
+    """A Kubernetes CPU or memory quantity such as ``500m``, ``2``, ``4Gi``."""
+    return bool(re.match(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$", text))
+
+
 def load_params(path: str | Any, sections: list[str] | None = None) -> dict[str, Any]:
     """Read a ``params.yaml`` and build the requested sections' configs.
 
@@ -463,6 +553,7 @@ __all__ = [
     "EvaluateConfig",
     "RegisterConfig",
     "PromoteConfig",
+    "KubeflowConfig",
     "SECTIONS",
     "from_dict",
     "to_dict",

@@ -3,22 +3,49 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from switchprune.config import DataConfig
-from switchprune.data import prepare_data
+from switchprune.data import DataError, load_meta, prepare_data, source_dir
 
 
-def run(cfg: DataConfig, *, raw_dir: Path, prepared_dir: Path) -> dict[str, float]:
-    """Prepare the dataset.
+def run(
+    cfg: DataConfig,
+    *,
+    raw_dir: Path,
+    prepared_dir: Path,
+    dvc_remote: str | None = None,
+    data_md5: str | None = None,
+    s3_client: Any = None,
+) -> dict[str, float]:
+    """Prepare the dataset, optionally first materialising an exact version from a DVC remote.
 
     Args:
         cfg: The ``data`` section.
-        raw_dir: Where raw torchvision datasets live (downloaded there when absent and allowed).
+        raw_dir: Where raw data lives (downloaded there when absent and allowed).
         prepared_dir: Output directory of the splits and ``meta.json``.
+        dvc_remote: A DVC remote on S3 (``s3://bucket/prefix``); with ``data_md5``, the raw data
+            of ``cfg.dataset`` is fetched from there by its hash instead of read locally. This
+            is how a cluster run trains on the same bytes as a local run.
+        data_md5: The DVC hash of the raw data (from ``data/raw/<name>.dvc``).
+        s3_client: A boto3 S3 client for the remote (default: the configured endpoint).
 
     Returns:
         Sample counts per split and the class count.
+
+    Raises:
+        DataError: If the prepared data's hash is not the requested one.
     """
-    return {
-        k: float(v) for k, v in prepare_data(cfg, raw_dir=raw_dir, out_dir=prepared_dir).items()
-    }
+    if data_md5:
+        from switchprune import storage
+
+        if not dvc_remote:
+            raise DataError("data_md5 was given without the DVC remote to fetch it from")
+        client = s3_client if s3_client is not None else storage.make_client()
+        storage.download_dvc_version(client, dvc_remote, data_md5, source_dir(cfg, raw_dir))
+    metrics = prepare_data(cfg, raw_dir=raw_dir, out_dir=prepared_dir)
+    if data_md5 and load_meta(prepared_dir).source_md5 != data_md5:
+        raise DataError(
+            f"prepared data has hash {load_meta(prepared_dir).source_md5}, not {data_md5}"
+        )
+    return {k: float(v) for k, v in metrics.items()}
