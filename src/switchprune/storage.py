@@ -435,6 +435,29 @@ def download_promoted(client: Any, s3_uri: str, model_name: str, out_dir: Path) 
 # helpers
 
 
+def restore_manifest(
+    client: Any, s3_uri: str, model_name: str, previous: dict[str, Any] | None
+) -> None:
+    """Put back the manifest that was current before a promotion (or remove it if none was).
+
+    Used when a step after the manifest (moving the registry alias) fails, so that the S3 copy
+    and the registry keep naming the same version.
+
+    Raises:
+        StorageError: If the manifest cannot be written or removed.
+    """
+    loc = parse_s3_uri(s3_uri)
+    key = loc.key(model_name, MANIFEST_NAME)
+    try:
+        if previous is None:
+            client.delete_object(Bucket=loc.bucket, Key=key)
+        else:
+            body = (json.dumps(previous, indent=2, sort_keys=True) + "\n").encode()
+            client.put_object(Bucket=loc.bucket, Key=key, Body=body, ContentType="application/json")
+    except Exception as exc:
+        raise _storage_error(client, f"restoring {_uri(loc.bucket, key)}", exc) from exc
+
+
 def download_dvc_version(client: Any, remote_url: str, md5: str, out_dir: Path) -> Path:
     """Materialise one DVC-tracked file or directory from a DVC 3 remote on S3, by its hash.
 
@@ -817,5 +840,6 @@ __all__: list[str] = [
     "parse_s3_uri",
     "promote_files",
     "read_manifest",
+    "restore_manifest",
     "sha256_file",
 ]

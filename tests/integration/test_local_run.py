@@ -192,3 +192,21 @@ def test_preprocess_fetches_the_exact_data_version_from_the_dvc_remote(
         project / "data/raw/digits/digits-images-idx3-ubyte"
     ).read_bytes()
     assert not (tmp_path / "x").exists()
+
+
+def test_a_configured_endpoint_is_used_instead_of_the_embedded_server(
+    project: Path, first_run: str, tmp_path: Path
+) -> None:
+    with S3Server(tmp_path / "theirs", log_path=tmp_path / "theirs.log") as theirs:
+        out = _run(
+            [sys.executable, "pipeline/local.py"],
+            project,
+            SWITCHPRUNE_S3_ENDPOINT=theirs.endpoint,
+            **theirs.credentials,
+        )
+    assert "embedded S3 server" not in out
+    # Their server now holds the DVC remote (raw data and outputs) and the promotion bucket.
+    assert any((tmp_path / "theirs" / "switchprune-dvc").rglob("*.dir"))
+    assert (tmp_path / "theirs" / "switchprune-models").is_dir()
+    assert theirs.secret_key not in out
+    assert theirs.endpoint in (project / ".dvc" / "config.local").read_text()

@@ -275,3 +275,25 @@ def test_pull_unknown_name_alias_or_version_is_one_clear_line(
     wrong = ref.split("@")[-1] if "@" in ref and "no-such-alias" in ref else ref.split("@")[0]
     assert wrong.split(":")[0] in err[0] or "99" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_alias_failure_after_the_manifest_puts_the_previous_manifest_back(
+    stack: Stack, promoted: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _register(stack, 0.05)
+    manifest = stack.model_root / "current.json"
+    before = manifest.read_bytes()
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise registry.RegistryError("alias could not be set")
+
+    monkeypatch.setattr(registry, "set_alias", refuse)
+    with pytest.raises(registry.RegistryError):
+        promote.run(
+            dataclasses.replace(GATE, not_worse_than_champion=False),
+            register_path=stack.work / "reports-0.05" / "register.json",
+            tracking_uri=stack.mlflow.uri,
+            s3_client=stack.client(),
+        )
+    assert json.loads(manifest.read_bytes()) == json.loads(before)
+    assert registry.get_alias_version(stack.mlflow.uri, NAME, "champion")["version"] == 1

@@ -108,12 +108,20 @@ def run(
             "git_commit": info["tags"].get("git_commit", ""),
             "metrics": info["metrics"],
         }
+        previous = storage.read_manifest(client, cfg.s3_uri, name)
         result = storage.promote_files(
             client, files, s3_uri=cfg.s3_uri, model_name=name, version=version, manifest=manifest
         )
     moved = champion is None or champion["version"] != version
     if moved:
-        registry.set_alias(uri, name, cfg.alias, version)
+        try:
+            registry.set_alias(uri, name, cfg.alias, version)
+        except registry.RegistryError:
+            # The manifest is already current; put the previous one back so S3 and the
+            # registry keep naming the same champion.
+            if result["changed"]:
+                storage.restore_manifest(client, cfg.s3_uri, name, previous)
+            raise
     changed = bool(result["changed"]) or moved
     if not changed:
         reason = f"version {version} is already {cfg.alias}; nothing to do"
