@@ -126,7 +126,7 @@ class TrainConfig:
     tnn_weight_decay: float = 5e-4
     snn_lr: float = 0.01
     snn_momentum: float = 0.9
-    tnn_steps_per_snn_step: int = 1
+    tnn_steps_per_snn_step: int = 8
     alternation: Literal["batch", "epoch"] = "batch"
     warmup_epochs: int = 0
     switch_epochs_fraction: float = 0.75
@@ -498,6 +498,47 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, section: str | None = N
     return cfg
 
 
+def from_struct(cls: type[T], data: dict[str, Any] | None, section: str | None = None) -> T:
+    """Like :func:`from_dict`, for a section that travelled as a protobuf ``Struct``.
+
+    A Kubeflow ``dict`` parameter is a ``Struct``, whose numbers are all doubles: depending on
+    the runner, ``epochs: 30`` arrives as ``30`` or as ``30.0``. Integral floats are read back
+    as ints where the field is an int; everything else is validated by :func:`from_dict`
+    exactly as it is for ``params.yaml`` (``2.5`` for an int is still refused).
+
+    Args:
+        cls: One of the config dataclasses.
+        data: The section's mapping (``None`` means all defaults).
+        section: Section name used in messages (defaults to the class's section).
+
+    Returns:
+        The validated, frozen config.
+
+    Raises:
+        ConfigError: With one message naming the section and the key at fault.
+    """
+    if isinstance(data, dict):
+        hints = typing.get_type_hints(cls)
+        data = {k: _ints_back(v, hints[k]) if k in hints else v for k, v in data.items()}
+    return from_dict(cls, data, section)
+
+
+def _ints_back(value: Any, tp: Any) -> Any:
+    """``value`` with integral floats turned into ints wherever ``tp`` expects an int."""
+    origin = get_origin(tp)
+    if tp is int:
+        is_integral = isinstance(value, float) and value.is_integer()
+        return int(value) if is_integral else value
+    if origin in (typing.Union, types.UnionType):
+        args = set(get_args(tp)) - {type(None)}
+        return _ints_back(value, int) if int in args and float not in args else value
+    if origin is tuple and isinstance(value, list | tuple):
+        return [_ints_back(v, get_args(tp)[0]) for v in value]
+    if origin is dict and isinstance(value, dict):
+        return {k: _ints_back(v, get_args(tp)[1]) for k, v in value.items()}
+    return value
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Return a config as a plain, YAML/JSON-friendly mapping (tuples become lists)."""
     out = dataclasses.asdict(cfg)
@@ -556,6 +597,7 @@ __all__ = [
     "KubeflowConfig",
     "SECTIONS",
     "from_dict",
+    "from_struct",
     "to_dict",
     "load_params",
 ]

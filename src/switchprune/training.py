@@ -205,6 +205,7 @@ def fit(
         leave=False,
     )
     for epoch in bar:
+        cached: dict[str, torch.Tensor] | None = None  # fresh each epoch: resume is exact
         started = time.perf_counter()
         # Cosine schedule, set per epoch so a resumed run sees the same rates.
         for group in opt_t.param_groups:
@@ -242,7 +243,11 @@ def fit(
             idx = order[i : i + cfg.batch_size].to(device)
             x, y = x_train[idx], y_train[idx]
             if not snn_epoch:
-                losses.append(_tnn_step(tnn, snn, state, phase, cfg, x, y, opt_t, loss_fn))
+                if phase == "switch" and cfg.detach_factors and cached is None:
+                    # The switcher is frozen between its steps: its factors are computed once
+                    # after each SNN step and shared by the k TNN steps that follow.
+                    cached = _current_factors(tnn, snn, state, phase)
+                losses.append(_tnn_step(tnn, snn, state, phase, cfg, x, y, opt_t, loss_fn, cached))
                 state["step"] += 1
             do_snn = phase == "switch" and (
                 snn_epoch
@@ -253,6 +258,12 @@ def fit(
                 elapsed = (epoch - cfg.warmup_epochs + i / n) / (switch_end - cfg.warmup_epochs)
                 target = ramped_target(cfg.target_ratio, elapsed, cfg.ramp_fraction)
                 _snn_step(tnn, snn, state, cfg, x, y, opt_s, loss_fn, costs, full_cost, target)
+                cached = None
+        if losses and not math.isfinite(statistics.fmean(losses)):
+            raise RuntimeError(
+                f"training diverged at epoch {epoch + 1} (the task loss is not finite): "
+                "lower train.tnn_lr"
+            )
         record: dict[str, float] = {
             "epoch": float(epoch),
             "loss": statistics.fmean(losses) if losses else float("nan"),
@@ -339,12 +350,12 @@ def _tnn_step(
     y: torch.Tensor,
     opt: torch.optim.Optimizer,
     loss_fn: nn.Module,
+    cached: dict[str, torch.Tensor] | None = None,
 ) -> float:
     if phase == "switch":
         assert snn is not None
         if cfg.detach_factors:
-            with torch.no_grad():
-                factors = snn(tnn)
+            factors = cached if cached is not None else _current_factors(tnn, snn, state, phase)
         else:
             # Ablation: the task loss also reaches the TNN through the switcher's reading of it.
             for p in snn.parameters():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -203,7 +204,8 @@ def test_each_phase_of_fit_freezes_the_other_network(
 
     monkeypatch.setattr(training, "_tnn_step", tnn_step)
     monkeypatch.setattr(training, "_snn_step", snn_step)
-    run(make_cfg(epochs=3, alternation=alternation, switch_epochs_fraction=1.0), VGG_SPEC)
+    cfg = make_cfg(epochs=3, alternation=alternation, switch_epochs_fraction=1.0)
+    run(dataclasses.replace(cfg, tnn_steps_per_snn_step=1), VGG_SPEC)
     assert calls["tnn"] > 0 and calls["snn"] > 0
 
 
