@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,6 +19,8 @@ from switchprune.data import DataError
 from switchprune.io import ArtifactError, write_json
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+SUBMIT_SCRIPT = Path("pipeline") / "submit.py"
 
 DEFAULTS = {
     "raw_dir": "data/raw",
@@ -156,12 +159,43 @@ def build_parser() -> argparse.ArgumentParser:
         "ref", help="NAME (means NAME@champion), NAME@ALIAS, NAME:VERSION or models:/..."
     )
     p.add_argument("--out", required=True, help="destination folder")
+    p = sub.add_parser(
+        "submit",
+        help="submit the compiled pipeline (pipeline.yaml) to Kubeflow Pipelines",
+        description="Submit the compiled pipeline to Kubeflow Pipelines: runs "
+        "pipeline/submit.py of the project in the current directory (compile it first with "
+        "'make compile').",
+    )
+    p.add_argument("--host", required=True, help="Kubeflow Pipelines API URL")
+    p.add_argument("--experiment", help="experiment name (default: switchprune)")
+    p.add_argument("--run-name", help="run name (default: switchprune-<timestamp>)")
+    p.add_argument("--package", help="compiled pipeline (default: pipeline.yaml)")
     return parser
+
+
+def _submit(args: argparse.Namespace) -> int:
+    """Run the project's ``pipeline/submit.py``: the library itself never imports ``kfp``."""
+    script = Path.cwd() / SUBMIT_SCRIPT
+    if not script.is_file():
+        print(
+            f"switchprune submit: error: {SUBMIT_SCRIPT} not found in {Path.cwd()} "
+            "(run it from the project's root directory)",
+            file=sys.stderr,
+        )
+        return 2
+    argv = [sys.executable, str(SUBMIT_SCRIPT), "--host", args.host]
+    for name in ("experiment", "run_name", "package"):
+        value = getattr(args, name)
+        if value is not None:
+            argv += [f"--{name.replace('_', '-')}", value]
+    return subprocess.run(argv, cwd=Path.cwd(), check=False).returncode
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one stage; print one readable line and return 2 on a user-facing error."""
     args = build_parser().parse_args(argv)
+    if args.command == "submit":
+        return _submit(args)
     try:
         if args.command == "pull":
             from switchprune.loading import pull

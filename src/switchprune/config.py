@@ -523,6 +523,30 @@ def from_struct(cls: type[T], data: dict[str, Any] | None, section: str | None =
     return from_dict(cls, data, section)
 
 
+def sections_from_struct(sections: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Parameter sections that travelled as protobuf ``Struct``s, validated and complete.
+
+    This is what a run records as its parameters: every key of each section, with the types of
+    ``params.yaml`` (``epochs`` is ``4``, not ``4.0``), exactly as a run driven by DVC records
+    them.
+
+    Args:
+        sections: Section name to its mapping (names of :data:`SECTIONS`).
+
+    Returns:
+        Section name to ``to_dict`` of the validated config.
+
+    Raises:
+        ConfigError: If a section is unknown or invalid.
+    """
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown section {unknown[0]!r} (known sections: {', '.join(SECTIONS)})")
+    return {
+        name: to_dict(from_struct(SECTIONS[name], value, name)) for name, value in sections.items()
+    }
+
+
 def _ints_back(value: Any, tp: Any) -> Any:
     """``value`` with integral floats turned into ints wherever ``tp`` expects an int."""
     origin = get_origin(tp)
@@ -598,6 +622,7 @@ __all__ = [
     "SECTIONS",
     "from_dict",
     "from_struct",
+    "sections_from_struct",
     "to_dict",
     "load_params",
 ]

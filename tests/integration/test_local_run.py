@@ -66,7 +66,9 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
         shutil.copy2(ROOT / rel, dst / rel)
     params = yaml.safe_load((dst / "params.yaml").read_text())
     params["model"]["hidden"] = [32, 16]
-    params["train"].update(epochs=4, batch_size=128, snn_hidden=8, target_ratio=0.5)
+    params["train"].update(
+        epochs=4, batch_size=128, snn_hidden=8, target_ratio=0.5, tnn_steps_per_snn_step=1
+    )
     params["evaluate"].update(latency_warmup=1, latency_repeats=2)
     params["register"]["model_name"] = MODEL
     params["promote"].update(min_accuracy=0.3, max_accuracy_drop=0.5, max_params_ratio=0.9)

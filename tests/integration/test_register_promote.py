@@ -67,7 +67,14 @@ def _chain(work: Path, threshold: float) -> Path:
     if not (prepared / "meta.json").exists():
         preprocess.run(DataConfig(), raw_dir=work / "raw", prepared_dir=prepared)
     if not (trained / "switched.pt").exists():
-        cfg = TrainConfig(epochs=4, batch_size=128, snn_hidden=8, target_ratio=0.5, device="cpu")
+        cfg = TrainConfig(
+            epochs=4,
+            batch_size=128,
+            snn_hidden=8,
+            target_ratio=0.5,
+            tnn_steps_per_snn_step=1,
+            device="cpu",
+        )
         train.run(
             cfg,
             model_cfg=ModelConfig(hidden=(32, 16)),

@@ -22,6 +22,7 @@ def run(
     evaluate_path: Path,
     params: dict[str, Any],
     tracking_uri: str | None = None,
+    git_commit: str | None = None,
 ) -> dict[str, Any]:
     """Log params, metrics, kept widths, data hash and commit; register the model; set the alias.
 
@@ -35,6 +36,8 @@ def run(
         params: Every parameter section, logged as ``section.key`` params.
         tracking_uri: MLflow tracking URI (default: ``MLFLOW_TRACKING_URI``, else the embedded
             SQLite store).
+        git_commit: The commit the code came from, when the caller knows it (a Kubeflow run
+            has no git checkout); by default it is asked of ``git`` in the working directory.
 
     Returns:
         ``model_name``, ``version``, ``run_id``, ``model_uri``, ``alias``, ``changed``,
@@ -56,7 +59,8 @@ def run(
     metrics = {k: float(v) for k, v in report.items() if isinstance(v, int | float)}
     metrics.update({f"width_{g}": float(w["kept"]) for g, w in widths.items()})
     data_md5 = str(report.get("data_md5", ""))
-    tags = {"data_md5": data_md5, **_git_state()}
+    git = {"git_commit": git_commit} if git_commit is not None else _git_state()
+    tags = {"data_md5": data_md5, **git}
     example = load_split(prepared_dir, "test").tensors[0][:4].numpy()
     result = registry.log_and_register(
         tracking_uri=uri,

@@ -1,0 +1,43 @@
+"""Component ``evaluate``: accuracy, size, MACs and latency of the unpruned and compacted nets."""
+
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
+
+from components.image import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def evaluate(
+    evaluate: dict,
+    prepared: Input[Dataset],
+    trained: Input[Model],
+    compact: Input[Model],
+    report: Output[Artifact],
+    metrics: Output[Metrics],
+) -> None:
+    """Measure the models on the test split.
+
+    Args:
+        evaluate: The ``evaluate`` section of ``params.yaml``.
+        prepared: Output of ``preprocess``.
+        trained: Output of ``train``.
+        compact: Output of ``prune``.
+        report: Output: the whole evaluation report as JSON (``evaluate.json``).
+        metrics: Output: the report's numbers.
+    """
+    from pathlib import Path
+
+    from switchprune.config import EvaluateConfig, from_struct
+    from switchprune.io import write_json
+    from switchprune.stages import evaluate as stage
+
+    out = stage.run(
+        from_struct(EvaluateConfig, evaluate),
+        prepared_dir=Path(prepared.path),
+        trained_dir=Path(trained.path),
+        model_dir=Path(compact.path),
+    )
+    write_json(out, Path(report.path))
+    for key, value in out.items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            metrics.log_metric(key, value)

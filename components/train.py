@@ -1,0 +1,42 @@
+"""Component ``train``: the task network with its switcher (and the baseline)."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from components.image import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def train(
+    model: dict,
+    train: dict,
+    prepared: Input[Dataset],
+    trained: Output[Model],
+    metrics: Output[Metrics],
+) -> None:
+    """Train the switched task network and, with ``train.baseline``, the plain one.
+
+    Args:
+        model: The ``model`` section of ``params.yaml``.
+        train: The ``train`` section of ``params.yaml``.
+        prepared: Output of ``preprocess``.
+        trained: Output: ``switched.pt`` and ``baseline.pt``.
+        metrics: Output: validation accuracy, reached compression, time per epoch.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from switchprune.config import ModelConfig, TrainConfig, from_struct
+    from switchprune.stages import train as stage
+
+    out = stage.run(
+        from_struct(TrainConfig, train),
+        model_cfg=from_struct(ModelConfig, model),
+        prepared_dir=Path(prepared.path),
+        trained_dir=Path(trained.path),
+        checkpoint_dir=Path(tempfile.mkdtemp(prefix="switchprune-checkpoints-")),
+        progress=False,
+    )
+    for key, value in out.items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            metrics.log_metric(key, value)

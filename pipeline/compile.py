@@ -1,0 +1,134 @@
+"""Compile the Kubeflow pipeline: ``python pipeline/compile.py [--params P] [--out pipeline.yaml]``.
+
+Validates ``params.yaml`` (every section, the way each stage does), reads the raw data's DVC
+identity (the default remote's ``url`` in ``.dvc/config`` and the hash in
+``data/raw/<dataset>.dvc``) and the current git commit, and writes the pipeline and platform
+specs (two YAML documents) with ``kfp.compiler.Compiler``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import configparser
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: make the project's packages importable
+    sys.path.insert(0, str(ROOT))
+
+import yaml  # noqa: E402
+from kfp import compiler  # noqa: E402
+
+from pipeline.pipeline import build_pipeline  # noqa: E402
+from switchprune.config import ConfigError, DataConfig, load_params  # noqa: E402
+from switchprune.data import source_dir  # noqa: E402
+
+
+def dvc_remote_url(root: Path = ROOT) -> str:
+    """The ``url`` of the default DVC remote named in ``<root>/.dvc/config``.
+
+    Raises:
+        ConfigError: If there is no default remote or it has no ``url``.
+    """
+    path = root / ".dvc" / "config"
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read_string(path.read_text(encoding="utf-8"))
+    except (OSError, configparser.Error) as exc:
+        raise ConfigError(f"cannot read the DVC config {path}: {exc}") from exc
+    name = parser.get("core", "remote", fallback="").strip()
+    # DVC writes section names as ['remote "storage"'] (configobj quoting).
+    sections = {s.strip().removeprefix("'").removesuffix("'"): s for s in parser.sections()}
+    section = sections.get(f'remote "{name}"')
+    if not name or section is None or not parser.get(section, "url", fallback=""):
+        raise ConfigError(f"{path}: no default DVC remote with a url ('dvc remote add -d')")
+    return parser.get(section, "url").strip()
+
+
+def data_version(data: DataConfig, root: Path = ROOT) -> tuple[Path, str]:
+    """The ``.dvc`` file of the configured dataset's raw data and the hash it records.
+
+    Returns:
+        ``(path, md5)``; ``md5`` is empty when the dataset is not tracked by DVC.
+
+    Raises:
+        ConfigError: If the ``.dvc`` file exists but records no hash.
+    """
+    path = root / source_dir(data, Path(data.raw_dir)).with_suffix(".dvc")
+    if not path.is_file():
+        return path, ""
+    try:
+        md5 = str(yaml.safe_load(path.read_text(encoding="utf-8"))["outs"][0]["md5"])
+    except (yaml.YAMLError, KeyError, IndexError, TypeError) as exc:
+        raise ConfigError(f"{path}: no 'outs[0].md5' in this DVC file") from exc
+    return path, md5
+
+
+def git_commit(root: Path = ROOT) -> str:
+    """The commit checked out in ``root``, or ``unknown``."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
+def compile_pipeline(params_path: Path, out_path: Path, root: Path = ROOT) -> Path:
+    """Validate the parameters and write the compiled pipeline.
+
+    Args:
+        params_path: The parameter file.
+        out_path: Where the compiled pipeline (YAML) goes.
+        root: The project root (``.dvc/config``, ``data/raw/*.dvc``, git).
+
+    Returns:
+        ``out_path``.
+
+    Raises:
+        ConfigError: If a parameter, the DVC config or the data's ``.dvc`` file is invalid.
+    """
+    params = load_params(params_path)
+    dvc_file, md5 = data_version(params["data"], root)
+    if not md5:
+        print(
+            f"compile: warning: {dvc_file} not found: the preprocess task will prepare "
+            f"{params['data'].dataset!r} from its source, not from a DVC-versioned copy",
+            file=sys.stderr,
+        )
+    pipeline_func = build_pipeline(
+        params, dvc_remote=dvc_remote_url(root), data_md5=md5, git_commit=git_commit(root)
+    )
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(pipeline_func, package_path=str(out_path))
+    return out_path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Compile; print one line, and return 2 on a bad parameter or config."""
+    parser = argparse.ArgumentParser(
+        prog="pipeline/compile.py", description="Compile the Kubeflow pipeline from params.yaml."
+    )
+    parser.add_argument("--params", default="params.yaml", help="(default: %(default)s)")
+    parser.add_argument("--out", default="pipeline.yaml", help="(default: %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        out = compile_pipeline(Path(args.params), Path(args.out))
+    except ConfigError as exc:
+        print(f"compile: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    print(f"compiled the pipeline into {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""The Kubeflow pipeline: the six stages of ``dvc.yaml``, wired. No logic lives here.
+
+The ``kubeflow`` section of ``params.yaml`` shapes the compiled YAML (resources, GPU placement,
+secrets, retries). Every other section becomes a ``dict`` pipeline parameter whose default is
+that section as validated from ``params.yaml`` at compile time, so a run can override any
+section without recompiling and no field list is written twice.
+"""
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from components.evaluate import evaluate as evaluate_op
+from components.preprocess import preprocess as preprocess_op
+from components.promote import promote as promote_op
+from components.prune import prune as prune_op
+from components.register import register as register_op
+from components.train import train as train_op
+from kfp import dsl, kubernetes
+
+from switchprune.config import ConfigError, KubeflowConfig, from_dict, to_dict
+
+PIPELINE_NAME = "switchprune"
+# The params.yaml sections passed to the tasks as dict parameters (kubeflow is compile-time).
+SECTIONS = ("data", "model", "train", "prune", "evaluate", "register", "promote")
+S3_ENV = ("SWITCHPRUNE_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+MLFLOW_ENV = ("MLFLOW_TRACKING_URI",)
+MLFLOW_OPTIONAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
+def section_parameter(cfg: Any) -> dict[str, Any]:
+    """A validated config as the value of a ``dict`` pipeline parameter.
+
+    KFP parameters cannot carry ``null``: such keys are left out, and the stage's
+    :func:`~switchprune.config.from_dict` gives them their default, which must then be ``None``.
+
+    Raises:
+        ConfigError: If leaving out a ``null`` key would change the config.
+    """
+    value = {k: v for k, v in to_dict(cfg).items() if v is not None}
+    if from_dict(type(cfg), value) != cfg:
+        raise ConfigError(f"{type(cfg).__name__}: a null value that is not the default")
+    return value
+
+
+def _resources(task: dsl.PipelineTask, kube: KubeflowConfig, *, train: bool = False) -> None:
+    """CPU and memory requests and limits of one task."""
+    task.set_cpu_request(kube.cpu_request).set_memory_request(kube.memory_request)
+    task.set_cpu_limit(kube.train_cpu_limit if train else kube.cpu_limit)
+    task.set_memory_limit(kube.train_memory_limit if train else kube.memory_limit)
+
+
+def _s3(task: dsl.PipelineTask, kube: KubeflowConfig) -> None:
+    """The S3 endpoint and credentials, from the S3 secret, as environment variables."""
+    kubernetes.use_secret_as_env(task, kube.s3_secret, {key: key for key in S3_ENV})
+
+
+def _mlflow(task: dsl.PipelineTask, kube: KubeflowConfig) -> None:
+    """The MLflow server (and its optional login) from the MLflow secret.
+
+    MLflow's own S3 client also gets the endpoint of the S3 secret, for tracking servers that
+    let clients write artifacts to S3 directly instead of proxying them.
+    """
+    kubernetes.use_secret_as_env(task, kube.mlflow_secret, {key: key for key in MLFLOW_ENV})
+    kubernetes.use_secret_as_env(
+        task, kube.mlflow_secret, {key: key for key in MLFLOW_OPTIONAL_ENV}, optional=True
+    )
+    kubernetes.use_secret_as_env(
+        task, kube.s3_secret, {"SWITCHPRUNE_S3_ENDPOINT": "MLFLOW_S3_ENDPOINT_URL"}
+    )
+
+
+def _gpu(task: dsl.PipelineTask, kube: KubeflowConfig) -> None:
+    """Accelerator, node selector and tolerations of the ``train`` task."""
+    if kube.gpu_count > 0:
+        task.set_accelerator_type(kube.gpu_type).set_accelerator_limit(kube.gpu_count)
+    for key, value in kube.node_selector.items():
+        kubernetes.add_node_selector(task, label_key=key, label_value=value)
+    for toleration in kube.tolerations:
+        kubernetes.add_toleration(task, **toleration)
+
+
+def build_pipeline(
+    params: Mapping[str, Any], *, dvc_remote: str, data_md5: str, git_commit: str = "unknown"
+) -> Callable[..., Any]:
+    """The pipeline function for validated parameters.
+
+    Args:
+        params: Validated configs by section, as returned by
+            :func:`switchprune.config.load_params` (needs ``kubeflow`` and every stage section).
+        dvc_remote: Default of the ``dvc_remote`` parameter: the DVC remote holding the raw data.
+        data_md5: Default of the ``data_md5`` parameter: the DVC hash of the raw data version.
+        git_commit: Default of the ``git_commit`` parameter, tagged on the MLflow run.
+
+    Returns:
+        The ``@dsl.pipeline`` function, to compile or to run with ``kfp.local``.
+    """
+    kube: KubeflowConfig = params["kubeflow"]
+    defaults = {name: section_parameter(params[name]) for name in SECTIONS}
+
+    @dsl.pipeline(
+        name=PIPELINE_NAME,
+        description="Train a task network with a switcher network, compact it, evaluate it, "
+        "register it in MLflow and promote it to S3 (the stages of dvc.yaml).",
+    )
+    def switchprune(
+        data: dict = defaults["data"],
+        model: dict = defaults["model"],
+        train: dict = defaults["train"],
+        prune: dict = defaults["prune"],
+        evaluate: dict = defaults["evaluate"],
+        register: dict = defaults["register"],
+        promote: dict = defaults["promote"],
+        dvc_remote: str = dvc_remote,
+        data_md5: str = data_md5,
+        git_commit: str = git_commit,
+    ) -> None:
+        prepared = preprocess_op(data=data, dvc_remote=dvc_remote, data_md5=data_md5)
+        prepared.set_caching_options(True).set_retry(kube.retries)
+        _s3(prepared, kube)
+
+        trained = train_op(model=model, train=train, prepared=prepared.outputs["prepared"])
+        trained.set_caching_options(True)
+        _gpu(trained, kube)
+
+        compacted = prune_op(prune=prune, trained=trained.outputs["trained"])
+        compacted.set_caching_options(True)
+
+        evaluated = evaluate_op(
+            evaluate=evaluate,
+            prepared=prepared.outputs["prepared"],
+            trained=trained.outputs["trained"],
+            compact=compacted.outputs["compact"],
+        )
+        evaluated.set_caching_options(True)
+
+        registered = register_op(
+            register=register,
+            data=data,
+            model=model,
+            train=train,
+            prune=prune,
+            evaluate=evaluate,
+            promote=promote,
+            git_commit=git_commit,
+            prepared=prepared.outputs["prepared"],
+            compact=compacted.outputs["compact"],
+            report=evaluated.outputs["report"],
+        )
+        registered.set_caching_options(False).set_retry(kube.retries)
+        _s3(registered, kube)
+        _mlflow(registered, kube)
+
+        promoted = promote_op(promote=promote, registration=registered.outputs["registration"])
+        promoted.set_caching_options(False).set_retry(kube.retries)
+        _s3(promoted, kube)
+        _mlflow(promoted, kube)
+
+        for task in (prepared, compacted, evaluated, registered, promoted):
+            _resources(task, kube)
+        _resources(trained, kube, train=True)
+
+    return switchprune
+
+
+__all__ = ["PIPELINE_NAME", "SECTIONS", "build_pipeline", "section_parameter"]
