@@ -104,6 +104,14 @@ class _Process:
         except ProcessLookupError:
             pass
 
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
 
 def _port_open(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -167,14 +175,6 @@ class S3Server(_Process):
     def __enter__(self) -> S3Server:
         return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
 
 class MlflowServer(_Process):
     """``mlflow server`` on 127.0.0.1 with a SQLite backend and artifacts in S3 (or a folder)."""
@@ -228,14 +228,6 @@ class MlflowServer(_Process):
 
     def __enter__(self) -> MlflowServer:
         return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 __all__ = [
