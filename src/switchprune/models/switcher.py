@@ -151,10 +151,36 @@ class Switcher(nn.Module):
                 x = self._encode_rows(g, modules, grad_through_tnn)
                 pos = torch.full((g.size, 1), position, device=x.device, dtype=x.dtype)
                 x = torch.cat([torch.relu(x), pos], dim=1)
+            elif grad_through_tnn:
+                x = unit_statistics(g, modules, position, grad=True)
             else:
-                x = unit_statistics(g, modules, position, grad_through_tnn)
+                x = self._cached_statistics(model, g, modules, position)
             out[g.name] = self.head(x).squeeze(1)
         return out
+
+    def _cached_statistics(
+        self, model: TaskNet, g: GateGroup, modules: dict[str, nn.Module], position: float
+    ) -> torch.Tensor:
+        """Detached unit statistics, recomputed only when the task network's tensors changed.
+
+        An SNN step and the factors computed right after it read the same TNN weights; the
+        tensors' version counters (bumped by every in-place update, such as an optimiser step)
+        tell when they differ.
+        """
+        tensors = [
+            t
+            for name in (*g.writers, *(n for n in g.norms if n), *g.readers)
+            for t in modules[name].parameters(recurse=False)
+        ]
+        key = (id(model), tuple((id(t), t._version) for t in tensors))
+        cache: dict[str, tuple[Any, torch.Tensor]] = self.__dict__.setdefault("_stats_cache", {})
+        hit = cache.get(g.name)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        with torch.no_grad():
+            x = unit_statistics(g, modules, position, grad=False)
+        cache[g.name] = (key, x)
+        return x
 
     def _encode_rows(self, g: GateGroup, modules: dict[str, nn.Module], grad: bool) -> torch.Tensor:
         total: torch.Tensor | None = None
@@ -185,6 +211,14 @@ def _weight(module: nn.Module, grad: bool) -> torch.Tensor:
     return _param(w, grad)
 
 
+def _row_std(w: torch.Tensor) -> torch.Tensor:
+    """Sample standard deviation of each row; ``Tensor.std`` is ~10x slower on the CPU."""
+    if w.shape[1] < 2:
+        return torch.zeros_like(w[:, 0])
+    centred = w - w.mean(1, keepdim=True)
+    return (centred.pow(2).sum(1) / (w.shape[1] - 1) + 1e-12).sqrt()
+
+
 def _zscore(x: torch.Tensor) -> torch.Tensor:
     """Standardise each column across the units of a layer (a stable scale while training)."""
     if x.shape[0] < 2:
@@ -205,7 +239,7 @@ def unit_statistics(
         w = _weight(layer, grad).flatten(1)
         cols = [
             w.mean(1),
-            w.std(1) if w.shape[1] > 1 else torch.zeros_like(w[:, 0]),
+            _row_std(w),
             w.abs().mean(1),
             w.pow(2).sum(1).sqrt(),
             w.abs().amax(1),
