@@ -43,7 +43,6 @@ from switchprune.evaluation import (
     accuracy_from_logits,
     count_macs,
     count_params,
-    measure_latency_ms,
     predict_logits,
 )
 from switchprune.models import TaskNet, build_model, spec_from_config
@@ -268,20 +267,42 @@ def ones_like_groups(model: TaskNet) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------------------------
 
 
-def measure(model: nn.Module, data: dict[str, Any], repeats: int) -> dict[str, float]:
-    """Accuracy, size, MACs and latency of a model on the test split."""
-    x, y = data["test"].tensors
-    in_shape = data["meta"].in_shape
+def measure(model: nn.Module, data: dict[str, Any]) -> dict[str, float]:
+    """Accuracy, size and MACs of a model on the test split."""
+    _x, y = data["test"].tensors
     cpu = torch.device("cpu")
     return {
         "accuracy": accuracy_from_logits(predict_logits(model, data["test"], cpu), y),
         "params": float(count_params(model)),
-        "macs": float(count_macs(model, in_shape)),
-        "latency_ms_b1": measure_latency_ms(model, in_shape, 1, cpu, warmup=5, repeats=repeats),
-        "latency_ms_b256": measure_latency_ms(
-            model, in_shape, 256, cpu, warmup=2, repeats=max(3, repeats // 3)
-        ),
+        "macs": float(count_macs(model, data["meta"].in_shape)),
     }
+
+
+@torch.no_grad()
+def interleaved_latency(
+    models: dict[str, nn.Module], in_shape: tuple[int, ...], repeats: int
+) -> dict[str, dict[str, float]]:
+    """Median forward time of each model at batch 1 and 256, measured round-robin.
+
+    Timing the models in turns, in the same process and moment, keeps drifts of the machine
+    (frequency, caches, allocator state) out of the ratios.
+    """
+    out: dict[str, dict[str, float]] = {name: {} for name in models}
+    for batch, rounds in ((1, repeats), (256, max(5, repeats // 3))):
+        x = torch.randn(batch, *in_shape, generator=torch.Generator().manual_seed(0))
+        times: dict[str, list[float]] = {name: [] for name in models}
+        for model in models.values():
+            model.eval()
+            for _ in range(3):  # warm-up
+                model(x)
+        for _ in range(rounds):
+            for name, model in models.items():
+                started = time.perf_counter()
+                model(x)
+                times[name].append((time.perf_counter() - started) * 1000.0)
+        for name in models:
+            out[name][f"latency_ms_b{batch}"] = statistics.median(times[name])
+    return out
 
 
 def run_cell(
@@ -295,7 +316,8 @@ def run_cell(
     plain = fit(
         spec, data["train"], None, train_config(epochs, seed, arch), switched=False, progress=False
     )
-    base = measure(plain.model, data, repeats)
+    base = measure(plain.model, data)
+    timed: dict[str, nn.Module] = {"unpruned": plain.model}
     base["epoch_seconds"] = plain.metrics["epoch_seconds"]
     results["unpruned"] = base
 
@@ -305,15 +327,16 @@ def run_cell(
     assert ours.factors is not None
     kept = threshold_factors(ours.factors, PruneConfig())
     small = compact(ours.model, ours.factors, kept)
+    timed["ours"] = timed["ours+ft"] = small
     results["ours"] = {
-        **measure(small, data, repeats),
+        **measure(small, data),
         "epoch_seconds": ours.metrics["epoch_seconds"],
         "widths": kept_widths(kept),
         "full_widths": ours.model.group_sizes(),
     }
     ft_seconds = train_plain(small, data["train"], finetune, lr=LEARNING_RATES[arch] / 5, seed=seed)
     results["ours+ft"] = {
-        **measure(small, data, repeats),
+        **measure(small, data),
         "epoch_seconds": ours.metrics["epoch_seconds"],
         "finetune_seconds": sum(ft_seconds),
     }
@@ -367,8 +390,9 @@ def run_cell(
         keep = keep_global(scores, costs, metric, targets[metric])
         pruned = compact(slim, slim_factors, keep)
         train_plain(pruned, data["train"], finetune, lr=LEARNING_RATES[arch] / 5, seed=seed)
+        timed[f"slimming@{metric}"] = pruned
         results[f"slimming@{metric}"] = {
-            **measure(pruned, data, repeats),
+            **measure(pruned, data),
             "epoch_seconds": statistics.median(slim_seconds),
         }
 
@@ -378,10 +402,13 @@ def run_cell(
         keep = keep_uniform(scores, costs, metric, targets[metric])
         pruned = compact(plain.model, ones_like_groups(plain.model), keep)
         train_plain(pruned, data["train"], finetune, lr=LEARNING_RATES[arch] / 5, seed=seed)
+        timed[f"l1norm@{metric}"] = pruned
         results[f"l1norm@{metric}"] = {
-            **measure(pruned, data, repeats),
+            **measure(pruned, data),
             "epoch_seconds": base["epoch_seconds"],
         }
+    for name, latency in interleaved_latency(timed, meta.in_shape, repeats).items():
+        results[name].update(latency)
     return results
 
 
