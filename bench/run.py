@@ -592,27 +592,46 @@ def plot(summary: dict[str, Any], cells: list[dict[str, Any]], out: Path) -> lis
     import matplotlib.pyplot as plt
 
     written = []
+    colours = {
+        "unpruned": "black",
+        "ours": "tab:blue",
+        "ours+ft": "tab:cyan",
+        "slimming": "tab:orange",
+        "l1norm": "tab:green",
+    }
     for ds, rows in summary.items():
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for name, r in rows.items():
-            arch, method = name.split(" / ")
-            marker = {"mlp": "o", "lenet5": "s", "vgg": "^"}.get(arch, "x")
-            ax.errorbar(
-                r["macs"][0],
-                100 * r["accuracy"][0],
-                yerr=100 * r["accuracy"][1],
-                marker=marker,
-                linestyle="none",
-                label=name,
-            )
-        ax.set_xscale("log")
-        ax.set_xlabel("MACs per sample")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title(f"{ds}: accuracy against MACs")
-        ax.legend(fontsize=6, ncol=2)
+        archs = sorted({name.split(" / ")[0] for name in rows}, key=list(ARCHS).index)
+        fig, axes = plt.subplots(1, len(archs), figsize=(4.2 * len(archs), 4), squeeze=False)
+        for ax, arch in zip(axes[0], archs, strict=True):
+            mine = {n.split(" / ")[1]: r for n, r in rows.items() if n.startswith(f"{arch} / ")}
+            # Zoom on the useful range; a collapsed result is drawn on the floor with its value.
+            floor = 100 * mine["unpruned"]["accuracy"][0] - 5
+            for method, r in mine.items():
+                acc, sd = 100 * r["accuracy"][0], 100 * r["accuracy"][1]
+                colour = colours.get(method, colours[method.split("@")[0]])
+                marker = "o" if "@params" in method or "@" not in method else "s"
+                if acc < floor:
+                    ax.plot(r["macs"][0], floor, marker="v", color=colour, linestyle="none")
+                    ax.annotate(f"{acc:.0f}%", (r["macs"][0], floor), fontsize=7)
+                else:
+                    ax.errorbar(
+                        r["macs"][0],
+                        acc,
+                        yerr=sd,
+                        marker=marker,
+                        color=colour,
+                        linestyle="none",
+                        label=method,
+                    )
+            ax.set_ylim(bottom=floor - 0.5)
+            ax.set_xscale("log")
+            ax.set_xlabel("MACs per sample")
+            ax.set_title(f"{ds} / {arch}")
+            ax.legend(fontsize=7)
+        axes[0][0].set_ylabel("test accuracy (%)")
         fig.tight_layout()
         path = out / f"accuracy_vs_macs_{ds}.png"
-        fig.savefig(path, dpi=120)
+        fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path.name)
     for cell in cells:
