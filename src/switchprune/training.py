@@ -257,8 +257,15 @@ def fit(
                 assert snn is not None and opt_s is not None
                 elapsed = (epoch - cfg.warmup_epochs + i / n) / (switch_end - cfg.warmup_epochs)
                 target = ramped_target(cfg.target_ratio, elapsed, cfg.ramp_fraction)
-                _snn_step(tnn, snn, state, cfg, x, y, opt_s, loss_fn, costs, full_cost, target)
+                stats = _snn_step(
+                    tnn, snn, state, cfg, x, y, opt_s, loss_fn, costs, full_cost, target
+                )
+                # The next TNN steps use the updated switcher's factors; its statistics of the
+                # (unchanged) task network are reused rather than recomputed.
                 cached = None
+                if cfg.detach_factors and stats is not None:
+                    with torch.no_grad():
+                        cached = snn(tnn, stats=stats)
         if losses and not math.isfinite(statistics.fmean(losses)):
             raise RuntimeError(
                 f"training diverged at epoch {epoch + 1} (the task loss is not finite): "
@@ -387,9 +394,16 @@ def _snn_step(
     costs: CostModel,
     full_cost: float,
     target: float,
-) -> None:
+) -> dict[str, torch.Tensor] | None:
+    """One SGD step of the switcher.
+
+    Returns:
+        The unit statistics it read: still valid after the step, since the task network did
+        not change.
+    """
     with _FrozenTNN(tnn):
-        scores = snn.scores(tnn)
+        stats = snn.statistics(tnn)
+        scores = snn.scores(tnn, stats=stats)
         if cfg.compression == "target":
             # The offset is the budget line: the lowest-scored units are off, so that the kept
             # cost meets the (ramped) target exactly. The switcher learns which units score low.
@@ -410,6 +424,7 @@ def _snn_step(
         loss.backward()
         opt.step()
         tnn.set_factors(None)
+    return stats
 
 
 @torch.no_grad()

@@ -100,9 +100,14 @@ class Switcher(nn.Module):
         # Budget offset subtracted from every score; set by the training controller, 0 otherwise.
         self.register_buffer("offset", torch.zeros(()))
 
-    def forward(self, model: TaskNet, grad_through_tnn: bool = False) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        model: TaskNet,
+        grad_through_tnn: bool = False,
+        stats: dict[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Factors for every gate group of ``model``: the score, or 0 at or below the offset."""
-        return {k: self.gate(v) for k, v in self.scores(model, grad_through_tnn).items()}
+        return {k: self.gate(v) for k, v in self.scores(model, grad_through_tnn, stats).items()}
 
     def gate(self, scores: torch.Tensor) -> torch.Tensor:
         """Factors from scores: exactly 0 at or below the offset (but for a group's top unit).
@@ -131,13 +136,19 @@ class Switcher(nn.Module):
             kept = torch.where(above, scores, scores.clamp(min=MIN_FACTOR))
         return torch.where(on, kept, torch.zeros_like(scores))
 
-    def scores(self, model: TaskNet, grad_through_tnn: bool = False) -> dict[str, torch.Tensor]:
+    def scores(
+        self,
+        model: TaskNet,
+        grad_through_tnn: bool = False,
+        stats: dict[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Pre-activation scores for every gate group of ``model`` (factor = ``ReLU(score)``).
 
         Args:
             model: The task network whose weights are read.
             grad_through_tnn: Keep the graph into the task network's weights (otherwise they
                 are read detached).
+            stats: Precomputed :meth:`statistics` of ``model`` as it is now (``stats`` input).
 
         Returns:
             One score vector per group name.
@@ -151,36 +162,29 @@ class Switcher(nn.Module):
                 x = self._encode_rows(g, modules, grad_through_tnn)
                 pos = torch.full((g.size, 1), position, device=x.device, dtype=x.dtype)
                 x = torch.cat([torch.relu(x), pos], dim=1)
-            elif grad_through_tnn:
-                x = unit_statistics(g, modules, position, grad=True)
+            elif stats is not None:
+                x = stats[g.name]
             else:
-                x = self._cached_statistics(model, g, modules, position)
+                x = unit_statistics(g, modules, position, grad_through_tnn)
             out[g.name] = self.head(x).squeeze(1)
         return out
 
-    def _cached_statistics(
-        self, model: TaskNet, g: GateGroup, modules: dict[str, nn.Module], position: float
-    ) -> torch.Tensor:
-        """Detached unit statistics, recomputed only when the task network's tensors changed.
+    @torch.no_grad()
+    def statistics(self, model: TaskNet) -> dict[str, torch.Tensor] | None:
+        """Detached per-unit inputs of the head (``stats`` input only; ``None`` for ``rows``).
 
-        An SNN step and the factors computed right after it read the same TNN weights; the
-        tensors' version counters (bumped by every in-place update, such as an optimiser step)
-        tell when they differ.
+        They depend on the task network's weights alone, so one computation serves every
+        :meth:`scores` call until the task network changes (an SNN step and the factors
+        computed right after it).
         """
-        tensors = [
-            t
-            for name in (*g.writers, *(n for n in g.norms if n), *g.readers)
-            for t in modules[name].parameters(recurse=False)
-        ]
-        key = (id(model), tuple((id(t), t._version) for t in tensors))
-        cache: dict[str, tuple[Any, torch.Tensor]] = self.__dict__.setdefault("_stats_cache", {})
-        hit = cache.get(g.name)
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        with torch.no_grad():
-            x = unit_statistics(g, modules, position, grad=False)
-        cache[g.name] = (key, x)
-        return x
+        if self.spec.input == "rows":
+            return None
+        modules = dict(model.named_modules())
+        depth = len(model.groups)
+        return {
+            g.name: unit_statistics(g, modules, i / max(1, depth - 1), grad=False)
+            for i, g in enumerate(model.groups)
+        }
 
     def _encode_rows(self, g: GateGroup, modules: dict[str, nn.Module], grad: bool) -> torch.Tensor:
         total: torch.Tensor | None = None
