@@ -136,3 +136,26 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# The keys that reports/evaluate.json must hold, spelled exactly so (the core issue's contract).
+EVALUATE_REPORT_KEYS = {
+    "test_accuracy",
+    "gated_accuracy",
+    "baseline_accuracy",
+    "params_before",
+    "params_after",
+    "macs_before",
+    "macs_after",
+    "max_abs_logit_diff",
+    "latency_ms_before_b1",
+    "latency_ms_after_b1",
+    "latency_ms_before_b256",
+    "latency_ms_after_b256",
+}
+
+
+@pytest.fixture
+def report_keys() -> set[str]:
+    """The keys every evaluation report must hold."""
+    return set(EVALUATE_REPORT_KEYS)

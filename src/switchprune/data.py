@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from switchprune.config import DataConfig
+from switchprune.io import file_digest
 
 DATASETS: tuple[str, ...] = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "idx")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -350,24 +351,16 @@ def dvc_md5(path: Path) -> str:
     """
     path = Path(path)
     if path.is_file():
-        return _md5_file(path)
+        return file_digest(path, "md5")
     if not path.is_dir():
         raise DataError(f"cannot hash {path}: no such file or directory")
     entries = [
-        {"md5": _md5_file(f), "relpath": f.relative_to(path).as_posix()}
+        {"md5": file_digest(f, "md5"), "relpath": f.relative_to(path).as_posix()}
         for f in path.rglob("*")
         if f.is_file()
     ]
     entries.sort(key=lambda e: e["relpath"])
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"
-
-
-def _md5_file(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _prepare_idx_dir(cfg: DataConfig, idx_dir: Path) -> _Prepared:

@@ -6,6 +6,7 @@ so an interrupted run never leaves a half-written file, and read with ``weights_
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -21,6 +22,12 @@ COMPACT_FILE = "model.pt"
 
 class ArtifactError(RuntimeError):
     """A file is missing, corrupt or not what it claims to be."""
+
+
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes, read in chunks (``md5`` is what DVC records)."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, algorithm).hexdigest()
 
 
 def atomic_write_bytes(path: Path, write: Any) -> None:

@@ -22,7 +22,6 @@ Stages are not used (deprecated in MLflow); aliases are.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -50,6 +49,8 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
+
+from switchprune.io import file_digest
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_ARTIFACT_ROOT = "mlruns"
@@ -162,14 +163,6 @@ def _redact(uri: str) -> str:
 
 def _is_http(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _short(exc: BaseException) -> str:
@@ -557,7 +550,7 @@ def download_model_version(tracking_uri: str, ref: ModelRef, out_dir: Path) -> d
                     f"(nothing under {EXTRA_FILES_DIR}/)"
                 )
             expected = info["tags"].get(SHA_TAG)
-            if expected and MODEL_FILE in files and _sha256(got / MODEL_FILE) != expected:
+            if expected and MODEL_FILE in files and file_digest(got / MODEL_FILE) != expected:
                 raise RegistryError(
                     f"version {info['version']} of {ref.name!r}: downloaded {MODEL_FILE} does "
                     f"not match its {SHA_TAG} tag"
@@ -719,7 +712,7 @@ def log_and_register(
             raise RegistryError(f"file name {name!r} must be a plain file name")
         if not Path(path).is_file():
             raise RegistryError(f"file {name!r} not found at {path}")
-    sha = _sha256(Path(files[MODEL_FILE]))
+    sha = file_digest(Path(files[MODEL_FILE]))
     check_reachable(tracking_uri)
     shown = _redact(tracking_uri)
 

@@ -41,6 +41,8 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
+from switchprune.io import file_digest
+
 logger = logging.getLogger(__name__)
 
 ENDPOINT_ENV = "SWITCHPRUNE_S3_ENDPOINT"
@@ -204,8 +206,7 @@ def sha256_file(path: Path) -> str:
         StorageError: If the file cannot be read.
     """
     try:
-        with open(path, "rb") as fh:
-            return hashlib.file_digest(fh, "sha256").hexdigest()
+        return file_digest(path)
     except OSError as exc:
         raise StorageError(f"cannot read {path}: {exc.strerror or exc}") from exc
 
@@ -510,7 +511,7 @@ def download_dvc_version(client: Any, remote_url: str, md5: str, out_dir: Path) 
                 raise StorageError(f"DVC listing {md5} has an unsafe entry {relpath!r}")
             target.parent.mkdir(parents=True, exist_ok=True)
             _download(client, loc.bucket, key(digest), target)
-            got = hashlib.md5(target.read_bytes()).hexdigest()
+            got = file_digest(target, "md5")
             if got != digest:
                 raise StorageError(f"{_uri(loc.bucket, key(digest))}: md5 {got}, expected {digest}")
         if out_dir.exists():

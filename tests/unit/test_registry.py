@@ -17,7 +17,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from switchprune import registry
-from switchprune.io import save_model
+from switchprune.io import file_digest, save_model
 from switchprune.models import ModelSpec, TaskNet, build_model
 from switchprune.registry import ModelRef, RegistryError, parse_model_ref
 from switchprune.servers import free_port
@@ -111,7 +111,7 @@ def test_log_and_register_creates_version_with_alias_and_metadata(
     assert run.data.params["model.hidden"] == "[8, 4]"
     assert run.data.params["seed"] == "0"
     assert run.data.metrics == {"test_accuracy": 0.93, "params_ratio": 0.5, "kept.fc1": 6.0}
-    sha = registry._sha256(registered["files"]["model.pt"])
+    sha = file_digest(registered["files"]["model.pt"])
     assert run.data.tags["data_md5"] == TAGS["data_md5"]
     assert run.data.tags["model_sha256"] == sha
 
