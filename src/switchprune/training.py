@@ -29,7 +29,7 @@ from switchprune.config import TrainConfig, to_dict
 from switchprune.cost import CostModel
 from switchprune.io import load_torch, save_torch
 from switchprune.models import ModelSpec, TaskNet, build_model
-from switchprune.models.switcher import Switcher, SwitcherSpec
+from switchprune.models.switcher import Switcher, SwitcherSpec, kept_count
 
 
 def resolve_device(name: str) -> torch.device:
@@ -159,7 +159,9 @@ def fit(
     snn: Switcher | None = None
     if switched:
         mode = "budget" if cfg.compression == "target" else "relu"
-        snn = Switcher(SwitcherSpec.for_model(tnn, cfg.snn_input, cfg.snn_hidden, mode)).to(device)
+        snn = Switcher(
+            SwitcherSpec.for_model(tnn, cfg.snn_input, cfg.snn_hidden, mode, cfg.width_multiple)
+        ).to(device)
     costs = CostModel(tnn)
     full_cost = float(costs.cost(cfg.target_metric))
     opt_t = torch.optim.SGD(
@@ -224,7 +226,7 @@ def fit(
                             # Freeze exactly on budget: the final widths meet the target.
                             budget = cfg.target_ratio * full_cost
                             offset = budget_offset(
-                                snn.scores(tnn), costs, cfg.target_metric, budget
+                                snn.scores(tnn), costs, cfg.target_metric, budget, snn.spec.multiple
                             )
                             snn.offset.fill_(offset)
                         state["frozen"] = {k: v.detach() for k, v in snn(tnn).items()}
@@ -314,7 +316,11 @@ def fit(
                 # No fixed phase (too few epochs): still end exactly on budget, since the TNN
                 # steps after the last SNN step move the scores across the line.
                 budget = cfg.target_ratio * full_cost
-                snn.offset.fill_(budget_offset(snn.scores(tnn), costs, cfg.target_metric, budget))
+                snn.offset.fill_(
+                    budget_offset(
+                        snn.scores(tnn), costs, cfg.target_metric, budget, snn.spec.multiple
+                    )
+                )
             final = _current_factors(tnn, snn, state, "fixed" if state["frozen"] else "switch")
             assert final is not None
             final = {k: v.detach().cpu() for k, v in final.items()}
@@ -407,7 +413,11 @@ def _snn_step(
         if cfg.compression == "target":
             # The offset is the budget line: the lowest-scored units are off, so that the kept
             # cost meets the (ramped) target exactly. The switcher learns which units score low.
-            snn.offset.fill_(budget_offset(scores, costs, cfg.target_metric, target * full_cost))
+            snn.offset.fill_(
+                budget_offset(
+                    scores, costs, cfg.target_metric, target * full_cost, snn.spec.multiple
+                )
+            )
         factors = {k: snn.gate(v) for k, v in scores.items()}
         # Forward: exact zeros for units that are off. Backward: straight through for them, so
         # the task loss can raise a unit back above the line when it would help.
@@ -429,16 +439,23 @@ def _snn_step(
 
 @torch.no_grad()
 def budget_offset(
-    scores: dict[str, torch.Tensor], costs: CostModel, metric: str, budget: float
+    scores: dict[str, torch.Tensor],
+    costs: CostModel,
+    metric: str,
+    budget: float,
+    multiple: int = 1,
 ) -> float:
     """The lowest offset at which the units with ``score > offset`` cost at most ``budget``.
 
-    Every group keeps at least one unit. Found by bisection over the sorted scores.
+    Every group keeps at least one unit, and its width is rounded as :func:`kept_count` does
+    for ``multiple``. Found by bisection over the sorted scores.
     """
     flat = torch.cat([v.detach().flatten() for v in scores.values()]).sort().values
 
     def fits(offset: float) -> bool:
-        widths = {k: max(1, int((v > offset).sum())) for k, v in scores.items()}
+        widths = {
+            k: kept_count(int((v > offset).sum()), v.numel(), multiple) for k, v in scores.items()
+        }
         return float(costs.cost(metric, widths)) <= budget
 
     below_all = float(flat[0]) - 1.0

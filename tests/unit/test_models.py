@@ -247,3 +247,19 @@ def test_counts_agree_with_cost_model_and_torch_pruning(arch, tiny_net, in_shape
             bn_ops += 2 * in_numel[m]
     assert ours_total == macs
     assert flops == macs + bias_adds + bn_ops
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 28, 28), (2, 5, 7, 9), (3, 2, 3, 4), (1, 1, 2, 2)])
+def test_max_pool2x2_matches_max_pool2d_values_and_gradients(shape):
+    from switchprune.models.base import max_pool2x2
+
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    ours = max_pool2x2(x)
+    ref = nn.functional.max_pool2d(x, 2)
+    assert ours.shape == ref.shape
+    assert torch.equal(ours, ref)
+    # Continuous random inputs have no ties, so the gradient goes to the same single maximum.
+    weights = torch.randn(ref.shape, generator=torch.Generator().manual_seed(6))
+    (g_ours,) = torch.autograd.grad((ours * weights).sum(), x)
+    (g_ref,) = torch.autograd.grad((ref * weights).sum(), x)
+    assert torch.equal(g_ours, g_ref)

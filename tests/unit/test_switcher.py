@@ -7,7 +7,14 @@ import torch
 from torch import nn
 
 from switchprune.models import ARCHS, TaskNet
-from switchprune.models.switcher import MIN_FACTOR, N_STATS, Switcher, SwitcherSpec, unit_statistics
+from switchprune.models.switcher import (
+    MIN_FACTOR,
+    N_STATS,
+    Switcher,
+    SwitcherSpec,
+    kept_count,
+    unit_statistics,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -240,3 +247,44 @@ def test_factors_drive_the_task_network_gates(tiny_net):
     assert off.any()
     assert (hidden[0][:, off] == 0).all()
     assert isinstance(model.fc1, nn.Linear)
+
+
+@pytest.mark.parametrize(
+    ("above", "size", "multiple", "expected"),
+    [
+        (0, 10, 1, 1),  # never empty
+        (7, 10, 1, 7),
+        (0, 64, 8, 8),  # at least one multiple
+        (11, 64, 8, 8),  # nearest multiple, down
+        (12, 64, 8, 16),  # halfway rounds up
+        (61, 64, 8, 64),
+        (3, 5, 8, 5),  # a group narrower than the multiple stays whole
+        (299, 300, 8, 296),  # never wider than the group
+    ],
+)
+def test_kept_count_rounds_to_the_nearest_multiple(above, size, multiple, expected):
+    assert kept_count(above, size, multiple) == expected
+
+
+def test_budget_gate_keeps_multiples_of_the_width_multiple():
+    snn = Switcher(SwitcherSpec(mode="budget", multiple=8))
+    scores = torch.randn(64, generator=torch.Generator().manual_seed(4))
+    for offset in (-10.0, -0.5, 0.0, 0.7, 1.5, 10.0):
+        snn.offset.fill_(offset)
+        factors = snn.gate(scores)
+        on = factors > 0
+        above = int((scores > offset).sum())
+        assert int(on.sum()) == kept_count(above, 64, 8)
+        assert int(on.sum()) % 8 == 0
+        # The kept units are the best scored ones.
+        if bool((~on).any()):
+            assert float(scores[on].min()) > float(scores[~on].max())
+        assert float(factors[on].mean()) == pytest.approx(1.0)
+
+
+def test_spec_multiple_round_trips_and_defaults_to_one():
+    spec = SwitcherSpec(mode="budget", multiple=8)
+    assert SwitcherSpec.from_dict(spec.to_dict()) == spec
+    legacy = spec.to_dict()
+    del legacy["multiple"]
+    assert SwitcherSpec.from_dict(legacy).multiple == 1

@@ -388,6 +388,34 @@ def test_target_mode_reaches_the_macs_ratio_on_a_conv_net() -> None:
     assert 0.2 <= reached <= 0.3 + 1e-9
 
 
+def test_width_multiple_gives_hardware_friendly_widths_within_the_budget() -> None:
+    result = run(make_cfg(epochs=3, target_ratio=0.3, width_multiple=8), VGG_SPEC)
+    assert result.factors is not None and result.switcher is not None
+    assert result.switcher.spec.multiple == 8
+    widths = {k: int((v > 0).sum()) for k, v in result.factors.items()}
+    assert all(w % 8 == 0 for w in widths.values()), widths
+    assert widths != VGG_SPEC.widths
+    assert result.metrics["train_params_ratio"] <= 0.3 + 1e-9
+
+
+@pytest.mark.parametrize("metric", ["params", "macs"])
+def test_budget_offset_with_a_width_multiple_meets_the_budget(metric: str) -> None:
+    tnn = build_model(VGG_SPEC)
+    costs = CostModel(tnn)
+    g = torch.Generator().manual_seed(7)
+    scores = {k: torch.randn(w, generator=g) for k, w in VGG_SPEC.widths.items()}
+    budget = 0.3 * float(costs.cost(metric))
+    offset = budget_offset(scores, costs, metric, budget, multiple=8)
+    switcher = Switcher(SwitcherSpec(mode="budget", multiple=8))
+    switcher.offset.fill_(offset)
+    widths = {k: int((switcher.gate(v) > 0).sum()) for k, v in scores.items()}
+    assert all(w % 8 == 0 for w in widths.values()), widths
+    assert float(costs.cost(metric, widths)) <= budget
+    # Without the multiple, the same budget gives other (odd) widths.
+    plain = budget_offset(scores, costs, metric, budget)
+    assert {k: max(1, int((v > plain).sum())) for k, v in scores.items()} != widths
+
+
 def test_tiny_target_keeps_one_unit_per_group() -> None:
     result = run(make_cfg(target_ratio=0.01))
     assert result.factors is not None

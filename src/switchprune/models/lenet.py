@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from switchprune.models.base import Gate, GateGroup, ModelSpec, TaskNet, conv_out
+from switchprune.models.base import Gate, GateGroup, ModelSpec, TaskNet, conv_out, max_pool2x2
 
 
 def default_widths() -> dict[str, int]:
@@ -40,7 +40,7 @@ class LeNet5(TaskNet):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for a batch of images."""
-        x = nn.functional.max_pool2d(self.gate1(self.conv1(x)), 2)
-        x = nn.functional.max_pool2d(self.gate2(self.conv2(x)), 2)
+        x = max_pool2x2(self.gate1(self.conv1(x)))
+        x = max_pool2x2(self.gate2(self.conv2(x)))
         x = torch.relu(self.gate3(self.fc1(x.flatten(1))))
         return self.classifier(x)

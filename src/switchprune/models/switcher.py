@@ -41,12 +41,15 @@ class SwitcherSpec:
         hidden: Hidden width of the shared head.
         mode: ``relu`` (the switcher's own zeros) or ``budget`` (a target sets the line).
         row_lengths: For ``rows``: length of each writer's incoming row, by writer name.
+        multiple: ``budget`` mode keeps a multiple of this many units per group (see
+            :func:`kept_count`).
     """
 
     input: str = "stats"
     hidden: int = 32
     row_lengths: tuple[tuple[str, int], ...] = ()
     mode: str = "relu"
+    multiple: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         """A ``weights_only``-safe mapping."""
@@ -55,16 +58,25 @@ class SwitcherSpec:
             "hidden": self.hidden,
             "row_lengths": dict(self.row_lengths),
             "mode": self.mode,
+            "multiple": self.multiple,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SwitcherSpec:
         """Inverse of :meth:`to_dict`."""
         rows = tuple((str(k), int(v)) for k, v in data.get("row_lengths", {}).items())
-        return cls(str(data["input"]), int(data["hidden"]), rows, str(data.get("mode", "relu")))
+        return cls(
+            str(data["input"]),
+            int(data["hidden"]),
+            rows,
+            str(data.get("mode", "relu")),
+            int(data.get("multiple", 1)),
+        )
 
     @classmethod
-    def for_model(cls, model: TaskNet, input: str, hidden: int, mode: str = "relu") -> SwitcherSpec:
+    def for_model(
+        cls, model: TaskNet, input: str, hidden: int, mode: str = "relu", multiple: int = 1
+    ) -> SwitcherSpec:
         """The spec of a switcher for ``model``."""
         modules = dict(model.named_modules())
         rows: list[tuple[str, int]] = []
@@ -73,7 +85,19 @@ class SwitcherSpec:
                 for writer, norm in zip(g.writers, g.norms, strict=True):
                     w = modules[writer].weight
                     rows.append((writer, w[0].numel() + (2 if norm else 0)))
-        return cls(input, hidden, tuple(rows), mode)
+        return cls(input, hidden, tuple(rows), mode, multiple)
+
+
+def kept_count(above: int, size: int, multiple: int) -> int:
+    """How many units a ``budget``-mode group keeps when ``above`` of them score above the line.
+
+    The count is rounded to the nearest multiple of ``multiple`` (at least one multiple, at most
+    the whole group), so that compacted layers get widths that vectorised kernels handle well.
+    """
+    if multiple <= 1:
+        return min(size, max(1, above))
+    rounded = max(multiple, (above + multiple // 2) // multiple * multiple)
+    return min(size, rounded)
 
 
 class Switcher(nn.Module):
@@ -124,6 +148,11 @@ class Switcher(nn.Module):
         if scores.numel():
             top[scores.argmax()] = True
         on = above | top
+        if self.spec.mode == "budget" and self.spec.multiple > 1 and scores.numel():
+            # The width is rounded to the multiple: the best-scored units fill it.
+            count = kept_count(int(above.sum()), scores.numel(), self.spec.multiple)
+            on = torch.zeros_like(above)
+            on[torch.argsort(scores.detach(), descending=True, stable=True)[:count]] = True
         if self.spec.mode == "budget":
             kept = torch.exp(scores.clamp(max=10.0) - 1.0)
             # Kept factors average 1 in each group: the switcher decides which units matter

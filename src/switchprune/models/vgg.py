@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from switchprune.models.base import Gate, GateGroup, ModelSpec, TaskNet, scaled
+from switchprune.models.base import Gate, GateGroup, ModelSpec, TaskNet, max_pool2x2, scaled
 
 LAYOUTS: dict[str, list[int | str]] = {
     "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
@@ -76,7 +76,7 @@ class VGG(TaskNet):
         """Logits for a batch of images."""
         for step in self.plan:
             if step == "M":
-                x = nn.functional.max_pool2d(x, 2)
+                x = max_pool2x2(x)
             else:
                 conv, bn, gate = (getattr(self, f"{p}{step}") for p in ("conv", "bn", "gate"))
                 x = torch.relu(gate(bn(conv(x))))

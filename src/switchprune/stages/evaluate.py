@@ -17,6 +17,7 @@ from switchprune.evaluation import (
     count_params,
     measure_latency_ms,
     predict_logits,
+    retain_freed_memory,
     state_dict_bytes,
 )
 from switchprune.io import COMPACT_FILE
@@ -92,6 +93,7 @@ def run(
         logits = predict_logits(baseline, test, device, cfg.batch_size)
         report["baseline_accuracy"] = accuracy_from_logits(logits, labels)
         report["accuracy_drop"] = report["baseline_accuracy"] - report["test_accuracy"]
+    retain_freed_memory()  # steady forward times (see its docstring)
     for batch in (1, 256):
         for tag, model in (("before", full), ("after", small)):
             report[f"latency_ms_{tag}_b{batch}"] = measure_latency_ms(
