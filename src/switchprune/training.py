@@ -382,7 +382,7 @@ def _tnn_step(
     loss.backward()
     opt.step()
     tnn.set_factors(None)
-    if snn is not None:
+    if snn is not None and not cfg.detach_factors:
         for p in snn.parameters():
             p.requires_grad_(True)
     return float(loss.detach())

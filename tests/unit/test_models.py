@@ -263,3 +263,18 @@ def test_max_pool2x2_matches_max_pool2d_values_and_gradients(shape):
     (g_ours,) = torch.autograd.grad((ours * weights).sum(), x)
     (g_ref,) = torch.autograd.grad((ref * weights).sum(), x)
     assert torch.equal(g_ours, g_ref)
+
+
+def test_copied_network_gates_its_own_units(tiny_net, in_shapes):
+    import copy
+
+    model = tiny_net("vgg11")
+    model.set_factors(None)  # the gate list is looked up (and kept) before the copy
+    clone = copy.deepcopy(model)
+    assert all(a is not b for a, b in zip(model.gates(), clone.gates(), strict=True))
+    assert {id(g) for g in clone.gates()} == {id(m) for m in clone.modules() if isinstance(m, Gate)}
+    clone.set_factors({g.name: torch.zeros(g.size) for g in clone.groups})
+    x = _batch(in_shapes["vgg11"])
+    with torch.no_grad():
+        assert not torch.equal(model(x), clone(x))
+        assert all(g.factors is None for g in model.gates())

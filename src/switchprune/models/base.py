@@ -110,7 +110,13 @@ class TaskNet(nn.Module):
 
     def gates(self) -> list[Gate]:
         """All gate modules, in forward order."""
-        return [m for m in self.modules() if isinstance(m, Gate)]
+        # Looked up once: factors are set twice per training step, and walking the module
+        # tree each time is a noticeable share of a small network's step.
+        found = self.__dict__.get("_gates")
+        if found is None:
+            found = [m for m in self.modules() if isinstance(m, Gate)]
+            self.__dict__["_gates"] = found
+        return found
 
     def set_factors(self, factors: dict[str, torch.Tensor] | None) -> None:
         """Attach one factor vector per group (``None`` removes all gates' effect)."""
