@@ -437,15 +437,20 @@ def download_promoted(client: Any, s3_uri: str, model_name: str, out_dir: Path) 
 
 
 def restore_manifest(
-    client: Any, s3_uri: str, model_name: str, previous: dict[str, Any] | None
+    client: Any,
+    s3_uri: str,
+    model_name: str,
+    previous: dict[str, Any] | None,
+    remove: list[str] | tuple[str, ...] = (),
 ) -> None:
     """Put back the manifest that was current before a promotion (or remove it if none was).
 
     Used when a step after the manifest (moving the registry alias) fails, so that the S3 copy
-    and the registry keep naming the same version.
+    and the registry keep naming the same version. The objects that promotion uploaded
+    (``remove``, keys in the same bucket) are deleted after the manifest no longer names them.
 
     Raises:
-        StorageError: If the manifest cannot be written or removed.
+        StorageError: If the manifest cannot be written or removed, or an object not deleted.
     """
     loc = parse_s3_uri(s3_uri)
     key = loc.key(model_name, MANIFEST_NAME)
@@ -457,6 +462,11 @@ def restore_manifest(
             client.put_object(Bucket=loc.bucket, Key=key, Body=body, ContentType="application/json")
     except Exception as exc:
         raise _storage_error(client, f"restoring {_uri(loc.bucket, key)}", exc) from exc
+    for stale in remove:
+        try:
+            client.delete_object(Bucket=loc.bucket, Key=stale)
+        except Exception as exc:
+            raise _storage_error(client, f"removing {_uri(loc.bucket, stale)}", exc) from exc
 
 
 def download_dvc_version(client: Any, remote_url: str, md5: str, out_dir: Path) -> Path:

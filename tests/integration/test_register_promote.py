@@ -290,6 +290,8 @@ def test_alias_failure_after_the_manifest_puts_the_previous_manifest_back(
     _register(stack, 0.05)
     manifest = stack.model_root / "current.json"
     before = manifest.read_bytes()
+    champion_files = _tree_digest(stack.model_root / "v1")
+    assert champion_files
 
     def refuse(*_args: object, **_kwargs: object) -> None:
         raise registry.RegistryError("alias could not be set")
@@ -304,3 +306,7 @@ def test_alias_failure_after_the_manifest_puts_the_previous_manifest_back(
         )
     assert json.loads(manifest.read_bytes()) == json.loads(before)
     assert registry.get_alias_version(stack.mlflow.uri, NAME, "champion")["version"] == 1
+    # The objects of the version that did not become champion are gone; the champion's remain.
+    left = set(_tree_digest(stack.model_root))
+    assert left == {"current.json"} | {f"v1/{name}" for name in champion_files}
+    assert _tree_digest(stack.model_root / "v1") == champion_files

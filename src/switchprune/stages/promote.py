@@ -63,7 +63,8 @@ def run(
 
     Order matters for consumers: the version's files are uploaded and verified, the manifest
     ``current.json`` is written last, and only then does the alias move. A failure at any
-    point leaves the previous manifest and alias as they were. Promoting the current champion
+    point leaves the previous manifest and alias as they were, and removes the objects this
+    call uploaded. Promoting the current champion
     again writes nothing.
 
     Args:
@@ -118,9 +119,16 @@ def run(
             registry.set_alias(uri, name, cfg.alias, version)
         except registry.RegistryError:
             # The manifest is already current; put the previous one back so S3 and the
-            # registry keep naming the same champion.
+            # registry keep naming the same champion, and remove what this call uploaded.
             if result["changed"]:
-                storage.restore_manifest(client, cfg.s3_uri, name, previous)
+                uploaded = set(result["uploaded"])
+                storage.restore_manifest(
+                    client,
+                    cfg.s3_uri,
+                    name,
+                    previous,
+                    remove=[e["key"] for e in result["files"] if e["name"] in uploaded],
+                )
             raise
     changed = bool(result["changed"]) or moved
     if not changed:
