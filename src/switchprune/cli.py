@@ -7,6 +7,7 @@ the stage with explicit paths and writes the returned metrics to ``reports/<verb
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -191,6 +192,10 @@ def _submit(args: argparse.Namespace) -> int:
     return subprocess.run(argv, cwd=Path.cwd(), check=False).returncode
 
 
+# Set to 1 to get the traceback of an error instead of its one-line message.
+DEBUG_VARIABLE = "SWITCHPRUNE_DEBUG"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one stage; print one readable line and return 2 on a user-facing error."""
     args = build_parser().parse_args(argv)
@@ -206,6 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         fn = COMMANDS[args.command][0]
         metrics: dict[str, Any] = fn(args)
     except (ConfigError, DataError, ArtifactError, RuntimeError, ValueError) as exc:
+        if os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
+            raise  # the whole traceback, for a bug rather than a bad input
         # One line, whatever the message holds (YAML and torch errors span several lines).
         message = " ".join(_ANSI.sub("", str(exc)).split())
         print(f"switchprune {args.command}: error: {message}", file=sys.stderr)

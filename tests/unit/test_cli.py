@@ -147,6 +147,20 @@ def test_bad_parameter_is_one_line_exit_2_and_nothing_written(
     assert tree(tmp_path) == ["params.yaml"]  # no reports/, models/, checkpoints/, data/
 
 
+def test_debug_variable_shows_the_whole_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from switchprune.config import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path, {"prune": {"threshold": -1}})
+    monkeypatch.setenv(cli.DEBUG_VARIABLE, "1")
+    with pytest.raises(ConfigError, match="threshold"):
+        cli.main(["prune"])
+    monkeypatch.setenv(cli.DEBUG_VARIABLE, "0")
+    assert cli.main(["prune"]) == 2
+
+
 @pytest.mark.parametrize("verb", ["preprocess", "train", "prune", "evaluate"])
 def test_parameters_are_checked_before_the_stage_starts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, verb: str
