@@ -48,9 +48,9 @@ from switchprune.evaluation import (
     predict_logits,
     retain_freed_memory,
 )
-from switchprune.models import TaskNet, build_model, spec_from_config
+from switchprune.models import ModelSpec, TaskNet, build_model, spec_from_config
 from switchprune.pruning import compact, kept_widths, threshold_factors
-from switchprune.training import budget_offset, fit
+from switchprune.training import FitResult, budget_offset, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS: dict[str, ModelConfig] = {
@@ -313,6 +313,16 @@ def interleaved_latency(
     return out
 
 
+def train_ours(
+    spec: ModelSpec, data: dict[str, Any], cfg: TrainConfig
+) -> tuple[FitResult, dict[str, torch.Tensor], TaskNet]:
+    """Ours: switched training, thresholding and compaction; the fit, kept units and model."""
+    result = fit(spec, data["train"], None, cfg, switched=True, progress=False)
+    assert result.factors is not None
+    kept = threshold_factors(result.factors, PruneConfig())
+    return result, kept, compact(result.model, result.factors, kept)
+
+
 def run_cell(
     data: dict[str, Any], arch: str, seed: int, epochs: int, finetune: int, repeats: int
 ) -> dict[str, dict[str, Any]]:
@@ -329,12 +339,7 @@ def run_cell(
     base["epoch_seconds"] = plain.metrics["epoch_seconds"]
     results["unpruned"] = base
 
-    ours = fit(
-        spec, data["train"], None, train_config(epochs, seed, arch), switched=True, progress=False
-    )
-    assert ours.factors is not None
-    kept = threshold_factors(ours.factors, PruneConfig())
-    small = compact(ours.model, ours.factors, kept)
+    ours, kept, small = train_ours(spec, data, train_config(epochs, seed, arch))
     timed["ours"] = small  # ours+ft is the same module, fine-tuned in place: timed once
     results["ours"] = {
         **measure(small, data),
@@ -349,21 +354,13 @@ def run_cell(
         "finetune_seconds": sum(ft_seconds),
     }
     if WIDTH_MULTIPLES[arch] > 1:
-        odd = fit(
-            spec,
-            data["train"],
-            None,
-            train_config(epochs, seed, arch, width_multiple=1),
-            switched=True,
-            progress=False,
+        odd, odd_kept, timed["ours-w1"] = train_ours(
+            spec, data, train_config(epochs, seed, arch, width_multiple=1)
         )
-        assert odd.factors is not None
-        kept = threshold_factors(odd.factors, PruneConfig())
-        timed["ours-w1"] = compact(odd.model, odd.factors, kept)
         results["ours-w1"] = {
             **measure(timed["ours-w1"], data),
             "epoch_seconds": odd.metrics["epoch_seconds"],
-            "widths": kept_widths(kept),
+            "widths": kept_widths(odd_kept),
         }
 
     costs = CostModel(build_model(spec))
@@ -456,17 +453,7 @@ def run_ablation(
     """One ablation variant of ours on one dataset, TNN and seed."""
     meta = data["meta"]
     spec = spec_from_config(ARCHS[arch], meta.in_shape, meta.num_classes)
-    res = fit(
-        spec,
-        data["train"],
-        None,
-        train_config(epochs, seed, arch, **ABLATIONS[name]),
-        switched=True,
-        progress=False,
-    )
-    assert res.factors is not None
-    kept = threshold_factors(res.factors, PruneConfig())
-    small = compact(res.model, res.factors, kept)
+    res, _kept, small = train_ours(spec, data, train_config(epochs, seed, arch, **ABLATIONS[name]))
     x, y = data["test"].tensors
     return {
         "accuracy": accuracy_from_logits(
