@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,3 +161,15 @@ EVALUATE_REPORT_KEYS = {
 def report_keys() -> set[str]:
     """The keys every evaluation report must hold."""
     return set(EVALUATE_REPORT_KEYS)
+
+
+@pytest.fixture(scope="session")
+def project_files() -> list[str]:
+    """The project's files, relative to its root: committed, staged or new but not ignored."""
+    return subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()

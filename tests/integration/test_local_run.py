@@ -47,17 +47,10 @@ def _run(args: list[str], cwd: Path, **extra: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def project(tmp_path_factory: pytest.TempPathFactory, project_files: list[str]) -> Path:
     """A git repository with the project's files (as committed or staged) and tiny settings."""
     dst = tmp_path_factory.mktemp("repo")
-    listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    for rel in listed:
+    for rel in project_files:
         if rel.startswith(("reports/", "tests/")) or rel == "dvc.lock":
             continue
         if not (ROOT / rel).is_file():

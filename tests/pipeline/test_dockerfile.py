@@ -391,7 +391,7 @@ def test_dockerignore_keeps_out(path: str) -> None:
 # --- the tag: one place, used by make image ------------------------------------------------------
 
 
-def test_image_tag_is_named_once() -> None:
+def test_image_tag_is_named_once(project_files: list[str]) -> None:
     tag = image_tag()
     assert re.fullmatch(r"[a-z0-9.-]+(/[a-z0-9._-]+)+:[A-Za-z0-9._-]+", tag), tag
     # Import it as the components do.
@@ -401,13 +401,7 @@ def test_image_tag_is_named_once() -> None:
     finally:
         sys.path.remove(str(ROOT))
     assert tag == IMAGE
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
+    files = project_files
     repo = tag.rsplit(":", 1)[0]
     # Tests may compare against IMAGE; everything that builds, runs or documents must not copy it.
     named = [
