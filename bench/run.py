@@ -1,36 +1,33 @@
-"""``make bench``: the switcher against the methods a user would pick instead, in one run.
+"""``make bench``: does the switcher earn its place? Ours with each scorer against the baselines.
 
-For every dataset, task network and seed, with the same data, epochs and fine-tuning budget:
+On MNIST (the official 10,000 test images, split 8,000 / 2,000 with a fixed seed), for every
+TNN, target and seed, with the same data, epochs and fine-tuning budget:
 
 - ``unpruned``: the plain TNN;
-- ``ours``: alternating SNN/TNN training, thresholded, compacted (``ours+ft``: then fine-tuned);
-  where the TNN's kept widths are multiples (``WIDTH_MULTIPLES``), ``ours-w1`` is the same
-  without them;
-- ``slimming@params`` / ``slimming@macs``: Network Slimming (L1 on BN γ, or on a learnable
-  per-unit scale where a layer has no BatchNorm), a global threshold placed so that the pruned
-  net has the parameters (or MACs) ours reached, compaction, fine-tuning;
-- ``l1norm@params`` / ``l1norm@macs``: L1-norm filter pruning of the trained plain TNN (the
-  smallest-norm units of every layer, one keep ratio for all layers, set to match ours),
-  compaction, fine-tuning.
+- ``ours`` with each scorer (``switcher``, ``magnitude``, ``random``): the same schedule
+  (budget line, ramp, alternation, compaction), only the source of the unit scores differs;
+- ``slimming`` and ``l1norm``: Network Slimming and L1-norm filter pruning with Torch-Pruning's
+  own pruners (``bench/baselines.py``), matched to the same params or MACs target;
+- each pruned model as it is and after the same fine-tuning (``+ft``).
 
-Ablations of the switcher's open choices run on one dataset and TNN. Results go to
-``reports/bench/``: ``results.json``, ``results.md`` and plots.
+Then the paper's claims: the no-penalty mode's compression, and ``compression: auto`` on a
+narrow and a wide MLP and on digits against MNIST. ``results.json`` holds one record per run;
+``results.md`` the tables and the verdict, computed from those records.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,32 +35,42 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from switchprune.config import DataConfig, ModelConfig, PruneConfig, TrainConfig
-from switchprune.cost import CostModel
-from switchprune.data import load_meta, load_split, prepare_data
-from switchprune.evaluation import (
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from baselines import prune_to_target, slimming_importance, train_sgd, train_slimming  # noqa: E402
+
+from switchprune.config import DataConfig, ModelConfig, PruneConfig, TrainConfig  # noqa: E402
+from switchprune.data import load_meta, load_split, prepare_data  # noqa: E402
+from switchprune.evaluation import (  # noqa: E402
     accuracy_from_logits,
     count_macs,
     count_params,
     predict_logits,
     retain_freed_memory,
 )
-from switchprune.models import ModelSpec, TaskNet, build_model, spec_from_config
-from switchprune.pruning import compact, kept_widths, threshold_factors
-from switchprune.training import FitResult, budget_offset, fit
+from switchprune.models import ModelSpec, spec_from_config  # noqa: E402
+from switchprune.pruning import compact, kept_widths, threshold_factors  # noqa: E402
+from switchprune.scoring import SCORERS  # noqa: E402
+from switchprune.training import fit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS: dict[str, ModelConfig] = {
     "mlp": ModelConfig(arch="mlp", hidden=(300, 100)),
     "lenet5": ModelConfig(arch="lenet5"),
-    # A VGG sized for the CPU: vgg11 at half the width (32..256 channels). At a quarter of the
-    # width (16..128) forward time is dominated by per-layer overheads, not by MACs.
-    "vgg": ModelConfig(arch="vgg11", width_multiplier=0.5),
+    # vgg11 at a quarter of the width (16..128 channels): five seeds of every method fit the
+    # hour on 2 CPU cores.
+    "vgg": ModelConfig(arch="vgg11", width_multiplier=0.25),
 }
-# ``train.width_multiple`` of ours per TNN. CPU convolution kernels (AVX-512: 16 floats per
-# vector) run widths in multiples of 16 much faster than odd ones; the VGG is also run without it
-# (``ours-w1``) to show the effect. The small LeNet-5 layers lose accuracy at that granularity.
-WIDTH_MULTIPLES = {"mlp": 1, "lenet5": 1, "vgg": 16}
+# (metric, ratio) targets per TNN.
+TARGETS: dict[str, tuple[tuple[str, float], ...]] = {
+    "mlp": (("params", 0.3), ("params", 0.13)),
+    "lenet5": (("params", 0.3), ("params", 0.13)),
+    "vgg": (("params", 0.3), ("params", 0.13), ("macs", 0.3)),
+}
+# SGD learning rate per TNN, the same for every method (LeNet-5 has no BatchNorm and diverges
+# at the MLP's rate). Fine-tuning uses a fifth of it.
+LEARNING_RATES = {"mlp": 0.05, "lenet5": 0.01, "vgg": 0.05}
+BASELINES = ("slimming", "l1norm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,66 +78,37 @@ class Setting:
     """How much to run."""
 
     seeds: tuple[int, ...]
-    epochs: dict[str, int]
-    finetune_epochs: dict[str, int]
+    epochs: int
+    finetune_epochs: int
     archs: tuple[str, ...]
-    datasets: tuple[str, ...]
-    ablation_seeds: tuple[int, ...]
     latency_repeats: int
-    mnist_limit: int | None = None  # use only this many MNIST images (quick settings)
-    time_repro: bool = True
+    data_limit: int | None = None  # use only this many MNIST images
+    claim_seeds: tuple[int, ...] = (0, 1, 2)
+    claim_epochs: dict[str, int] = dataclasses.field(
+        default_factory=lambda: {"digits": 30, "mnist": 10}
+    )
 
 
 SETTINGS = {
-    "default": Setting(
-        seeds=(0, 1, 2),
-        epochs={"digits": 30, "mnist": 10},
-        finetune_epochs={"digits": 5, "mnist": 2},
-        archs=("mlp", "lenet5", "vgg"),
-        datasets=("digits", "mnist"),
-        ablation_seeds=(0, 1, 2),
-        latency_repeats=30,
-    ),
-    "quick": Setting(
-        seeds=(0,),
-        epochs={"digits": 6, "mnist": 2},
-        finetune_epochs={"digits": 1, "mnist": 1},
-        archs=("mlp", "lenet5", "vgg"),
-        datasets=("digits", "mnist"),
-        ablation_seeds=(0,),
-        latency_repeats=5,
-        mnist_limit=3000,
-    ),
-    "tiny": Setting(
-        seeds=(0,),
-        epochs={"digits": 2, "mnist": 1},
-        finetune_epochs={"digits": 1, "mnist": 1},
-        archs=("mlp",),
-        datasets=("digits", "mnist"),
-        ablation_seeds=(0,),
-        latency_repeats=2,
-        mnist_limit=600,
-        time_repro=False,
-    ),
-}
-
-# The switcher's configuration in the benchmark: the package defaults, one target for all nets.
-TARGET_RATIO = 0.3
-# SGD learning rate per TNN, the same for every method (LeNet-5 has no BatchNorm and no ReLU
-# after its convolutions, and diverges at the MLP's rate). Fine-tuning uses a fifth of it.
-LEARNING_RATES = {"mlp": 0.05, "lenet5": 0.01, "vgg": 0.05}
-SLIMMING_L1 = 1e-4
+    "default": Setting(seeds=(0, 1, 2, 3, 4), epochs=10, finetune_epochs=2,
+                       archs=("mlp", "lenet5", "vgg"), latency_repeats=20),
+    "quick": Setting(seeds=(0, 1), epochs=3, finetune_epochs=1, archs=("mlp", "lenet5", "vgg"),
+                     latency_repeats=3, data_limit=2000, claim_seeds=(0,),
+                     claim_epochs={"digits": 6, "mnist": 3}),
+    "tiny": Setting(seeds=(0,), epochs=1, finetune_epochs=1, archs=("mlp",),
+                    latency_repeats=1, data_limit=500, claim_seeds=(0,),
+                    claim_epochs={"digits": 2, "mnist": 1}),
+}  # fmt: skip
 
 
 def train_config(epochs: int, seed: int, arch: str, **overrides: Any) -> TrainConfig:
-    """The package defaults with the benchmark's budget, target and the TNN's learning rate."""
+    """The package defaults with the benchmark's budget and the TNN's learning rate."""
     return dataclasses.replace(
         TrainConfig(device="cpu", baseline=False),
         epochs=epochs,
         seed=seed,
-        target_ratio=TARGET_RATIO,
         tnn_lr=LEARNING_RATES[arch],
-        **{"width_multiple": WIDTH_MULTIPLES[arch], **overrides},
+        **overrides,
     )
 
 
@@ -139,17 +117,14 @@ def train_config(epochs: int, seed: int, arch: str, **overrides: Any) -> TrainCo
 # ----------------------------------------------------------------------------------------------
 
 
-def load_dataset(
-    name: str, mnist_dir: Path, work: Path, limit: int | None
-) -> dict[str, Any] | None:
-    """Prepared train/test tensors of a dataset, or ``None`` (with a note) when it is absent."""
+def load_dataset(name: str, mnist_dir: Path, work: Path, limit: int | None) -> dict[str, Any]:
+    """Prepared train/test tensors of ``digits`` or ``mnist`` (80/20 split, seed 0)."""
     out = work / name
     if name == "digits":
         cfg = DataConfig(dataset="digits", val_fraction=0.0, test_fraction=0.2)
     else:
         if not mnist_dir.is_dir():
-            print(f"bench: skipping mnist: {mnist_dir} does not exist", flush=True)
-            return None
+            raise SystemExit(f"bench: {mnist_dir} does not exist (the MNIST IDX files)")
         cfg = DataConfig(dataset="idx", idx_dir=str(mnist_dir), val_fraction=0.0, test_fraction=0.2)
     prepare_data(cfg, raw_dir=work / "raw", out_dir=out)
     meta = load_meta(out)
@@ -157,132 +132,25 @@ def load_dataset(
     if limit:
         train = TensorDataset(*(t[: int(limit * 0.8)] for t in train.tensors))
         test = TensorDataset(*(t[: int(limit * 0.2)] for t in test.tensors))
-    return {"meta": meta, "train": train, "test": test}
+    return {"name": name, "meta": meta, "train": train, "test": test}
 
 
 # ----------------------------------------------------------------------------------------------
-# Training helpers for the baselines
+# Measuring
 # ----------------------------------------------------------------------------------------------
 
 
-def train_plain(
-    model: nn.Module,
-    train: TensorDataset,
-    epochs: int,
-    *,
-    lr: float,
-    seed: int,
-    extra_loss: Callable[[], torch.Tensor] | None = None,
-    extra_params: list[nn.Parameter] | None = None,
-    batch_size: int = 64,
-) -> list[float]:
-    """SGD with momentum and a cosine schedule, as ``fit`` uses; returns seconds per epoch."""
-    torch.manual_seed(seed)
-    opt = torch.optim.SGD(
-        [
-            {"params": list(model.parameters()), "weight_decay": 5e-4},
-            {"params": extra_params or [], "weight_decay": 0.0},
-        ],
-        lr=lr,
-        momentum=0.9,
-    )
-    x_all, y_all = train.tensors
-    loss_fn = nn.CrossEntropyLoss()
-    seconds = []
-    for epoch in range(epochs):
-        started = time.perf_counter()
-        for group in opt.param_groups:
-            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
-        order = torch.randperm(
-            len(y_all), generator=torch.Generator().manual_seed(seed * 7919 + epoch)
-        )
-        model.train()
-        for i in range(0, len(y_all), batch_size):
-            idx = order[i : i + batch_size]
-            loss = loss_fn(model(x_all[idx]), y_all[idx])
-            if extra_loss is not None:
-                loss = loss + extra_loss()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        seconds.append(time.perf_counter() - started)
-    model.eval()
-    return seconds
-
-
-def slimming_scores(model: TaskNet, scales: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
-    """Per-unit importance of Network Slimming: |γ| of the BatchNorm (or of the learned scale)."""
-    modules = dict(model.named_modules())
-    out = {}
-    for g in model.groups:
-        if g.name in scales:
-            out[g.name] = scales[g.name].detach().abs()
-        else:
-            out[g.name] = torch.stack([modules[n].weight.detach().abs() for n in g.norms]).mean(0)
-    return out
-
-
-def l1norm_scores(model: TaskNet) -> dict[str, torch.Tensor]:
-    """Per-unit importance of L1-norm filter pruning: the L1 norm of the unit's incoming weights."""
-    modules = dict(model.named_modules())
-    return {
-        g.name: sum(modules[w].weight.detach().abs().flatten(1).sum(1) for w in g.writers)
-        for g in model.groups
-    }
-
-
-def keep_global(
-    scores: dict[str, torch.Tensor], costs: CostModel, metric: str, budget: float
-) -> dict[str, torch.Tensor]:
-    """Keep the globally highest-scored units whose network fits the budget (≥ 1 per layer)."""
-    offset = budget_offset(scores, costs, metric, budget)
-    kept = {}
-    for name, s in scores.items():
-        idx = torch.nonzero(s > offset).flatten()
-        kept[name] = idx if idx.numel() else torch.argmax(s).view(1)
-    return kept
-
-
-def keep_uniform(
-    scores: dict[str, torch.Tensor], costs: CostModel, metric: str, budget: float
-) -> dict[str, torch.Tensor]:
-    """Keep the same share of every layer (largest scores), the largest share that fits."""
-
-    def kept_at(ratio: float) -> dict[str, torch.Tensor]:
-        out = {}
-        for name, s in scores.items():
-            n = max(1, math.ceil(ratio * s.numel()))
-            out[name] = torch.sort(torch.argsort(-s, stable=True)[:n]).values
-        return out
-
-    lo, hi = 0.0, 1.0
-    for _ in range(30):
-        mid = (lo + hi) / 2
-        if float(costs.cost(metric, kept_widths(kept_at(mid)))) <= budget:
-            lo = mid
-        else:
-            hi = mid
-    return kept_at(lo)
-
-
-def ones_like_groups(model: TaskNet) -> dict[str, torch.Tensor]:
-    """Factors of 1 for every group (compaction without scaling)."""
-    return {g.name: torch.ones(g.size) for g in model.groups}
-
-
-# ----------------------------------------------------------------------------------------------
-# One cell: a dataset, a TNN, a seed
-# ----------------------------------------------------------------------------------------------
-
-
-def measure(model: nn.Module, data: dict[str, Any]) -> dict[str, float]:
-    """Accuracy, size and MACs of a model on the test split."""
+def measure(model: nn.Module, data: dict[str, Any], base: dict[str, float]) -> dict[str, float]:
+    """Accuracy, size and MACs of a model on the test split, with ratios to ``base``."""
     _x, y = data["test"].tensors
-    cpu = torch.device("cpu")
+    acc = accuracy_from_logits(predict_logits(model, data["test"], torch.device("cpu")), y)
+    params, macs = float(count_params(model)), float(count_macs(model, data["meta"].in_shape))
     return {
-        "accuracy": accuracy_from_logits(predict_logits(model, data["test"], cpu), y),
-        "params": float(count_params(model)),
-        "macs": float(count_macs(model, data["meta"].in_shape)),
+        "accuracy": acc,
+        "params": params,
+        "macs": macs,
+        "params_ratio": params / base["params"] if base else 1.0,
+        "macs_ratio": macs / base["macs"] if base else 1.0,
     }
 
 
@@ -296,7 +164,7 @@ def interleaved_latency(
     (frequency, caches, allocator state) out of the ratios.
     """
     out: dict[str, dict[str, float]] = {name: {} for name in models}
-    for batch, rounds in ((1, repeats), (256, max(5, repeats // 2))):
+    for batch, rounds in ((1, repeats), (256, max(3, repeats // 2))):
         x = torch.randn(batch, *in_shape, generator=torch.Generator().manual_seed(0))
         times: dict[str, list[float]] = {name: [] for name in models}
         for model in models.values():
@@ -313,455 +181,374 @@ def interleaved_latency(
     return out
 
 
-def train_ours(
+# ----------------------------------------------------------------------------------------------
+# One TNN and seed: every method at every target
+# ----------------------------------------------------------------------------------------------
+
+
+def record(
+    data: dict[str, Any],
+    arch: str,
+    seed: int,
+    method: str,
+    scorer: str | None,
+    target: tuple[str, float] | None,
+    **values: Any,
+) -> dict[str, Any]:
+    """One row of ``results.json``."""
+    return {
+        "dataset": data["name"],
+        "arch": arch,
+        "method": method,
+        "scorer": scorer,
+        "target_metric": target[0] if target else None,
+        "target_ratio": target[1] if target else None,
+        "seed": seed,
+        **values,
+    }
+
+
+def run_ours(
     spec: ModelSpec, data: dict[str, Any], cfg: TrainConfig
-) -> tuple[FitResult, dict[str, torch.Tensor], TaskNet]:
-    """Ours: switched training, thresholding and compaction; the fit, kept units and model."""
+) -> tuple[nn.Module, dict[str, int], float]:
+    """Ours: switched training, thresholding and compaction; the model, widths, epoch time."""
     result = fit(spec, data["train"], None, cfg, switched=True, progress=False)
     assert result.factors is not None
     kept = threshold_factors(result.factors, PruneConfig())
-    return result, kept, compact(result.model, result.factors, kept)
-
-
-def run_cell(
-    data: dict[str, Any], arch: str, seed: int, epochs: int, finetune: int, repeats: int
-) -> dict[str, dict[str, Any]]:
-    """Every method on one dataset, TNN and seed."""
-    meta = data["meta"]
-    spec = spec_from_config(ARCHS[arch], meta.in_shape, meta.num_classes)
-    results: dict[str, dict[str, Any]] = {}
-
-    plain = fit(
-        spec, data["train"], None, train_config(epochs, seed, arch), switched=False, progress=False
+    return (
+        compact(result.model, result.factors, kept),
+        kept_widths(kept),
+        result.metrics["epoch_seconds"],
     )
-    base = measure(plain.model, data)
-    timed: dict[str, nn.Module] = {"unpruned": plain.model}
-    base["epoch_seconds"] = plain.metrics["epoch_seconds"]
-    results["unpruned"] = base
-
-    ours, kept, small = train_ours(spec, data, train_config(epochs, seed, arch))
-    timed["ours"] = small  # ours+ft is the same module, fine-tuned in place: timed once
-    results["ours"] = {
-        **measure(small, data),
-        "epoch_seconds": ours.metrics["epoch_seconds"],
-        "widths": kept_widths(kept),
-        "full_widths": ours.model.group_sizes(),
-    }
-    ft_seconds = train_plain(small, data["train"], finetune, lr=LEARNING_RATES[arch] / 5, seed=seed)
-    results["ours+ft"] = {
-        **measure(small, data),
-        "epoch_seconds": ours.metrics["epoch_seconds"],
-        "finetune_seconds": sum(ft_seconds),
-    }
-    if WIDTH_MULTIPLES[arch] > 1:
-        odd, odd_kept, timed["ours-w1"] = train_ours(
-            spec, data, train_config(epochs, seed, arch, width_multiple=1)
-        )
-        results["ours-w1"] = {
-            **measure(timed["ours-w1"], data),
-            "epoch_seconds": odd.metrics["epoch_seconds"],
-            "widths": kept_widths(odd_kept),
-        }
-
-    costs = CostModel(build_model(spec))
-    targets = {"params": results["ours"]["params"], "macs": results["ours"]["macs"]}
-
-    # Network Slimming: L1 on the scaling factors during training.
-    torch.manual_seed(seed)
-    slim = build_model(spec)
-    scales = {
-        g.name: nn.Parameter(torch.ones(g.size))
-        for g in slim.groups
-        if all(n is None for n in g.norms)
-    }
-    modules = dict(slim.named_modules())
-    bn_weights = [modules[n].weight for g in slim.groups for n in g.norms if n is not None]
-
-    def l1() -> torch.Tensor:
-        terms = [s.abs().sum() for s in scales.values()] + [w.abs().sum() for w in bn_weights]
-        return SLIMMING_L1 * sum(terms)
-
-    # Learned scales act as gates, set anew before every forward pass (BatchNorm γ of conv nets
-    # needs no extra module).
-    def with_scales(module: nn.Module, _inputs: object) -> None:
-        slim.set_factors(
-            {
-                g.name: scales[g.name].abs() if g.name in scales else torch.ones(g.size)
-                for g in slim.groups
-            }
-        )
-
-    hook = slim.register_forward_pre_hook(with_scales)
-    slim_seconds = train_plain(
-        slim,
-        data["train"],
-        epochs,
-        lr=LEARNING_RATES[arch],
-        seed=seed,
-        extra_loss=l1,
-        extra_params=list(scales.values()),
-    )
-    hook.remove()
-    slim_factors = {
-        g.name: scales[g.name].detach().abs() if g.name in scales else torch.ones(g.size)
-        for g in slim.groups
-    }
-    slim.set_factors(None)
-    scores = slimming_scores(slim, scales)
-    for metric in ("params", "macs"):
-        keep = keep_global(scores, costs, metric, targets[metric])
-        pruned = compact(slim, slim_factors, keep)
-        train_plain(pruned, data["train"], finetune, lr=LEARNING_RATES[arch] / 5, seed=seed)
-        timed[f"slimming@{metric}"] = pruned
-        results[f"slimming@{metric}"] = {
-            **measure(pruned, data),
-            "epoch_seconds": statistics.median(slim_seconds),
-        }
-
-    # L1-norm filter pruning of the trained plain TNN.
-    scores = l1norm_scores(plain.model)
-    for metric in ("params", "macs"):
-        keep = keep_uniform(scores, costs, metric, targets[metric])
-        pruned = compact(plain.model, ones_like_groups(plain.model), keep)
-        train_plain(pruned, data["train"], finetune, lr=LEARNING_RATES[arch] / 5, seed=seed)
-        timed[f"l1norm@{metric}"] = pruned
-        results[f"l1norm@{metric}"] = {
-            **measure(pruned, data),
-            "epoch_seconds": base["epoch_seconds"],
-        }
-    for name, latency in interleaved_latency(timed, meta.in_shape, repeats).items():
-        results[name].update(latency)
-    results["ours+ft"].update({k: v for k, v in results["ours"].items() if k.startswith("latency")})
-    return results
 
 
-ABLATIONS: dict[str, dict[str, Any]] = {
-    "default (k=8)": {},
-    "k=1": {"tnn_steps_per_snn_step": 1},
-    "k=4": {"tnn_steps_per_snn_step": 4},
-    "grad_into_tnn": {"detach_factors": False},
-    "snn_input=rows": {"snn_input": "rows"},
-    "alternation=epoch, k=1": {"alternation": "epoch", "tnn_steps_per_snn_step": 1},
-    "paper: no penalty": {"compression": "none"},
-    "penalty=0.05": {"compression": "penalty", "penalty": 0.05},
-}
-
-
-def run_ablation(
-    data: dict[str, Any], arch: str, seed: int, epochs: int, name: str
-) -> dict[str, float]:
-    """One ablation variant of ours on one dataset, TNN and seed."""
-    meta = data["meta"]
+def run_tnn(
+    data: dict[str, Any], arch: str, seed: int, setting: Setting, scorers: tuple[str, ...]
+) -> list[dict[str, Any]]:
+    """Every method, target and fine-tuning variant for one TNN and seed."""
+    meta, epochs, ft = data["meta"], setting.epochs, setting.finetune_epochs
     spec = spec_from_config(ARCHS[arch], meta.in_shape, meta.num_classes)
-    res, _kept, small = train_ours(spec, data, train_config(epochs, seed, arch, **ABLATIONS[name]))
-    x, y = data["test"].tensors
-    return {
-        "accuracy": accuracy_from_logits(
-            predict_logits(small, data["test"], torch.device("cpu")), y
-        ),
-        "params_ratio": count_params(small) / count_params(res.model),
-        "macs_ratio": count_macs(small, meta.in_shape) / count_macs(res.model, meta.in_shape),
-        "epoch_seconds": res.metrics["epoch_seconds"],
-    }
+    lr = LEARNING_RATES[arch]
+    plain = fit(spec, data["train"], None, train_config(epochs, seed, arch), switched=False,
+                progress=False)  # fmt: skip
+    base = measure(plain.model, data, {})
+    rows = [record(data, arch, seed, "unpruned", None, None, **base,
+                   epoch_seconds=plain.metrics["epoch_seconds"])]  # fmt: skip
+    slim_model = train_slimming(spec, data["train"], epochs=epochs, lr=lr, seed=seed)
+    for target in TARGETS[arch]:
+        metric, ratio = target
+        timed: dict[str, nn.Module] = {"unpruned": plain.model}
+        group: dict[str, dict[str, Any]] = {}
+        for scorer in scorers:
+            cfg = train_config(epochs, seed, arch, scorer=scorer, target_metric=metric,
+                               target_ratio=ratio)  # fmt: skip
+            small, widths, seconds = run_ours(spec, data, cfg)
+            key = f"ours[{scorer}]"
+            timed[key] = small
+            group[key] = record(data, arch, seed, "ours", scorer, target,
+                                **measure(small, data, base), widths=widths,
+                                epoch_seconds=seconds)  # fmt: skip
+            tuned = copy.deepcopy(small)
+            train_sgd(tuned, data["train"], ft, lr=lr / 5, seed=seed)
+            group[key + "+ft"] = record(data, arch, seed, "ours+ft", scorer, target,
+                                        **measure(tuned, data, base))  # fmt: skip
+        for method in BASELINES:
+            trained = slim_model if method == "slimming" else plain.model
+            importance = slimming_importance(trained) if method == "slimming" else None
+            pruned = _prune(trained, importance, metric, ratio)
+            timed[method] = pruned
+            group[method] = record(data, arch, seed, method, None, target,
+                                   **measure(pruned, data, base))  # fmt: skip
+            tuned = copy.deepcopy(pruned)
+            train_sgd(tuned, data["train"], ft, lr=lr / 5, seed=seed)
+            group[method + "+ft"] = record(data, arch, seed, method + "+ft", None, target,
+                                           **measure(tuned, data, base))  # fmt: skip
+        latency = interleaved_latency(timed, meta.in_shape, setting.latency_repeats)
+        for key, row in group.items():
+            timing = latency[key.removesuffix("+ft")]
+            row.update(timing)
+            for b in (1, 256):
+                row[f"latency_speedup_b{b}"] = (
+                    latency["unpruned"][f"latency_ms_b{b}"] / timing[f"latency_ms_b{b}"]
+                )
+        rows += group.values()
+    return rows
 
 
-def time_default_repro() -> float | None:
-    """Wall time of the default ``dvc repro evaluate`` (the four model stages) in a fresh copy."""
-    files = subprocess.run(
-        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout.split()
-    with tempfile.TemporaryDirectory(prefix="switchprune-bench-") as tmp:
-        dst = Path(tmp)
-        for rel in files:
-            if (
-                rel.startswith(("reports/", "tests/"))
-                or rel == "dvc.lock"
-                or not (ROOT / rel).is_file()
-            ):
-                continue
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            (dst / rel).write_bytes((ROOT / rel).read_bytes())
-        from switchprune.data import export_digits
+def _prune(trained: nn.Module, importance: Any, metric: str, ratio: float) -> nn.Module:
+    """A pruned copy of a trained TNN, by Torch-Pruning, at the target (``l1norm`` default)."""
+    import torch_pruning as tp
 
-        export_digits(dst / "data/raw/digits")
-        env = {
-            **os.environ,
-            "DVC_NO_ANALYTICS": "1",
-            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-        }
-        subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
-        started = time.perf_counter()
-        proc = subprocess.run(
-            [str(Path(sys.executable).parent / "dvc"), "repro", "evaluate"],
-            cwd=dst,
-            env=env,
-            capture_output=True,
-            text=True,
-        )
-        elapsed = time.perf_counter() - started
-        if proc.returncode != 0:
-            print(f"bench: dvc repro failed:\n{proc.stderr[-2000:]}", flush=True)
-            return None
-        return elapsed
+    importance = importance or tp.importance.MagnitudeImportance(p=1)
+    pruned, _mode = prune_to_target(
+        copy.deepcopy(trained), importance, target_metric=metric, target_ratio=ratio
+    )
+    return pruned.eval()
 
 
 # ----------------------------------------------------------------------------------------------
-# Aggregation and reports
+# The paper's claims (b) and (c)
 # ----------------------------------------------------------------------------------------------
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
+def run_claims(datasets: dict[str, dict[str, Any]], setting: Setting) -> list[dict[str, Any]]:
+    """(b) the no-penalty mode's compression; (c) the ratio ``compression: auto`` picks."""
+    rows = []
+    cases = [
+        ("mnist", "mlp", ModelConfig(arch="mlp", hidden=(300, 100)), "none"),
+        ("mnist", "lenet5", ModelConfig(arch="lenet5"), "none"),
+        ("mnist", "mlp-narrow", ModelConfig(arch="mlp", hidden=(32, 16)), "auto"),
+        ("mnist", "mlp", ModelConfig(arch="mlp", hidden=(300, 100)), "auto"),
+        ("mnist", "mlp-wide", ModelConfig(arch="mlp", hidden=(1000, 300)), "auto"),
+        ("digits", "mlp", ModelConfig(arch="mlp", hidden=(300, 100)), "auto"),
+    ]
+    for ds, name, model_cfg, mode in cases:
+        data = datasets[ds]
+        meta = data["meta"]
+        spec = spec_from_config(model_cfg, meta.in_shape, meta.num_classes)
+        lr = LEARNING_RATES["lenet5" if model_cfg.arch == "lenet5" else "mlp"]
+        for seed in setting.claim_seeds:
+            cfg = dataclasses.replace(
+                TrainConfig(device="cpu", baseline=False),
+                epochs=setting.claim_epochs[ds],
+                seed=seed,
+                tnn_lr=lr,
+                compression=mode,
+                switch_epochs_fraction=0.8,
+            )
+            result = fit(spec, data["train"], None, cfg, switched=True, progress=False)
+            assert result.factors is not None
+            kept = threshold_factors(result.factors, PruneConfig())
+            small = compact(result.model, result.factors, kept)
+            base = {"params": float(count_params(result.model)),
+                    "macs": float(count_macs(result.model, meta.in_shape))}  # fmt: skip
+            rows.append(
+                record(data, name, seed, f"claim:{mode}", "switcher", None,
+                       **measure(small, data, base), widths=kept_widths(kept),
+                       hidden=list(model_cfg.hidden) if model_cfg.arch == "mlp" else None,
+                       reference_val_accuracy=result.metrics.get("auto_reference_accuracy"))
+            )  # fmt: skip
+            print(f"bench: claim {mode} {ds}/{name}/seed {seed}: "
+                  f"params ratio {rows[-1]['params_ratio']:.3f}, "
+                  f"{100 * rows[-1]['accuracy']:.2f}%", flush=True)  # fmt: skip
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Aggregation and the verdict
+# ----------------------------------------------------------------------------------------------
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def summarise(cells: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
-    """Per dataset and row (``arch / method``): mean ± std over seeds, ratios to unpruned."""
-    out: dict[str, dict[str, dict[str, Any]]] = {}
-    for cell in cells:
-        ds, arch = cell["dataset"], cell["arch"]
-        base = cell["methods"]["unpruned"]
-        for method, m in cell["methods"].items():
-            row = out.setdefault(ds, {}).setdefault(f"{arch} / {method}", {"runs": []})
-            row["runs"].append(
-                {
-                    "accuracy": m["accuracy"],
-                    "params": m["params"],
-                    "macs": m["macs"],
-                    "params_ratio": m["params"] / base["params"],
-                    "macs_ratio": m["macs"] / base["macs"],
-                    "latency_speedup_b1": base["latency_ms_b1"] / m["latency_ms_b1"],
-                    "latency_speedup_b256": base["latency_ms_b256"] / m["latency_ms_b256"],
-                    "train_time_ratio": m["epoch_seconds"] / base["epoch_seconds"],
-                }
-            )
-    for rows in out.values():
-        for row in rows.values():
-            for key in row["runs"][0]:
-                row[key] = mean_std([r[key] for r in row["runs"]])
+def label(row: dict[str, Any]) -> str:
+    """``ours[switcher]``, ``ours[magnitude]+ft``, ``slimming+ft``, ``unpruned``..."""
+    if row["scorer"] and row["method"].startswith("ours"):
+        return row["method"].replace("ours", f"ours[{row['scorer']}]")
+    return row["method"]
+
+
+def cells(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str, float], dict[str, list]]:
+    """Rows grouped by (dataset, arch, target metric, ratio), then by method label."""
+    out: dict[tuple[str, str, str, float], dict[str, list]] = {}
+    unpruned = [r for r in rows if r["method"] == "unpruned"]
+    for r in rows:
+        if r["target_ratio"] is None:
+            continue
+        key = (r["dataset"], r["arch"], r["target_metric"], r["target_ratio"])
+        out.setdefault(key, {}).setdefault(label(r), []).append(r)
+    for key, methods in out.items():
+        methods["unpruned"] = [u for u in unpruned if (u["dataset"], u["arch"]) == key[:2]]
     return out
 
 
-def markdown(summary: dict[str, Any], ablations: dict[str, Any], meta: dict[str, Any]) -> str:
-    """The tables of results.md."""
+def verdict(rows: list[dict[str, Any]], scorers: tuple[str, ...]) -> dict[str, Any]:
+    """The switcher against the best fixed scorer, and ours against the baselines, per cell.
+
+    ``within_sd``: the switcher's mean is at least the best fixed scorer's minus one standard
+    deviation (the larger of the two). ``better``: its mean is higher by more than two
+    standard errors of the difference.
+    """
+    out: dict[str, Any] = {"cells": []}
+    for (ds, arch, metric, ratio), methods in cells(rows).items():
+        acc = {m: [r["accuracy"] for r in rs] for m, rs in methods.items()}
+        cell: dict[str, Any] = {"dataset": ds, "arch": arch, "target_metric": metric,
+                                "target_ratio": ratio}  # fmt: skip
+        if "switcher" in scorers and len(scorers) > 1:
+            sw = acc["ours[switcher]"]
+            fixed = {s: acc[f"ours[{s}]"] for s in scorers if s != "switcher"}
+            best = max(fixed, key=lambda s: statistics.fmean(fixed[s]))
+            diff = statistics.fmean(sw) - statistics.fmean(fixed[best])
+            se = math.sqrt(_var(sw) / len(sw) + _var(fixed[best]) / len(fixed[best]))
+            sd = max(math.sqrt(_var(sw)), math.sqrt(_var(fixed[best])))
+            cell |= {"best_fixed": best, "switcher_minus_best": diff, "se": se,
+                     "within_sd": diff >= -sd, "better": diff > 2 * se}  # fmt: skip
+        unpruned = acc["unpruned"]
+        for scorer in scorers:
+            worst = min(acc[f"ours[{scorer}]"]) - statistics.fmean(unpruned)
+            cell[f"worst_seed_drop[{scorer}]"] = -worst
+            for ft in ("", "+ft"):
+                mine = statistics.fmean(acc[f"ours[{scorer}]{ft}"])
+                cell[f"beats_baselines[{scorer}]{ft}"] = all(
+                    mine > statistics.fmean(acc[b + ft]) for b in BASELINES
+                )
+        out["cells"].append(cell)
+    return out
+
+
+def _var(values: list[float]) -> float:
+    return statistics.variance(values) if len(values) > 1 else 0.0
+
+
+def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], scorers: tuple[str, ...]) -> str:
+    """The tables of results.md, every figure computed from ``rows``."""
     lines = [
         "# switchprune benchmark",
         "",
-        f"Setting `{meta['setting']}`, seeds {meta['seeds']}, epochs {meta['epochs']}, "
-        f"fine-tuning epochs {meta['finetune_epochs']}; {meta['machine']}; "
-        f"total {meta['wall_seconds'] / 60:.1f} min.",
-        "Ratios are against the unpruned TNN of the same seed (params and MACs: smaller is "
-        "better; latency speedup = unpruned / pruned median forward time, larger is better; "
-        "train time ratio = median seconds per training epoch / the unpruned TNN's). "
-        "Baselines are matched to the parameters (`@params`) or MACs (`@macs`) ours reached.",
-        f"Ours keeps widths in multiples of {meta.get('width_multiples', {})} "
-        "(`train.width_multiple`); `ours-w1` is ours without. Latency: batch 1 and 256, "
-        "channels-first float32, all models of a cell timed in turns, allocator: "
-        f"{meta.get('allocator', 'system default')}.",
+        f"Setting `{meta['setting']}`: MNIST ({meta['n_train']:,} train / {meta['n_test']:,} test "
+        f"images), seeds {meta['seeds']}, {meta['epochs']} epochs, {meta['finetune_epochs']} "
+        f"fine-tuning epochs (`+ft`); {meta['machine']}; total {meta['wall_seconds'] / 60:.1f} "
+        "min. Accuracy: mean ± sample standard deviation over seeds, of the compacted (or "
+        "pruned) model on the test split. Ratios are against the unpruned TNN of the same seed. "
+        "`ours[...]` is the same schedule with the unit scores from the learned switcher or from "
+        "the controls; `slimming` and `l1norm` are Torch-Pruning's pruners at the same target.",
         "",
     ]
-    if meta.get("repro_seconds") is not None:
+    for key, methods in cells(rows).items():
+        ds, arch, metric, ratio = key
         lines += [
-            f"Wall time of the default `dvc repro` (four model stages, digits): "
-            f"{meta['repro_seconds']:.1f} s.",
+            f"## {arch}, {metric} target {ratio}",
             "",
+            "| method | accuracy % | params ratio | MACs ratio | speedup b1 | speedup b256 |",
+            "|---|---|---|---|---|---|",
         ]
-    for ds, rows in summary.items():
+        for name, rs in methods.items():
+            acc, sd = mean_sd([100 * r["accuracy"] for r in rs])
+            pr = statistics.fmean(r["params_ratio"] for r in rs)
+            mr = statistics.fmean(r["macs_ratio"] for r in rs)
+            s1 = statistics.fmean(r.get("latency_speedup_b1", 1.0) for r in rs)
+            s256 = statistics.fmean(r.get("latency_speedup_b256", 1.0) for r in rs)
+            lines.append(f"| {name} | {acc:.2f} ± {sd:.2f} | {pr:.3f} | {mr:.3f} | {s1:.2f} "
+                         f"| {s256:.2f} |")  # fmt: skip
+        lines.append("")
+    v = verdict(rows, scorers)
+    if any("best_fixed" in c for c in v["cells"]):
         lines += [
-            f"## {ds}",
+            "## Verdict: the learned switcher against the best fixed scorer",
             "",
-            "| TNN / method | accuracy % | params | MACs | params ratio | MACs ratio "
-            "| speedup b1 | speedup b256 | train time ratio |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| TNN, target | best fixed scorer | switcher − best (points) | 2 SE | within 1 SD "
+            "| better by > 2 SE |",
+            "|---|---|---|---|---|---|",
         ]
-        for name, r in rows.items():
-            acc, acc_sd = r["accuracy"]
+        for c in v["cells"]:
             lines.append(
-                f"| {name} | {100 * acc:.2f} ± {100 * acc_sd:.2f} | {r['params'][0]:,.0f} "
-                f"| {r['macs'][0]:,.0f} | {r['params_ratio'][0]:.3f} | {r['macs_ratio'][0]:.3f} "
-                f"| {r['latency_speedup_b1'][0]:.2f} | {r['latency_speedup_b256'][0]:.2f} "
-                f"| {r['train_time_ratio'][0]:.2f} |"
+                f"| {c['arch']}, {c['target_metric']} {c['target_ratio']} | {c['best_fixed']} "
+                f"| {100 * c['switcher_minus_best']:+.2f} | {200 * c['se']:.2f} "
+                f"| {'yes' if c['within_sd'] else 'no'} | {'yes' if c['better'] else 'no'} |"
             )
         lines.append("")
-    if ablations:
+    lines += [
+        "## Ours against the Torch-Pruning baselines (mean accuracy above both)",
+        "",
+        "| TNN, target | " + " | ".join(f"{s} | {s}+ft" for s in scorers) + " |",
+        "|---|" + "---|" * (2 * len(scorers)),
+    ]
+    for c in v["cells"]:
+        marks = [
+            "yes" if c[f"beats_baselines[{s}]{ft}"] else "no" for s in scorers for ft in ("", "+ft")
+        ]
+        lines.append(f"| {c['arch']}, {c['target_metric']} {c['target_ratio']} | "
+                     + " | ".join(marks) + " |")  # fmt: skip
+    lines.append("")
+    claims = [r for r in rows if r["method"].startswith("claim:")]
+    if claims:
         lines += [
-            f"## Ablations ({ablations['dataset']} / {ablations['arch']}, "
-            "ours without fine-tuning)",
+            "## The paper's claims: compression without a target",
             "",
-            "| variant | accuracy % | params ratio | MACs ratio | epoch seconds |",
+            "`claim:none` is the paper's task-loss-only mode (no penalty, no target); "
+            "`claim:auto` is `compression: auto` (the smallest network whose validation accuracy "
+            f"stays within {TrainConfig().max_accuracy_drop:.2f} of the unpruned one in the same "
+            "run).",
+            "",
+            "| mode | data / TNN | params ratio | accuracy % | kept widths (first seed) |",
             "|---|---|---|---|---|",
         ]
-        for name, r in ablations["variants"].items():
-            lines.append(
-                f"| {name} | {100 * r['accuracy'][0]:.2f} ± {100 * r['accuracy'][1]:.2f} "
-                f"| {r['params_ratio'][0]:.3f} | {r['macs_ratio'][0]:.3f} "
-                f"| {r['epoch_seconds'][0]:.3f} |"
-            )
+        groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+        for r in claims:
+            groups.setdefault((r["method"], r["dataset"], r["arch"]), []).append(r)
+        for (method, ds, arch), rs in groups.items():
+            pr, pr_sd = mean_sd([r["params_ratio"] for r in rs])
+            acc, sd = mean_sd([100 * r["accuracy"] for r in rs])
+            lines.append(f"| {method.split(':')[1]} | {ds} / {arch} | {pr:.3f} ± {pr_sd:.3f} "
+                         f"| {acc:.2f} ± {sd:.2f} | {rs[0]['widths']} |")  # fmt: skip
         lines.append("")
     return "\n".join(lines)
 
 
-def plot(summary: dict[str, Any], cells: list[dict[str, Any]], out: Path) -> list[str]:
-    """Accuracy against MACs for every method; kept width per layer for ours."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-    colours = {
-        "unpruned": "black",
-        "ours": "tab:blue",
-        "ours+ft": "tab:cyan",
-        "ours-w1": "tab:purple",
-        "slimming": "tab:orange",
-        "l1norm": "tab:green",
-    }
-    for ds, rows in summary.items():
-        archs = sorted({name.split(" / ")[0] for name in rows}, key=list(ARCHS).index)
-        fig, axes = plt.subplots(1, len(archs), figsize=(4.2 * len(archs), 4), squeeze=False)
-        for ax, arch in zip(axes[0], archs, strict=True):
-            mine = {n.split(" / ")[1]: r for n, r in rows.items() if n.startswith(f"{arch} / ")}
-            # Zoom on the useful range; a collapsed result is drawn on the floor with its value.
-            floor = 100 * mine["unpruned"]["accuracy"][0] - 5
-            for method, r in mine.items():
-                acc, sd = 100 * r["accuracy"][0], 100 * r["accuracy"][1]
-                colour = colours.get(method, colours[method.split("@")[0]])
-                marker = "o" if "@params" in method or "@" not in method else "s"
-                if acc < floor:
-                    ax.plot(r["macs"][0], floor, marker="v", color=colour, linestyle="none")
-                    ax.annotate(f"{acc:.0f}%", (r["macs"][0], floor), fontsize=7)
-                else:
-                    ax.errorbar(
-                        r["macs"][0],
-                        acc,
-                        yerr=sd,
-                        marker=marker,
-                        color=colour,
-                        linestyle="none",
-                        label=method,
-                    )
-            ax.set_ylim(bottom=floor - 0.5)
-            ax.set_xscale("log")
-            ax.set_xlabel("MACs per sample")
-            ax.set_title(f"{ds} / {arch}")
-            ax.legend(fontsize=7)
-        axes[0][0].set_ylabel("test accuracy (%)")
-        fig.tight_layout()
-        path = out / f"accuracy_vs_macs_{ds}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path.name)
-    for cell in cells:
-        if cell["seed"] != cells[0]["seed"]:
-            continue
-        ours = cell["methods"]["ours"]
-        names = list(ours["full_widths"])
-        fig, ax = plt.subplots(figsize=(max(4, len(names) * 0.6), 3.5))
-        ax.bar(names, [ours["full_widths"][n] for n in names], color="lightgray", label="full")
-        ax.bar(names, [ours["widths"][n] for n in names], color="tab:blue", label="kept (ours)")
-        ax.set_ylabel("units")
-        ax.set_title(f"{cell['dataset']} / {cell['arch']}: kept width per layer")
-        ax.tick_params(axis="x", rotation=45)
-        ax.legend()
-        fig.tight_layout()
-        path = out / f"widths_{cell['dataset']}_{cell['arch']}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path.name)
-    return written
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark and write reports/bench/."""
+    """Run the benchmark and write its results."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="default")
     parser.add_argument(
         "--mnist-dir",
         default=str(ROOT.parent / "shared" / "data" / "mnist-t10k"),
-        help="directory of the MNIST IDX files (skipped when absent)",
+        help="directory of the MNIST IDX files",
     )
-    parser.add_argument("--out", default=str(ROOT / "reports" / "bench"))
+    parser.add_argument("--out", default=None, help="default: reports/bench (default setting) "
+                        "or reports/bench-<setting>")  # fmt: skip
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--scorers", default=",".join(SCORERS), help="comma-separated")
+    parser.add_argument("--no-claims", action="store_true", help="skip the paper-claim runs")
     args = parser.parse_args(argv)
     setting = SETTINGS[args.setting]
+    scorers = tuple(s for s in args.scorers.split(",") if s)
     torch.set_num_threads(args.threads)
-    retained = retain_freed_memory()  # steady forward times, see its docstring
-    out = Path(args.out)
+    retained = retain_freed_memory()  # steady forward times
+    name = "bench" if args.setting == "default" else f"bench-{args.setting}"
+    out = Path(args.out) if args.out else ROOT / "reports" / name
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    cells: list[dict[str, Any]] = []
-    ablations: dict[str, Any] = {}
+    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="switchprune-bench-data-") as tmp:
-        datasets = {}
-        for name in setting.datasets:
-            data = load_dataset(
-                name,
-                Path(args.mnist_dir),
-                Path(tmp),
-                setting.mnist_limit if name == "mnist" else None,
-            )
-            if data is not None:
-                datasets[name] = data
-        for ds, data in datasets.items():
-            for arch in setting.archs:
-                for seed in setting.seeds:
-                    t0 = time.perf_counter()
-                    methods = run_cell(
-                        data,
-                        arch,
-                        seed,
-                        setting.epochs[ds],
-                        setting.finetune_epochs[ds],
-                        setting.latency_repeats,
-                    )
-                    cells.append({"dataset": ds, "arch": arch, "seed": seed, "methods": methods})
-                    print(
-                        f"bench: {ds}/{arch}/seed {seed}: "
-                        + ", ".join(f"{m} {100 * r['accuracy']:.2f}%" for m, r in methods.items())
-                        + f" ({time.perf_counter() - t0:.0f} s)",
-                        flush=True,
-                    )
-        # Ablations on the first dataset with the smallest TNN of the setting.
-        ds = next(iter(datasets))
-        arch = setting.archs[0]
-        variants = {}
-        for name in ABLATIONS:
-            runs = [
-                run_ablation(datasets[ds], arch, seed, setting.epochs[ds], name)
-                for seed in setting.ablation_seeds
-            ]
-            variants[name] = {k: mean_std([r[k] for r in runs]) for k in runs[0]}
-            print(
-                f"bench: ablation {name}: {100 * variants[name]['accuracy'][0]:.2f}%, "
-                f"params ratio {variants[name]['params_ratio'][0]:.3f}",
-                flush=True,
-            )
-        ablations = {"dataset": ds, "arch": arch, "variants": variants}
-    repro = time_default_repro() if setting.time_repro else None
+        datasets = {
+            ds: load_dataset(ds, Path(args.mnist_dir), Path(tmp), setting.data_limit)
+            for ds in ("mnist", "digits")
+        }
+        mnist = datasets["mnist"]
+        for arch in setting.archs:
+            for seed in setting.seeds:
+                t0 = time.perf_counter()
+                new = run_tnn(mnist, arch, seed, setting, scorers)
+                rows += new
+                print(f"bench: {arch}/seed {seed}: "
+                      + ", ".join(f"{label(r)}@{r['target_ratio']} {100 * r['accuracy']:.2f}%"
+                                  for r in new if "+ft" not in r["method"])
+                      + f" ({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
+        if not args.no_claims:
+            rows += run_claims(datasets, setting)
     meta = {
         "setting": args.setting,
         "seeds": list(setting.seeds),
         "epochs": setting.epochs,
         "finetune_epochs": setting.finetune_epochs,
-        "target_ratio": TARGET_RATIO,
+        "n_train": len(mnist["train"]),
+        "n_test": len(mnist["test"]),
+        "archs": {a: dataclasses.asdict(ARCHS[a]) for a in setting.archs},
+        "scorers": list(scorers),
+        "default_scorer": TrainConfig().scorer,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{args.threads} threads",
         "allocator": "freed memory retained" if retained else "system default",
-        "width_multiples": WIDTH_MULTIPLES,
         "wall_seconds": time.perf_counter() - started,
-        "repro_seconds": repro,
-        "skipped": [d for d in setting.datasets if d not in {c["dataset"] for c in cells}],
     }
-    summary = summarise(cells)
-    meta["plots"] = plot(summary, cells, out)
     (out / "results.json").write_text(
-        json.dumps(
-            {"meta": meta, "summary": summary, "cells": cells, "ablations": ablations}, indent=1
-        )
+        json.dumps({"meta": meta, "verdict": verdict(rows, scorers), "records": rows}, indent=1)
         + "\n"
     )
-    (out / "results.md").write_text(markdown(summary, ablations, meta) + "\n")
+    (out / "results.md").write_text(markdown(rows, meta, scorers) + "\n")
     print(f"bench: wrote {out / 'results.md'} in {meta['wall_seconds'] / 60:.1f} min", flush=True)
     return 0
 

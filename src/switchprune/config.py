@@ -104,16 +104,34 @@ class TrainConfig:
         snn_input: ``stats`` (fixed-length per-unit statistics) or ``rows`` (per-layer encoders
             of the raw weight rows).
         snn_hidden: Hidden width of the switcher.
+        scorer: Where unit scores come from: ``switcher`` (learned), or the controls
+            ``magnitude`` (L2 norm of incoming weights ÷ layer mean, read as the TNN trains) and
+            ``random`` (fixed seeded scores). Controls need ``compression: target``.
+        snn_prior: The switcher adds the log magnitude score to its output: it starts from
+            the magnitude order and learns only what improves on it (kept units unscaled).
+        snn_gates: SNN steps through ``straight`` (deterministic gates, straight-through for
+            units that are off) or ``stochastic`` gates (units near the line sampled on or off).
+        gate_temperature: Width of the stochastic band around the line, in standard deviations
+            of the scores.
+        snn_holdout: Share of the training split reserved for SNN steps (the TNN never trains
+            on it); 0 uses the TNN's own batches.
         compression: ``target`` switches off the lowest-scored units until ``target_metric`` is
             at ``target_ratio`` of the full network; ``penalty`` adds a fixed cost-weighted L1
             pressure ``penalty`` to the switcher's loss; ``none`` is the paper's task-loss-only
-            mode.
+            mode. ``auto`` finds the ratio itself: after the warm-up (at least one epoch) the
+            unpruned network's validation accuracy is the reference; each switching epoch
+            then tries ``auto_shrink`` times the last accepted ratio, keeps it if validation
+            accuracy after that epoch stays within ``max_accuracy_drop`` of the reference,
+            and otherwise returns to the last accepted ratio and stops shrinking.
         target_metric: ``params`` or ``macs``.
         target_ratio: Fraction of the metric to keep (0.4 keeps 40 %).
         width_multiple: ``target`` mode keeps a multiple of this many units in every group
             (rounded to the nearest, within the budget; a group narrower than it stays whole).
             Widths such as 8 or 16 run faster on vectorised CPU and GPU kernels than odd ones.
         penalty: Pressure weight (``penalty`` mode).
+        max_accuracy_drop: ``auto`` mode: largest validation accuracy drop (a fraction, 0.01 =
+            one point) accepted against the unpruned reference.
+        auto_shrink: ``auto`` mode: each trial keeps this share of the last accepted ratio.
         ramp_fraction: Share of the switching phase over which the target is lowered from 1
             to ``target_ratio`` (``target`` mode).
         baseline: Also train the same TNN without a switcher for the same budget.
@@ -136,11 +154,18 @@ class TrainConfig:
     detach_factors: bool = True
     snn_input: Literal["stats", "rows"] = "stats"
     snn_hidden: int = 32
-    compression: Literal["target", "penalty", "none"] = "target"
+    scorer: Literal["switcher", "magnitude", "random"] = "switcher"
+    snn_prior: bool = False
+    snn_gates: Literal["straight", "stochastic"] = "straight"
+    gate_temperature: float = 0.5
+    snn_holdout: float = 0.0
+    compression: Literal["target", "auto", "penalty", "none"] = "target"
     target_metric: Literal["params", "macs"] = "params"
     target_ratio: float = 0.4
     width_multiple: int = 1
     penalty: float = 0.05
+    max_accuracy_drop: float = 0.01
+    auto_shrink: float = 0.6
     ramp_fraction: float = 0.5
     baseline: bool = True
     checkpoint_every: int = 1
@@ -168,6 +193,25 @@ class TrainConfig:
             "must be in (0, 1]",
         )
         _check(self.snn_hidden >= 1, "train", "snn_hidden", "must be >= 1")
+        _check(
+            self.scorer == "switcher" or self.compression in ("target", "auto"),
+            "train",
+            "scorer",
+            f"{self.scorer!r} needs compression: target or auto (it has no zeros of its own)",
+        )
+        _check(
+            0.0 <= self.max_accuracy_drop < 1.0, "train", "max_accuracy_drop", "must be in [0, 1)"
+        )
+        _check(0.0 < self.auto_shrink < 1.0, "train", "auto_shrink", "must be in (0, 1)")
+        _check(
+            not self.snn_prior or self.snn_gates == "stochastic",
+            "train",
+            "snn_prior",
+            "needs snn_gates: stochastic (kept units are unscaled, so only sampled gates "
+            "carry the task loss to the switcher)",
+        )
+        _check(self.gate_temperature > 0, "train", "gate_temperature", "must be > 0")
+        _check(0.0 <= self.snn_holdout < 0.5, "train", "snn_holdout", "must be in [0, 0.5)")
         _check(0.0 < self.target_ratio <= 1.0, "train", "target_ratio", "must be in (0, 1]")
         _check(self.width_multiple >= 1, "train", "width_multiple", "must be >= 1")
         _check(self.penalty >= 0, "train", "penalty", "must be >= 0")

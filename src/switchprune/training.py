@@ -1,13 +1,17 @@
 """Alternating SNN/TNN training with a compression controller, checkpoints and resume.
 
-A TNN step computes the factors with the switcher frozen (detached by default) and takes an SGD
+A TNN step computes the factors with the scorer frozen (detached by default) and takes an SGD
 step on the task network. An SNN step freezes the task network (no gradients, BatchNorm running
 statistics untouched) and takes an SGD step on the switcher under the same cross-entropy, plus a
-cost pressure unless ``compression`` is ``none``. In ``target`` mode the pressure's weight is a
-controller that rises while the kept cost (params or MACs, counted exactly from the units with
-non-zero factors) is above the target and falls below it, so the run reaches the ratio the user
-asked for. After ``switch_epochs_fraction`` of the epochs the factors are frozen and the task
-network fine-tunes under them.
+cost pressure in ``penalty`` mode. In ``target`` mode the budget line (an offset on the scores)
+is placed at every SNN step so that the kept cost (params or MACs, counted exactly from the units
+that are on) meets a target that ramps down to ``target_ratio``. After
+``switch_epochs_fraction`` of the epochs the factors are frozen and the task network fine-tunes
+under them.
+
+The scores come from ``train.scorer``: the learned switcher, or the ``magnitude`` and
+``random`` controls, which share everything else of the schedule (they have nothing to learn,
+so their SNN step only places the line).
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from switchprune.config import TrainConfig, to_dict
 from switchprune.cost import CostModel
 from switchprune.io import load_torch, save_torch
 from switchprune.models import ModelSpec, TaskNet, build_model
-from switchprune.models.switcher import Switcher, SwitcherSpec, kept_count
+from switchprune.models.switcher import SwitcherSpec, UnitScorer, kept_count
+from switchprune.scoring import build_scorer
 
 
 def resolve_device(name: str) -> torch.device:
@@ -47,14 +52,14 @@ class FitResult:
 
     Attributes:
         model: The trained task network (full width, on the CPU).
-        switcher: The trained switcher, or ``None`` for a plain run.
+        switcher: The trained scorer (switcher or control), or ``None`` for a plain run.
         factors: Final factors per group (``None`` for a plain run).
         history: One record per epoch.
         metrics: Flat summary metrics.
     """
 
     model: TaskNet
-    switcher: Switcher | None
+    switcher: UnitScorer | None
     factors: dict[str, torch.Tensor] | None
     history: list[dict[str, float]] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
@@ -121,6 +126,51 @@ class _FrozenTNN:
         self.saved.clear()
 
 
+@dataclass
+class _Run:
+    """Everything one :func:`fit` call works on: networks, optimisers, data and progress."""
+
+    cfg: TrainConfig
+    device: torch.device
+    tnn: TaskNet
+    scorer: UnitScorer | None
+    opt_t: torch.optim.Optimizer
+    opt_s: torch.optim.Optimizer | None
+    costs: CostModel
+    x: torch.Tensor
+    y: torch.Tensor
+    snn_x: torch.Tensor  # the batches of SNN steps: a held-out slice, or the TNN's own data
+    snn_y: torch.Tensor
+    switch_end: int
+    warmup: int
+    val: TensorDataset | None
+    # ``step`` counts TNN steps over the whole run: it sets where SNN steps fall (every k-th),
+    # so a resumed run continues the count. ``snn_step`` numbers SNN steps (their batches and
+    # sampled gates).
+    state: dict[str, Any] = field(
+        default_factory=lambda: {
+            "epoch": 0,
+            "step": 0,
+            "snn_step": 0,
+            "frozen": None,
+            "history": [],
+            # ``auto`` compression: reference accuracy, the ratio on trial, the last accepted.
+            "auto": {"reference": None, "trial": 1.0, "accepted": 1.0, "done": False},
+        }
+    )
+    loss_fn: nn.Module = field(default_factory=nn.CrossEntropyLoss)
+
+    @property
+    def full_cost(self) -> float:
+        """The full network's params or MACs (``target_metric``)."""
+        return float(self.costs.cost(self.cfg.target_metric))
+
+    @property
+    def learns(self) -> bool:
+        """Whether the scorer has parameters to train (the controls have none)."""
+        return self.opt_s is not None
+
+
 def fit(
     spec: ModelSpec,
     train: TensorDataset,
@@ -133,14 +183,14 @@ def fit(
     progress: bool = True,
     on_epoch_end: Callable[[int], None] | None = None,
 ) -> FitResult:
-    """Train a task network, with the switcher when ``switched``, resuming from a checkpoint.
+    """Train a task network, with the scorer when ``switched``, resuming from a checkpoint.
 
     Args:
         spec: The task network to build (full width).
         train: Training tensors ``(x, y)``.
         val: Validation tensors, for the per-epoch record (may be ``None`` or empty).
-        cfg: Schedule, optimisers and compression settings.
-        switched: Train with the switcher (``False``: the plain baseline, same budget).
+        cfg: Schedule, optimisers, scorer and compression settings.
+        switched: Train with the scorer (``False``: the plain baseline, same budget).
         checkpoint_path: Where to save a resumable state every ``cfg.checkpoint_every`` epochs.
             A matching checkpoint found there is resumed; one from other settings is ignored.
         device: Where to train (default: ``cfg.device`` resolved).
@@ -150,291 +200,393 @@ def fit(
     Returns:
         The trained networks, final factors, history and summary metrics.
     """
-    device = device or resolve_device(cfg.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
-    torch.manual_seed(cfg.seed)
-    tnn = build_model(spec).to(device)
-    snn: Switcher | None = None
-    if switched:
-        mode = "budget" if cfg.compression == "target" else "relu"
-        snn = Switcher(
-            SwitcherSpec.for_model(tnn, cfg.snn_input, cfg.snn_hidden, mode, cfg.width_multiple)
-        ).to(device)
-    costs = CostModel(tnn)
-    full_cost = float(costs.cost(cfg.target_metric))
-    opt_t = torch.optim.SGD(
-        tnn.parameters(),
-        lr=cfg.tnn_lr,
-        momentum=cfg.tnn_momentum,
-        weight_decay=cfg.tnn_weight_decay,
-    )
-    opt_s = (
-        torch.optim.SGD(snn.parameters(), lr=cfg.snn_lr, momentum=cfg.snn_momentum) if snn else None
-    )
+    run = _start(spec, train, val, cfg, switched, device or resolve_device(cfg.device))
     fingerprint = {
         "train": to_dict(cfg),
         "spec": spec.to_dict(),
         "switched": switched,
         "n_train": len(train),
     }
-    # ``step`` counts TNN steps over the whole run: it sets where SNN steps fall (every k-th),
-    # so a resumed run must continue the count, not restart it at the resumed epoch.
-    state: dict[str, Any] = {"epoch": 0, "step": 0, "frozen": None, "history": []}
     if checkpoint_path is not None and checkpoint_path.is_file():
-        blob = load_torch(checkpoint_path)
-        if blob.get("fingerprint") == fingerprint and set(state) <= set(blob):
-            tnn.load_state_dict(blob["tnn"])
-            opt_t.load_state_dict(blob["opt_tnn"])
-            if snn is not None and opt_s is not None:
-                snn.load_state_dict(blob["snn"])
-                opt_s.load_state_dict(blob["opt_snn"])
-            state = {k: blob[k] for k in state}
-            if state["frozen"] is not None:
-                state["frozen"] = {k: v.to(device) for k, v in state["frozen"].items()}
-
-    x_train, y_train = (t.to(device) for t in train.tensors)
-    n = len(y_train)
-    switch_end = max(cfg.warmup_epochs + 1, round(cfg.switch_epochs_fraction * cfg.epochs))
-    loss_fn = nn.CrossEntropyLoss()
+        _resume(run, load_torch(checkpoint_path), fingerprint)
     bar = tqdm(
-        range(state["epoch"], cfg.epochs),
-        initial=state["epoch"],
+        range(run.state["epoch"], cfg.epochs),
+        initial=run.state["epoch"],
         total=cfg.epochs,
         desc="train" if switched else "baseline",
         disable=not progress,
         leave=False,
     )
     for epoch in bar:
-        cached: dict[str, torch.Tensor] | None = None  # fresh each epoch: resume is exact
         started = time.perf_counter()
-        # Cosine schedule, set per epoch so a resumed run sees the same rates.
-        for group in opt_t.param_groups:
-            group["lr"] = cfg.tnn_lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
-        phase = "plain"
-        if snn is not None:
-            if epoch < cfg.warmup_epochs:
-                phase = "warmup"
-            elif epoch < switch_end:
-                phase = "switch"
-            else:
-                phase = "fixed"
-                if state["frozen"] is None:
-                    with torch.no_grad():
-                        if cfg.compression == "target":
-                            # Freeze exactly on budget: the final widths meet the target.
-                            budget = cfg.target_ratio * full_cost
-                            offset = budget_offset(
-                                snn.scores(tnn), costs, cfg.target_metric, budget, snn.spec.multiple
-                            )
-                            snn.offset.fill_(offset)
-                        state["frozen"] = {k: v.detach() for k, v in snn(tnn).items()}
-        snn_epoch = (
-            phase == "switch"
-            and cfg.alternation == "epoch"
-            and (epoch - cfg.warmup_epochs) % (cfg.tnn_steps_per_snn_step + 1)
-            == cfg.tnn_steps_per_snn_step
-        )
-        order = torch.randperm(
-            n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        )
-        losses = []
-        tnn.train()
-        for i in range(0, n, cfg.batch_size):
-            idx = order[i : i + cfg.batch_size].to(device)
-            x, y = x_train[idx], y_train[idx]
-            if not snn_epoch:
-                if phase == "switch" and cfg.detach_factors and cached is None:
-                    # The switcher is frozen between its steps: its factors are computed once
-                    # after each SNN step and shared by the k TNN steps that follow.
-                    cached = _current_factors(tnn, snn, state, phase)
-                losses.append(_tnn_step(tnn, snn, state, phase, cfg, x, y, opt_t, loss_fn, cached))
-                state["step"] += 1
-            do_snn = phase == "switch" and (
-                snn_epoch
-                or (cfg.alternation == "batch" and state["step"] % cfg.tnn_steps_per_snn_step == 0)
-            )
-            if do_snn:
-                assert snn is not None and opt_s is not None
-                elapsed = (epoch - cfg.warmup_epochs + i / n) / (switch_end - cfg.warmup_epochs)
-                target = ramped_target(cfg.target_ratio, elapsed, cfg.ramp_fraction)
-                stats = _snn_step(
-                    tnn, snn, state, cfg, x, y, opt_s, loss_fn, costs, full_cost, target
-                )
-                # The next TNN steps use the updated switcher's factors; its statistics of the
-                # (unchanged) task network are reused rather than recomputed.
-                cached = None
-                if cfg.detach_factors and stats is not None:
-                    with torch.no_grad():
-                        cached = snn(tnn, stats=stats)
+        losses = _train_epoch(run, epoch)
         if losses and not math.isfinite(statistics.fmean(losses)):
             raise RuntimeError(
                 f"training diverged at epoch {epoch + 1} (the task loss is not finite): "
                 "lower train.tnn_lr"
             )
-        record: dict[str, float] = {
-            "epoch": float(epoch),
-            "loss": statistics.fmean(losses) if losses else float("nan"),
-            "seconds": time.perf_counter() - started,
-        }
-        factors = _current_factors(tnn, snn, state, phase)
-        tnn.set_factors(factors)
-        if val is not None and len(val) > 0:
-            record["val_accuracy"] = accuracy(tnn, val, device)
-        if factors is not None:
-            widths = hard_widths(factors)
-            record["params_ratio"] = float(costs.params(widths)) / float(costs.params())
-            record["macs_ratio"] = float(costs.macs(widths)) / float(costs.macs())
-            record["offset"] = float(snn.offset) if snn is not None else 0.0
-        tnn.set_factors(None)
-        state["history"].append(record)
-        state["epoch"] = epoch + 1
+        record = _epoch_record(run, epoch, losses, time.perf_counter() - started)
+        if cfg.compression == "auto" and run.scorer is not None:
+            _auto_step(run, epoch, record)
+        run.state["history"].append(record)
+        run.state["epoch"] = epoch + 1
         bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k != "epoch"})
         if checkpoint_path is not None and (
             (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs
         ):
-            save_torch(
-                {
-                    "fingerprint": fingerprint,
-                    "tnn": tnn.state_dict(),
-                    "opt_tnn": opt_t.state_dict(),
-                    "snn": snn.state_dict() if snn else {},
-                    "opt_snn": opt_s.state_dict() if opt_s else {},
-                    **state,
-                },
-                checkpoint_path,
-            )
+            save_torch(_checkpoint(run, fingerprint), checkpoint_path)
         if on_epoch_end is not None:
             on_epoch_end(epoch)
     bar.close()
+    return _finish(run)
 
+
+def _start(
+    spec: ModelSpec,
+    train: TensorDataset,
+    val: TensorDataset | None,
+    cfg: TrainConfig,
+    switched: bool,
+    device: torch.device,
+) -> _Run:
+    """Build the networks, optimisers and data split of a run (seeded)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    torch.manual_seed(cfg.seed)
+    tnn = build_model(spec).to(device)
+    scorer: UnitScorer | None = None
+    if switched:
+        mode = "budget" if cfg.compression in ("target", "auto") else "relu"
+        scorer_spec = SwitcherSpec.for_model(
+            tnn, cfg.snn_input, cfg.snn_hidden, mode, cfg.width_multiple, cfg.scorer, cfg.snn_prior
+        )
+        scorer = build_scorer(scorer_spec, tnn, cfg.seed).to(device)
+    opt_t = torch.optim.SGD(
+        tnn.parameters(),
+        lr=cfg.tnn_lr,
+        momentum=cfg.tnn_momentum,
+        weight_decay=cfg.tnn_weight_decay,
+    )
+    params = list(scorer.parameters()) if scorer is not None else []
+    opt_s = torch.optim.SGD(params, lr=cfg.snn_lr, momentum=cfg.snn_momentum) if params else None
+    x, y = (t.to(device) for t in train.tensors)
+    snn_x, snn_y = x, y
+    if switched and params and cfg.snn_holdout > 0:
+        # The switcher learns on a slice the task network never trains on, so that it keeps
+        # what generalises rather than what fits the training batches.
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(cfg.seed + 7))
+        held = max(1, round(cfg.snn_holdout * len(y)))
+        snn_idx, tnn_idx = order[:held].to(device), order[held:].to(device)
+        snn_x, snn_y, x, y = x[snn_idx], y[snn_idx], x[tnn_idx], y[tnn_idx]
+    warmup = cfg.warmup_epochs
+    if switched and cfg.compression == "auto":
+        # The unpruned reference needs an epoch of training and data to be measured on.
+        warmup = max(1, warmup)
+        if val is None or len(val) == 0:
+            order = torch.randperm(len(y), generator=torch.Generator().manual_seed(cfg.seed + 11))
+            held = max(1, round(0.1 * len(y)))
+            val = TensorDataset(x[order[:held]].cpu(), y[order[:held]].cpu())
+            x, y = x[order[held:].to(device)], y[order[held:].to(device)]
+    switch_end = max(warmup + 1, round(cfg.switch_epochs_fraction * cfg.epochs))
+    return _Run(
+        cfg,
+        device,
+        tnn,
+        scorer,
+        opt_t,
+        opt_s,
+        CostModel(tnn),
+        x,
+        y,
+        snn_x,
+        snn_y,
+        switch_end,
+        warmup,
+        val,
+    )
+
+
+def _resume(run: _Run, blob: dict[str, Any], fingerprint: dict[str, Any]) -> None:
+    """Continue from a checkpoint written with the same settings (others are ignored)."""
+    if blob.get("fingerprint") != fingerprint or not set(run.state) <= set(blob):
+        return
+    run.tnn.load_state_dict(blob["tnn"])
+    run.opt_t.load_state_dict(blob["opt_tnn"])
+    if run.scorer is not None:
+        run.scorer.load_state_dict(blob["snn"])
+    if run.opt_s is not None:
+        run.opt_s.load_state_dict(blob["opt_snn"])
+    run.state = {k: blob[k] for k in run.state}
+    if run.state["frozen"] is not None:
+        run.state["frozen"] = {k: v.to(run.device) for k, v in run.state["frozen"].items()}
+
+
+def _checkpoint(run: _Run, fingerprint: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "fingerprint": fingerprint,
+        "tnn": run.tnn.state_dict(),
+        "opt_tnn": run.opt_t.state_dict(),
+        "snn": run.scorer.state_dict() if run.scorer is not None else {},
+        "opt_snn": run.opt_s.state_dict() if run.opt_s is not None else {},
+        **run.state,
+    }
+
+
+def _phase(run: _Run, epoch: int) -> str:
+    """``plain`` (no scorer), ``warmup``, ``switch`` (the scorer moves) or ``fixed``."""
+    if run.scorer is None:
+        return "plain"
+    if epoch < run.warmup:
+        return "warmup"
+    return "switch" if epoch < run.switch_end else "fixed"
+
+
+def _freeze(run: _Run) -> None:
+    """Fix the factors for the rest of the run; in target mode exactly on budget."""
+    assert run.scorer is not None
+    with torch.no_grad():
+        if run.cfg.compression in ("target", "auto"):
+            _place_line(run, _final_ratio(run), run.scorer.scores(run.tnn))
+        run.state["frozen"] = {k: v.detach() for k, v in run.scorer(run.tnn).items()}
+
+
+def _final_ratio(run: _Run) -> float:
+    """The ratio the run ends at: the target, or in ``auto`` mode the last accepted one."""
+    if run.cfg.compression == "auto":
+        return float(run.state["auto"]["accepted"])
+    return run.cfg.target_ratio
+
+
+def _auto_step(run: _Run, epoch: int, record: dict[str, float]) -> None:
+    """``auto`` compression: measure the reference, then accept or reject the epoch's trial."""
+    auto, cfg = run.state["auto"], run.cfg
+    phase = _phase(run, epoch)
+    if phase == "warmup" and epoch == run.warmup - 1:
+        auto["reference"] = record["val_accuracy"]
+        auto["trial"] = cfg.auto_shrink
+    elif phase == "switch" and not auto["done"]:
+        if record["val_accuracy"] >= auto["reference"] - cfg.max_accuracy_drop:
+            auto["accepted"] = auto["trial"]
+            auto["trial"] = auto["trial"] * cfg.auto_shrink
+        else:
+            auto["trial"] = auto["accepted"]
+            auto["done"] = True
+
+
+def _place_line(run: _Run, ratio: float, scores: dict[str, torch.Tensor]) -> None:
+    """Set the scorer's offset so that the units above it cost ``ratio`` of the full net."""
+    assert run.scorer is not None
+    budget = ratio * run.full_cost
+    offset = budget_offset(
+        scores, run.costs, run.cfg.target_metric, budget, run.scorer.spec.multiple
+    )
+    run.scorer.offset.fill_(offset)
+
+
+def _train_epoch(run: _Run, epoch: int) -> list[float]:
+    """One epoch of TNN steps with SNN steps (or line placements) every ``k`` of them."""
+    cfg = run.cfg
+    # Cosine schedule, set per epoch so a resumed run sees the same rates.
+    for group in run.opt_t.param_groups:
+        group["lr"] = cfg.tnn_lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
+    phase = _phase(run, epoch)
+    if phase == "fixed" and run.state["frozen"] is None:
+        _freeze(run)
+    snn_epoch = (
+        phase == "switch"
+        and cfg.alternation == "epoch"
+        and (epoch - run.warmup) % (cfg.tnn_steps_per_snn_step + 1) == cfg.tnn_steps_per_snn_step
+    )
+    n = len(run.y)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+    # Factors are fixed between two SNN steps: computed once, shared by the TNN steps between.
+    cached = _current_factors(run, phase) if phase != "switch" or cfg.detach_factors else None
+    losses = []
+    run.tnn.train()
+    for i in range(0, n, cfg.batch_size):
+        idx = order[i : i + cfg.batch_size].to(run.device)
+        if not snn_epoch:
+            losses.append(_tnn_step(run, phase, run.x[idx], run.y[idx], cached))
+            run.state["step"] += 1
+        do_snn = phase == "switch" and (
+            snn_epoch
+            or (cfg.alternation == "batch" and run.state["step"] % cfg.tnn_steps_per_snn_step == 0)
+        )
+        if do_snn:
+            if cfg.compression == "auto":
+                target = float(run.state["auto"]["trial"])
+            else:
+                elapsed = (epoch - run.warmup + i / n) / (run.switch_end - run.warmup)
+                target = ramped_target(cfg.target_ratio, elapsed, cfg.ramp_fraction)
+            stats = _snn_step(run, target)
+            if cfg.detach_factors:
+                with torch.no_grad():
+                    assert run.scorer is not None
+                    cached = run.scorer(run.tnn, stats=stats)
+    return losses
+
+
+def _current_factors(run: _Run, phase: str) -> dict[str, torch.Tensor] | None:
+    if run.scorer is None or phase == "warmup":
+        return None
+    if phase == "fixed":
+        return run.state["frozen"]
+    with torch.no_grad():
+        return run.scorer(run.tnn)
+
+
+def _tnn_step(
+    run: _Run,
+    phase: str,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cached: dict[str, torch.Tensor] | None,
+) -> float:
+    """One SGD step of the task network under the current (frozen) factors."""
+    grad_through = phase == "switch" and not run.cfg.detach_factors
+    scorer_params = list(run.scorer.parameters()) if run.scorer is not None else []
+    if grad_through:
+        # Ablation: the task loss also reaches the TNN through the switcher's reading of it.
+        assert run.scorer is not None
+        for p in scorer_params:
+            p.requires_grad_(False)
+        run.tnn.set_factors(run.scorer(run.tnn, grad_through_tnn=True))
+    else:
+        run.tnn.set_factors(cached)
+    loss = run.loss_fn(run.tnn(x), y)
+    run.opt_t.zero_grad(set_to_none=True)
+    loss.backward()
+    run.opt_t.step()
+    run.tnn.set_factors(None)
+    for p in scorer_params:
+        p.requires_grad_(True)
+    return float(loss.detach())
+
+
+def _snn_step(run: _Run, target: float) -> dict[str, torch.Tensor] | None:
+    """Place the budget line at ``target`` and, for the switcher, take one SGD step.
+
+    Returns:
+        The unit statistics the scorer read: still valid after the step, since the task
+        network did not change.
+    """
+    scorer, cfg = run.scorer, run.cfg
+    assert scorer is not None
+    with _FrozenTNN(run.tnn):
+        stats = scorer.statistics(run.tnn)
+        scores = scorer.scores(run.tnn, stats=stats)
+        if cfg.compression in ("target", "auto"):
+            _place_line(run, target, scores)
+        if run.opt_s is not None:
+            x, y = _snn_batch(run)
+            run.tnn.set_factors(_trainable_factors(run, scores))
+            loss = run.loss_fn(run.tnn(x), y)
+            if cfg.compression == "penalty":
+                # L1 on the factors, each unit weighted by what it costs at the current widths.
+                factors = {k: scorer.gate(v) for k, v in scores.items()}
+                marginal = run.costs.marginal(cfg.target_metric, hard_widths(factors))
+                pressure = sum(marginal[k] * v.sum() for k, v in factors.items()) / run.full_cost
+                loss = loss + cfg.penalty * pressure
+            run.opt_s.zero_grad(set_to_none=True)
+            loss.backward()
+            run.opt_s.step()
+            run.tnn.set_factors(None)
+    run.state["snn_step"] += 1
+    return stats
+
+
+def _snn_batch(run: _Run) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next batch of SNN steps, in a seeded order over their data."""
+    n, size = len(run.snn_y), min(run.cfg.batch_size, len(run.snn_y))
+    per_pass = max(1, n // size)
+    step = run.state["snn_step"]
+    g = torch.Generator().manual_seed(run.cfg.seed * 7_919 + step // per_pass)
+    start = (step % per_pass) * size
+    idx = torch.randperm(n, generator=g)[start : start + size].to(run.device)
+    return run.snn_x[idx], run.snn_y[idx]
+
+
+def _trainable_factors(run: _Run, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Factors of an SNN step, through which the task loss reaches the switcher.
+
+    ``straight``: the deterministic gate; units that are off pass their gradient straight
+    through, so the loss can raise a unit back above the line. ``stochastic``: each unit is on
+    with probability ``sigmoid((score - offset) / T)``, sampled (Gumbel-sigmoid, hard forward,
+    relaxed backward), so the switcher learns what dropping a unit near the line does to the
+    loss rather than what scaling it does.
+    """
+    scorer = run.scorer
+    assert scorer is not None
+    if run.cfg.snn_gates == "straight":
+        out = {}
+        for k, v in scores.items():
+            f = scorer.gate(v)
+            out[k] = f + (v - v.detach()) * (f == 0)
+        return out
+    flat = torch.cat([v.detach() for v in scores.values()])
+    temperature = run.cfg.gate_temperature * float(flat.std()) + 1e-6
+    g = torch.Generator().manual_seed(run.cfg.seed * 104_729 + run.state["snn_step"])
+    out = {}
+    for k, v in scores.items():
+        u = torch.rand(v.shape, generator=g).clamp(1e-6, 1 - 1e-6).to(v.device)
+        soft = torch.sigmoid((v - scorer.offset) / temperature + torch.log(u) - torch.log1p(-u))
+        hard = soft > 0.5
+        if not bool(hard.any()):
+            hard[v.detach().argmax()] = True  # a sampled layer is never emptied either
+        kept = scorer.kept_factors(v, hard)
+        out[k] = (hard.to(v.dtype) + soft - soft.detach()) * kept
+    return out
+
+
+def _epoch_record(run: _Run, epoch: int, losses: list[float], seconds: float) -> dict[str, float]:
+    """Loss, validation accuracy under the current factors, and reached compression."""
+    record: dict[str, float] = {
+        "epoch": float(epoch),
+        "loss": statistics.fmean(losses) if losses else float("nan"),
+        "seconds": seconds,
+    }
+    factors = _current_factors(run, _phase(run, epoch))
+    run.tnn.set_factors(factors)
+    if run.val is not None and len(run.val) > 0:
+        record["val_accuracy"] = accuracy(run.tnn, run.val, run.device)
+    if factors is not None:
+        widths = hard_widths(factors)
+        record["params_ratio"] = float(run.costs.params(widths)) / float(run.costs.params())
+        record["macs_ratio"] = float(run.costs.macs(widths)) / float(run.costs.macs())
+        record["offset"] = float(run.scorer.offset) if run.scorer is not None else 0.0
+    run.tnn.set_factors(None)
+    return record
+
+
+def _finish(run: _Run) -> FitResult:
+    """Final factors (on budget in target mode), summary metrics, everything on the CPU."""
+    scorer, history = run.scorer, run.state["history"]
     final = None
-    if snn is not None:
-        with torch.no_grad():
-            if state["frozen"] is None and cfg.compression == "target":
-                # No fixed phase (too few epochs): still end exactly on budget, since the TNN
-                # steps after the last SNN step move the scores across the line.
-                budget = cfg.target_ratio * full_cost
-                snn.offset.fill_(
-                    budget_offset(
-                        snn.scores(tnn), costs, cfg.target_metric, budget, snn.spec.multiple
-                    )
-                )
-            final = _current_factors(tnn, snn, state, "fixed" if state["frozen"] else "switch")
-            assert final is not None
-            final = {k: v.detach().cpu() for k, v in final.items()}
-    history = state["history"]
+    if scorer is not None:
+        if run.state["frozen"] is None:
+            # No fixed phase (too few epochs): still end exactly on budget, since the TNN
+            # steps after the last SNN step move the scores across the line.
+            _freeze(run)
+        final = {k: v.detach().cpu() for k, v in run.state["frozen"].items()}
     metrics: dict[str, float] = {
-        "epochs": float(cfg.epochs),
+        "epochs": float(run.cfg.epochs),
         "epoch_seconds": statistics.median(r["seconds"] for r in history) if history else 0.0,
     }
     if history and "val_accuracy" in history[-1]:
         metrics["val_accuracy"] = history[-1]["val_accuracy"]
     if final is not None:
+        assert scorer is not None
         widths = hard_widths(final)
-        metrics["train_params_ratio"] = float(costs.params(widths)) / float(costs.params())
-        metrics["train_macs_ratio"] = float(costs.macs(widths)) / float(costs.macs())
-        metrics["switch_offset"] = float(snn.offset) if snn is not None else 0.0
-    tnn.cpu().eval()
-    if snn is not None:
-        snn.cpu().eval()
-    return FitResult(tnn, snn, final, history, metrics)
-
-
-def _current_factors(
-    tnn: TaskNet, snn: Switcher | None, state: dict[str, Any], phase: str
-) -> dict[str, torch.Tensor] | None:
-    if snn is None or phase == "warmup":
-        return None
-    if phase == "fixed":
-        return state["frozen"]
-    with torch.no_grad():
-        return snn(tnn)
-
-
-def _tnn_step(
-    tnn: TaskNet,
-    snn: Switcher | None,
-    state: dict[str, Any],
-    phase: str,
-    cfg: TrainConfig,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    opt: torch.optim.Optimizer,
-    loss_fn: nn.Module,
-    cached: dict[str, torch.Tensor] | None = None,
-) -> float:
-    if phase == "switch":
-        assert snn is not None
-        if cfg.detach_factors:
-            factors = cached if cached is not None else _current_factors(tnn, snn, state, phase)
-        else:
-            # Ablation: the task loss also reaches the TNN through the switcher's reading of it.
-            for p in snn.parameters():
-                p.requires_grad_(False)
-            factors = snn(tnn, grad_through_tnn=True)
-        tnn.set_factors(factors)
-    else:
-        tnn.set_factors(_current_factors(tnn, snn, state, phase))
-    loss = loss_fn(tnn(x), y)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    tnn.set_factors(None)
-    if snn is not None and not cfg.detach_factors:
-        for p in snn.parameters():
-            p.requires_grad_(True)
-    return float(loss.detach())
-
-
-def _snn_step(
-    tnn: TaskNet,
-    snn: Switcher,
-    state: dict[str, Any],
-    cfg: TrainConfig,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    opt: torch.optim.Optimizer,
-    loss_fn: nn.Module,
-    costs: CostModel,
-    full_cost: float,
-    target: float,
-) -> dict[str, torch.Tensor] | None:
-    """One SGD step of the switcher.
-
-    Returns:
-        The unit statistics it read: still valid after the step, since the task network did
-        not change.
-    """
-    with _FrozenTNN(tnn):
-        stats = snn.statistics(tnn)
-        scores = snn.scores(tnn, stats=stats)
-        if cfg.compression == "target":
-            # The offset is the budget line: the lowest-scored units are off, so that the kept
-            # cost meets the (ramped) target exactly. The switcher learns which units score low.
-            snn.offset.fill_(
-                budget_offset(
-                    scores, costs, cfg.target_metric, target * full_cost, snn.spec.multiple
-                )
-            )
-        factors = {k: snn.gate(v) for k, v in scores.items()}
-        # Forward: exact zeros for units that are off. Backward: straight through for them, so
-        # the task loss can raise a unit back above the line when it would help.
-        tnn.set_factors(
-            {k: factors[k] + (v - v.detach()) * (factors[k] == 0) for k, v in scores.items()}
-        )
-        loss = loss_fn(tnn(x), y)
-        if cfg.compression == "penalty":
-            # L1 on the factors, each unit weighted by what it costs at the current widths.
-            marginal = costs.marginal(cfg.target_metric, hard_widths(factors))
-            pressure = sum(marginal[k] * v.sum() for k, v in factors.items()) / full_cost
-            loss = loss + cfg.penalty * pressure
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        tnn.set_factors(None)
-    return stats
+        metrics["train_params_ratio"] = float(run.costs.params(widths)) / float(run.costs.params())
+        metrics["train_macs_ratio"] = float(run.costs.macs(widths)) / float(run.costs.macs())
+        metrics["switch_offset"] = float(scorer.offset)
+        if run.cfg.compression == "auto":
+            metrics["auto_ratio"] = _final_ratio(run)
+            metrics["auto_reference_accuracy"] = float(run.state["auto"]["reference"])
+        scorer.cpu().eval()
+    run.tnn.cpu().eval()
+    return FitResult(run.tnn, scorer, final, history, metrics)
 
 
 @torch.no_grad()

@@ -129,15 +129,24 @@ def batch(spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor]:
 # --- 1. the other network is frozen in each phase ---------------------------------------------
 
 
+def start(spec: ModelSpec, cfg: TrainConfig) -> training._Run:
+    data = MLP_DATA if spec is MLP_SPEC else VGG_DATA
+    r = training._start(spec, data, None, cfg, True, torch.device("cpu"))
+    r.tnn.train()
+    return r
+
+
 @pytest.mark.parametrize("spec", [MLP_SPEC, VGG_SPEC], ids=["mlp", "vgg11"])
 @pytest.mark.parametrize("detach", [True, False], ids=["detached", "grad_through_tnn"])
 def test_tnn_step_trains_tnn_and_leaves_switcher_untouched(spec: ModelSpec, detach: bool) -> None:
-    tnn, snn = setup_pair(spec, "budget")
-    cfg = make_cfg(detach_factors=detach)
-    opt = torch.optim.SGD(tnn.parameters(), lr=0.1, momentum=0.9)
+    r = start(spec, make_cfg(detach_factors=detach))
+    tnn, snn = r.tnn, r.scorer
+    assert snn is not None
     snn_before, tnn_before = snapshot(snn), params_of(tnn)
     x, y = batch(spec)
-    loss = _tnn_step(tnn, snn, {"frozen": None}, "switch", cfg, x, y, opt, nn.CrossEntropyLoss())
+    with torch.no_grad():
+        cached = snn(tnn)
+    loss = _tnn_step(r, "switch", x, y, cached)
     assert loss > 0
     assert equal_states(snn_before, snn.state_dict())
     assert all(p.grad is None for p in snn.parameters())
@@ -146,11 +155,24 @@ def test_tnn_step_trains_tnn_and_leaves_switcher_untouched(spec: ModelSpec, deta
     assert all(g.factors is None for g in tnn.gates())  # gates detached again
 
 
-@pytest.mark.parametrize("compression", ["target", "penalty", "none"])
-def test_snn_step_trains_switcher_and_freezes_tnn_including_bn_stats(compression: str) -> None:
-    tnn, snn = setup_pair(VGG_SPEC, "budget" if compression == "target" else "relu")
-    cfg = make_cfg(compression=compression, penalty=1.0)
-    x, y = batch(VGG_SPEC)
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"compression": "target"},
+        {"compression": "penalty", "penalty": 1.0},
+        {"compression": "none"},
+        {"compression": "target", "snn_gates": "stochastic"},
+        {"snn_prior": True, "snn_gates": "stochastic", "snn_holdout": 0.2},
+    ],
+    ids=["target", "penalty", "none", "stochastic", "prior-holdout"],
+)
+def test_snn_step_trains_switcher_and_freezes_tnn_including_bn_stats(
+    overrides: dict[str, Any],
+) -> None:
+    r = start(VGG_SPEC, make_cfg(snn_lr=0.5, **overrides))
+    tnn, snn = r.tnn, r.scorer
+    assert snn is not None
+    x, _y = batch(VGG_SPEC)
     # Non-trivial running statistics, and proof that a plain train-mode forward moves them.
     initial = bn_stats(tnn)
     with torch.no_grad():
@@ -158,13 +180,9 @@ def test_snn_step_trains_switcher_and_freezes_tnn_including_bn_stats(compression
     moved = bn_stats(tnn)
     assert all(not torch.equal(initial[k], moved[k]) for k in initial)
 
-    costs = CostModel(tnn)
-    full_cost = float(costs.cost(cfg.target_metric))
-    opt = torch.optim.SGD(snn.parameters(), lr=0.5, momentum=0.9)
     tnn_params, snn_params = params_of(tnn), params_of(snn)
     momenta = [m.momentum for m in tnn.modules() if isinstance(m, nn.BatchNorm2d)]
-    state = {"frozen": None}
-    _snn_step(tnn, snn, state, cfg, x, y, opt, nn.CrossEntropyLoss(), costs, full_cost, 0.5)
+    _snn_step(r, 0.5)
 
     assert changed(tnn_params, tnn) == []
     assert all(torch.equal(moved[k], v) for k, v in bn_stats(tnn).items())
@@ -184,23 +202,25 @@ def test_each_phase_of_fit_freezes_the_other_network(
     calls = {"tnn": 0, "snn": 0}
     real_tnn, real_snn = training._tnn_step, training._snn_step
 
-    def tnn_step(tnn: TaskNet, snn: Switcher | None, *args: Any) -> float:
-        before = snapshot(snn) if snn is not None else {}
-        tnn_before = params_of(tnn)
-        out = real_tnn(tnn, snn, *args)
-        if snn is not None:
-            assert equal_states(before, snn.state_dict())
-        assert changed(tnn_before, tnn)
+    def tnn_step(r: training._Run, *args: Any) -> float:
+        before = snapshot(r.scorer) if r.scorer is not None else {}
+        tnn_before = params_of(r.tnn)
+        out = real_tnn(r, *args)
+        if r.scorer is not None:
+            assert equal_states(before, r.scorer.state_dict())
+        assert changed(tnn_before, r.tnn)
         calls["tnn"] += 1
         return out
 
-    def snn_step(tnn: TaskNet, snn: Switcher, *args: Any) -> None:
-        tnn_before, stats, snn_before = params_of(tnn), bn_stats(tnn), params_of(snn)
-        real_snn(tnn, snn, *args)
-        assert equal_states(stats, bn_stats(tnn))
-        assert changed(tnn_before, tnn) == []
-        assert changed(snn_before, snn)
+    def snn_step(r: training._Run, *args: Any) -> Any:
+        assert r.scorer is not None
+        tnn_before, stats, snn_before = params_of(r.tnn), bn_stats(r.tnn), params_of(r.scorer)
+        out = real_snn(r, *args)
+        assert equal_states(stats, bn_stats(r.tnn))
+        assert changed(tnn_before, r.tnn) == []
+        assert changed(snn_before, r.scorer)
         calls["snn"] += 1
+        return out
 
     monkeypatch.setattr(training, "_tnn_step", tnn_step)
     monkeypatch.setattr(training, "_snn_step", snn_step)
@@ -496,3 +516,104 @@ def test_ramped_target() -> None:
     assert all(a >= b for a, b in zip(values, values[1:], strict=False))
     assert 0.3 < values[8] < 1.0  # halfway down the ramp
     assert values[16] == pytest.approx(0.3)
+
+
+# --- 5. scorers and compression modes ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("scorer", ["magnitude", "random"])
+def test_fixed_scorers_share_the_schedule_and_reach_the_target(scorer: str) -> None:
+    result = run(make_cfg(scorer=scorer, target_ratio=0.3))
+    assert result.factors is not None and result.switcher is not None
+    assert result.switcher.spec.scorer == scorer
+    assert list(result.switcher.parameters()) == []  # nothing to learn
+    assert_no_group_empty(result.factors, MLP_SPEC)
+    # Kept units are unscaled: the control only selects.
+    assert all(set(v.unique().tolist()) <= {0.0, 1.0} for v in result.factors.values())
+    assert 0.2 <= result.metrics["train_params_ratio"] <= 0.3 + 1e-9
+    assert_identical(result, run(make_cfg(scorer=scorer, target_ratio=0.3)))
+
+
+def test_magnitude_scorer_keeps_the_largest_incoming_norms() -> None:
+    result = run(make_cfg(scorer="magnitude", target_ratio=0.3, switch_epochs_fraction=1.0))
+    assert result.factors is not None
+    modules = dict(result.model.named_modules())
+    for name, f in result.factors.items():
+        norms = modules[name].weight.detach().norm(dim=1)
+        kept, dropped = norms[f > 0], norms[f == 0]
+        if dropped.numel():
+            assert float(kept.min()) >= float(dropped.max())
+
+
+def test_random_scorer_keeps_the_units_its_seed_ranks_first() -> None:
+    a = run(make_cfg(scorer="random", target_ratio=0.3))
+    b = run(make_cfg(scorer="random", target_ratio=0.3, seed=1))
+    assert a.factors is not None and b.factors is not None and a.switcher is not None
+    scores = a.switcher.scores(a.model)
+    for name, f in a.factors.items():
+        assert float(scores[name][f > 0].min()) >= float(scores[name][f == 0].max())
+    assert any(not torch.equal(a.factors[k], b.factors[k]) for k in a.factors)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"snn_prior": True, "snn_gates": "stochastic", "gate_temperature": 0.1},
+        {"snn_gates": "stochastic", "snn_holdout": 0.2},
+    ],
+    ids=["prior-stochastic", "stochastic-holdout"],
+)
+def test_switcher_variants_are_deterministic_and_reach_the_target(
+    overrides: dict[str, Any],
+) -> None:
+    a, b = run(make_cfg(**overrides)), run(make_cfg(**overrides))
+    assert_identical(a, b)
+    assert a.factors is not None
+    assert_no_group_empty(a.factors, MLP_SPEC)
+    assert 0.3 <= a.metrics["train_params_ratio"] <= 0.4 + 1e-9
+    other = run(make_cfg(seed=1, **overrides))
+    assert not equal_states(a.model.state_dict(), other.model.state_dict())
+
+
+def test_prior_switcher_starts_from_the_magnitude_order() -> None:
+    tnn = build_model(MLP_SPEC)
+    torch.manual_seed(0)
+    snn = Switcher(SwitcherSpec.for_model(tnn, "stats", 8, "budget", prior=True))
+    modules = dict(tnn.named_modules())
+    for name, s in snn.scores(tnn).items():
+        norms = modules[name].weight.detach().norm(dim=1)
+        # The learned part starts within ~0.01 of a constant: the order is magnitude's.
+        top = torch.topk(norms, 5).indices
+        assert set(torch.topk(s.detach(), 5).indices.tolist()) == set(top.tolist())
+
+
+def test_auto_mode_finds_a_ratio_within_the_accuracy_drop() -> None:
+    cfg = make_cfg(
+        epochs=8, compression="auto", max_accuracy_drop=0.05, switch_epochs_fraction=0.9
+    )
+    data = make_data(MLP_SPEC.in_shape, n=400)
+    val = make_data(MLP_SPEC.in_shape, n=200, seed=0)
+    result = fit(MLP_SPEC, data, val, cfg, progress=False)
+    assert result.factors is not None
+    ratio = result.metrics["auto_ratio"]
+    # Accepted ratios are powers of the shrink factor; the final net meets the accepted one.
+    k = round(math.log(ratio) / math.log(cfg.auto_shrink))
+    assert ratio == pytest.approx(cfg.auto_shrink**k)
+    assert result.metrics["train_params_ratio"] <= ratio + 1e-9
+    reference = result.metrics["auto_reference_accuracy"]
+    assert reference == result.history[0]["val_accuracy"]
+    if ratio < 1.0:
+        # The epoch whose trial was accepted stayed within the drop.
+        ok = [r for r in result.history[1:] if r["params_ratio"] <= ratio + 1e-9]
+        assert ok and ok[0]["val_accuracy"] >= reference - cfg.max_accuracy_drop
+
+
+def test_auto_mode_with_no_tolerance_keeps_more_than_with_a_loose_one() -> None:
+    data = make_data(MLP_SPEC.in_shape, n=400)
+    val = make_data(MLP_SPEC.in_shape, n=200, seed=0)
+    strict = fit(MLP_SPEC, data, val, make_cfg(epochs=8, compression="auto",
+                 max_accuracy_drop=0.0), progress=False)  # fmt: skip
+    loose = fit(MLP_SPEC, data, val, make_cfg(epochs=8, compression="auto",
+                max_accuracy_drop=0.9), progress=False)  # fmt: skip
+    assert loose.metrics["auto_ratio"] < strict.metrics["auto_ratio"]
+    assert loose.metrics["train_params_ratio"] < strict.metrics["train_params_ratio"]

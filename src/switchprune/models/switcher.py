@@ -43,6 +43,11 @@ class SwitcherSpec:
         row_lengths: For ``rows``: length of each writer's incoming row, by writer name.
         multiple: ``budget`` mode keeps a multiple of this many units per group (see
             :func:`kept_count`).
+        scorer: Where scores come from: ``switcher`` (learned), or the fixed controls
+            ``magnitude`` and ``random`` (:mod:`switchprune.scoring`).
+        prior: The switcher's score is its learned output, centred per layer, plus the log of
+            the unit's magnitude score, so it starts from magnitude and learns what improves
+            on it.
     """
 
     input: str = "stats"
@@ -50,6 +55,8 @@ class SwitcherSpec:
     row_lengths: tuple[tuple[str, int], ...] = ()
     mode: str = "relu"
     multiple: int = 1
+    scorer: str = "switcher"
+    prior: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """A ``weights_only``-safe mapping."""
@@ -59,6 +66,8 @@ class SwitcherSpec:
             "row_lengths": dict(self.row_lengths),
             "mode": self.mode,
             "multiple": self.multiple,
+            "scorer": self.scorer,
+            "prior": self.prior,
         }
 
     @classmethod
@@ -71,13 +80,22 @@ class SwitcherSpec:
             rows,
             str(data.get("mode", "relu")),
             int(data.get("multiple", 1)),
+            str(data.get("scorer", "switcher")),
+            bool(data.get("prior", False)),
         )
 
     @classmethod
     def for_model(
-        cls, model: TaskNet, input: str, hidden: int, mode: str = "relu", multiple: int = 1
+        cls,
+        model: TaskNet,
+        input: str,
+        hidden: int,
+        mode: str = "relu",
+        multiple: int = 1,
+        scorer: str = "switcher",
+        prior: bool = False,
     ) -> SwitcherSpec:
-        """The spec of a switcher for ``model``."""
+        """The spec of a switcher (or of a fixed scorer, see :mod:`switchprune.scoring`)."""
         modules = dict(model.named_modules())
         rows: list[tuple[str, int]] = []
         if input == "rows":
@@ -85,7 +103,7 @@ class SwitcherSpec:
                 for writer, norm in zip(g.writers, g.norms, strict=True):
                     w = modules[writer].weight
                     rows.append((writer, w[0].numel() + (2 if norm else 0)))
-        return cls(input, hidden, tuple(rows), mode, multiple)
+        return cls(input, hidden, tuple(rows), mode, multiple, scorer, prior)
 
 
 def kept_count(above: int, size: int, multiple: int) -> int:
@@ -100,12 +118,72 @@ def kept_count(above: int, size: int, multiple: int) -> int:
     return min(size, rounded)
 
 
-class Switcher(nn.Module):
-    """Maps a task network's weights to one non-negative factor per gated unit."""
+class UnitScorer(nn.Module):
+    """Scores every gated unit of a task network; the gate turns scores into factors.
+
+    Subclasses define :meth:`scores`. The offset is the line at or below which units are off
+    (0 in ``relu`` mode; set by the compression target in ``budget`` mode).
+    """
 
     def __init__(self, spec: SwitcherSpec) -> None:
         super().__init__()
         self.spec = spec
+        self.register_buffer("offset", torch.zeros(()))
+
+    def forward(
+        self,
+        model: TaskNet,
+        grad_through_tnn: bool = False,
+        stats: dict[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Factors for every gate group of ``model``: the score, or 0 at or below the offset."""
+        return {k: self.gate(v) for k, v in self.scores(model, grad_through_tnn, stats).items()}
+
+    def on_units(self, scores: torch.Tensor) -> torch.Tensor:
+        """Which units of a group are on: above the offset, plus the top unit (never empty).
+
+        In ``budget`` mode with a width multiple, the count is rounded (:func:`kept_count`)
+        and the best-scored units fill it.
+        """
+        above = scores > self.offset
+        top = torch.zeros_like(above)
+        if scores.numel():
+            top[scores.argmax()] = True
+        on = above | top
+        if self.spec.mode == "budget" and self.spec.multiple > 1 and scores.numel():
+            count = kept_count(int(above.sum()), scores.numel(), self.spec.multiple)
+            on = torch.zeros_like(above)
+            on[torch.argsort(scores.detach(), descending=True, stable=True)[:count]] = True
+        return on
+
+    def kept_factors(self, scores: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
+        """Factors of the units that are on (fixed scorers: 1, the unit unchanged)."""
+        return torch.ones_like(scores)
+
+    def gate(self, scores: torch.Tensor) -> torch.Tensor:
+        """Factors from scores: exactly 0 for units that are off (see :meth:`on_units`)."""
+        on = self.on_units(scores)
+        return torch.where(on, self.kept_factors(scores, on), torch.zeros_like(scores))
+
+    def scores(
+        self,
+        model: TaskNet,
+        grad_through_tnn: bool = False,
+        stats: dict[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """One score vector per gate group of ``model``."""
+        raise NotImplementedError
+
+    def statistics(self, model: TaskNet) -> dict[str, torch.Tensor] | None:
+        """Inputs of :meth:`scores` that can be reused while ``model`` is unchanged, or None."""
+        return None
+
+
+class Switcher(UnitScorer):
+    """Maps a task network's weights to one non-negative factor per gated unit."""
+
+    def __init__(self, spec: SwitcherSpec) -> None:
+        super().__init__(spec)
         width = spec.hidden
         if spec.input == "rows":
             # Module names may not contain dots; writer names do.
@@ -121,49 +199,26 @@ class Switcher(nn.Module):
         assert isinstance(last, nn.Linear)
         nn.init.normal_(last.weight, std=0.01)
         nn.init.constant_(last.bias, 1.0)
-        # Budget offset subtracted from every score; set by the training controller, 0 otherwise.
-        self.register_buffer("offset", torch.zeros(()))
 
-    def forward(
-        self,
-        model: TaskNet,
-        grad_through_tnn: bool = False,
-        stats: dict[str, torch.Tensor] | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Factors for every gate group of ``model``: the score, or 0 at or below the offset."""
-        return {k: self.gate(v) for k, v in self.scores(model, grad_through_tnn, stats).items()}
+    def kept_factors(self, scores: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
+        """``relu`` mode: ``ReLU(score)``; ``budget`` mode: ``exp(score - 1)``, mean 1.
 
-    def gate(self, scores: torch.Tensor) -> torch.Tensor:
-        """Factors from scores: exactly 0 at or below the offset (but for a group's top unit).
-
-        ``relu`` mode: the score itself above an offset of 0, i.e. ``ReLU(score)``. ``budget``
-        mode: ``exp(score - 1)`` above the offset that a compression target sets, so every kept
-        factor is positive however the scores drift, and a fresh switcher gives factors of 1.
-        In both modes the group's top-scored unit is kept even at or below the line (in ``relu``
-        mode with a factor of at least :data:`MIN_FACTOR`), so a group is never emptied.
+        In ``relu`` mode a kept top unit at or below the line is floored at
+        :data:`MIN_FACTOR`. In ``budget`` mode every kept factor is positive however the
+        scores drift, and a fresh switcher gives factors of 1.
         """
-        above = scores > self.offset
-        # A layer is never emptied: the top-scored unit of a group stays on whatever the line.
-        top = torch.zeros_like(above)
-        if scores.numel():
-            top[scores.argmax()] = True
-        on = above | top
-        if self.spec.mode == "budget" and self.spec.multiple > 1 and scores.numel():
-            # The width is rounded to the multiple: the best-scored units fill it.
-            count = kept_count(int(above.sum()), scores.numel(), self.spec.multiple)
-            on = torch.zeros_like(above)
-            on[torch.argsort(scores.detach(), descending=True, stable=True)[:count]] = True
-        if self.spec.mode == "budget":
-            kept = torch.exp(scores.clamp(max=10.0) - 1.0)
-            # Kept factors average 1 in each group: the switcher decides which units matter
-            # and how much relative to each other, but cannot inflate the layer's scale (which
-            # only makes the logits, not the decision, larger).
-            mean = (kept * on).sum() / on.sum().clamp(min=1)
-            kept = kept / mean.clamp(min=1e-12)
-        else:
-            # ReLU, except that a kept top unit at or below the line is floored at MIN_FACTOR.
-            kept = torch.where(above, scores, scores.clamp(min=MIN_FACTOR))
-        return torch.where(on, kept, torch.zeros_like(scores))
+        if self.spec.mode != "budget":
+            return torch.where(scores > self.offset, scores, scores.clamp(min=MIN_FACTOR))
+        if self.spec.prior:
+            # A switcher that refines the magnitude prior selects units and leaves the kept
+            # ones unscaled: what it learns is what removing a unit costs.
+            return torch.ones_like(scores)
+        kept = torch.exp(scores.clamp(max=10.0) - 1.0)
+        # Kept factors average 1 in each group: the switcher decides which units matter and
+        # how much relative to each other, but cannot inflate the layer's scale (which only
+        # makes the logits, not the decision, larger).
+        mean = (kept * on).sum() / on.sum().clamp(min=1)
+        return kept / mean.clamp(min=1e-12)
 
     def scores(
         self,
@@ -196,6 +251,11 @@ class Switcher(nn.Module):
             else:
                 x = unit_statistics(g, modules, position, grad_through_tnn)
             out[g.name] = self.head(x).squeeze(1)
+        if self.spec.prior:
+            # The learned part is centred in each layer: it reorders units within a layer,
+            # and cannot move a whole layer below the line (which empties it in one step).
+            prior = magnitude_scores(model)
+            out = {k: v - v.mean() + torch.log(prior[k] + 1e-6) for k, v in out.items()}
         return out
 
     @torch.no_grad()
@@ -298,3 +358,18 @@ def unit_statistics(
     size = torch.log(torch.tensor(float(g.size), device=x.device, dtype=x.dtype))
     # Layer context is not z-scored: it tells the shared head which layer it is looking at.
     return torch.cat([x, ones * position, ones * size / 10.0], dim=1)
+
+
+@torch.no_grad()
+def magnitude_scores(model: TaskNet) -> dict[str, torch.Tensor]:
+    """The magnitude control: L2 norm of each unit's incoming weights ÷ its layer's mean.
+
+    Writers of a residual group contribute the norm over all of their rows together.
+    """
+    modules = dict(model.named_modules())
+    out = {}
+    for g in model.groups:
+        sq = sum(_weight(modules[w], False).flatten(1).pow(2).sum(1) for w in g.writers)
+        norm = torch.as_tensor(sq).sqrt()
+        out[g.name] = norm / norm.mean().clamp(min=1e-12)
+    return out
