@@ -588,9 +588,7 @@ def test_prior_switcher_starts_from_the_magnitude_order() -> None:
 
 
 def test_auto_mode_finds_a_ratio_within_the_accuracy_drop() -> None:
-    cfg = make_cfg(
-        epochs=8, compression="auto", max_accuracy_drop=0.05, switch_epochs_fraction=0.9
-    )
+    cfg = make_cfg(epochs=8, compression="auto", max_accuracy_drop=0.05, switch_epochs_fraction=0.9)
     data = make_data(MLP_SPEC.in_shape, n=400)
     val = make_data(MLP_SPEC.in_shape, n=200, seed=0)
     result = fit(MLP_SPEC, data, val, cfg, progress=False)
