@@ -44,10 +44,10 @@ clean:
 	rm -rf data/prepared models checkpoints reports
 
 .PHONY: bench bench-quick
-bench: setup  ## the benchmark (3 seeds, digits + MNIST, < 60 min on 2 cores) -> reports/bench/
+bench: setup  ## the benchmark (5 seeds, MNIST, every scorer and baseline, < 60 min on 2 cores) -> reports/bench/
 	$(BIN)/python bench/run.py --setting default
 
-bench-quick: setup  ## the same code on a small setting (< 3 min)
+bench-quick: setup  ## the same code on a small setting -> reports/bench-quick/
 	$(BIN)/python bench/run.py --setting quick
 
 # The project image (Dockerfile), tagged with the one tag named in components/image.py.

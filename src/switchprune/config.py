@@ -107,10 +107,12 @@ class TrainConfig:
         scorer: Where unit scores come from: ``switcher`` (learned), or the controls
             ``magnitude`` (L2 norm of incoming weights ÷ layer mean, read as the TNN trains) and
             ``random`` (fixed seeded scores). Controls need ``compression: target``.
-        snn_prior: The switcher adds the log magnitude score to its output: it starts from
-            the magnitude order and learns only what improves on it (kept units unscaled).
-        snn_gates: SNN steps through ``straight`` (deterministic gates, straight-through for
-            units that are off) or ``stochastic`` gates (units near the line sampled on or off).
+        snn_prior: ``target``/``auto`` modes: the switcher adds the log magnitude score to its
+            output, so it starts from the magnitude order and learns only what improves on it
+            (kept units unscaled).
+        snn_gates: ``target``/``auto`` modes: SNN steps through ``straight`` (deterministic
+            gates, straight-through for units that are off) or ``stochastic`` gates (units
+            near the line sampled on or off). ``penalty`` and ``none`` always use ``straight``.
         gate_temperature: Width of the stochastic band around the line, in standard deviations
             of the scores.
         snn_holdout: Share of the training split reserved for SNN steps (the TNN never trains
@@ -155,9 +157,9 @@ class TrainConfig:
     snn_input: Literal["stats", "rows"] = "stats"
     snn_hidden: int = 32
     scorer: Literal["switcher", "magnitude", "random"] = "switcher"
-    snn_prior: bool = False
-    snn_gates: Literal["straight", "stochastic"] = "straight"
-    gate_temperature: float = 0.5
+    snn_prior: bool = True
+    snn_gates: Literal["straight", "stochastic"] = "stochastic"
+    gate_temperature: float = 0.1
     snn_holdout: float = 0.0
     compression: Literal["target", "auto", "penalty", "none"] = "target"
     target_metric: Literal["params", "macs"] = "params"
@@ -204,7 +206,9 @@ class TrainConfig:
         )
         _check(0.0 < self.auto_shrink < 1.0, "train", "auto_shrink", "must be in (0, 1)")
         _check(
-            not self.snn_prior or self.snn_gates == "stochastic",
+            not self.snn_prior
+            or self.snn_gates == "stochastic"
+            or self.compression not in ("target", "auto"),
             "train",
             "snn_prior",
             "needs snn_gates: stochastic (kept units are unscaled, so only sampled gates "

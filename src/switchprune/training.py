@@ -257,9 +257,17 @@ def _start(
     tnn = build_model(spec).to(device)
     scorer: UnitScorer | None = None
     if switched:
-        mode = "budget" if cfg.compression in ("target", "auto") else "relu"
+        budget = cfg.compression in ("target", "auto")
+        # The prior and sampled gates act around a budget line; the paper's modes keep the
+        # switcher's own ReLU zeros.
         scorer_spec = SwitcherSpec.for_model(
-            tnn, cfg.snn_input, cfg.snn_hidden, mode, cfg.width_multiple, cfg.scorer, cfg.snn_prior
+            tnn,
+            cfg.snn_input,
+            cfg.snn_hidden,
+            "budget" if budget else "relu",
+            cfg.width_multiple,
+            cfg.scorer,
+            cfg.snn_prior and budget,
         )
         scorer = build_scorer(scorer_spec, tnn, cfg.seed).to(device)
     opt_t = torch.optim.SGD(
@@ -518,7 +526,7 @@ def _trainable_factors(run: _Run, scores: dict[str, torch.Tensor]) -> dict[str, 
     """
     scorer = run.scorer
     assert scorer is not None
-    if run.cfg.snn_gates == "straight":
+    if run.cfg.snn_gates == "straight" or scorer.spec.mode != "budget":
         out = {}
         for k, v in scores.items():
             f = scorer.gate(v)

@@ -199,7 +199,7 @@ def test_each_phase_of_fit_freezes_the_other_network(
     monkeypatch: pytest.MonkeyPatch, alternation: str
 ) -> None:
     """Wrap the real steps inside ``fit`` and watch the real tensors around each call."""
-    calls = {"tnn": 0, "snn": 0}
+    calls = {"tnn": 0, "snn": 0, "snn_moved": 0}
     real_tnn, real_snn = training._tnn_step, training._snn_step
 
     def tnn_step(r: training._Run, *args: Any) -> float:
@@ -218,7 +218,8 @@ def test_each_phase_of_fit_freezes_the_other_network(
         out = real_snn(r, *args)
         assert equal_states(stats, bn_stats(r.tnn))
         assert changed(tnn_before, r.tnn) == []
-        assert changed(snn_before, r.scorer)
+        # Sampled gates far from the line carry no gradient: not every step moves the switcher.
+        calls["snn_moved"] += bool(changed(snn_before, r.scorer))
         calls["snn"] += 1
         return out
 
@@ -226,7 +227,7 @@ def test_each_phase_of_fit_freezes_the_other_network(
     monkeypatch.setattr(training, "_snn_step", snn_step)
     cfg = make_cfg(epochs=3, alternation=alternation, switch_epochs_fraction=1.0)
     run(dataclasses.replace(cfg, tnn_steps_per_snn_step=1), VGG_SPEC)
-    assert calls["tnn"] > 0 and calls["snn"] > 0
+    assert calls["tnn"] > 0 and calls["snn"] > 0 and calls["snn_moved"] > 0
 
 
 # --- 2. determinism ---------------------------------------------------------------------------

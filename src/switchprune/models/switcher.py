@@ -45,9 +45,8 @@ class SwitcherSpec:
             :func:`kept_count`).
         scorer: Where scores come from: ``switcher`` (learned), or the fixed controls
             ``magnitude`` and ``random`` (:mod:`switchprune.scoring`).
-        prior: The switcher's score is its learned output, centred per layer, plus the log of
-            the unit's magnitude score, so it starts from magnitude and learns what improves
-            on it.
+        prior: The switcher's score is its learned output plus the log of the unit's
+            magnitude score, so it starts from magnitude and learns what improves on it.
     """
 
     input: str = "stats"
@@ -252,10 +251,8 @@ class Switcher(UnitScorer):
                 x = unit_statistics(g, modules, position, grad_through_tnn)
             out[g.name] = self.head(x).squeeze(1)
         if self.spec.prior:
-            # The learned part is centred in each layer: it reorders units within a layer,
-            # and cannot move a whole layer below the line (which empties it in one step).
             prior = magnitude_scores(model)
-            out = {k: v - v.mean() + torch.log(prior[k] + 1e-6) for k, v in out.items()}
+            out = {k: v + torch.log(prior[k] + 1e-6) for k, v in out.items()}
         return out
 
     @torch.no_grad()
