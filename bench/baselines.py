@@ -320,16 +320,13 @@ def _prune_copy(
     return work.eval()
 
 
-def _prunable_sizes(model: TaskNet) -> list[int]:
-    """Unit count of every group Torch-Pruning would prune (the classifier's outputs excluded)."""
+def _ranked_sizes(model: TaskNet, importance: tp.importance.Importance) -> list[int]:
+    """Unit count of every group the pruner ranks (scored by ``importance``, not the classifier)."""
     work = _detached_copy(model)
     example = torch.zeros(1, *work.spec.in_shape, device=next(work.parameters()).device)
     dg = tp.DependencyGraph().build_dependency(work, example_inputs=example)
-    ignored = list(work.classifier.modules())
-    return [
-        dg.get_out_channels(group[0].dep.target.module)
-        for group in dg.get_all_groups(ignored_layers=ignored)
-    ]
+    scores = (importance(g) for g in dg.get_all_groups(ignored_layers=[work.classifier]))
+    return [len(s) for s in scores if s is not None]
 
 
 def prune_to_target(
@@ -358,7 +355,7 @@ def prune_to_target(
     """
     measure = _measure(target_metric, model.spec.in_shape)
     budget = target_ratio * measure(_detached_copy(model))
-    sizes = _prunable_sizes(model)
+    sizes = _ranked_sizes(model, importance)
     total = sum(sizes)
 
     capped = ProtectedImportance(importance, max_pruning_ratio)
@@ -463,16 +460,14 @@ def train_slimming(
     model = build_model(spec).to(device).eval()
     model.set_factors(None)
     example = torch.zeros(1, *spec.in_shape, device=device)
-    common = {"ignored_layers": [model.classifier], "global_pruning": True}
-    pruner: tp.pruner.BasePruner
-    if _has_batchnorm(model):
-        pruner = tp.pruner.BNScalePruner(
-            model, example, importance=slimming_importance(model), reg=reg, **common
-        )
-    else:
-        pruner = GroupLassoPruner(
-            model, example, importance=slimming_importance(model), reg=reg, **common
-        )
+    kind = tp.pruner.BNScalePruner if _has_batchnorm(model) else GroupLassoPruner
+    pruner = kind(
+        model,
+        example,
+        importance=slimming_importance(model),
+        reg=reg,
+        ignored_layers=[model.classifier],
+    )
     train_sgd(model, train, epochs, lr=lr, seed=seed, after_backward=pruner.regularize)
     return model.cpu().eval()
 
@@ -518,6 +513,7 @@ def run_baseline(
 
     Raises:
         ValueError: Unknown method or metric, or an unreachable target.
+        TypeError: ``trained_plain`` is not a ``TaskNet``.
     """
     if method not in METHODS:
         raise ValueError(f"unknown baseline {method!r} (known: {', '.join(METHODS)})")
