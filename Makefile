@@ -46,9 +46,11 @@ clean:
 .PHONY: bench bench-quick
 bench: setup  ## the benchmark (5 seeds, MNIST, every scorer and baseline, < 60 min on 2 cores) -> reports/bench/
 	$(BIN)/python bench/run.py --setting default
+	$(BIN)/python bench/ablations.py --setting default
 
 bench-quick: setup  ## the same code on a small setting -> reports/bench-quick/
 	$(BIN)/python bench/run.py --setting quick
+	$(BIN)/python bench/ablations.py --setting quick
 
 # The project image (Dockerfile), tagged with the one tag named in components/image.py.
 IMAGE := $(shell sed -n 's/^IMAGE = "\(.*\)"$$/\1/p' components/image.py)

@@ -250,6 +250,11 @@ def _start(
     device: torch.device,
 ) -> _Run:
     """Build the networks, optimisers and data split of a run (seeded)."""
+    if switched and cfg.scorer != "switcher" and cfg.compression not in ("target", "auto"):
+        raise ValueError(
+            f"train.scorer {cfg.scorer!r} needs compression target or auto (it has no zeros of "
+            f"its own); compression {cfg.compression!r} needs scorer 'switcher'"
+        )
     if device.type == "cuda":
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False

@@ -105,3 +105,19 @@ def test_paper_claims_are_measured(results: Path) -> None:
     assert {r["arch"] for r in auto} >= {"mlp-narrow", "mlp-wide"}
     assert all(0.0 < r["params_ratio"] <= 1.0 for r in auto)
     assert "## The paper's claims" in (results / "results.md").read_text()
+
+
+def test_ablations_write_one_row_per_variant(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location(
+        "switchprune_ablations", ROOT / "bench" / "ablations.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    argv = ["--setting", "tiny", "--out", str(tmp_path), "--mnist-dir", str(MNIST)]
+    assert module.main(argv + ["--threads", "1"]) == 0
+    records = json.loads((tmp_path / "ablations.json").read_text())["records"]
+    assert {r["variant"] for r in records} == set(module.VARIANTS)
+    md = (tmp_path / "ablations.md").read_text()
+    assert all(f"| {v} |" in md for v in module.VARIANTS)

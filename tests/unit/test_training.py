@@ -44,7 +44,14 @@ MLP_SPEC = ModelSpec("mlp", (1, 8, 8), 10, {"fc1": 32, "fc2": 16})
 VGG_SPEC = ModelSpec("vgg11", (3, 8, 8), 10, vgg.default_widths("vgg11", 0.125))
 
 # 200 samples in batches of 32: 7 batches per epoch (an odd count, which matters for resume).
-BASE = {"epochs": 4, "batch_size": 32, "snn_hidden": 8, "device": "cpu", "baseline": False}
+BASE = {
+    "epochs": 4,
+    "batch_size": 32,
+    "snn_hidden": 8,
+    "device": "cpu",
+    "baseline": False,
+    "scorer": "switcher",
+}
 
 
 def make_data(in_shape: tuple[int, int, int], n: int = 200, seed: int = 0) -> TensorDataset:
@@ -616,3 +623,18 @@ def test_auto_mode_with_no_tolerance_keeps_more_than_with_a_loose_one() -> None:
                 max_accuracy_drop=0.9), progress=False)  # fmt: skip
     assert loose.metrics["auto_ratio"] < strict.metrics["auto_ratio"]
     assert loose.metrics["train_params_ratio"] < strict.metrics["train_params_ratio"]
+
+
+def test_prior_switcher_moves_a_score_at_most_prior_range_from_magnitude() -> None:
+    from switchprune.models.switcher import PRIOR_RANGE, magnitude_scores
+
+    tnn = build_model(MLP_SPEC)
+    snn = Switcher(SwitcherSpec.for_model(tnn, "stats", 8, "budget", prior=True))
+    with torch.no_grad():
+        for p in snn.parameters():
+            p.mul_(0).add_(torch.randn_like(p) * 50)  # a head gone wild
+    prior = magnitude_scores(tnn)
+    for name, s in snn.scores(tnn).items():
+        gap = (s - torch.log(prior[name] + 1e-6)).abs()
+        assert float(gap.max()) <= PRIOR_RANGE + 1e-6
+        assert float(gap.max()) > 0.1 * PRIOR_RANGE  # the learned part does act

@@ -28,6 +28,8 @@ from torch import nn
 from switchprune.models.base import GateGroup, TaskNet
 
 N_STATS = 11
+# Largest change, in log magnitude, that a prior switcher's learned part makes to a score.
+PRIOR_RANGE = 0.5
 # Smallest factor of a group's last unit in ``relu`` mode (a group is never emptied).
 MIN_FACTOR = 1e-3
 
@@ -251,8 +253,14 @@ class Switcher(UnitScorer):
                 x = unit_statistics(g, modules, position, grad_through_tnn)
             out[g.name] = self.head(x).squeeze(1)
         if self.spec.prior:
+            # The learned part is bounded: it can reorder units whose magnitudes are within a
+            # factor of e^PRIOR_RANGE, but cannot sink a whole layer below the line (which
+            # empties it in a few steps and collapses the network).
             prior = magnitude_scores(model)
-            out = {k: v + torch.log(prior[k] + 1e-6) for k, v in out.items()}
+            out = {
+                k: PRIOR_RANGE * torch.tanh(v - 1.0) + torch.log(prior[k] + 1e-6)
+                for k, v in out.items()
+            }
         return out
 
     @torch.no_grad()

@@ -1,0 +1,95 @@
+"""``make bench`` (second part): the switcher mechanisms tried, against the fixed scorers.
+
+Same data, split, schedule and target as ``bench/run.py`` (MNIST 8,000 / 2,000, 10 epochs),
+on the MLP at 0.13 of the parameters, where scores matter most; only the switcher's training
+differs. Writes ``ablations.json`` (one record per run) and ``ablations.md`` beside the main
+results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run import ARCHS, ROOT, SETTINGS, load_dataset, measure, run_ours, train_config  # noqa: E402
+
+from switchprune.models import spec_from_config  # noqa: E402
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "magnitude (control)": {"scorer": "magnitude"},
+    "random (control)": {"scorer": "random"},
+    "switcher, default: magnitude prior, stochastic gates T=0.1": {},
+    "switcher, stochastic gates T=0.3": {"gate_temperature": 0.3},
+    "switcher, SNN steps on a held-out 10 %": {"snn_holdout": 0.1},
+    "switcher, k=1": {"tnn_steps_per_snn_step": 1},
+    "switcher without prior, stochastic gates": {"snn_prior": False},
+    "switcher without prior, straight-through (the earlier default)": {
+        "snn_prior": False,
+        "snn_gates": "straight",
+    },
+}
+ARCH, METRIC, RATIO = "mlp", "params", 0.13
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every variant over the setting's seeds and write the tables."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setting", choices=sorted(SETTINGS), default="default")
+    parser.add_argument("--mnist-dir", default=str(ROOT.parent / "shared" / "data" / "mnist-t10k"))
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    setting = SETTINGS[args.setting]
+    torch.set_num_threads(args.threads)
+    name = "bench" if args.setting == "default" else f"bench-{args.setting}"
+    out = Path(args.out) if args.out else ROOT / "reports" / name
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    records = []
+    with tempfile.TemporaryDirectory(prefix="switchprune-ablations-") as tmp:
+        data = load_dataset("mnist", Path(args.mnist_dir), Path(tmp), setting.data_limit)
+        meta = data["meta"]
+        spec = spec_from_config(ARCHS[ARCH], meta.in_shape, meta.num_classes)
+        base = {"params": 1.0, "macs": 1.0}
+        for variant, overrides in VARIANTS.items():
+            for seed in setting.seeds:
+                cfg = train_config(setting.epochs, seed, ARCH, target_metric=METRIC,
+                                   target_ratio=RATIO, **overrides)  # fmt: skip
+                small, widths, _seconds = run_ours(spec, data, cfg)
+                m = measure(small, data, base)
+                records.append({"variant": variant, "seed": seed, "accuracy": m["accuracy"],
+                                "params": m["params"], "widths": widths})  # fmt: skip
+            accs = [100 * r["accuracy"] for r in records if r["variant"] == variant]
+            print(f"bench: ablation {variant}: {statistics.fmean(accs):.2f}%", flush=True)
+    lines = [
+        f"# Switcher mechanisms ({ARCH}, {METRIC} target {RATIO}, MNIST "
+        f"{len(data['train']):,} / {len(data['test']):,}, {setting.epochs} epochs, seeds "
+        f"{list(setting.seeds)}; {(time.perf_counter() - started) / 60:.1f} min)",
+        "",
+        "| variant | accuracy % (mean ± sd) | worst seed | widths (first seed) |",
+        "|---|---|---|---|",
+    ]
+    for variant in VARIANTS:
+        rs = [r for r in records if r["variant"] == variant]
+        accs = [100 * r["accuracy"] for r in rs]
+        sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        lines.append(f"| {variant} | {statistics.fmean(accs):.2f} ± {sd:.2f} | {min(accs):.2f} "
+                     f"| {rs[0]['widths']} |")  # fmt: skip
+    (out / "ablations.json").write_text(json.dumps({"records": records}, indent=1) + "\n")
+    (out / "ablations.md").write_text("\n".join(lines) + "\n")
+    print(f"bench: wrote {out / 'ablations.md'}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
