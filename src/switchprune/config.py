@@ -264,6 +264,9 @@ class EvaluateConfig:
         latency_repeats: Timed forward passes; the median is reported.
         threads: CPU threads used for latency (0 keeps torch's default).
         device: ``auto``, ``cpu`` or ``cuda``.
+        max_logit_diff: Largest accepted max abs difference (float64) between the logits of the
+            gated trained model and the compacted one; above it the compacted model is not
+            the trained model's and evaluation is refused.
     """
 
     batch_size: int = 256
@@ -271,10 +274,12 @@ class EvaluateConfig:
     latency_repeats: int = 20
     threads: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_logit_diff: float = 1e-4
 
     def validate(self) -> None:
         """Check ranges."""
         _check(self.batch_size >= 1, "evaluate", "batch_size", "must be >= 1")
+        _check(self.max_logit_diff > 0, "evaluate", "max_logit_diff", "must be > 0")
         _check(self.latency_warmup >= 0, "evaluate", "latency_warmup", "must be >= 0")
         _check(self.latency_repeats >= 1, "evaluate", "latency_repeats", "must be >= 1")
         _check(self.threads >= 0, "evaluate", "threads", "must be >= 0")
@@ -335,6 +340,8 @@ class PromoteConfig:
         alias: Alias moved to the promoted version.
         min_accuracy: Lowest acceptable ``test_accuracy``.
         max_accuracy_drop: Largest acceptable ``baseline_accuracy - test_accuracy``.
+        max_logit_diff: Largest acceptable ``max_abs_logit_diff_f64`` (the compacted model
+            must compute what the trained, gated one computes).
         max_params_ratio: Largest acceptable ``params_after / params_before`` (minimum
             compression).
         not_worse_than_champion: Refuse a model less accurate than the current champion.
@@ -345,6 +352,7 @@ class PromoteConfig:
     min_accuracy: float = 0.9
     max_accuracy_drop: float = 0.02
     max_params_ratio: float = 0.8
+    max_logit_diff: float = 1e-4
     not_worse_than_champion: bool = True
 
     def validate(self) -> None:

@@ -365,7 +365,39 @@ def dvc_md5(path: Path) -> str:
 
 def _prepare_idx_dir(cfg: DataConfig, idx_dir: Path) -> _Prepared:
     x, y = _read_idx_dir(idx_dir)
-    return (*_split_three(x, y, cfg), int(y.max().item()) + 1)
+    num_classes = int(y.max().item()) + 1
+    files = sorted(p.name for p in _find_by_prefix(idx_dir, _LABELS_RE).values())
+    check_labels(y, num_classes, f"labels file(s) {', '.join(files)} in {idx_dir}")
+    return (*_split_three(x, y, cfg), num_classes)
+
+
+def check_labels(y: torch.Tensor, num_classes: int, source: str) -> None:
+    """Refuse implausible labels: out of range, a class with no sample, or fewer than two.
+
+    Labels must be ``0 .. num_classes - 1`` with every class present; a one-class model cannot
+    be wrong and would pass any accuracy gate.
+
+    Raises:
+        DataError: Naming ``source`` and what is wrong.
+    """
+    if y.numel() == 0:
+        raise DataError(f"{source} holds no labels")
+    low, high = int(y.min()), int(y.max())
+    if low < 0 or high >= num_classes:
+        raise DataError(
+            f"{source} has labels {low}..{high}, outside 0..{num_classes - 1} "
+            f"({num_classes} classes)"
+        )
+    counts = torch.bincount(y, minlength=num_classes)
+    if num_classes < 2 or int((counts > 0).sum()) < 2:
+        raise DataError(f"{source} has fewer than two classes (labels {sorted(set(y.tolist()))})")
+    absent = torch.nonzero(counts == 0).flatten().tolist()
+    if absent:
+        shown = ", ".join(map(str, absent[:10])) + (" ..." if len(absent) > 10 else "")
+        raise DataError(
+            f"{source} has no sample of class(es) {shown} among 0..{num_classes - 1}: labels "
+            "must be 0..K-1 with every class present (is one label corrupt?)"
+        )
 
 
 def _prepare_idx(cfg: DataConfig) -> _Prepared:
@@ -393,6 +425,7 @@ def _prepare_torchvision(cfg: DataConfig, raw_dir: Path) -> _Prepared:
             ) from exc
         parts.append(_torchvision_tensors(ds, cfg.dataset, raw_dir))
         num_classes = len(ds.classes)
+        check_labels(parts[-1][1], num_classes, f"dataset {cfg.dataset!r} in {raw_dir}")
 
     (x_trainval, y_trainval), (x_test, y_test) = parts
     train_idx, val_idx = _stratified_split(y_trainval.numpy(), cfg.val_fraction, cfg.split_seed)
@@ -446,6 +479,10 @@ def _read_idx_dir(idx_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
         if x.ndim != 3 or x.dtype != np.uint8:
             raise DataError(
                 f"images file {img_path} must hold uint8 [N, H, W], got {x.dtype} {x.shape}"
+            )
+        if x.shape[1] == 0 or x.shape[2] == 0:
+            raise DataError(
+                f"images file {img_path} holds empty images ({x.shape[1]}×{x.shape[2]})"
             )
         if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
             raise DataError(

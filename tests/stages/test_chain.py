@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from switchprune.config import DataConfig, EvaluateConfig, ModelConfig, PruneConfig, TrainConfig
-from switchprune.io import load_model_file
+from switchprune.io import ArtifactError, load_model_file
 from switchprune.stages import evaluate, preprocess, prune, train
 
 
@@ -88,3 +88,22 @@ def test_baseline_off_leaves_no_stale_baseline(prepared: Path, tmp_path: Path) -
         model_dir=tmp_path / "m",
     )
     assert "baseline_accuracy" not in report
+
+
+def test_evaluate_refuses_a_compacted_model_from_another_training(
+    prepared: Path, tmp_path: Path
+) -> None:
+    model_cfg = ModelConfig(hidden=(16,))
+    for seed in (0, 1):
+        cfg = TrainConfig(epochs=1, batch_size=256, snn_hidden=4, device="cpu", seed=seed,
+                          baseline=False, target_ratio=0.5)  # fmt: skip
+        train.run(cfg, model_cfg=model_cfg, prepared_dir=prepared,
+                  trained_dir=tmp_path / f"t{seed}", progress=False)  # fmt: skip
+    prune.run(PruneConfig(), trained_dir=tmp_path / "t1", model_dir=tmp_path / "m1")
+    with pytest.raises(ArtifactError, match="not the compaction of"):
+        evaluate.run(
+            EvaluateConfig(latency_warmup=0, latency_repeats=1, device="cpu"),
+            prepared_dir=prepared,
+            trained_dir=tmp_path / "t0",
+            model_dir=tmp_path / "m1",
+        )

@@ -455,3 +455,33 @@ def test_missing_torchvision_dataset_without_download(tmp_path: Path, dataset: s
     assert dataset in message and str(raw) in message
     assert "\n" not in message
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        (lambda y: np.where(np.arange(len(y)) == 3, 255, y), "no sample of class(es) 10, 11"),
+        (lambda y: np.zeros_like(y), "fewer than two classes"),
+        (lambda y: np.where(y == 4, 5, y), "no sample of class(es) 4"),
+    ],
+    ids=["one-label-255", "all-zero", "absent-class"],
+)
+def test_implausible_labels_are_refused_naming_the_file(tmp_path: Path, labels, message):
+    idx_dir = tmp_path / "idx"
+    idx_dir.mkdir()
+    x, y = make_images(100, seed=1)
+    write_pair(idx_dir, "train-", x, labels(y).astype(np.uint8), gz=False)
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="train-labels-idx1-ubyte") as err:
+        prepare_data(idx_cfg(idx_dir), raw_dir=tmp_path, out_dir=out)
+    assert message in str(err.value)
+    assert not out.exists()  # nothing half-written
+
+
+def test_empty_images_are_refused_naming_the_file(tmp_path: Path):
+    idx_dir = tmp_path / "idx"
+    idx_dir.mkdir()
+    _x, y = make_images(20, seed=1)
+    write_pair(idx_dir, "train-", np.zeros((20, 0, 0), dtype=np.uint8), y, gz=False)
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte.*empty images"):
+        prepare_data(idx_cfg(idx_dir), raw_dir=tmp_path, out_dir=tmp_path / "out")

@@ -7,7 +7,12 @@ import pytest
 from switchprune.config import PromoteConfig
 from switchprune.stages.promote import check_gate
 
-GOOD = {"test_accuracy": 0.95, "baseline_accuracy": 0.96, "params_ratio": 0.4}
+GOOD = {
+    "test_accuracy": 0.95,
+    "baseline_accuracy": 0.96,
+    "params_ratio": 0.4,
+    "max_abs_logit_diff_f64": 1e-9,
+}
 CFG = PromoteConfig(min_accuracy=0.9, max_accuracy_drop=0.02, max_params_ratio=0.6)
 
 
@@ -21,6 +26,8 @@ def test_a_good_model_passes_without_a_champion() -> None:
         ({"test_accuracy": 0.85, "baseline_accuracy": 0.86}, "min_accuracy"),
         ({"baseline_accuracy": 0.99}, "max_accuracy_drop"),
         ({"params_ratio": 0.7}, "max_params_ratio"),
+        ({"max_abs_logit_diff_f64": 23.6}, "max_logit_diff"),
+        ({"max_abs_logit_diff_f64": float("nan")}, "max_logit_diff"),
     ],
 )
 def test_each_threshold_refuses(change: dict, needle: str) -> None:
@@ -46,3 +53,9 @@ def test_the_champion_itself_and_better_models_pass() -> None:
     assert check_gate(CFG, GOOD, champion, 2)[0]  # re-promoting the champion
     better = {"version": 1, "metrics": {"test_accuracy": 0.94}}
     assert check_gate(CFG, GOOD, better, 2)[0]
+
+
+def test_a_run_without_the_logit_difference_is_refused() -> None:
+    metrics = {k: v for k, v in GOOD.items() if k != "max_abs_logit_diff_f64"}
+    ok, reason = check_gate(CFG, metrics, None, 4)
+    assert not ok and "max_abs_logit_diff_f64" in reason and "version 4" in reason

@@ -20,7 +20,7 @@ from switchprune.evaluation import (
     retain_freed_memory,
     state_dict_bytes,
 )
-from switchprune.io import COMPACT_FILE
+from switchprune.io import COMPACT_FILE, ArtifactError
 from switchprune.pruning import masked_factors
 from switchprune.stages.prune import load_compacted
 from switchprune.stages.train import load_baseline, load_switched
@@ -70,12 +70,19 @@ def run(
     )
     del full64, small64
     full.set_factors(None)
+    diff = float(diff64.abs().max())
+    if not diff <= cfg.max_logit_diff:
+        raise ArtifactError(
+            f"{Path(model_dir) / COMPACT_FILE} is not the compaction of {Path(trained_dir)}: "
+            f"max abs logit difference {diff:.3g} > evaluate.max_logit_diff "
+            f"{cfg.max_logit_diff:g} (re-run prune)"
+        )
 
     report: dict[str, Any] = {
         "test_accuracy": accuracy_from_logits(small_logits, labels),
         "gated_accuracy": accuracy_from_logits(gated_logits, labels),
         "max_abs_logit_diff": float((gated_logits - small_logits).abs().max()),
-        "max_abs_logit_diff_f64": float(diff64.abs().max()),
+        "max_abs_logit_diff_f64": diff,
         "params_before": float(count_params(full)),
         "params_after": float(count_params(small)),
         "macs_before": float(count_macs(full, meta.in_shape)),

@@ -39,6 +39,14 @@ def check_gate(
                 f"accuracy drop {drop:.4f} against baseline_accuracy {base:.4f} "
                 f"> max_accuracy_drop {cfg.max_accuracy_drop:.4f}"
             )
+    diff = metrics.get("max_abs_logit_diff_f64")
+    if diff is None or not diff <= cfg.max_logit_diff:
+        return False, (
+            f"max_abs_logit_diff_f64 {diff} > max_logit_diff {cfg.max_logit_diff:g}: the "
+            "compacted model does not compute what the trained model computes"
+            if diff is not None
+            else f"the run of version {version} has no metric 'max_abs_logit_diff_f64'"
+        )
     ratio = metrics["params_ratio"]
     if ratio > cfg.max_params_ratio:
         return False, f"params_ratio {ratio:.4f} > max_params_ratio {cfg.max_params_ratio:.4f}"
