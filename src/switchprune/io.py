@@ -48,8 +48,57 @@ def atomic_write_bytes(path: Path, write: Any) -> None:
 
 
 def save_torch(obj: dict[str, Any], path: Path) -> None:
-    """``torch.save`` atomically."""
-    atomic_write_bytes(path, lambda fh: torch.save(obj, fh))
+    """``torch.save`` atomically; equal content gives equal bytes (see :func:`_canonical`)."""
+    atomic_write_bytes(path, lambda fh: torch.save(_canonical(obj), fh))
+
+
+def _canonical(obj: Any) -> Any:
+    """A copy in which every tensor owns a compact storage of its own.
+
+    ``torch.save`` writes whole storages: a tensor that is a view, or shares a storage with
+    another (as after resuming from a checkpoint), is written with other bytes than an equal
+    fresh tensor. Cloning makes the bytes a function of the values alone.
+    """
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().clone(memory_format=torch.contiguous_format)
+    if isinstance(obj, dict):
+        return {k: _canonical(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_canonical(v) for v in obj)
+    return obj
+
+
+def content_digest(obj: Any) -> str:
+    """SHA-256 of a ``weights_only`` mapping's content: keys, types, dtypes, shapes and values.
+
+    Independent of how the file was written: two files with equal content have one digest.
+    """
+    h = hashlib.sha256()
+
+    def feed(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(value, dict):
+            h.update(f"D{len(value)}".encode())
+            for k in sorted(value, key=str):
+                h.update(f"K{k!r}".encode())
+                feed(value[k])
+        elif isinstance(value, list | tuple):
+            h.update(f"L{len(value)}".encode())
+            for v in value:
+                feed(v)
+        else:
+            h.update(f"V{type(value).__name__}:{value!r}".encode())
+
+    feed(obj)
+    return h.hexdigest()
+
+
+def model_digest(path: Path) -> str:
+    """:func:`content_digest` of a saved model file (spec, kept indices, tensor values)."""
+    return content_digest(load_torch(path))
 
 
 def load_torch(path: Path) -> dict[str, Any]:

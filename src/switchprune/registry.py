@@ -13,7 +13,8 @@ A registered version carries:
   ``mlflow.pytorch.load_model("models:/NAME@ALIAS")`` wherever ``switchprune`` is importable);
 * the plain files (``model.pt``, ``widths.json``, ...) as the model's extra files, which
   :func:`download_model_version` fetches without unpickling anything;
-* the tags ``model_sha256`` (of ``model.pt``) and whatever the caller adds (``data_md5``,
+* the tags ``model_sha256`` (of ``model.pt``'s bytes), ``model_content_sha256`` (of its
+  content: the version's identity) and whatever the caller adds (``data_md5``,
   ``git_commit``).
 
 Stages are not used (deprecated in MLflow); aliases are.
@@ -50,13 +51,16 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
-from switchprune.io import file_digest
+from switchprune.io import ArtifactError, file_digest, model_digest
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_ARTIFACT_ROOT = "mlruns"
 DEFAULT_ALIAS = "champion"
 MODEL_FILE = "model.pt"
 SHA_TAG = "model_sha256"
+# Identity of a registered model: its content (spec, kept indices, tensor values), not the bytes
+# of its file, so that equal weights written twice never become a second version.
+CONTENT_TAG = "model_content_sha256"
 MODEL_ARTIFACT = "model"
 EXTRA_FILES_DIR = "extra_files"
 
@@ -569,9 +573,9 @@ def download_model_version(tracking_uri: str, ref: ModelRef, out_dir: Path) -> d
 # Writing to the registry
 
 
-def _find_by_sha(client: MlflowClient, model_name: str, sha: str) -> ModelVersion | None:
-    """The newest ready version of ``model_name`` tagged with ``sha``, if any."""
-    found = client.search_model_versions(f"name='{model_name}' and tags.{SHA_TAG}='{sha}'")
+def _find_by_content(client: MlflowClient, model_name: str, digest: str) -> ModelVersion | None:
+    """The newest ready version of ``model_name`` with this content digest, if any."""
+    found = client.search_model_versions(f"name='{model_name}' and tags.{CONTENT_TAG}='{digest}'")
     ready = [mv for mv in found if mv.status in (None, "READY")]
     return max(ready, key=lambda mv: int(mv.version)) if ready else None
 
@@ -673,7 +677,8 @@ def log_and_register(
     with ``files`` as extra files, so they travel with the version. The version is tagged
     with ``model_sha256`` (of ``files["model.pt"]``) and ``tags``.
 
-    Idempotent: when a version of ``model_name`` already carries the same ``model_sha256``,
+    Idempotent: when a version of ``model_name`` already carries the same
+    ``model_content_sha256`` (spec, kept indices and tensor values, whatever the file's bytes),
     nothing is logged; the alias is (re)set on that version and ``changed`` is ``False``.
 
     If anything fails after the run was created, the run is marked ``FAILED`` and a version
@@ -713,12 +718,16 @@ def log_and_register(
         if not Path(path).is_file():
             raise RegistryError(f"file {name!r} not found at {path}")
     sha = file_digest(Path(files[MODEL_FILE]))
+    try:
+        content = model_digest(Path(files[MODEL_FILE]))
+    except ArtifactError as exc:
+        raise RegistryError(str(exc)) from exc
     check_reachable(tracking_uri)
     shown = _redact(tracking_uri)
 
     with mlflow_session(tracking_uri) as client:
         with _translated(f"looking up {model_name!r}", tracking_uri):
-            existing = _find_by_sha(client, model_name, sha)
+            existing = _find_by_content(client, model_name, content)
         if existing is not None:
             with _translated(f"setting alias {alias!r} of {model_name!r}", tracking_uri):
                 client.set_registered_model_alias(model_name, alias, existing.version)
@@ -746,7 +755,11 @@ def log_and_register(
                 for name, path in files.items():
                     shutil.copyfile(path, staging / name)
                 now = int(time.time() * 1000)
-                run_tags = {**{k: str(v) for k, v in tags.items()}, SHA_TAG: sha}
+                run_tags = {
+                    **{k: str(v) for k, v in tags.items()},
+                    SHA_TAG: sha,
+                    CONTENT_TAG: content,
+                }
                 client.log_batch(
                     run_id,
                     metrics=[

@@ -17,7 +17,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from switchprune import registry
-from switchprune.io import file_digest, save_model
+from switchprune.io import file_digest, model_digest, save_model
 from switchprune.models import ModelSpec, TaskNet, build_model
 from switchprune.registry import ModelRef, RegistryError, parse_model_ref
 from switchprune.servers import free_port
@@ -116,7 +116,8 @@ def test_log_and_register_creates_version_with_alias_and_metadata(
     assert run.data.tags["model_sha256"] == sha
 
     mv = client.get_model_version("tiny", "1")
-    assert mv.tags == {**TAGS, "model_sha256": sha}
+    content = model_digest(registered["files"]["model.pt"])
+    assert mv.tags == {**TAGS, "model_sha256": sha, "model_content_sha256": content}
     assert mv.run_id == result["run_id"]
 
     run_files = {a.path for a in client.list_artifacts(result["run_id"])}
@@ -127,6 +128,25 @@ def test_log_and_register_creates_version_with_alias_and_metadata(
     requirements = next(store.artifacts.rglob("requirements.txt")).read_text().split()
     assert f"torch=={torch.__version__.split('+')[0]}" in requirements
     assert "switchprune" in requirements
+
+
+def test_equal_weights_in_other_bytes_reuse_the_version(store: Store, tmp_path: Path) -> None:
+    name, experiment = "content", "content-exp"
+    model = tiny_model(3)
+    files = model_files(tmp_path / "a", model)
+    first = store.register(model, files, model_name=name, experiment=experiment)
+    # The same tensors stored as views of one shared buffer: equal values, other file bytes.
+    state = model.state_dict()
+    flat = torch.cat([t.flatten() for t in state.values()])
+    views, at = {}, 0
+    for k, t in state.items():
+        views[k] = flat[at : at + t.numel()].view_as(t)
+        at += t.numel()
+    other = model_files(tmp_path / "b", model)
+    torch.save({"spec": model.spec.to_dict(), "state_dict": views}, other["model.pt"])
+    assert file_digest(other["model.pt"]) != file_digest(files["model.pt"])
+    again = store.register(model, other, model_name=name, experiment=experiment)
+    assert again == {**first, "changed": False}
 
 
 def test_same_model_file_reuses_version_and_new_model_adds_one(

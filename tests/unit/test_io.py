@@ -1,0 +1,50 @@
+"""On-disk formats: equal content gives equal bytes and one identity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from switchprune.io import file_digest, model_digest, save_model
+from switchprune.models import ModelSpec, build_model
+
+SPEC = ModelSpec("mlp", (1, 8, 8), 10, {"fc1": 12, "fc2": 6})
+
+
+def test_saved_bytes_depend_on_the_values_not_on_the_storages(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_model(SPEC)
+    save_model(model, tmp_path / "a.pt")
+    # The same values held as views of one shared buffer (as after a resumed run).
+    twin = build_model(SPEC)
+    flat = torch.cat([p.detach().flatten() for p in model.state_dict().values()])
+    at = 0
+    for name, t in model.state_dict().items():
+        module_name, _, attr = name.rpartition(".")
+        module = twin.get_submodule(module_name)
+        setattr(module, attr, torch.nn.Parameter(flat[at : at + t.numel()].view_as(t)))
+        at += t.numel()
+    save_model(twin, tmp_path / "b.pt")
+    assert file_digest(tmp_path / "a.pt") == file_digest(tmp_path / "b.pt")
+
+
+def test_model_digest_follows_content(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_model(SPEC)
+    save_model(model, tmp_path / "a.pt", kept={"fc1": torch.arange(12)})
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "spec": SPEC.to_dict(),
+            "kept": {"fc1": torch.arange(12)},
+        },
+        tmp_path / "b.pt",
+    )
+    assert model_digest(tmp_path / "a.pt") == model_digest(tmp_path / "b.pt")
+    with torch.no_grad():
+        model.fc1.weight[0, 0] += 1e-6
+    save_model(model, tmp_path / "c.pt", kept={"fc1": torch.arange(12)})
+    assert model_digest(tmp_path / "c.pt") != model_digest(tmp_path / "a.pt")
+    save_model(build_model(SPEC), tmp_path / "d.pt", kept={"fc1": torch.arange(11)})
+    assert model_digest(tmp_path / "d.pt") != model_digest(tmp_path / "a.pt")
