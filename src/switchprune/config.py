@@ -52,6 +52,7 @@ class DataConfig:
         """Check ranges and cross-field rules."""
         _check(0.0 <= self.val_fraction < 0.5, "data", "val_fraction", "must be in [0, 0.5)")
         _check(0.0 < self.test_fraction < 0.5, "data", "test_fraction", "must be in (0, 0.5)")
+        _check(self.split_seed >= 0, "data", "split_seed", "must be >= 0")
         _check(
             self.dataset != "idx" or bool(self.idx_dir),
             "data",
@@ -654,11 +655,17 @@ def load_params(path: str | Any, sections: list[str] | None = None) -> dict[str,
 
     try:
         with open(path, encoding="utf-8") as fh:
-            raw = yaml.safe_load(fh) or {}
+            raw = yaml.load(fh, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except FileNotFoundError as exc:
         raise ConfigError(f"parameter file not found: {path}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"parameter file {path} is not UTF-8 text ({exc.reason})") from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read parameter file {path}: {exc.strerror or exc}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"parameter file {path} is not valid YAML: {exc}") from exc
+    if raw is None:
+        raise ConfigError(f"parameter file {path} is empty")
     if not isinstance(raw, dict):
         raise ConfigError(f"parameter file {path} must hold a mapping of sections")
     unknown = sorted(str(k) for k in raw if k not in SECTIONS)
@@ -669,7 +676,35 @@ def load_params(path: str | Any, sections: list[str] | None = None) -> dict[str,
             f"(known sections: {', '.join(SECTIONS)})"
         )
     wanted = sections or list(SECTIONS)
+    missing = [name for name in wanted if sections and name not in raw]
+    if missing:
+        # Silently training on every default is never what a missing section means.
+        raise ConfigError(f"parameter file {path} has no section {missing[0]!r}")
     return {name: from_dict(SECTIONS[name], raw.get(name), name) for name in wanted}
+
+
+def _unique_key_loader() -> type:
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """A SafeLoader that refuses duplicate keys (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(loader: Loader, node: Any, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _value in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    return Loader
+
+
+_UniqueKeyLoader = _unique_key_loader()
 
 
 __all__ = [

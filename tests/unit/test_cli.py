@@ -30,6 +30,8 @@ GOOD_PARAMS: dict[str, Any] = {
     "data": {"dataset": "digits"},
     "train": {"epochs": 2, "batch_size": 128, "snn_hidden": 8},
     "model": {"hidden": [32, 16]},
+    "prune": {},
+    "evaluate": {"latency_repeats": 2},
 }
 
 STAGES = [["preprocess"], ["train", "-q"], ["prune"], ["evaluate"]]
@@ -135,7 +137,7 @@ def test_bad_parameter_is_one_line_exit_2_and_nothing_written(
     key: str,
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    write_params(tmp_path, params)
+    write_params(tmp_path, {**GOOD_PARAMS, **params})
     argv = [verb, "-q"] if verb == "train" else [verb]
     assert cli.main(argv) == 2
     out, err = capsys.readouterr()
@@ -177,11 +179,11 @@ def test_parameters_are_checked_before_the_stage_starts(
     monkeypatch.setattr(stage, "run", fake_run)
     monkeypatch.chdir(tmp_path)
     section = {"train": "train", "preprocess": "data"}.get(verb, verb)
-    write_params(tmp_path, {section: {"not_a_key": 1}})
+    write_params(tmp_path, {**GOOD_PARAMS, section: {"not_a_key": 1}})
     assert call([verb])[0] == 2
     assert started == []
     # With valid parameters the same (patched) stage does start: the check above is meaningful.
-    write_params(tmp_path, {section: {}})
+    write_params(tmp_path, {**GOOD_PARAMS, section: {}})
     assert call([verb])[0] == 0
     assert len(started) == 1
     assert json.loads((tmp_path / "reports" / f"{verb}.json").read_text()) == {"ok": 1.0}
@@ -193,8 +195,11 @@ def test_parameters_are_checked_before_the_stage_starts(
         ("train: {epochs: 2\nmodel: [\n", "not valid YAML"),
         ("- train\n- model\n", "must hold a mapping"),
         (None, "not found"),
+        ("", "is empty"),
+        ("model:\n  hidden: [8]\n", "has no section 'train'"),
+        ("model:\n  hidden: [8]\ntrain:\n  epochs: 1\n  epochs: 2\n", "duplicate key"),
     ],
-    ids=["invalid-yaml", "not-a-mapping", "missing"],
+    ids=["invalid-yaml", "not-a-mapping", "missing", "empty", "no-section", "duplicate-key"],
 )
 def test_unreadable_parameter_file_is_one_line_exit_2(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str | None, needle: str

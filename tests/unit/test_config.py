@@ -180,6 +180,34 @@ def test_load_params_non_mapping(tmp_path: Path, text: str) -> None:
         load_params(write(tmp_path, text))
 
 
-def test_load_params_empty_file_means_defaults(tmp_path: Path) -> None:
-    p = load_params(write(tmp_path, "# nothing\n"), ["train"])
-    assert p["train"] == TrainConfig()
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("# nothing\n", "is empty"),
+        ("model:\n  hidden: [8]\n", "has no section 'train'"),
+        ("train:\n  epochs: 2\n  epochs: 3\n", "duplicate key 'epochs'"),
+        ("train:\n  epochs: 2\ntrain:\n  epochs: 3\n", "duplicate key 'train'"),
+    ],
+    ids=["empty", "missing-section", "duplicate-key", "duplicate-section"],
+)
+def test_load_params_refuses_what_would_silently_train_on_defaults(
+    tmp_path: Path, text: str, needle: str
+) -> None:
+    with pytest.raises(ConfigError, match=needle) as info:
+        load_params(write(tmp_path, text), ["train"])
+    assert "params.yaml" in str(info.value)
+
+
+def test_load_params_unreadable_files_are_one_error_naming_the_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read parameter file") as info:
+        load_params(tmp_path, ["train"])  # a directory
+    assert str(tmp_path) in str(info.value)
+    binary = tmp_path / "params.bin"
+    binary.write_bytes(b"\xff\xfe\x00\x81train")
+    with pytest.raises(ConfigError, match="params.bin"):
+        load_params(binary, ["train"])
+
+
+def test_negative_split_seed_names_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"^\[data\] split_seed must be >= 0$"):
+        from_dict(DataConfig, {"split_seed": -1}, "data")
