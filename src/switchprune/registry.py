@@ -22,6 +22,7 @@ Stages are not used (deprecated in MLflow); aliases are.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
@@ -294,6 +295,26 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
+def _health_request(tracking_uri: str) -> urllib.request.Request:
+    """``GET <uri>/health``, with credentials in the URI sent as a Basic auth header.
+
+    MLflow's own client sends them so; urllib cannot open a URL that holds ``user:pass@``.
+    """
+    parts = urllib.parse.urlsplit(tracking_uri.rstrip("/") + "/health")
+    headers = {}
+    if parts.username is not None:
+        user = urllib.parse.unquote(parts.username)
+        password = urllib.parse.unquote(parts.password or "")
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        headers["Authorization"] = f"Basic {token}"
+        host = parts.hostname or ""
+        netloc = f"[{host}]" if ":" in host else host
+        if parts.port is not None:
+            netloc += f":{parts.port}"
+        parts = parts._replace(netloc=netloc)
+    return urllib.request.Request(urllib.parse.urlunsplit(parts), headers=headers)
+
+
 def check_reachable(tracking_uri: str, timeout: float = 5.0) -> None:
     """Fail early, with a readable message, if the tracking store cannot be used.
 
@@ -310,9 +331,9 @@ def check_reachable(tracking_uri: str, timeout: float = 5.0) -> None:
     """
     shown = _redact(tracking_uri)
     if _is_http(tracking_uri):
-        url = tracking_uri.rstrip("/") + "/health"
+        request = _health_request(tracking_uri)
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310
+            with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310
                 status = resp.status
         except urllib.error.HTTPError as exc:
             status = exc.code

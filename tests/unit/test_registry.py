@@ -423,3 +423,34 @@ def test_resolve_tracking_uri(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert registry.resolve_tracking_uri() == "http://127.0.0.1:5000"
     assert registry.resolve_tracking_uri("sqlite:///x.db") == "sqlite:///x.db"
+
+
+def test_check_reachable_sends_credentials_held_in_the_uri() -> None:
+    """A server behind Basic auth, addressed as http://user:pass@host: reachable, not refused."""
+    import base64
+    import http.server
+    import threading
+
+    expected = "Basic " + base64.b64encode(b"alice:s3cr%t").decode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            ok = self.path == "/health" and self.headers.get("Authorization") == expected
+            self.send_response(200 if ok else 401)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = server.server_address[1]
+        registry.check_reachable(f"http://alice:s3cr%25t@127.0.0.1:{port}")
+        with pytest.raises(registry.RegistryError, match="answered 401") as info:
+            registry.check_reachable(f"http://alice:wrong@127.0.0.1:{port}")
+        assert "wrong" not in str(info.value)  # the password is never shown
+    finally:
+        server.shutdown()
+        server.server_close()
