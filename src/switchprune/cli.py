@@ -7,6 +7,7 @@ the stage with explicit paths and writes the returned metrics to ``reports/<verb
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import subprocess
@@ -15,9 +16,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from switchprune.config import ConfigError, load_params
-from switchprune.data import DataError
-from switchprune.io import ArtifactError, write_json
+from switchprune.config import load_params
+from switchprune.errors import UserError
+from switchprune.io import write_json
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
@@ -192,13 +193,50 @@ def _submit(args: argparse.Namespace) -> int:
     return subprocess.run(argv, cwd=Path.cwd(), check=False).returncode
 
 
+def _fail(command: str, exc: BaseException) -> int:
+    """Print ``exc`` on one line; exit 2 for bad input, 1 for a failure of the environment."""
+    if isinstance(exc, OSError) and not isinstance(exc, UserError):
+        where = f" {exc.filename}" if exc.filename else ""
+        text, code = f"{exc.strerror or exc}:{where}", 1
+    else:
+        text, code = str(exc), getattr(exc, "exit_code", 1)
+    # One line, whatever the message holds (YAML and torch errors span several lines).
+    message = " ".join(_ANSI.sub("", text).split())
+    print(f"switchprune {command}: error: {message}", file=sys.stderr)
+    return code
+
+
 # Set to 1 to get the traceback of an error instead of its one-line message.
 DEBUG_VARIABLE = "SWITCHPRUNE_DEBUG"
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is at the time (it is replaced under test runners)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Show the package's INFO lines (uploads, registrations, promotions) on stderr."""
+    logger = logging.getLogger("switchprune")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one stage; print one readable line and return 2 on a user-facing error."""
+    """Run one command; a user-facing error is one line and exit status 2 (bad input) or 1."""
     args = build_parser().parse_args(argv)
+    configure_logging()
     if args.command == "submit":
         return _submit(args)
     try:
@@ -210,14 +248,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         fn = COMMANDS[args.command][0]
         metrics: dict[str, Any] = fn(args)
-    except (ConfigError, DataError, ArtifactError, RuntimeError, ValueError) as exc:
+    except (UserError, OSError) as exc:
+        # Anything else is a bug: it keeps its traceback.
         if os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
-            raise  # the whole traceback, for a bug rather than a bad input
-        # One line, whatever the message holds (YAML and torch errors span several lines).
-        message = " ".join(_ANSI.sub("", str(exc)).split())
-        print(f"switchprune {args.command}: error: {message}", file=sys.stderr)
-        return 2
-    write_json(metrics, Path(args.metrics))
+            raise  # the whole traceback
+        return _fail(args.command, exc)
+    try:
+        write_json(metrics, Path(args.metrics))
+    except (UserError, OSError) as exc:
+        return _fail(args.command, exc)
     width = max((len(k) for k in metrics), default=0)
     for key in sorted(metrics):
         value = metrics[key]

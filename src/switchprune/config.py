@@ -14,10 +14,12 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
+from switchprune.errors import InputError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
     """A parameter is unknown, of the wrong type or out of range."""
 
 

@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from switchprune.config import DataConfig
+from switchprune.errors import InputError
 from switchprune.io import file_digest
 
 DATASETS: tuple[str, ...] = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "idx")
@@ -56,7 +57,7 @@ _IMAGES_RE = re.compile(r"^(?P<prefix>.*)images-idx3-ubyte(?P<gz>\.gz)?$")
 _LABELS_RE = re.compile(r"^(?P<prefix>.*)labels-idx1-ubyte(?P<gz>\.gz)?$")
 
 
-class DataError(RuntimeError):
+class DataError(InputError, RuntimeError):
     """The data is missing, unreadable or inconsistent."""
 
 

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from switchprune.errors import InputError
+
 
 @torch.no_grad()
 def predict_logits(
@@ -38,7 +40,7 @@ def predict_logits(
 def accuracy_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Top-1 accuracy of precomputed logits."""
     if len(labels) == 0:
-        raise ValueError("cannot compute accuracy on an empty split")
+        raise InputError("cannot compute accuracy on an empty split")
     # Count, then divide in Python: a float32 mean would print 0.9777777791 for 352/360.
     return int((logits.argmax(1) == labels.cpu()).sum()) / len(labels)
 

@@ -6,22 +6,29 @@ so an interrupted run never leaves a half-written file, and read with ``weights_
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from switchprune.errors import InputError, ServiceFailure
 from switchprune.models import ModelSpec, TaskNet, build_model
 
 COMPACT_FILE = "model.pt"
 
 
-class ArtifactError(RuntimeError):
+class ArtifactError(InputError, RuntimeError):
     """A file is missing, corrupt or not what it claims to be."""
+
+
+class WriteError(ServiceFailure, OSError):
+    """A file cannot be written: no space left, no permission, a read-only folder."""
 
 
 def file_digest(path: Path, algorithm: str = "sha256") -> str:
@@ -33,18 +40,35 @@ def file_digest(path: Path, algorithm: str = "sha256") -> str:
 def atomic_write_bytes(path: Path, write: Any) -> None:
     """Create ``path`` via ``write(fileobj)`` on a temporary file, then rename it into place."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from exc
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if not isinstance(exc, Exception):
+            raise  # an interrupt stays an interrupt
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC or _disk_full(path.parent):
+            # torch.save reports a full disk as "unexpected pos ...": say what it is.
+            raise WriteError(f"cannot write {path}: no space left on device") from exc
+        if isinstance(exc, OSError) and not isinstance(exc, WriteError):
+            raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from exc
         raise
+
+
+def _disk_full(folder: Path, margin: int = 1 << 20) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < margin
+    except OSError:
+        return False
 
 
 def save_torch(obj: dict[str, Any], path: Path) -> None:

@@ -52,6 +52,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
+from switchprune.errors import InputError, ServiceFailure
 from switchprune.io import ArtifactError, file_digest, model_digest
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -81,12 +82,20 @@ _URI_REF_RE = re.compile(r"^models:/(?P<name>[^@/\s]+)(?:@(?P<alias>[^@/\s]+)|/(
 _NOT_FOUND = "RESOURCE_DOES_NOT_EXIST"
 
 
-class RegistryError(RuntimeError):
+class RegistryError(ServiceFailure, RuntimeError):
     """The registry cannot do what was asked; the message names the URI, model, alias or version."""
 
 
-class _NotFoundError(RegistryError):
+class _NotFoundError(RegistryError, InputError):
     """A model, alias or version does not exist (as opposed to the server failing)."""
+
+    exit_code = 2
+
+
+class RegistryInputError(RegistryError, InputError):
+    """An invalid name, alias, reference or file (as opposed to the server failing)."""
+
+    exit_code = 2
 
 
 @dataclass(frozen=True)
@@ -106,7 +115,7 @@ class ModelRef:
     def __post_init__(self) -> None:
         _check_name(self.name)
         if self.alias is not None and self.version is not None:
-            raise RegistryError(
+            raise RegistryInputError(
                 f"model reference {self.name!r}: give an alias or a version, not both "
                 f"(alias={self.alias!r}, version={self.version})"
             )
@@ -115,7 +124,7 @@ class ModelRef:
         if self.version is not None and (
             isinstance(self.version, bool) or not isinstance(self.version, int) or self.version < 1
         ):
-            raise RegistryError(
+            raise RegistryInputError(
                 f"model reference {self.name!r}: version must be a positive integer, "
                 f"got {self.version!r}"
             )
@@ -141,7 +150,7 @@ class ModelRef:
 
 def _check_name(name: str) -> None:
     if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise RegistryError(
+        raise RegistryInputError(
             f"invalid model name {name!r}: use 1-100 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
         )
@@ -149,11 +158,11 @@ def _check_name(name: str) -> None:
 
 def _check_alias(alias: str) -> None:
     if not isinstance(alias, str) or not _ALIAS_RE.match(alias):
-        raise RegistryError(
+        raise RegistryInputError(
             f"invalid alias {alias!r}: MLflow aliases are 1-255 letters, digits, '_' or '-'"
         )
     if alias.lower() == "latest" or re.match(r"^[vV]\d+$", alias):
-        raise RegistryError(f"invalid alias {alias!r}: 'latest' and 'v<number>' are reserved")
+        raise RegistryInputError(f"invalid alias {alias!r}: 'latest' and 'v<number>' are reserved")
 
 
 def _redact(uri: str) -> str:
@@ -389,11 +398,11 @@ def parse_model_ref(text: str) -> ModelRef:
     raw = text.strip() if isinstance(text, str) else ""
     match = _URI_REF_RE.match(raw) if raw.startswith("models:") else _REF_RE.match(raw)
     if match is None:
-        raise RegistryError(f"invalid model reference {text!r}: expected {forms}")
+        raise RegistryInputError(f"invalid model reference {text!r}: expected {forms}")
     name, alias, version = match["name"], match["alias"], match["version"]
     if version is not None:
         if not version.isdigit() or int(version) < 1:
-            raise RegistryError(
+            raise RegistryInputError(
                 f"invalid model reference {text!r}: version {version!r} is not a positive integer"
             )
         return ModelRef(name, version=int(version))
@@ -730,19 +739,19 @@ def log_and_register(
     _check_name(model_name)
     _check_alias(alias)
     if not experiment or not isinstance(experiment, str):
-        raise RegistryError(f"invalid experiment name {experiment!r}")
+        raise RegistryInputError(f"invalid experiment name {experiment!r}")
     if MODEL_FILE not in files:
-        raise RegistryError(f"files must include {MODEL_FILE!r} (got {sorted(files)})")
+        raise RegistryInputError(f"files must include {MODEL_FILE!r} (got {sorted(files)})")
     for name, path in files.items():
         if "/" in name or name in ("", ".", ".."):
-            raise RegistryError(f"file name {name!r} must be a plain file name")
+            raise RegistryInputError(f"file name {name!r} must be a plain file name")
         if not Path(path).is_file():
-            raise RegistryError(f"file {name!r} not found at {path}")
+            raise RegistryInputError(f"file {name!r} not found at {path}")
     sha = file_digest(Path(files[MODEL_FILE]))
     try:
         content = model_digest(Path(files[MODEL_FILE]))
     except ArtifactError as exc:
-        raise RegistryError(str(exc)) from exc
+        raise RegistryInputError(str(exc)) from exc
     check_reachable(tracking_uri)
     shown = _redact(tracking_uri)
 

@@ -41,6 +41,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
+from switchprune.errors import ServiceFailure
 from switchprune.io import file_digest
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ _NO_CHECKSUM_CODES = {"NotImplemented", "InvalidArgument", "InvalidRequest"}
 _RESERVED = ("name", "version", "files", "promoted_at")
 
 
-class StorageError(RuntimeError):
+class StorageError(ServiceFailure, RuntimeError):
     """An S3 operation failed; the message names endpoint, bucket and key, never credentials."""
 
 

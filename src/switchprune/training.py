@@ -29,12 +29,17 @@ from torch import nn
 from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
-from switchprune.config import TrainConfig, to_dict
+from switchprune.config import ConfigError, TrainConfig, to_dict
 from switchprune.cost import CostModel
+from switchprune.errors import UserError
 from switchprune.io import load_torch, save_torch
 from switchprune.models import ModelSpec, TaskNet, build_model
 from switchprune.models.switcher import SwitcherSpec, UnitScorer, kept_count
 from switchprune.scoring import build_scorer
+
+
+class TrainingError(UserError):
+    """Training cannot go on (the loss diverged): a run-time failure, not a bad input."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -42,7 +47,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was requested but no CUDA device is available")
+        raise ConfigError("[train] device 'cuda' was requested but no CUDA device is available")
     return torch.device(name)
 
 
@@ -221,7 +226,7 @@ def fit(
         started = time.perf_counter()
         losses = _train_epoch(run, epoch)
         if losses and not math.isfinite(statistics.fmean(losses)):
-            raise RuntimeError(
+            raise TrainingError(
                 f"training diverged at epoch {epoch + 1} (the task loss is not finite): "
                 "lower train.tnn_lr"
             )
@@ -251,7 +256,7 @@ def _start(
 ) -> _Run:
     """Build the networks, optimisers and data split of a run (seeded)."""
     if switched and cfg.scorer != "switcher" and cfg.compression not in ("target", "auto"):
-        raise ValueError(
+        raise ConfigError(
             f"train.scorer {cfg.scorer!r} needs compression target or auto (it has no zeros of "
             f"its own); compression {cfg.compression!r} needs scorer 'switcher'"
         )

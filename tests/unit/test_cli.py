@@ -272,3 +272,68 @@ def test_evaluate_with_a_missing_or_corrupt_model_is_one_line_exit_2(
     assert relative in lines[0]
     assert "\x1b" not in lines[0]  # readable: no terminal escape codes
     assert not (tmp_path / "reports").exists()
+
+
+def _patched_prune(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, effect: Any) -> None:
+    from switchprune.stages import prune
+
+    def fake_run(cfg: Any, **kwargs: Any) -> dict[str, float]:
+        return effect()
+
+    monkeypatch.setattr(prune, "run", fake_run)
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path, GOOD_PARAMS)
+
+
+def test_a_bug_keeps_its_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def bug() -> dict[str, float]:
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    _patched_prune(monkeypatch, tmp_path, bug)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        cli.main(["prune"])
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (lambda: __import__("switchprune.registry").registry.RegistryError("server down"), 1),
+        (lambda: __import__("switchprune.storage").storage.StorageError("bucket gone"), 1),
+        (lambda: __import__("switchprune.io").io.ArtifactError("model.pt is corrupt"), 2),
+        (lambda: __import__("switchprune.training").training.TrainingError("diverged"), 1),
+    ],
+    ids=["registry", "storage", "artifact", "training"],
+)
+def test_user_errors_are_one_line_with_their_exit_status(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: Any, code: int
+) -> None:
+    def fail() -> dict[str, float]:
+        raise error()
+
+    _patched_prune(monkeypatch, tmp_path, fail)
+    got, out, err = call(["prune"])
+    assert (got, out) == (code, "")
+    assert len(err.splitlines()) == 1 and err.startswith("switchprune prune: error: ")
+
+
+@pytest.mark.parametrize(
+    "metrics",
+    ["reports/prune.json", "/proc/switchprune-prune.json"],
+    ids=["not-a-dir", "read-only"],
+)
+def test_unwritable_output_is_one_line_exit_1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, metrics: str
+) -> None:
+    _patched_prune(monkeypatch, tmp_path, lambda: {"ok": 1.0})
+    (tmp_path / "reports").write_text("a file where a folder should be")
+    code, out, err = call(["prune", "--metrics", metrics])
+    assert code == 1 and out == ""
+    assert len(err.splitlines()) == 1 and metrics in err
+
+
+def test_info_lines_of_the_package_reach_stderr(capsys: pytest.CaptureFixture[str]) -> None:
+    import logging
+
+    cli.configure_logging()
+    logging.getLogger("switchprune.storage").info("uploaded s3://bucket/model.pt")
+    assert "uploaded s3://bucket/model.pt" in capsys.readouterr().err

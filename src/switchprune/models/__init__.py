@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from switchprune.config import ModelConfig
+from switchprune.config import ConfigError, ModelConfig
 from switchprune.models import lenet, mlp, resnet, vgg
 from switchprune.models.base import Gate, GateGroup, ModelSpec, TaskNet
 
@@ -22,7 +22,9 @@ def spec_from_config(
     elif cfg.arch in resnet.DEPTHS:
         widths = resnet.default_widths(cfg.arch, cfg.width_multiplier)
     else:
-        raise ValueError(f"unknown architecture {cfg.arch!r} (known: {', '.join(ARCHS)})")
+        raise ConfigError(
+            f"[model] arch: unknown architecture {cfg.arch!r} (known: {', '.join(ARCHS)})"
+        )
     return ModelSpec(cfg.arch, tuple(in_shape), int(num_classes), widths)  # type: ignore[arg-type]
 
 
@@ -36,7 +38,7 @@ def build_model(spec: ModelSpec) -> TaskNet:
         return vgg.VGG(spec)
     if spec.arch in resnet.DEPTHS:
         return resnet.ResNet(spec)
-    raise ValueError(f"unknown architecture {spec.arch!r} (known: {', '.join(ARCHS)})")
+    raise ConfigError(f"unknown architecture {spec.arch!r} (known: {', '.join(ARCHS)})")
 
 
 __all__ = ["ARCHS", "Gate", "GateGroup", "ModelSpec", "TaskNet", "build_model", "spec_from_config"]
