@@ -224,8 +224,13 @@ def run_ours(
 
 def run_tnn(
     data: dict[str, Any], arch: str, seed: int, setting: Setting, scorers: tuple[str, ...]
-) -> list[dict[str, Any]]:
-    """Every method, target and fine-tuning variant for one TNN and seed."""
+) -> tuple[list[dict[str, Any]], list[dict[str, nn.Module]]]:
+    """Every method, target and fine-tuning variant for one TNN and seed.
+
+    Returns:
+        The records, and per target the models to time against each other (keyed as the
+        records' labels without ``+ft``; fine-tuning does not change a model's shape).
+    """
     meta, epochs, ft = data["meta"], setting.epochs, setting.finetune_epochs
     spec = spec_from_config(ARCHS[arch], meta.in_shape, meta.num_classes)
     lr = LEARNING_RATES[arch]
@@ -235,6 +240,7 @@ def run_tnn(
     rows = [record(data, arch, seed, "unpruned", None, None, **base,
                    epoch_seconds=plain.metrics["epoch_seconds"])]  # fmt: skip
     slim_model = train_slimming(spec, data["train"], epochs=epochs, lr=lr, seed=seed)
+    groups = []
     for target in TARGETS[arch]:
         metric, ratio = target
         timed: dict[str, nn.Module] = {"unpruned": plain.model}
@@ -263,16 +269,47 @@ def run_tnn(
             train_sgd(tuned, data["train"], ft, lr=lr / 5, seed=seed)
             group[method + "+ft"] = record(data, arch, seed, method + "+ft", None, target,
                                            **measure(tuned, data, base))  # fmt: skip
-        latency = interleaved_latency(timed, meta.in_shape, setting.latency_repeats)
-        for key, row in group.items():
-            timing = latency[key.removesuffix("+ft")]
+        rows += group.values()
+        groups.append(timed)
+    return rows, groups
+
+
+def add_latency(
+    rows: list[dict[str, Any]], groups: list[dict[str, nn.Module]], in_shape: tuple, repeats: int
+) -> None:
+    """Time each target's models round-robin and add latency and speedup to their records."""
+    targeted = [r for r in rows if r["target_ratio"] is not None]
+    per_target = len(targeted) // max(1, len(groups))
+    for index, timed in enumerate(groups):
+        latency = interleaved_latency(timed, in_shape, repeats)
+        for row in targeted[index * per_target : (index + 1) * per_target]:
+            timing = latency[label(row).removesuffix("+ft")]
             row.update(timing)
             for b in (1, 256):
                 row[f"latency_speedup_b{b}"] = (
                     latency["unpruned"][f"latency_ms_b{b}"] / timing[f"latency_ms_b{b}"]
                 )
-        rows += group.values()
-    return rows
+
+
+# One process per core: small networks train faster on one thread each than on two threads in
+# turn. The data reaches each worker once.
+_WORKER_DATA: dict[str, Any] = {}
+
+
+def _init_worker(datasets: dict[str, Any]) -> None:
+    torch.set_num_threads(1)
+    _WORKER_DATA.update(datasets)
+
+
+def run_job(job: tuple[str, Any, int, Setting, tuple[str, ...]]) -> tuple[Any, ...]:
+    """One pool job: ``("tnn", arch, seed, ...)`` or ``("claims", None, seed, ...)``."""
+    kind, arch, seed, setting, scorers = job
+    t0 = time.perf_counter()
+    if kind == "claims":
+        rows = run_claims(_WORKER_DATA, setting, (seed,))
+        return kind, arch, seed, rows, [], time.perf_counter() - t0
+    rows, groups = run_tnn(_WORKER_DATA["mnist"], arch, seed, setting, scorers)
+    return kind, arch, seed, rows, groups, time.perf_counter() - t0
 
 
 def _prune(trained: nn.Module, importance: Any, metric: str, ratio: float) -> nn.Module:
@@ -291,7 +328,9 @@ def _prune(trained: nn.Module, importance: Any, metric: str, ratio: float) -> nn
 # ----------------------------------------------------------------------------------------------
 
 
-def run_claims(datasets: dict[str, dict[str, Any]], setting: Setting) -> list[dict[str, Any]]:
+def run_claims(
+    datasets: dict[str, dict[str, Any]], setting: Setting, seeds: tuple[int, ...]
+) -> list[dict[str, Any]]:
     """(b) the no-penalty mode's compression; (c) the ratio ``compression: auto`` picks."""
     rows = []
     cases = [
@@ -307,7 +346,7 @@ def run_claims(datasets: dict[str, dict[str, Any]], setting: Setting) -> list[di
         meta = data["meta"]
         spec = spec_from_config(model_cfg, meta.in_shape, meta.num_classes)
         lr = LEARNING_RATES["lenet5" if model_cfg.arch == "lenet5" else "mlp"]
-        for seed in setting.claim_seeds:
+        for seed in seeds:
             cfg = dataclasses.replace(
                 TrainConfig(device="cpu", baseline=False),
                 epochs=setting.claim_epochs[ds],
@@ -330,9 +369,6 @@ def run_claims(datasets: dict[str, dict[str, Any]], setting: Setting) -> list[di
                        hidden=list(model_cfg.hidden) if model_cfg.arch == "mlp" else None,
                        reference_val_accuracy=result.metrics.get("auto_reference_accuracy"))
             )  # fmt: skip
-            print(f"bench: claim {mode} {ds}/{name}/seed {seed}: "
-                  f"params ratio {rows[-1]['params_ratio']:.3f}, "
-                  f"{100 * rows[-1]['accuracy']:.2f}%", flush=True)  # fmt: skip
     return rows
 
 
@@ -497,6 +533,23 @@ def claims_table(claims: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _run_jobs(
+    jobs: list[tuple[str, Any, int, Setting, tuple[str, ...]]],
+    datasets: dict[str, Any],
+    workers: int,
+) -> Any:
+    """Yield each job's result as it finishes, from a pool of ``workers`` processes."""
+    if workers <= 1:
+        _init_worker(datasets)
+        yield from map(run_job, jobs)
+        return
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(datasets,)) as pool:
+        yield from pool.imap_unordered(run_job, jobs)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write its results."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -508,36 +561,48 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", default=None, help="default: reports/bench (default setting) "
                         "or reports/bench-<setting>")  # fmt: skip
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads for timing")
+    parser.add_argument(
+        "--workers", type=int, default=2, help="training processes (1: in this process)"
+    )
     parser.add_argument("--scorers", default=",".join(SCORERS), help="comma-separated")
     parser.add_argument("--no-claims", action="store_true", help="skip the paper-claim runs")
     args = parser.parse_args(argv)
     setting = SETTINGS[args.setting]
     scorers = tuple(s for s in args.scorers.split(",") if s)
-    torch.set_num_threads(args.threads)
     retained = retain_freed_memory()  # steady forward times
     name = "bench" if args.setting == "default" else f"bench-{args.setting}"
     out = Path(args.out) if args.out else ROOT / "reports" / name
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     rows: list[dict[str, Any]] = []
+    latency_groups: list[tuple[list[dict[str, Any]], list[dict[str, nn.Module]]]] = []
     with tempfile.TemporaryDirectory(prefix="switchprune-bench-data-") as tmp:
         datasets = {
             ds: load_dataset(ds, Path(args.mnist_dir), Path(tmp), setting.data_limit)
             for ds in ("mnist", "digits")
         }
-        mnist = datasets["mnist"]
-        for arch in setting.archs:
-            for seed in setting.seeds:
-                t0 = time.perf_counter()
-                new = run_tnn(mnist, arch, seed, setting, scorers)
-                rows += new
-                print(f"bench: {arch}/seed {seed}: "
-                      + ", ".join(f"{label(r)}@{r['target_ratio']} {100 * r['accuracy']:.2f}%"
-                                  for r in new if "+ft" not in r["method"])
-                      + f" ({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
-        if not args.no_claims:
-            rows += run_claims(datasets, setting)
+    mnist = datasets["mnist"]
+    # Longest jobs first, so that the workers finish together.
+    jobs: list[tuple[str, Any, int, Setting, tuple[str, ...]]] = [
+        ("tnn", arch, seed, setting, scorers)
+        for arch in sorted(setting.archs, key=lambda a: -list(ARCHS).index(a))
+        for seed in setting.seeds
+    ]
+    if not args.no_claims:
+        jobs += [("claims", None, seed, setting, scorers) for seed in setting.claim_seeds]
+    for kind, arch, seed, new, groups, seconds in _run_jobs(jobs, datasets, args.workers):
+        rows += new
+        if groups:
+            latency_groups.append((new, groups))
+        print(f"bench: {kind} {arch or ''}/seed {seed}: "
+              + ", ".join(f"{label(r)}@{r['target_ratio']} {100 * r['accuracy']:.2f}%"
+                          for r in new if "+ft" not in r["method"])
+              + f" ({seconds:.0f} s)", flush=True)  # fmt: skip
+    train_seconds = time.perf_counter() - started
+    torch.set_num_threads(args.threads)
+    for new, groups in latency_groups:  # on a quiet machine, after training
+        add_latency(new, groups, mnist["meta"].in_shape, setting.latency_repeats)
     meta = {
         "setting": args.setting,
         "seeds": list(setting.seeds),
@@ -551,6 +616,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{args.threads} threads",
         "allocator": "freed memory retained" if retained else "system default",
+        "workers": args.workers,
+        "train_seconds": train_seconds,
         "wall_seconds": time.perf_counter() - started,
     }
     (out / "results.json").write_text(
