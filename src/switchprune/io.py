@@ -7,6 +7,7 @@ so an interrupted run never leaves a half-written file, and read with ``weights_
 from __future__ import annotations
 
 import errno
+import glob
 import hashlib
 import json
 import os
@@ -42,7 +43,10 @@ def atomic_write_bytes(path: Path, write: Any) -> None:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        _remove_orphans(path)
+        fd, tmp = tempfile.mkstemp(
+            dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp"
+        )
     except OSError as exc:
         raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from exc
     try:
@@ -62,6 +66,28 @@ def atomic_write_bytes(path: Path, write: Any) -> None:
         if isinstance(exc, OSError) and not isinstance(exc, WriteError):
             raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from exc
         raise
+
+
+def _remove_orphans(path: Path) -> None:
+    """Delete temporary files of ``path`` left by writers that were killed mid-write.
+
+    Each temporary name carries its writer's process id; a file whose writer is gone can
+    never be renamed into place.
+    """
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2 :].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _disk_full(folder: Path, margin: int = 1 << 20) -> bool:
@@ -172,8 +198,22 @@ def load_model_file(path: Path) -> tuple[TaskNet, dict[str, Any]]:
     blob = load_torch(path)
     try:
         spec = ModelSpec.from_dict(blob["spec"])
+        state = blob["state_dict"]
+        # The spec is checked against the weights on the meta device first: a spec that asks
+        # for absurd widths would otherwise allocate them before anything is compared.
+        with torch.device("meta"):
+            skeleton = build_model(spec)
+        want = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in state.items()} if isinstance(state, dict) else {}
+        if want != got:
+            bad = sorted(set(want) ^ set(got)) or sorted(k for k in want if want[k] != got[k])
+            raise ArtifactError(
+                f"{path}: its spec does not match its weights (first mismatch: {bad[0]!r})"
+            )
         model = build_model(spec)
-        model.load_state_dict(blob["state_dict"], strict=True)
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        model.load_state_dict(state, strict=True)
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+        if isinstance(exc, ArtifactError):
+            raise
         raise ArtifactError(f"{path}: does not hold a valid model ({exc})") from exc
     return model.eval(), blob

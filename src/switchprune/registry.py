@@ -478,6 +478,20 @@ def _translated(what: str, tracking_uri: str) -> Iterator[None]:
         raise RegistryError(f"{what} at {_redact(tracking_uri)} failed: {_short(exc)}") from exc
 
 
+def check_store_exists(tracking_uri: str) -> None:
+    """For reading: a local SQLite store must already exist (reading never creates one).
+
+    Raises:
+        RegistryInputError: The store's file does not exist.
+    """
+    db = _sqlite_path(tracking_uri) if tracking_uri.startswith("sqlite:") else None
+    if db is not None and not db.is_file():
+        raise RegistryInputError(
+            f"no MLflow tracking store at {db.absolute()} (set MLFLOW_TRACKING_URI to the "
+            "store or server that holds the model)"
+        )
+
+
 def version_info(tracking_uri: str, ref: ModelRef) -> dict[str, Any]:
     """Describe the model version ``ref`` names.
 
@@ -495,6 +509,7 @@ def version_info(tracking_uri: str, ref: ModelRef) -> dict[str, Any]:
         RegistryError: Unknown model name, alias or version (the message says which), or the
             store cannot be reached.
     """
+    check_store_exists(tracking_uri)
     check_reachable(tracking_uri)
     with mlflow_session(tracking_uri) as client, _translated(f"reading {ref.uri}", tracking_uri):
         mv = _resolve(client, ref, _redact(tracking_uri))
@@ -564,6 +579,7 @@ def download_model_version(tracking_uri: str, ref: ModelRef, out_dir: Path) -> d
         RegistryError: Unknown model, alias or version; the version has no files; the download
             is corrupt; or the store cannot be reached.
     """
+    check_store_exists(tracking_uri)
     check_reachable(tracking_uri)
     out_dir = Path(out_dir)
     with mlflow_session(tracking_uri) as client, _translated(f"pulling {ref.uri}", tracking_uri):

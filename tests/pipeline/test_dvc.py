@@ -97,3 +97,26 @@ def test_changing_the_threshold_reruns_only_the_stages_after_training(project: P
     assert (project / "models" / "trained" / "switched.pt").read_bytes() == trained
     prune = json.loads((project / "reports" / "prune.json").read_text())
     assert prune["params_after"] < prune["params_before"]
+
+
+def test_a_bad_parameter_keeps_the_last_good_report(project: Path) -> None:
+    _run([str(BIN / "dvc"), "repro", "evaluate"], project)
+    good = (project / "reports" / "train.json").read_text()
+    text = (project / "params.yaml").read_text()
+    params = yaml.safe_load(text)
+    params["train"]["epochs"] = 0  # refused by the train stage
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        proc = subprocess.run(
+            [str(BIN / "dvc"), "repro", "evaluate"],
+            cwd=project,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode != 0
+        assert "[train] epochs must be >= 1" in proc.stdout + proc.stderr
+        assert (project / "reports" / "train.json").read_text() == good
+    finally:
+        (project / "params.yaml").write_text(text)

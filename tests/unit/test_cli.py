@@ -337,3 +337,14 @@ def test_info_lines_of_the_package_reach_stderr(capsys: pytest.CaptureFixture[st
     cli.configure_logging()
     logging.getLogger("switchprune.storage").info("uploaded s3://bucket/model.pt")
     assert "uploaded s3://bucket/model.pt" in capsys.readouterr().err
+
+
+def test_pull_without_a_store_creates_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    code, out, err = call(["pull", "some-model@champion", "--out", "champion"])
+    assert code == 2 and out == ""
+    assert len(err.splitlines()) == 1 and "no MLflow tracking store" in err
+    assert list(tmp_path.iterdir()) == []  # no mlflow.db, no champion/

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -48,3 +49,38 @@ def test_model_digest_follows_content(tmp_path: Path) -> None:
     assert model_digest(tmp_path / "c.pt") != model_digest(tmp_path / "a.pt")
     save_model(build_model(SPEC), tmp_path / "d.pt", kept={"fc1": torch.arange(11)})
     assert model_digest(tmp_path / "d.pt") != model_digest(tmp_path / "a.pt")
+
+
+def test_a_spec_asking_for_huge_widths_is_refused_before_allocating(tmp_path: Path) -> None:
+    import pytest
+
+    from switchprune.io import ArtifactError, load_model_file
+
+    model = build_model(SPEC)
+    torch.save(
+        {
+            "spec": {**SPEC.to_dict(), "widths": {"fc1": 200_000_000, "fc2": 6}},
+            "state_dict": model.state_dict(),
+        },
+        tmp_path / "model.pt",
+    )
+    assert (tmp_path / "model.pt").stat().st_size < 100_000
+    with pytest.raises(ArtifactError, match="spec does not match its weights"):
+        load_model_file(tmp_path / "model.pt")
+
+
+def test_temporary_files_of_killed_writers_are_removed(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    # A writer killed mid-write: its temporary file, named with its (now gone) process id.
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    dead = int(proc.stdout)
+    orphan = tmp_path / f".run.ckpt.{dead}.abc123.tmp"
+    orphan.write_bytes(b"x" * 1000)
+    alive = tmp_path / f".run.ckpt.{os.getpid()}.def456.tmp"  # a writer still at work
+    alive.write_bytes(b"y")
+    save_model(build_model(SPEC), tmp_path / "run.ckpt")
+    assert not orphan.exists() and alive.exists()
+    assert (tmp_path / "run.ckpt").is_file()
