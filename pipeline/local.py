@@ -10,14 +10,23 @@
 3. ``dvc repro`` runs the six stages; ``dvc push`` uploads the cached outputs.
 
 MLflow: ``MLFLOW_TRACKING_URI`` when set, else the embedded SQLite store (``mlflow.db``).
+
+One run per folder: a second run while one is going is refused before it touches anything.
+SIGTERM or Ctrl-C stops everything the run started (the DVC process group, the S3 server) and
+undoes the settings it made.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 
 import yaml
 
@@ -28,14 +37,78 @@ from switchprune.servers import ENDPOINT_ENV, S3Server, s3_environment
 ROOT = Path(__file__).resolve().parents[1]
 RAW = Path("data/raw/digits")
 REMOTE = "storage"
+LOCK = ROOT / ".switchprune-run.lock"
+
+
+class Stopped(Exception):
+    """SIGTERM or SIGINT arrived: stop, clean up, exit."""
+
+
+def _stop(signum: int, _frame: FrameType | None) -> None:
+    raise Stopped(signal.Signals(signum).name)
+
+
+@contextmanager
+def one_run_per_folder() -> Iterator[None]:
+    """Hold an exclusive lock on this folder for the whole run, or refuse to start."""
+    with open(LOCK, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise SystemExit(
+                f"make run: another run is in progress in {ROOT} ({holder}); wait for it to "
+                "finish (one run per folder)"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}\n")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fh.seek(0)
+            fh.truncate()
 
 
 def dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run a DVC command in the repository; its output goes straight to the terminal."""
+    """Run a DVC command in the repository; its output goes straight to the terminal.
+
+    DVC and the stages it starts run in a process group of their own, so that an interrupted
+    run stops all of them, not only DVC.
+    """
     exe = Path(sys.executable).parent / "dvc"
     cmd = [str(exe) if exe.exists() else "dvc", *args]
     print(f"+ dvc {' '.join(args)}", flush=True)
-    return subprocess.run(cmd, cwd=ROOT, check=check, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, text=True, start_new_session=True)
+    try:
+        code = proc.wait()
+    except BaseException:
+        _end_group(proc)
+        raise
+    if check and code != 0:
+        raise subprocess.CalledProcessError(code, cmd)
+    return subprocess.CompletedProcess(cmd, code)
+
+
+def _end_group(proc: subprocess.Popen[str]) -> None:
+    """SIGTERM the process group, then SIGKILL whatever is left of it after 10 s."""
+    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+        # The leader is gone; its group may not be: make sure.
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        return
 
 
 def remote_bucket() -> str:
@@ -73,6 +146,18 @@ def ensure_raw_data() -> None:
 
 
 def main() -> int:
+    """One run per folder; stop cleanly on SIGTERM or Ctrl-C."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _stop)
+    try:
+        with one_run_per_folder():
+            return run()
+    except Stopped as exc:
+        print(f"make run: stopped by {exc}; everything it started is stopped", file=sys.stderr)
+        return 128 + getattr(signal, str(exc)).value
+
+
+def run() -> int:
     """Set up S3, run the pipeline, push data and outputs, stop what was started."""
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     server: S3Server | None = None
@@ -105,8 +190,13 @@ def main() -> int:
     finally:
         if server is not None:
             # The embedded server's port is gone after this run: don't leave DVC pointing at it.
-            dvc("remote", "modify", "--local", "--unset", REMOTE, "endpointurl", check=False)
-            server.stop()
+            # A second signal must not cut this short.
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, signal.SIG_IGN)
+            try:
+                dvc("remote", "modify", "--local", "--unset", REMOTE, "endpointurl", check=False)
+            finally:
+                server.stop()
     return 0
 
 

@@ -205,3 +205,77 @@ def test_a_configured_endpoint_is_used_instead_of_the_embedded_server(
     assert (tmp_path / "theirs" / "switchprune-models").is_dir()
     assert theirs.secret_key not in out
     assert theirs.endpoint in (project / ".dvc" / "config.local").read_text()
+
+
+def test_a_second_run_in_the_same_folder_is_refused_and_touches_nothing(
+    project: Path, first_run: str
+) -> None:
+    import fcntl
+
+    config_local = project / ".dvc" / "config.local"
+    before = config_local.read_text() if config_local.exists() else None
+    with open(project / ".switchprune-run.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a run in progress
+        proc = subprocess.run(
+            [sys.executable, "pipeline/local.py"],
+            cwd=project,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert proc.returncode != 0
+    assert "another run is in progress" in proc.stderr
+    assert "dvc" not in proc.stdout  # refused before running anything
+    after = config_local.read_text() if config_local.exists() else None
+    assert after == before
+
+
+def test_sigterm_stops_everything_the_run_started(project: Path, first_run: str) -> None:
+    import signal
+    import time
+
+    import psutil
+
+    params_path = project / "params.yaml"
+    original = params_path.read_text()
+    params = yaml.safe_load(original)
+    params["train"]["epochs"] = 40  # long enough to be caught training
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        runner = subprocess.Popen(
+            [sys.executable, "pipeline/local.py"],
+            cwd=project,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        deadline = time.monotonic() + 300
+        family: set[int] = set()
+        while time.monotonic() < deadline:
+            kids = psutil.Process(runner.pid).children(recursive=True)
+            family |= {p.pid for p in kids}
+            if any("switchprune" in " ".join(p.cmdline()) and "train" in p.cmdline()
+                   for p in kids if p.is_running()):  # fmt: skip
+                break
+            assert runner.poll() is None, runner.stdout.read() if runner.stdout else ""
+            time.sleep(0.5)
+        else:
+            pytest.fail("training never started")
+        family |= {p.pid for p in psutil.Process(runner.pid).children(recursive=True)}
+        runner.send_signal(signal.SIGTERM)
+        out, _ = runner.communicate(timeout=60)
+        assert runner.returncode != 0
+        assert "stopped by SIGTERM" in out
+        time.sleep(1)
+        alive = [
+            p for p in family if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
+        ]
+        assert alive == [], [psutil.Process(p).cmdline() for p in alive]
+        config_local = project / ".dvc" / "config.local"
+        assert "endpointurl" not in (config_local.read_text() if config_local.exists() else "")
+    finally:
+        params_path.write_text(original)
+    # The next run succeeds (and, with the original settings, has nothing left to train).
+    _run([sys.executable, "pipeline/local.py"], project)

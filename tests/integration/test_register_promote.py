@@ -310,3 +310,103 @@ def test_alias_failure_after_the_manifest_puts_the_previous_manifest_back(
     left = set(_tree_digest(stack.model_root))
     assert left == {"current.json"} | {f"v1/{name}" for name in champion_files}
     assert _tree_digest(stack.model_root / "v1") == champion_files
+
+
+def _champions(stack: Stack) -> tuple[int, int]:
+    manifest = json.loads((stack.model_root / "current.json").read_text())
+    alias = registry.get_alias_version(stack.mlflow.uri, NAME, "champion")
+    return int(manifest["version"]), int(alias["version"])
+
+
+def _promote(stack: Stack, threshold: float, client: object | None = None) -> dict:
+    return promote.run(
+        dataclasses.replace(GATE, not_worse_than_champion=False),
+        register_path=stack.work / f"reports-{threshold}" / "register.json",
+        tracking_uri=stack.mlflow.uri,
+        s3_client=client or stack.client(),
+    )
+
+
+def test_concurrent_promotions_leave_s3_and_the_alias_agreeing(
+    stack: Stack, promoted: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import random
+    import threading
+
+    versions = {t: _register(stack, t)["version"] for t in (0.02, 0.03)}
+    assert len(set(versions.values())) == 2
+    real = registry.set_alias
+    rng = random.Random(0)
+
+    def slow_alias(*args: object, **kwargs: object) -> None:
+        time.sleep(rng.uniform(0.0, 0.4))  # a slow registry: the other promotion overtakes
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(registry, "set_alias", slow_alias)
+    errors: list[BaseException] = []
+
+    def run(threshold: float) -> None:
+        try:
+            _promote(stack, threshold)
+        except BaseException as exc:  # noqa: BLE001 (reported below)
+            errors.append(exc)
+
+    for round_ in range(6):
+        order = (0.02, 0.03) if round_ % 2 else (0.03, 0.02)
+
+        threads = [threading.Thread(target=run, args=(t,)) for t in order]
+        for t in threads:
+            t.start()
+            time.sleep(rng.uniform(0.0, 0.2))
+        for t in threads:
+            t.join(timeout=120)
+        assert not errors, errors
+        manifest_version, alias_version = _champions(stack)
+        assert manifest_version == alias_version, f"round {round_}"
+        assert manifest_version in versions.values()
+
+
+def test_a_crash_after_the_manifest_converges_on_the_next_run(
+    stack: Stack, promoted: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    version = _register(stack, 0.04)["version"]
+    real = registry.set_alias
+
+    def crash(*_args: object, **_kwargs: object) -> None:
+        raise KeyboardInterrupt  # the process dies between the manifest and the alias
+
+    monkeypatch.setattr(registry, "set_alias", crash)
+    with pytest.raises(KeyboardInterrupt):
+        _promote(stack, 0.04)
+    manifest_version, alias_version = _champions(stack)
+    assert manifest_version == version != alias_version  # apart, as after a crash
+    monkeypatch.setattr(registry, "set_alias", real)
+    _promote(stack, 0.04)
+    assert _champions(stack) == (version, version)
+
+
+def test_alias_failure_with_s3_down_reports_both_and_converges_next_run(
+    stack: Stack, promoted: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _promote(stack, 0.0)  # a known state: version 1 everywhere
+    assert _champions(stack) == (1, 1)
+    version = _register(stack, 0.06)["version"]
+    real_alias, real_restore = registry.set_alias, storage.restore_manifest
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise registry.RegistryError("alias could not be set")
+
+    def s3_down(*_args: object, **_kwargs: object) -> None:
+        raise storage.StorageError("S3 at http://127.0.0.1:1 is unreachable")
+
+    monkeypatch.setattr(registry, "set_alias", refuse)
+    monkeypatch.setattr(storage, "restore_manifest", s3_down)
+    with pytest.raises(registry.RegistryError) as err:
+        _promote(stack, 0.06)
+    assert "alias could not be set" in str(err.value) and "unreachable" in str(err.value)
+    assert _champions(stack) == (version, 1)  # both faults: apart for now
+    monkeypatch.setattr(registry, "set_alias", real_alias)
+    monkeypatch.setattr(storage, "restore_manifest", real_restore)
+    _promote(stack, 0.0)  # any later promotion first makes the alias follow S3
+    manifest_version, alias_version = _champions(stack)
+    assert manifest_version == alias_version

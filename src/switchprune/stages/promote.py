@@ -91,6 +91,10 @@ def run(
     uri = registry.resolve_tracking_uri(tracking_uri)
     registry.check_reachable(uri)
     info = registry.version_info(uri, registry.ModelRef(name, version=version))
+    client = s3_client if s3_client is not None else storage.make_client()
+    # S3's manifest is the champion of record; an alias left behind by a crash, a double
+    # fault or a concurrent promotion is moved to it before anything else.
+    reconcile_alias(uri, client, cfg, name)
     champion = registry.get_alias_version(uri, name, cfg.alias)
     passed, reason = check_gate(cfg, info["metrics"], champion, version)
     target = f"{cfg.s3_uri.rstrip('/')}/{name}/v{version}/"
@@ -104,7 +108,6 @@ def run(
     if not passed:
         return {**out, "promoted": False, "reason": f"refused: {reason}"}
 
-    client = s3_client if s3_client is not None else storage.make_client()
     storage.ensure_bucket(client, storage.parse_s3_uri(cfg.s3_uri).bucket)
     with tempfile.TemporaryDirectory(prefix="switchprune-promote-") as tmp:
         files_dir = Path(tmp) / "files"
@@ -125,23 +128,81 @@ def run(
     if moved:
         try:
             registry.set_alias(uri, name, cfg.alias, version)
-        except registry.RegistryError:
+        except registry.RegistryError as alias_error:
             # The manifest is already current; put the previous one back so S3 and the
             # registry keep naming the same champion, and remove what this call uploaded.
             if result["changed"]:
-                uploaded = set(result["uploaded"])
-                storage.restore_manifest(
-                    client,
-                    cfg.s3_uri,
-                    name,
-                    previous,
-                    remove=[e["key"] for e in result["files"] if e["name"] in uploaded],
-                )
+                _undo(client, cfg, name, previous, result, alias_error)
             raise
+    # A promotion running at the same time may have written the manifest since: the alias
+    # follows whatever the manifest says now, so every interleaving ends consistent.
+    final = reconcile_alias(uri, client, cfg, name)
+    if final is not None and final != version:
+        reason = f"{reason}; a concurrent promotion made version {final} {cfg.alias}"
     changed = bool(result["changed"]) or moved
     if not changed:
         reason = f"version {version} is already {cfg.alias}; nothing to do"
     return {**out, "promoted": True, "reason": reason, "changed": changed}
 
 
-__all__ = ["check_gate", "run"]
+def reconcile_alias(uri: str, client: Any, cfg: PromoteConfig, name: str) -> int | None:
+    """Move the alias to the version S3's manifest names, until the two agree.
+
+    Returns:
+        The champion version, or ``None`` when nothing was promoted yet.
+    """
+    import logging
+
+    from switchprune import registry, storage
+
+    for _ in range(10):
+        manifest = storage.read_manifest(client, cfg.s3_uri, name)
+        if manifest is None:
+            return None
+        version = int(manifest["version"])
+        alias = registry.get_alias_version(uri, name, cfg.alias)
+        if alias is not None and alias["version"] == version:
+            return version
+        logging.getLogger(__name__).warning(
+            "%s: alias %s named version %s while S3 names %s; moving the alias",
+            name,
+            cfg.alias,
+            alias["version"] if alias else None,
+            version,
+        )
+        registry.set_alias(uri, name, cfg.alias, version)
+    raise registry.RegistryError(
+        f"{name}: alias {cfg.alias!r} keeps diverging from S3's manifest (concurrent "
+        "promotions); run promote again"
+    )
+
+
+def _undo(
+    client: Any,
+    cfg: PromoteConfig,
+    name: str,
+    previous: dict[str, Any] | None,
+    result: dict[str, Any],
+    alias_error: Exception,
+) -> None:
+    """Put the previous manifest back after the alias failed; report both faults if it fails."""
+    from switchprune import registry, storage
+
+    uploaded = set(result["uploaded"])
+    try:
+        storage.restore_manifest(
+            client,
+            cfg.s3_uri,
+            name,
+            previous,
+            remove=[e["key"] for e in result["files"] if e["name"] in uploaded],
+        )
+    except storage.StorageError as restore_error:
+        raise registry.RegistryError(
+            f"moving alias {cfg.alias!r} failed ({alias_error}), and restoring the previous "
+            f"manifest also failed ({restore_error}); S3 and the registry may name different "
+            "champions until promote runs again, which moves the alias to S3's manifest"
+        ) from restore_error
+
+
+__all__ = ["check_gate", "reconcile_alias", "run"]
