@@ -13,6 +13,7 @@ import dataclasses
 import gzip
 import hashlib
 import json
+import math
 import os
 import re
 import tempfile
@@ -282,7 +283,8 @@ def read_idx(path: Path) -> np.ndarray:
         raise DataError(f"IDX file {path} is truncated inside its header")
     dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     dtype = np.dtype(_IDX_DTYPES[type_code])
-    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    # Python integers: a header with huge dimensions must not wrap around in int64.
+    expected = math.prod(dims) * dtype.itemsize
     actual = len(data) - header
     if actual < expected:
         raise DataError(

@@ -279,10 +279,21 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
 
     Returns:
         The URI, e.g. ``http://127.0.0.1:5000`` or ``sqlite:///mlflow.db``.
+
+    Raises:
+        RegistryInputError: The URI has no scheme MLflow could use (a typo would otherwise
+            become a folder of that name in the working directory).
     """
     for candidate in (uri, os.environ.get("MLFLOW_TRACKING_URI")):
         if candidate and candidate.strip():
-            return candidate.strip()
+            text = candidate.strip()
+            scheme = urllib.parse.urlsplit(text).scheme
+            if not re.match(r"^[a-z][a-z0-9+.-]*$", scheme) or len(scheme) < 2:
+                raise RegistryInputError(
+                    f"MLFLOW_TRACKING_URI {_redact(text)!r} is not a URI: use "
+                    "http(s)://host:port, sqlite:///path/mlflow.db or file:///path"
+                )
+            return text
     return DEFAULT_TRACKING_URI
 
 

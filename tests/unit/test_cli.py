@@ -348,3 +348,15 @@ def test_pull_without_a_store_creates_nothing(
     assert code == 2 and out == ""
     assert len(err.splitlines()) == 1 and "no MLflow tracking store" in err
     assert list(tmp_path.iterdir()) == []  # no mlflow.db, no champion/
+
+
+@pytest.mark.parametrize("uri", ["garbage", "the mlflow server"])
+def test_a_tracking_uri_that_is_not_a_uri_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, uri: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    code, out, err = call(["pull", "some-model@champion", "--out", "champion"])
+    assert code == 2 and out == ""
+    assert len(err.splitlines()) == 1 and "is not a URI" in err
+    assert list(tmp_path.iterdir()) == []

@@ -485,3 +485,12 @@ def test_empty_images_are_refused_naming_the_file(tmp_path: Path):
     write_pair(idx_dir, "train-", np.zeros((20, 0, 0), dtype=np.uint8), y, gz=False)
     with pytest.raises(DataError, match=r"train-images-idx3-ubyte.*empty images"):
         prepare_data(idx_cfg(idx_dir), raw_dir=tmp_path, out_dir=tmp_path / "out")
+
+
+def test_read_idx_with_overflowing_dimensions_names_the_file(tmp_path: Path):
+    # Four dimensions of 2**32 - 1 wrap around to a small number in int64 arithmetic.
+    header = bytes([0, 0, 0x08, 4]) + struct.pack(">4I", *([0xFFFFFFFF] * 4))
+    path = tmp_path / "huge-images-idx3-ubyte"
+    path.write_bytes(header + b"\x00" * 16)
+    with pytest.raises(DataError, match="huge-images-idx3-ubyte.*truncated"):
+        read_idx(path)

@@ -59,3 +59,35 @@ def test_a_run_without_the_logit_difference_is_refused() -> None:
     metrics = {k: v for k, v in GOOD.items() if k != "max_abs_logit_diff_f64"}
     ok, reason = check_gate(CFG, metrics, None, 4)
     assert not ok and "max_abs_logit_diff_f64" in reason and "version 4" in reason
+
+
+@pytest.mark.parametrize(
+    ("doc", "needle"),
+    [
+        ({}, "no 'model_name'"),
+        ({"model_name": "m", "version": "abc"}, "'version' must be a positive integer"),
+        ({"model_name": "m", "version": True}, "'version' must be a positive integer"),
+        ([1, 2], "no 'model_name'"),
+    ],
+    ids=["empty", "version-abc", "version-bool", "a-list"],
+)
+def test_a_malformed_registration_is_one_error_naming_the_file(
+    tmp_path, doc: object, needle: str
+) -> None:
+    import json
+
+    from switchprune.io import ArtifactError
+    from switchprune.stages.promote import read_registration
+
+    path = tmp_path / "register.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ArtifactError, match=needle) as info:
+        read_registration(path)
+    assert "register.json" in str(info.value)
+
+
+def test_a_good_registration_is_read(tmp_path) -> None:
+    from switchprune.stages.promote import read_registration
+
+    (tmp_path / "register.json").write_text('{"model_name": "m", "version": 3}')
+    assert read_registration(tmp_path / "register.json") == ("m", 3)

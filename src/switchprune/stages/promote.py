@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from switchprune.config import PromoteConfig
-from switchprune.io import read_json
+from switchprune.io import ArtifactError, read_json
 
 
 def check_gate(
@@ -86,8 +86,7 @@ def run(
     """
     from switchprune import registry, storage
 
-    registered = read_json(Path(register_path))
-    name, version = str(registered["model_name"]), int(registered["version"])
+    name, version = read_registration(Path(register_path))
     uri = registry.resolve_tracking_uri(tracking_uri)
     registry.check_reachable(uri)
     info = registry.version_info(uri, registry.ModelRef(name, version=version))
@@ -143,6 +142,26 @@ def run(
     if not changed:
         reason = f"version {version} is already {cfg.alias}; nothing to do"
     return {**out, "promoted": True, "reason": reason, "changed": changed}
+
+
+def read_registration(path: Path) -> tuple[str, int]:
+    """Model name and version from the ``register`` stage's output.
+
+    Raises:
+        ArtifactError: The file is missing, not JSON, or lacks a valid name or version.
+    """
+    registered = read_json(path)
+    name = registered.get("model_name") if isinstance(registered, dict) else None
+    version = registered.get("version") if isinstance(registered, dict) else None
+    if not isinstance(name, str) or not name:
+        raise ArtifactError(f"{path}: no 'model_name' (re-run register)")
+    if (
+        isinstance(version, bool)
+        or not isinstance(version, int | str)
+        or not str(version).isdigit()
+    ):
+        raise ArtifactError(f"{path}: 'version' must be a positive integer, got {version!r}")
+    return name, int(version)
 
 
 def reconcile_alias(uri: str, client: Any, cfg: PromoteConfig, name: str) -> int | None:
