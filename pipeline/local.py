@@ -31,7 +31,9 @@ from types import FrameType
 import yaml
 
 from switchprune import storage
+from switchprune.config import load_params
 from switchprune.data import dvc_md5, export_digits
+from switchprune.errors import UserError
 from switchprune.servers import ENDPOINT_ENV, S3Server, s3_environment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,6 +162,13 @@ def main() -> int:
 def run() -> int:
     """Set up S3, run the pipeline, push data and outputs, stop what was started."""
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    try:
+        # Every section is checked before anything starts: a bad file is one line, no server.
+        params = load_params(ROOT / "params.yaml")
+    except UserError as exc:
+        print(f"make run: {exc}", file=sys.stderr)
+        return exc.exit_code
+    promote_uri = params["promote"].s3_uri
     server: S3Server | None = None
     endpoint = os.environ.get(ENDPOINT_ENV)
     if endpoint:
@@ -173,8 +182,6 @@ def run() -> int:
     try:
         dvc("remote", "modify", "--local", REMOTE, "endpointurl", endpoint)
         client = storage.make_client(endpoint)
-        params = yaml.safe_load((ROOT / "params.yaml").read_text()) or {}
-        promote_uri = (params.get("promote") or {}).get("s3_uri", "s3://switchprune-models")
         for bucket in {remote_bucket(), storage.parse_s3_uri(promote_uri).bucket}:
             storage.ensure_bucket(client, bucket)
         ensure_raw_data()
@@ -184,9 +191,9 @@ def run() -> int:
     except subprocess.CalledProcessError as exc:
         print(f"make run: {' '.join(exc.cmd[1:3])} failed (exit {exc.returncode})", file=sys.stderr)
         return 1
-    except storage.StorageError as exc:
+    except UserError as exc:
         print(f"make run: {exc}", file=sys.stderr)
-        return 1
+        return exc.exit_code
     finally:
         if server is not None:
             # The embedded server's port is gone after this run: don't leave DVC pointing at it.

@@ -279,3 +279,31 @@ def test_sigterm_stops_everything_the_run_started(project: Path, first_run: str)
         params_path.write_text(original)
     # The next run succeeds (and, with the original settings, has nothing left to train).
     _run([sys.executable, "pipeline/local.py"], project)
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [("train: [\n", "not valid YAML"), ("- a\n- b\n", "must hold a mapping")],
+    ids=["not-yaml", "a-list"],
+)
+def test_make_run_with_a_bad_params_file_is_one_line_and_starts_nothing(
+    project: Path, first_run: str, text: str, needle: str
+) -> None:
+    params = project / "params.yaml"
+    original = params.read_text()
+    params.write_text(text)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "pipeline/local.py"],
+            cwd=project,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        params.write_text(original)
+    assert proc.returncode == 2
+    assert proc.stdout == ""  # no server, no dvc
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "params.yaml" in lines[0]
