@@ -166,7 +166,7 @@ def run() -> int:
         # Every section is checked before anything starts: a bad file is one line, no server.
         params = load_params(ROOT / "params.yaml")
     except UserError as exc:
-        print(f"make run: {exc}", file=sys.stderr)
+        print("make run: " + " ".join(str(exc).split()), file=sys.stderr)
         return exc.exit_code
     promote_uri = params["promote"].s3_uri
     server: S3Server | None = None
@@ -192,7 +192,7 @@ def run() -> int:
         print(f"make run: {' '.join(exc.cmd[1:3])} failed (exit {exc.returncode})", file=sys.stderr)
         return 1
     except UserError as exc:
-        print(f"make run: {exc}", file=sys.stderr)
+        print("make run: " + " ".join(str(exc).split()), file=sys.stderr)
         return exc.exit_code
     finally:
         if server is not None:
