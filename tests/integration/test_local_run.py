@@ -106,6 +106,20 @@ def test_second_run_changes_nothing(project: Path, first_run: str) -> None:
     assert not (project / ".s3/data/switchprune-models" / MODEL / "v2").exists()
 
 
+def test_retraining_to_the_same_weights_keeps_the_promoted_version(
+    project: Path, first_run: str
+) -> None:
+    """``train`` reruns (its report is gone) and resumes to equal weights: no new version."""
+    models = project / ".s3/data/switchprune-models" / MODEL
+    manifest = (models / "current.json").read_bytes()
+    (project / "reports" / "train.json").unlink()
+    out = _run([sys.executable, "pipeline/local.py"], project)
+    assert "Running stage 'train'" in out, out
+    assert json.loads((project / "reports" / "register.json").read_text())["version"] == 1
+    assert (models / "current.json").read_bytes() == manifest
+    assert not (models / "v2").exists()
+
+
 def test_champion_loads_in_a_fresh_process(project: Path, first_run: str) -> None:
     code = f"""
 import json, mlflow, switchprune
