@@ -25,10 +25,8 @@ from run import ARCHS, ROOT, SETTINGS, load_dataset, measure, run_ours, train_co
 
 from switchprune.models import spec_from_config  # noqa: E402
 
-VARIANTS: dict[str, dict[str, Any]] = {
-    "magnitude (control)": {"scorer": "magnitude"},
-    "random (control)": {"scorer": "random"},
-    "switcher, default: magnitude prior, stochastic gates T=0.1": {},
+SWITCHER_VARIANTS: dict[str, dict[str, Any]] = {
+    "switcher: magnitude prior, stochastic gates T=0.1 (its defaults)": {},
     "switcher, stochastic gates T=0.3": {"gate_temperature": 0.3},
     "switcher, SNN steps on a held-out 10 %": {"snn_holdout": 0.1},
     "switcher, k=1": {"tnn_steps_per_snn_step": 1},
@@ -37,6 +35,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "snn_prior": False,
         "snn_gates": "straight",
     },
+}
+VARIANTS: dict[str, dict[str, Any]] = {
+    "magnitude (control, the default scorer)": {"scorer": "magnitude"},
+    "random (control)": {"scorer": "random"},
+    **{name: {"scorer": "switcher", **o} for name, o in SWITCHER_VARIANTS.items()},
 }
 ARCH, METRIC, RATIO = "mlp", "params", 0.13
 
