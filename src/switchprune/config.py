@@ -345,6 +345,8 @@ class PromoteConfig:
         max_accuracy_drop: Largest acceptable ``baseline_accuracy - test_accuracy``.
         max_logit_diff: Largest acceptable ``max_abs_logit_diff_f64`` (the compacted model
             must compute what the trained, gated one computes).
+        remove_incomplete_after: Seconds after which the files of a promotion that died before
+            writing its manifest are removed (by the next promotion of the model).
         max_params_ratio: Largest acceptable ``params_after / params_before`` (minimum
             compression).
         not_worse_than_champion: Refuse a model less accurate than the current champion.
@@ -356,10 +358,17 @@ class PromoteConfig:
     max_accuracy_drop: float = 0.02
     max_params_ratio: float = 0.8
     max_logit_diff: float = 1e-4
+    remove_incomplete_after: float = 3600.0
     not_worse_than_champion: bool = True
 
     def validate(self) -> None:
         """Check ranges and the S3 URI."""
+        _check(
+            self.remove_incomplete_after >= 0,
+            "promote",
+            "remove_incomplete_after",
+            "must be >= 0",
+        )
         bucket = self.s3_uri[5:].split("/", 1)[0] if self.s3_uri.startswith("s3://") else ""
         _check(
             bool(re.match(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", bucket)),

@@ -48,6 +48,8 @@ logger = logging.getLogger(__name__)
 
 ENDPOINT_ENV = "SWITCHPRUNE_S3_ENDPOINT"
 MANIFEST_NAME = "current.json"
+# Present in a version folder from its first upload until its manifest is written.
+INCOMPLETE_MARKER = ".incomplete"
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 30.0
 MAX_ATTEMPTS = 2  # first try plus one retry: an unreachable endpoint fails in seconds
@@ -311,8 +313,13 @@ def promote_files(
 
     uploaded: list[str] = []
     stage = "uploading"
+    marker = loc.key(model_name, version_dir, INCOMPLETE_MARKER)
     try:
         checksums = {"enabled": True}
+        # Marks the version folder as being written until its manifest is: a promotion that
+        # dies here leaves a folder that :func:`remove_incomplete` recognises and removes.
+        client.put_object(Bucket=loc.bucket, Key=marker, Body=b"")
+        uploaded.append(marker)
         for entry in entries:
             if _object_matches(client, loc.bucket, entry):
                 continue
@@ -338,6 +345,8 @@ def promote_files(
             "sha256": hashlib.sha256(body).hexdigest(),
         }
         _put(client, checksums, loc.bucket, manifest_entry, body, content_type="application/json")
+        uploaded.remove(marker)
+        _delete_quietly(client, loc.bucket, marker)
     except BaseException as exc:
         notes = _roll_back(client, loc.bucket, uploaded, manifest_key, previous_raw, stage)
         if not isinstance(exc, Exception):
@@ -358,6 +367,65 @@ def promote_files(
         "uploaded": [names[k] for k in uploaded],
         "manifest": document,
     }
+
+
+def remove_incomplete(
+    client: Any, s3_uri: str, model_name: str, *, older_than: float = 3600.0
+) -> list[str]:
+    """Delete version folders left by promotions that died before writing their manifest.
+
+    A folder is incomplete while it holds :data:`INCOMPLETE_MARKER`; only markers older than
+    ``older_than`` seconds count, so that a promotion still running elsewhere is left alone,
+    and the version the manifest names is never touched.
+
+    Returns:
+        The keys deleted.
+
+    Raises:
+        StorageError: If S3 cannot be listed or an object cannot be deleted.
+    """
+    loc = parse_s3_uri(s3_uri)
+    _check_name(model_name, "model name")
+    prefix = loc.key(model_name) + "/"
+    current = read_manifest(client, s3_uri, model_name)
+    keep = f"{prefix}v{current['version']}/" if current else None
+    now = datetime.now(UTC)
+    deleted: list[str] = []
+    try:
+        objects = _list(client, loc.bucket, prefix)
+        stale = {
+            o["Key"][: -len(INCOMPLETE_MARKER)]
+            for o in objects
+            if o["Key"].endswith("/" + INCOMPLETE_MARKER)
+            and (now - o["LastModified"]).total_seconds() >= older_than
+        }
+        for folder in sorted(stale - {keep}):
+            for o in objects:
+                if o["Key"].startswith(folder):
+                    client.delete_object(Bucket=loc.bucket, Key=o["Key"])
+                    deleted.append(o["Key"])
+    except StorageError:
+        raise
+    except Exception as exc:
+        raise _storage_error(client, f"removing incomplete versions under {prefix}", exc) from exc
+    if deleted:
+        logger.info("removed %d object(s) of incomplete promotions of %s", len(deleted), model_name)
+    return deleted
+
+
+def _list(client: Any, bucket: str, prefix: str) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        out += page.get("Contents", [])
+    return out
+
+
+def _delete_quietly(client: Any, bucket: str, key: str) -> None:
+    """Best effort: a marker that cannot be deleted is swept by :func:`remove_incomplete`."""
+    try:
+        client.delete_object(Bucket=bucket, Key=key)
+    except Exception:
+        logger.warning("could not remove s3://%s/%s", bucket, key)
 
 
 def read_manifest(client: Any, s3_uri: str, model_name: str) -> dict[str, Any] | None:

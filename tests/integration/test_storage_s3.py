@@ -120,14 +120,17 @@ def test_promote_uploads_verifies_then_writes_the_manifest(
     assert sorted(listing(client, bucket)) == sorted(
         ["models/net/current.json"] + [f"models/net/v1/{n}" for n in files]
     )
-    # Order of writes: every file, then a HEAD of every file, then the manifest, last.
+    # Order of writes: the in-progress marker, every file, then a HEAD of every file, then the
+    # manifest; the marker goes once the manifest is written.
+    marker = "models/net/v1/.incomplete"
     puts = [key for op, key in calls if op == "PutObject"]
     heads = [i for i, (op, _) in enumerate(calls) if op == "HeadObject"]
     manifest_at = calls.index(("PutObject", "models/net/current.json"))
-    assert puts[-1] == "models/net/current.json" and len(puts) == len(files) + 1
-    assert manifest_at == len(calls) - 1
+    assert puts[0] == marker and puts[-1] == "models/net/current.json"
+    assert len(puts) == len(files) + 2
+    assert manifest_at == len(calls) - 2 and calls[-1] == ("DeleteObject", marker)
     verified = {
-        calls[i][1] for i in heads if i > max(calls.index(("PutObject", k)) for k in puts[:-1])
+        calls[i][1] for i in heads if i > max(calls.index(("PutObject", k)) for k in puts[1:-1])
     }
     assert verified == {f"models/net/v1/{n}" for n in files}
     # rclone stores the bytes as plain files: they are exactly the local ones.
@@ -170,7 +173,10 @@ def test_v2_replaces_current_and_keeps_v1(client: Any, bucket: str, tmp_path: Pa
     calls = record_calls(client)
     back = promote(client, bucket, v1, 1)
     assert back["changed"] is True and back["uploaded"] == []
-    assert [key for op, key in calls if op == "PutObject"] == ["models/net/current.json"]
+    assert [key for op, key in calls if op == "PutObject"] == [
+        "models/net/v1/.incomplete",
+        "models/net/current.json",
+    ]
     assert json.loads(current(client, bucket))["version"] == 1
 
 
@@ -336,3 +342,33 @@ def test_metadata_lost_on_restart_is_recomputed(env: S3Server, tmp_path: Path) -
         repaired = promote(client, "restart", files, 1)
         assert repaired["changed"] is True and repaired["uploaded"] == ["spec.json"]
         assert (root / "restart/models/net/v1/spec.json").read_bytes() == b'{"arch": "mlp"}'
+
+
+def test_a_promotion_that_died_midway_is_swept_by_a_later_one(
+    client: Any, bucket: str, tmp_path: Path
+) -> None:
+    from switchprune.storage import INCOMPLETE_MARKER, remove_incomplete
+
+    promote(client, bucket, write_files(tmp_path / "v1", "one"), 1)
+    # What a promotion killed between its uploads and its manifest leaves behind.
+    for name in (INCOMPLETE_MARKER, "model.pt", "evaluate.json"):
+        client.put_object(Bucket=bucket, Key=f"models/net/v3/{name}", Body=b"partial")
+    # A marker in the current version must never lead to its removal.
+    client.put_object(Bucket=bucket, Key=f"models/net/v1/{INCOMPLETE_MARKER}", Body=b"")
+    assert remove_incomplete(client, f"s3://{bucket}/models", "net", older_than=3600) == []
+    assert len(listing(client, bucket, "models/net/v3/")) == 3  # may still be running
+    deleted = remove_incomplete(client, f"s3://{bucket}/models", "net", older_than=0)
+    assert sorted(deleted) == [
+        f"models/net/v3/{n}" for n in sorted((INCOMPLETE_MARKER, "evaluate.json", "model.pt"))
+    ]
+    assert listing(client, bucket, "models/net/v3/") == {}
+    assert len(listing(client, bucket, "models/net/v1/")) == 4  # current version untouched
+
+
+def test_a_completed_promotion_leaves_no_marker(client: Any, bucket: str, tmp_path: Path) -> None:
+    from switchprune.storage import INCOMPLETE_MARKER
+
+    promote(client, bucket, write_files(tmp_path / "v1", "one"), 1)
+    promote(client, bucket, write_files(tmp_path / "v2", "two"), 2)
+    keys = listing(client, bucket, "models/net/")
+    assert not [k for k in keys if k.endswith(INCOMPLETE_MARKER)]

@@ -453,8 +453,8 @@ def test_checksum_header_dropped_when_the_server_refuses_it(client: Any, model_f
     calls = with_failing(client, "put_object", no_checksums)
     result = promote(client, model_files)
     assert result["changed"] is True
-    # One refused attempt, then 3 files and the manifest without the header.
-    assert ["ChecksumSHA256" in c for c in calls] == [True, False, False, False, False]
+    # The in-progress marker, one refused attempt, then 3 files and the manifest without it.
+    assert ["ChecksumSHA256" in c for c in calls] == [False, True, False, False, False, False]
     assert read_manifest(client, URI, "m")["version"] == 1
 
 

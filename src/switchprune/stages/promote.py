@@ -108,6 +108,7 @@ def run(
         return {**out, "promoted": False, "reason": f"refused: {reason}"}
 
     storage.ensure_bucket(client, storage.parse_s3_uri(cfg.s3_uri).bucket)
+    storage.remove_incomplete(client, cfg.s3_uri, name, older_than=cfg.remove_incomplete_after)
     with tempfile.TemporaryDirectory(prefix="switchprune-promote-") as tmp:
         files_dir = Path(tmp) / "files"
         registry.download_model_version(uri, registry.ModelRef(name, version=version), files_dir)
