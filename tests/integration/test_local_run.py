@@ -72,6 +72,18 @@ def project(tmp_path_factory: pytest.TempPathFactory, project_files: list[str]) 
     return dst
 
 
+def _attempt(project: Path) -> subprocess.CompletedProcess[str]:
+    """``make run``'s runner, expected to stop early: its result, whatever its status."""
+    return subprocess.run(
+        [sys.executable, "pipeline/local.py"],
+        cwd=project,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 @pytest.fixture(scope="module")
 def first_run(project: Path) -> str:
     return _run([sys.executable, "pipeline/local.py"], project)
@@ -230,14 +242,7 @@ def test_a_second_run_in_the_same_folder_is_refused_and_touches_nothing(
     before = config_local.read_text() if config_local.exists() else None
     with open(project / ".switchprune-run.lock", "a+") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a run in progress
-        proc = subprocess.run(
-            [sys.executable, "pipeline/local.py"],
-            cwd=project,
-            env=_env(),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        proc = _attempt(project)
     assert proc.returncode != 0
     assert "another run is in progress" in proc.stderr
     assert "dvc" not in proc.stdout  # refused before running anything
@@ -307,14 +312,7 @@ def test_make_run_with_a_bad_params_file_is_one_line_and_starts_nothing(
     original = params.read_text()
     params.write_text(text)
     try:
-        proc = subprocess.run(
-            [sys.executable, "pipeline/local.py"],
-            cwd=project,
-            env=_env(),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        proc = _attempt(project)
     finally:
         params.write_text(original)
     assert proc.returncode == 2
