@@ -120,3 +120,29 @@ def test_a_bad_parameter_keeps_the_last_good_report(project: Path) -> None:
         assert (project / "reports" / "train.json").read_text() == good
     finally:
         (project / "params.yaml").write_text(text)
+
+
+def test_changed_idx_labels_rerun_preprocess(project: Path, tmp_path: Path) -> None:
+    """IDX files outside the project are still the stage's data: a changed label reruns it."""
+    from switchprune.data import read_idx
+
+    idx_dir = tmp_path / "idx"
+    export_digits(idx_dir)
+    text = (project / "params.yaml").read_text()
+    params = yaml.safe_load(text)
+    params["data"].update(dataset="idx", idx_dir=str(idx_dir))
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        _run([str(BIN / "dvc"), "repro", "preprocess"], project)
+        again = _run([str(BIN / "dvc"), "repro", "preprocess"], project)
+        assert _stages_run(again) == set(), again
+        labels = next(idx_dir.glob("*labels-idx1-ubyte*"))
+        before = read_idx(labels)
+        raw = bytearray(labels.read_bytes())
+        header = len(raw) - before.size
+        raw[header] = (raw[header] + 1) % 10  # one label changed, still a valid class
+        labels.write_bytes(bytes(raw))
+        out = _run([str(BIN / "dvc"), "repro", "preprocess"], project)
+        assert _stages_run(out) == {"preprocess"}, out
+    finally:
+        (project / "params.yaml").write_text(text)
