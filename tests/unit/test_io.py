@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 import torch
 
 from switchprune.io import file_digest, model_digest, save_model
@@ -52,8 +53,6 @@ def test_model_digest_follows_content(tmp_path: Path) -> None:
 
 
 def test_a_spec_asking_for_huge_widths_is_refused_before_allocating(tmp_path: Path) -> None:
-    import pytest
-
     from switchprune.io import ArtifactError, load_model_file
 
     model = build_model(SPEC)
@@ -84,3 +83,29 @@ def test_temporary_files_of_killed_writers_are_removed(tmp_path: Path) -> None:
     save_model(build_model(SPEC), tmp_path / "run.ckpt")
     assert not orphan.exists() and alive.exists()
     assert (tmp_path / "run.ckpt").is_file()
+
+
+def test_a_full_disk_is_named_and_leaves_no_partial_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+    from collections import namedtuple
+
+    from switchprune import io
+    from switchprune.errors import ServiceFailure
+
+    def full(obj: object, fh: object, *args: object, **kwargs: object) -> None:
+        fh.write(b"partial")  # type: ignore[attr-defined]
+        # What torch.save says when the disk fills up under it.
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:626] . unexpected pos 44992 vs 44904"
+        )
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _path: usage(100, 100, 0))
+    with pytest.raises(io.WriteError, match="no space left on device") as info:
+        save_model(build_model(SPEC), tmp_path / "model.pt")
+    assert isinstance(info.value, ServiceFailure) and info.value.exit_code == 1
+    assert str(tmp_path / "model.pt") in str(info.value)
+    assert list(tmp_path.iterdir()) == []
