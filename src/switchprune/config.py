@@ -122,6 +122,8 @@ class TrainConfig:
             of the scores.
         snn_holdout: Share of the training split reserved for SNN steps (the TNN never trains
             on it); 0 uses the TNN's own batches.
+        amp: Mixed precision of TNN steps on CUDA: ``auto`` (bfloat16 where supported, else
+            float16 with loss scaling), ``bf16``, ``fp16`` or ``off``. Always off on the CPU.
         compression: ``target`` switches off the lowest-scored units until ``target_metric`` is
             at ``target_ratio`` of the full network; ``penalty`` adds a fixed cost-weighted L1
             pressure ``penalty`` to the switcher's loss; ``none`` is the paper's task-loss-only
@@ -166,6 +168,7 @@ class TrainConfig:
     snn_gates: Literal["straight", "stochastic"] = "stochastic"
     gate_temperature: float = 0.1
     snn_holdout: float = 0.0
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     compression: Literal["target", "auto", "penalty", "none"] = "target"
     target_metric: Literal["params", "macs"] = "params"
     target_ratio: float = 0.4

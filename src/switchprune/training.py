@@ -16,6 +16,7 @@ so their SNN step only places the line).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
@@ -149,6 +150,8 @@ class _Run:
     switch_end: int
     warmup: int
     val: TensorDataset | None
+    amp: torch.dtype | None = None  # autocast dtype of TNN steps (CUDA only)
+    scaler: torch.amp.GradScaler | None = None  # float16 autocast needs loss scaling
     # ``step`` counts TNN steps over the whole run: it sets where SNN steps fall (every k-th),
     # so a resumed run continues the count. ``snn_step`` numbers SNN steps (their batches and
     # sampled gates).
@@ -224,7 +227,9 @@ def fit(
     )
     for epoch in bar:
         started = time.perf_counter()
-        losses = _train_epoch(run, epoch)
+        # Step losses stay on the device; one transfer per epoch (no sync per step on a GPU).
+        steps = _train_epoch(run, epoch)
+        losses = torch.stack(steps).cpu().tolist() if steps else []
         if losses and not math.isfinite(statistics.fmean(losses)):
             raise TrainingError(
                 f"training diverged at epoch {epoch + 1} (the task loss is not finite): "
@@ -307,7 +312,10 @@ def _start(
             val = TensorDataset(x[order[:held]].cpu(), y[order[:held]].cpu())
             x, y = x[order[held:].to(device)], y[order[held:].to(device)]
     switch_end = max(warmup + 1, round(cfg.switch_epochs_fraction * cfg.epochs))
-    return _Run(
+    amp = resolve_amp(cfg.amp, device)
+    if device.type == "cuda" and len(spec.in_shape) == 3:
+        tnn = tnn.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
+    run = _Run(
         cfg,
         device,
         tnn,
@@ -322,7 +330,45 @@ def _start(
         switch_end,
         warmup,
         val,
+        amp,
+        torch.amp.GradScaler("cuda") if amp == torch.float16 else None,
     )
+    return run
+
+
+def resolve_amp(
+    amp: str, device: torch.device, bf16_supported: Callable[[], bool] | None = None
+) -> torch.dtype | None:
+    """The autocast dtype of TNN steps: ``None`` (float32) on the CPU or with ``amp: off``.
+
+    ``auto`` on CUDA picks bfloat16 where the GPU supports it, else float16 (with loss scaling).
+
+    Args:
+        amp: ``auto``, ``off``, ``bf16`` or ``fp16``.
+        device: The training device.
+        bf16_supported: Whether the GPU supports bfloat16 (default: ask CUDA).
+    """
+    if device.type != "cuda" or amp == "off":
+        return None
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp16":
+        return torch.float16
+    supported = bf16_supported or torch.cuda.is_bf16_supported
+    return torch.bfloat16 if supported() else torch.float16
+
+
+def _autocast(run: _Run) -> Any:
+    if run.amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=run.device.type, dtype=run.amp)
+
+
+def _layout(run: _Run, x: torch.Tensor) -> torch.Tensor:
+    """Images in channels-last order on CUDA, as the network's weights are."""
+    if run.device.type == "cuda" and x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
 
 
 def _resume(run: _Run, blob: dict[str, Any], fingerprint: dict[str, Any]) -> None:
@@ -402,7 +448,7 @@ def _place_line(run: _Run, ratio: float, scores: dict[str, torch.Tensor]) -> Non
     run.scorer.offset.fill_(offset)
 
 
-def _train_epoch(run: _Run, epoch: int) -> list[float]:
+def _train_epoch(run: _Run, epoch: int) -> list[torch.Tensor]:
     """One epoch of TNN steps with SNN steps (or line placements) every ``k`` of them."""
     cfg = run.cfg
     # Cosine schedule, set per epoch so a resumed run sees the same rates.
@@ -420,7 +466,7 @@ def _train_epoch(run: _Run, epoch: int) -> list[float]:
     order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
     # Factors are fixed between two SNN steps: computed once, shared by the TNN steps between.
     cached = _current_factors(run, phase) if phase != "switch" or cfg.detach_factors else None
-    losses = []
+    losses: list[torch.Tensor] = []
     run.tnn.train()
     for i in range(0, n, cfg.batch_size):
         idx = order[i : i + cfg.batch_size].to(run.device)
@@ -460,8 +506,8 @@ def _tnn_step(
     x: torch.Tensor,
     y: torch.Tensor,
     cached: dict[str, torch.Tensor] | None,
-) -> float:
-    """One SGD step of the task network under the current (frozen) factors."""
+) -> torch.Tensor:
+    """One SGD step of the task network under the current (frozen) factors; its loss."""
     grad_through = phase == "switch" and not run.cfg.detach_factors
     scorer_params = list(run.scorer.parameters()) if run.scorer is not None else []
     if grad_through:
@@ -472,14 +518,20 @@ def _tnn_step(
         run.tnn.set_factors(run.scorer(run.tnn, grad_through_tnn=True))
     else:
         run.tnn.set_factors(cached)
-    loss = run.loss_fn(run.tnn(x), y)
+    with _autocast(run):
+        loss = run.loss_fn(run.tnn(_layout(run, x)), y)
     run.opt_t.zero_grad(set_to_none=True)
-    loss.backward()
-    run.opt_t.step()
+    if run.scaler is not None:
+        run.scaler.scale(loss).backward()
+        run.scaler.step(run.opt_t)
+        run.scaler.update()
+    else:
+        loss.backward()
+        run.opt_t.step()
     run.tnn.set_factors(None)
     for p in scorer_params:
         p.requires_grad_(True)
-    return float(loss.detach())
+    return loss.detach()
 
 
 def _snn_step(run: _Run, target: float) -> dict[str, torch.Tensor] | None:

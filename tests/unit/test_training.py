@@ -638,3 +638,45 @@ def test_prior_switcher_moves_a_score_at_most_prior_range_from_magnitude() -> No
         gap = (s - torch.log(prior[name] + 1e-6)).abs()
         assert float(gap.max()) <= PRIOR_RANGE + 1e-6
         assert float(gap.max()) > 0.1 * PRIOR_RANGE  # the learned part does act
+
+
+# --- 6. GPU readiness (checked with what the CPU allows) ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("amp", "device", "bf16", "expected"),
+    [
+        ("auto", "cpu", True, None),
+        ("fp16", "cpu", True, None),
+        ("off", "cuda", True, None),
+        ("auto", "cuda", True, torch.bfloat16),
+        ("auto", "cuda", False, torch.float16),
+        ("bf16", "cuda", False, torch.bfloat16),
+        ("fp16", "cuda", True, torch.float16),
+    ],
+)
+def test_mixed_precision_only_on_cuda(
+    amp: str, device: str, bf16: bool, expected: torch.dtype | None
+) -> None:
+    got = training.resolve_amp(amp, torch.device(device), bf16_supported=lambda: bf16)
+    assert got == expected
+
+
+def test_training_steps_do_not_read_values_back_each_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU every ``float(tensor)`` waits for the device: steps must not do it."""
+    reads = {"n": 0}
+    real_float, real_item = torch.Tensor.__float__, torch.Tensor.item
+
+    def counting_float(self: torch.Tensor) -> float:
+        reads["n"] += 1
+        return real_float(self)
+
+    def counting_item(self: torch.Tensor) -> Any:
+        reads["n"] += 1
+        return real_item(self)
+
+    monkeypatch.setattr(torch.Tensor, "__float__", counting_float)
+    monkeypatch.setattr(torch.Tensor, "item", counting_item)
+    result = run(make_cfg(epochs=4), switched=False)  # 7 steps an epoch
+    assert len(result.history) == 4 and all(math.isfinite(r["loss"]) for r in result.history)
+    assert reads["n"] == 0
