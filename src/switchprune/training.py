@@ -298,19 +298,14 @@ def _start(
     if switched and params and cfg.snn_holdout > 0:
         # The switcher learns on a slice the task network never trains on, so that it keeps
         # what generalises rather than what fits the training batches.
-        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(cfg.seed + 7))
-        held = max(1, round(cfg.snn_holdout * len(y)))
-        snn_idx, tnn_idx = order[:held].to(device), order[held:].to(device)
-        snn_x, snn_y, x, y = x[snn_idx], y[snn_idx], x[tnn_idx], y[tnn_idx]
+        (snn_x, snn_y), (x, y) = _hold_out(x, y, cfg.snn_holdout, cfg.seed + 7)
     warmup = cfg.warmup_epochs
     if switched and cfg.compression == "auto":
         # The unpruned reference needs an epoch of training and data to be measured on.
         warmup = max(1, warmup)
         if val is None or len(val) == 0:
-            order = torch.randperm(len(y), generator=torch.Generator().manual_seed(cfg.seed + 11))
-            held = max(1, round(0.1 * len(y)))
-            val = TensorDataset(x[order[:held]].cpu(), y[order[:held]].cpu())
-            x, y = x[order[held:].to(device)], y[order[held:].to(device)]
+            (val_x, val_y), (x, y) = _hold_out(x, y, 0.1, cfg.seed + 11)
+            val = TensorDataset(val_x.cpu(), val_y.cpu())
     switch_end = max(warmup + 1, round(cfg.switch_epochs_fraction * cfg.epochs))
     amp = resolve_amp(cfg.amp, device)
     if device.type == "cuda" and len(spec.in_shape) == 3:
@@ -334,6 +329,15 @@ def _start(
         torch.amp.GradScaler("cuda") if amp == torch.float16 else None,
     )
     return run
+
+
+def _hold_out(
+    x: torch.Tensor, y: torch.Tensor, fraction: float, seed: int
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """A seeded random ``fraction`` of the samples (at least one), and the rest."""
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed)).to(x.device)
+    held = max(1, round(fraction * len(y)))
+    return (x[order[:held]], y[order[:held]]), (x[order[held:]], y[order[held:]])
 
 
 def resolve_amp(

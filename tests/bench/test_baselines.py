@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch_pruning as tp
+from bench_support import load_bench_script
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -25,18 +24,7 @@ CONFIGS = {
 }
 
 
-def _load_baselines():
-    spec = importlib.util.spec_from_file_location(
-        "switchprune_bench_baselines", ROOT / "bench" / "baselines.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-B = _load_baselines()
+B = load_bench_script("baselines")
 
 
 def _spec(arch: str) -> ModelSpec:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from bench_support import load_bench_script
 
 ROOT = Path(__file__).resolve().parents[2]
 MNIST = ROOT.parent / "shared" / "data" / "mnist-t10k"
@@ -31,15 +31,6 @@ KEYS = {
 }
 
 
-def _bench_module():
-    spec = importlib.util.spec_from_file_location("switchprune_bench", ROOT / "bench" / "run.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``bench/run.py`` as ``make bench`` runs it: a script, training in two worker processes."""
@@ -58,7 +49,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_in_process_run_gives_the_same_records(
     results: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    bench = _bench_module()
+    bench = load_bench_script("run")
     argv = ["--setting", "tiny", "--out", str(tmp_path), "--mnist-dir", str(MNIST)]
     assert bench.main(argv + ["--workers", "1", "--no-claims"]) == 0
     pooled = json.loads((results / "results.json").read_text())["records"]
@@ -136,13 +127,7 @@ def test_paper_claims_are_measured(results: Path) -> None:
 
 
 def test_ablations_write_one_row_per_variant(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location(
-        "switchprune_ablations", ROOT / "bench" / "ablations.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = load_bench_script("ablations")
     argv = ["--setting", "tiny", "--out", str(tmp_path), "--mnist-dir", str(MNIST)]
     assert module.main(argv + ["--threads", "1"]) == 0
     records = json.loads((tmp_path / "ablations.json").read_text())["records"]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from switchprune.config import PromoteConfig
 from switchprune.io import ArtifactError, read_json
+
+logger = logging.getLogger(__name__)
 
 
 def check_gate(
@@ -171,8 +174,6 @@ def reconcile_alias(uri: str, client: Any, cfg: PromoteConfig, name: str) -> int
     Returns:
         The champion version, or ``None`` when nothing was promoted yet.
     """
-    import logging
-
     from switchprune import registry, storage
 
     for _ in range(10):
@@ -183,7 +184,7 @@ def reconcile_alias(uri: str, client: Any, cfg: PromoteConfig, name: str) -> int
         alias = registry.get_alias_version(uri, name, cfg.alias)
         if alias is not None and alias["version"] == version:
             return version
-        logging.getLogger(__name__).warning(
+        logger.warning(
             "%s: alias %s named version %s while S3 names %s; moving the alias",
             name,
             cfg.alias,
