@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -107,12 +108,17 @@ def _canonical(obj: Any) -> Any:
 
     ``torch.save`` writes whole storages: a tensor that is a view, or shares a storage with
     another (as after resuming from a checkpoint), is written with other bytes than an equal
-    fresh tensor. Cloning makes the bytes a function of the values alone.
+    fresh tensor. Cloning makes the bytes a function of the values alone; interning does the same
+    for strings.
     """
     if isinstance(obj, torch.Tensor):
         return obj.detach().cpu().clone(memory_format=torch.contiguous_format)
+    if isinstance(obj, str):
+        # Pickle writes a repeated string once and refers back to it by object identity: one
+        # object per value makes those references a function of the values too.
+        return sys.intern(obj)
     if isinstance(obj, dict):
-        return {k: _canonical(v) for k, v in obj.items()}
+        return {_canonical(k): _canonical(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
         return type(obj)(_canonical(v) for v in obj)
     return obj

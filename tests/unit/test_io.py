@@ -109,3 +109,16 @@ def test_a_full_disk_is_named_and_leaves_no_partial_file(
     assert isinstance(info.value, ServiceFailure) and info.value.exit_code == 1
     assert str(tmp_path / "model.pt") in str(info.value)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_saved_bytes_do_not_depend_on_which_string_objects_hold_the_keys(tmp_path: Path) -> None:
+    from switchprune.io import save_torch
+
+    value = torch.arange(4.0)
+    literal = {"spec": {"widths": {"fc1": 4}}, "factors": {"fc1": value}}
+    # Equal keys as distinct objects, as after loading a checkpoint.
+    built = "".join(["f", "c1"])
+    fresh = {"spec": {"widths": {"fc1": 4}}, "factors": {built: value.clone()}}
+    save_torch(literal, tmp_path / "a.pt")
+    save_torch(fresh, tmp_path / "b.pt")
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
