@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 from collections.abc import Callable
@@ -21,24 +22,15 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 
 NUM_CLASSES = 5
 
-# Small inputs keep every architecture well under a second on a CPU. 8x8 digits for the plain
-# nets (LeNet pads its convs and keeps a 2x2 map before flattening), 16x16 RGB for the conv nets.
-IN_SHAPES: dict[str, tuple[int, int, int]] = {
-    "mlp": (1, 8, 8),
-    "lenet5": (1, 8, 8),
-    "vgg11": (3, 16, 16),
-    "vgg16": (3, 16, 16),
-    "resnet20": (3, 16, 16),
-    "resnet56": (3, 16, 16),
-}
+from model_support import IN_SHAPES, USER_ARCH  # noqa: E402  (tests/ is on sys.path)
 
 
 def model_config(arch: str) -> ModelConfig:
     """A CPU-sized configuration of ``arch``."""
     if arch == "mlp":
         return ModelConfig(arch="mlp", hidden=(24, 16))
-    if arch == "lenet5":
-        return ModelConfig(arch="lenet5")
+    if arch in ("lenet5", USER_ARCH):
+        return ModelConfig(arch=arch)
     return ModelConfig(arch=arch, width_multiplier=0.25)  # type: ignore[arg-type]
 
 
@@ -54,7 +46,18 @@ def randomize_batchnorm(model: nn.Module, generator: torch.Generator) -> None:
                 m.bias.copy_(0.2 * torch.randn(n, generator=generator))
 
 
+_TINY: dict[tuple[str, int], TaskNet] = {}
+
+
 def make_tiny_net(arch: str, seed: int = 0) -> TaskNet:
+    """A fresh copy of :func:`build_tiny_net` (built once per session: graph analysis of the
+    torchvision networks takes a noticeable fraction of a second)."""
+    if (arch, seed) not in _TINY:
+        _TINY[(arch, seed)] = build_tiny_net(arch, seed)
+    return copy.deepcopy(_TINY[(arch, seed)])
+
+
+def build_tiny_net(arch: str, seed: int = 0) -> TaskNet:
     """A full-width, eval-mode network of ``arch`` whose logits depend on its input.
 
     Weights get He initialisation and the BatchNorm statistics are first calibrated on a random
@@ -80,10 +83,10 @@ def make_tiny_net(arch: str, seed: int = 0) -> TaskNet:
     with torch.no_grad():
         # Keep logits O(1) so float32 rounding stays far below the 1e-5 comparisons: a plain
         # 1/sqrt(fan_in) classifier, and residual branches that add less than the full variance.
-        w = model.classifier.weight
+        w = dict(model.named_modules())[model.classifier_name].weight
         w.copy_(torch.randn(w.shape, generator=g) / w.shape[1] ** 0.5)
         for name, m in model.named_modules():
-            if name.endswith(("bn2", "shortcut_bn")) and arch.startswith("resnet"):
+            if name.endswith(("bn2", "bn3", "shortcut_bn", "downsample.1")) and "resnet" in arch:
                 m.weight.mul_(0.4)
     return model.eval()
 

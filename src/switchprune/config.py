@@ -24,7 +24,17 @@ class ConfigError(InputError, ValueError):
 
 
 Dataset = Literal["digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "idx"]
-Arch = Literal["mlp", "lenet5", "vgg11", "vgg16", "resnet20", "resnet56"]
+# Hand-written task networks, then torchvision's (gated through the dependency graph).
+OWN_ARCHS = ("mlp", "lenet5", "vgg11", "vgg16", "resnet20", "resnet56")
+TORCHVISION_ARCHS = (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "vgg11_bn",
+    "vgg16_bn",
+)
 
 
 @dataclass(frozen=True)
@@ -68,20 +78,41 @@ class ModelConfig:
     """The task network (TNN).
 
     Attributes:
-        arch: Architecture name.
+        arch: A hand-written network (:data:`OWN_ARCHS`), a torchvision one
+            (:data:`TORCHVISION_ARCHS`), or the user's builder ``"path/to/file.py:build"`` /
+            ``"package.module:build"``, called as ``build(num_classes, in_channels)``.
         hidden: Hidden widths of ``mlp`` (LeNet-300-100 by default).
-        width_multiplier: Scales every hidden width of ``vgg*``/``resnet*`` (CPU-sized nets).
+        width_multiplier: Scales every hidden width of ``vgg*``/``resnet*`` (CPU-sized nets);
+            for torchvision and user networks, every gated group keeps its first units.
+        small_input: torchvision networks: the small-image stem (3x3 stride-1 first conv, no
+            first max-pool; MobileNet keeps two more strides at 1; VGG drops its last pooling
+            and has one linear classifier). ``null``: on for images of at most 64 px.
     """
 
-    arch: Arch = "mlp"
+    arch: str = "mlp"
     hidden: tuple[int, ...] = (300, 100)
     width_multiplier: float = 1.0
+    small_input: bool | None = None
 
     def validate(self) -> None:
         """Check ranges."""
         _check(len(self.hidden) >= 1, "model", "hidden", "needs at least one layer")
         _check(all(h >= 1 for h in self.hidden), "model", "hidden", "widths must be >= 1")
         _check(0.0 < self.width_multiplier <= 4.0, "model", "width_multiplier", "must be in (0, 4]")
+        known = OWN_ARCHS + TORCHVISION_ARCHS
+        _check(
+            self.arch in known or ":" in self.arch,
+            "model",
+            "arch",
+            f"unknown architecture {self.arch!r} (known: {', '.join(known)}, or "
+            "'path/to/file.py:build' / 'package.module:build' for your own)",
+        )
+        _check(
+            self.arch in OWN_ARCHS or self.width_multiplier <= 1.0,
+            "model",
+            "width_multiplier",
+            "must be <= 1 for torchvision and user networks (groups keep their first units)",
+        )
 
 
 @dataclass(frozen=True)

@@ -35,33 +35,46 @@ class CostModel:
         self.full = model.group_sizes()
         modules = dict(model.named_modules())
         out_group: dict[str, str] = {}
-        in_group: dict[str, str] = {}
+        # Per reader: (group, units' inputs each) for every group it reads.
+        in_parts: dict[str, list[tuple[str, int]]] = {}
         for g in model.groups:
             for writer, norm in zip(g.writers, g.norms, strict=True):
                 out_group[writer] = g.name
                 if norm is not None:
                     out_group[norm] = g.name
-            for reader in g.readers:
-                in_group[reader] = g.name
+            for extra in g.extra_gates:
+                out_group[extra] = g.name
+            for i, reader in enumerate(g.readers):
+                per_unit = g.spans[i][1] if g.spans else _inputs(modules[reader]) // g.size
+                in_parts.setdefault(reader, []).append((g.name, per_unit))
         spatial = _output_spatial(model)
         self.params_terms: list[Term] = []
         self.macs_terms: list[Term] = []
         for name, m in modules.items():
             og = out_group.get(name)
-            ig = in_group.get(name)
             if isinstance(m, nn.Conv2d | nn.Linear):
-                cin = m.in_channels if isinstance(m, nn.Conv2d) else m.in_features
                 cout = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
-                per_in = cin // self.full[ig] if ig else cin  # >1 for a Linear after flatten
-                kernel = 1
-                if isinstance(m, nn.Conv2d):
-                    kernel = m.kernel_size[0] * m.kernel_size[1] // m.groups
                 per_out = 1 if og else cout
-                w = kernel * per_in * per_out
-                self.params_terms.append(Term(float(w), ig, og))
+                kernel = m.kernel_size[0] * m.kernel_size[1] if isinstance(m, nn.Conv2d) else 1
+                groups = m.groups if isinstance(m, nn.Conv2d) else 1
+                positions = spatial.get(name, 1)
+                parts = in_parts.get(name, [])
+                if groups > 1:
+                    # Each output reads in/groups inputs; a depthwise conv shrinks with its
+                    # group (one input per output), a grouped one is never gated.
+                    parts, fixed_in = [], _inputs(m) // groups
+                else:
+                    fixed_in = _inputs(m) - sum(p * self.full[ig] for ig, p in parts)
+                for ig, per_in in parts:
+                    w = kernel * per_in * per_out
+                    self.params_terms.append(Term(float(w), ig, og))
+                    self.macs_terms.append(Term(float(w * positions), ig, og))
+                if fixed_in:
+                    w = kernel * fixed_in * per_out
+                    self.params_terms.append(Term(float(w), None, og))
+                    self.macs_terms.append(Term(float(w * positions), None, og))
                 if m.bias is not None:
                     self.params_terms.append(Term(float(per_out), None, og))
-                self.macs_terms.append(Term(float(w * spatial.get(name, 1)), ig, og))
             elif isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d) and m.affine:
                 self.params_terms.append(Term(2.0 if og else 2.0 * m.num_features, None, og))
 
@@ -96,6 +109,10 @@ class CostModel:
             if t.out_group:
                 out[t.out_group] += t.coef * float(widths[t.in_group] if t.in_group else 1)
         return out
+
+
+def _inputs(m: nn.Module) -> int:
+    return int(m.in_channels if isinstance(m, nn.Conv2d) else m.in_features)
 
 
 def _output_spatial(model: TaskNet) -> dict[str, int]:

@@ -7,7 +7,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from switchprune.config import ModelConfig
+from model_support import TEST_ARCHS
+from switchprune.config import OWN_ARCHS, ModelConfig
 from switchprune.cost import CostModel
 from switchprune.evaluation import count_macs, count_params
 from switchprune.models import ARCHS, Gate, ModelSpec, build_model, spec_from_config
@@ -30,10 +31,10 @@ def _in_dim(m: nn.Module) -> int:
 
 
 def test_every_architecture_has_a_test_input(in_shapes):
-    assert set(in_shapes) == set(ARCHS)
+    assert set(in_shapes) >= set(ARCHS)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", TEST_ARCHS)
 def test_spec_and_groups_are_consistent(arch, tiny_net):
     model = tiny_net(arch)
     modules = dict(model.named_modules())
@@ -57,7 +58,7 @@ def test_spec_and_groups_are_consistent(arch, tiny_net):
             # A Linear after flatten reads ``size * positions`` inputs.
             assert _in_dim(modules[reader]) % g.size == 0
     # Residual nets tie every writer of a stage stream into one group.
-    if arch.startswith("resnet"):
+    if arch in ("resnet20", "resnet56"):
         stage = {g.name: g for g in model.groups}["stage2"]
         assert len(stage.writers) == 1 + len(model.stage2) > 2
         assert any("shortcut_conv" in w for w in stage.writers)
@@ -67,7 +68,7 @@ def test_spec_and_groups_are_consistent(arch, tiny_net):
         )
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", TEST_ARCHS)
 def test_spec_round_trip_rebuilds_same_network(arch, tiny_net, in_shapes):
     model = tiny_net(arch)
     spec = ModelSpec.from_dict(model.spec.to_dict())
@@ -96,7 +97,7 @@ def test_width_multiplier_scales_and_never_reaches_zero():
     assert len(tiny.widths) == 3 + 3 * 3
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", TEST_ARCHS)
 def test_set_factors_none_is_identity_and_gates_change_output(
     arch, tiny_net, random_factors, in_shapes
 ):
@@ -116,7 +117,7 @@ def test_set_factors_none_is_identity_and_gates_change_output(
         assert torch.equal(model(x), plain)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", TEST_ARCHS)
 def test_zero_factor_cuts_the_unit_from_every_writer(arch, tiny_net, in_shapes):
     """A unit whose factor is 0 has no influence, however its incoming weights change.
 
@@ -133,7 +134,8 @@ def test_zero_factor_cuts_the_unit_from_every_writer(arch, tiny_net, in_shapes):
         with torch.no_grad():
             for writer, norm in zip(group.writers, group.norms, strict=True):
                 w = pmods[writer]
-                w.weight[j] += torch.randn(w.weight[j].shape, generator=g_noise)
+                # Positive noise: the unit stays alive after the ReLUs of the perturbed net.
+                w.weight[j] += torch.randn(w.weight[j].shape, generator=g_noise).abs()
                 if w.bias is not None:
                     w.bias[j] += 5.0
                 if norm is not None:
@@ -156,15 +158,16 @@ def test_zero_factor_cuts_the_unit_from_every_writer(arch, tiny_net, in_shapes):
         assert torch.equal(model(x), tiny_net(arch)(x))
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", TEST_ARCHS)
 def test_classifier_keeps_all_outputs_and_is_never_gated(arch, tiny_net, random_factors, in_shapes):
     model = tiny_net(arch)
     assert isinstance(model.classifier, nn.Linear)
     assert model.classifier.out_features == NUM_CLASSES
-    assert all("classifier" not in g.writers for g in model.groups)
-    assert all(g.name != "classifier" for g in model.groups)
+    name = model.classifier_name
+    assert all(name not in g.writers for g in model.groups)
+    assert all(g.name != name for g in model.groups)
     # The classifier reads exactly one group (the last one).
-    assert sum("classifier" in g.readers for g in model.groups) == 1
+    assert sum(name in g.readers for g in model.groups) == 1
     captured: list[torch.Tensor] = []
     hook = model.classifier.register_forward_hook(lambda _m, _i, out: captured.append(out))
     try:
@@ -195,7 +198,7 @@ def test_gate_scales_channel_dimension():
     assert torch.equal(y2, torch.tensor([[3.0, 0.0]] * 4))
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", OWN_ARCHS)
 def test_counts_agree_with_cost_model_and_torch_pruning(arch, tiny_net, in_shapes):
     model = tiny_net(arch)
     in_shape = in_shapes[arch]

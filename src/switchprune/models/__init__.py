@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
-from switchprune.config import ConfigError, ModelConfig
+from switchprune.config import OWN_ARCHS, TORCHVISION_ARCHS, ConfigError, ModelConfig
 from switchprune.models import lenet, mlp, resnet, vgg
 from switchprune.models.base import Gate, GateGroup, ModelSpec, TaskNet
+from switchprune.models.graph import GraphError, GraphNet
+from switchprune.models.zoo import build_graph_model, graph_spec, is_graph_arch
 
-ARCHS = ("mlp", "lenet5", "vgg11", "vgg16", "resnet20", "resnet56")
+ARCHS = OWN_ARCHS + TORCHVISION_ARCHS
 
 
 def spec_from_config(
     cfg: ModelConfig, in_shape: tuple[int, int, int], num_classes: int
 ) -> ModelSpec:
     """The full-width spec of the configured architecture for the given data."""
+    in_shape = tuple(int(v) for v in in_shape)  # type: ignore[assignment]
+    if is_graph_arch(cfg.arch):
+        return graph_spec(
+            cfg.arch,
+            in_shape,
+            int(num_classes),
+            small_input=cfg.small_input,
+            width_multiplier=cfg.width_multiplier,
+        )
     if cfg.arch == "mlp":
         widths = mlp.default_widths(cfg.hidden)
     elif cfg.arch == "lenet5":
@@ -25,11 +36,13 @@ def spec_from_config(
         raise ConfigError(
             f"[model] arch: unknown architecture {cfg.arch!r} (known: {', '.join(ARCHS)})"
         )
-    return ModelSpec(cfg.arch, tuple(in_shape), int(num_classes), widths)  # type: ignore[arg-type]
+    return ModelSpec(cfg.arch, in_shape, int(num_classes), widths)
 
 
 def build_model(spec: ModelSpec) -> TaskNet:
     """Instantiate the task network described by ``spec``."""
+    if is_graph_arch(spec.arch):
+        return build_graph_model(spec)
     if spec.arch == "mlp":
         return mlp.MLP(spec)
     if spec.arch == "lenet5":
@@ -41,4 +54,15 @@ def build_model(spec: ModelSpec) -> TaskNet:
     raise ConfigError(f"unknown architecture {spec.arch!r} (known: {', '.join(ARCHS)})")
 
 
-__all__ = ["ARCHS", "Gate", "GateGroup", "ModelSpec", "TaskNet", "build_model", "spec_from_config"]
+__all__ = [
+    "ARCHS",
+    "Gate",
+    "GateGroup",
+    "GraphError",
+    "GraphNet",
+    "ModelSpec",
+    "TaskNet",
+    "build_model",
+    "is_graph_arch",
+    "spec_from_config",
+]

@@ -18,21 +18,36 @@ class ModelSpec:
         in_shape: Input shape ``(C, H, W)``.
         num_classes: Number of classifier outputs (never pruned).
         widths: Width of every gate group, by group name. Compaction only changes these.
+        options: Build options of graph-analysed networks (``small_input``).
+        kept: Graph-analysed networks only: the units each group keeps, as indices into the
+            full-width network. They are rebuilt full width, then cut to these units.
+        source_sha256: For a network built by the user's own code, the SHA-256 of the file
+            that defines it: a changed file is refused instead of loaded into.
     """
 
     arch: str
     in_shape: tuple[int, int, int]
     num_classes: int
     widths: dict[str, int] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+    kept: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    source_sha256: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        """Return a JSON/``weights_only``-safe mapping."""
-        return {
+        """Return a JSON/``weights_only``-safe mapping (optional fields only when set)."""
+        out: dict[str, Any] = {
             "arch": self.arch,
             "in_shape": list(self.in_shape),
             "num_classes": int(self.num_classes),
             "widths": {k: int(v) for k, v in self.widths.items()},
         }
+        if self.options:
+            out["options"] = dict(self.options)
+        if self.kept:
+            out["kept"] = {k: [int(i) for i in v] for k, v in self.kept.items()}
+        if self.source_sha256:
+            out["source_sha256"] = self.source_sha256
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
@@ -42,11 +57,24 @@ class ModelSpec:
             in_shape=tuple(int(v) for v in data["in_shape"]),  # type: ignore[arg-type]
             num_classes=int(data["num_classes"]),
             widths={str(k): int(v) for k, v in data["widths"].items()},
+            options=dict(data.get("options", {})),
+            kept={str(k): tuple(int(i) for i in v) for k, v in data.get("kept", {}).items()},
+            source_sha256=str(data.get("source_sha256", "")),
         )
 
-    def with_widths(self, widths: dict[str, int]) -> ModelSpec:
-        """Return a copy with other group widths."""
-        return ModelSpec(self.arch, self.in_shape, self.num_classes, dict(widths))
+    def with_widths(
+        self, widths: dict[str, int], kept: dict[str, tuple[int, ...]] | None = None
+    ) -> ModelSpec:
+        """Return a copy with other group widths (and, for graph networks, the kept units)."""
+        return ModelSpec(
+            self.arch,
+            self.in_shape,
+            self.num_classes,
+            dict(widths),
+            dict(self.options),
+            dict(kept) if kept is not None else dict(self.kept),
+            self.source_sha256,
+        )
 
 
 @dataclass(frozen=True)
@@ -62,6 +90,12 @@ class GateGroup:
         writers: Names of the Conv2d/Linear modules whose output channels are the units.
         norms: For each writer, the BatchNorm that follows it, or ``None``.
         readers: Names of the Conv2d/Linear modules whose inputs consume the units.
+        spans: For each reader, ``(start, per_unit)``: its input channels
+            ``start .. start + size * per_unit`` are the units, ``per_unit`` each (a Linear
+            after a flatten reads every position of a channel). Empty: every reader reads
+            only the group, ``in / size`` inputs per unit.
+        extra_gates: BatchNorms that read the units without following a writer (after an
+            addition or a concatenation); a gate follows each of them too.
     """
 
     name: str
@@ -69,6 +103,8 @@ class GateGroup:
     writers: tuple[str, ...]
     norms: tuple[str | None, ...]
     readers: tuple[str, ...]
+    spans: tuple[tuple[int, int], ...] = ()
+    extra_gates: tuple[str, ...] = ()
 
 
 class Gate(nn.Module):

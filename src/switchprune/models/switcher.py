@@ -352,8 +352,12 @@ def unit_statistics(
         feats.append(torch.stack(cols, dim=1))
     x = torch.stack(feats).mean(0)
     outgoing = torch.zeros(g.size, device=x.device, dtype=x.dtype)
-    for reader in g.readers:
+    for i, reader in enumerate(g.readers):
         r = _weight(modules[reader], grad)
+        if g.spans:
+            # Only the reader's inputs that are this group's units (concatenations).
+            start, per_unit = g.spans[i]
+            r = r[:, start : start + g.size * per_unit]
         # Conv: [out, C, k, k]; Linear after flatten: [out, C * positions]; both -> [out, C, -1].
         r = r.reshape(r.shape[0], g.size, -1)
         outgoing = outgoing + r.pow(2).sum(dim=(0, 2))

@@ -14,7 +14,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from switchprune.models import ModelSpec, TaskNet, build_model
+from switchprune.models import ModelSpec, TaskNet, build_model, is_graph_arch
 
 
 def masked_factors(
@@ -51,6 +51,11 @@ def fold_factors(model: TaskNet, factors: dict[str, torch.Tensor]) -> None:
                 layer.weight.mul_(s.view(-1, *([1] * (layer.weight.dim() - 1))))
                 if layer.bias is not None:
                     layer.bias.mul_(s)
+        for extra in g.extra_gates:
+            bn = modules[extra]
+            assert isinstance(bn, nn.BatchNorm2d | nn.BatchNorm1d)
+            bn.weight.mul_(s)
+            bn.bias.mul_(s)
     model.set_factors(None)
 
 
@@ -79,7 +84,8 @@ def compact(
     fold_factors(work, masked_factors({k: v.cpu() for k, v in factors.items()}, kept))
     modules = dict(work.named_modules())
     example = torch.zeros(1, *work.spec.in_shape)
-    graph = tp.DependencyGraph().build_dependency(work, example_inputs=example)
+    with torch.enable_grad():  # the graph is traced through autograd
+        graph = tp.DependencyGraph().build_dependency(work, example_inputs=example)
     for g in work.groups:
         keep = set(kept[g.name].tolist())
         removed = [i for i in range(g.size) if i not in keep]
@@ -92,7 +98,18 @@ def compact(
             else tp.prune_linear_out_channels
         )
         graph.get_pruning_group(writer, fn, idxs=removed).prune()
-    spec: ModelSpec = work.spec.with_widths({g: int(idx.numel()) for g, idx in kept.items()})
+    widths = {g: int(idx.numel()) for g, idx in kept.items()}
+    if is_graph_arch(work.spec.arch):
+        # Rebuilt full width and cut to these units: kept indices count from the full network,
+        # so a model compacted twice composes them.
+        base = work.spec.kept
+        units = {
+            g: tuple(base[g][i] if base else i for i in sorted(idx.tolist()))
+            for g, idx in kept.items()
+        }
+        spec: ModelSpec = work.spec.with_widths(widths, units)
+    else:
+        spec = work.spec.with_widths(widths)
     small = build_model(spec)
     small.load_state_dict(work.state_dict(), strict=True)
     return small.eval()

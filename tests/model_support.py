@@ -1,0 +1,28 @@
+"""Architectures the model tests run on, with their input shapes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# Small inputs keep every architecture well under a second on a CPU. 8x8 digits for the plain
+# nets (LeNet pads its convs and keeps a 2x2 map before flattening), 16x16 RGB for the conv nets.
+IN_SHAPES: dict[str, tuple[int, int, int]] = {
+    "mlp": (1, 8, 8),
+    "lenet5": (1, 8, 8),
+    "vgg11": (3, 16, 16),
+    "vgg16": (3, 16, 16),
+    "resnet20": (3, 16, 16),
+    "resnet56": (3, 16, 16),
+    # torchvision's, through the dependency graph (small-image stems at 16 px).
+    "resnet18": (3, 16, 16),
+    "resnet34": (3, 16, 16),
+    "resnet50": (3, 16, 16),
+    "mobilenet_v2": (3, 16, 16),
+    "mobilenet_v3_small": (3, 16, 16),
+    "vgg11_bn": (3, 16, 16),
+    "vgg16_bn": (3, 16, 16),
+}
+# The user's own network, given by file: a residual addition around a depthwise convolution.
+USER_ARCH = f"{Path(__file__).parent / 'models' / 'user_net.py'}:build"
+IN_SHAPES[USER_ARCH] = (3, 16, 16)
+TEST_ARCHS = tuple(IN_SHAPES)
