@@ -9,6 +9,7 @@ from components.image import IMAGE
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def evaluate(
     evaluate: dict,
+    data: dict,
     prepared: Input[Dataset],
     trained: Input[Model],
     compact: Input[Model],
@@ -19,6 +20,7 @@ def evaluate(
 
     Args:
         evaluate: The ``evaluate`` section of ``params.yaml``.
+        data: The ``data`` section of ``params.yaml`` (whether the test split is streamed).
         prepared: Output of ``preprocess``.
         trained: Output of ``train``.
         compact: Output of ``prune``.
@@ -27,7 +29,7 @@ def evaluate(
     """
     from pathlib import Path
 
-    from switchprune.config import EvaluateConfig, from_struct
+    from switchprune.config import DataConfig, EvaluateConfig, from_struct
     from switchprune.io import write_json
     from switchprune.stages import evaluate as stage
 
@@ -36,6 +38,7 @@ def evaluate(
         prepared_dir=Path(prepared.path),
         trained_dir=Path(trained.path),
         model_dir=Path(compact.path),
+        data_cfg=from_struct(DataConfig, data),
     )
     write_json(out, Path(report.path))
     for key, value in out.items():

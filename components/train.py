@@ -8,6 +8,7 @@ from components.image import IMAGE
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def train(
+    data: dict,
     model: dict,
     train: dict,
     prepared: Input[Dataset],
@@ -17,6 +18,7 @@ def train(
     """Train the switched task network and, with ``train.baseline``, the plain one.
 
     Args:
+        data: The ``data`` section of ``params.yaml`` (loader, workers, augmentation).
         model: The ``model`` section of ``params.yaml``.
         train: The ``train`` section of ``params.yaml``.
         prepared: Output of ``preprocess``.
@@ -26,12 +28,13 @@ def train(
     import tempfile
     from pathlib import Path
 
-    from switchprune.config import ModelConfig, TrainConfig, from_struct
+    from switchprune.config import DataConfig, ModelConfig, TrainConfig, from_struct
     from switchprune.stages import train as stage
 
     out = stage.run(
         from_struct(TrainConfig, train),
         model_cfg=from_struct(ModelConfig, model),
+        data_cfg=from_struct(DataConfig, data),
         prepared_dir=Path(prepared.path),
         trained_dir=Path(trained.path),
         checkpoint_dir=Path(tempfile.mkdtemp(prefix="switchprune-checkpoints-")),

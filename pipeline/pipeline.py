@@ -118,7 +118,9 @@ def build_pipeline(
         prepared.set_caching_options(True).set_retry(kube.retries)
         _s3(prepared, kube)
 
-        trained = train_op(model=model, train=train, prepared=prepared.outputs["prepared"])
+        trained = train_op(
+            data=data, model=model, train=train, prepared=prepared.outputs["prepared"]
+        )
         trained.set_caching_options(True)
         _gpu(trained, kube)
 
@@ -127,6 +129,7 @@ def build_pipeline(
 
         evaluated = evaluate_op(
             evaluate=evaluate,
+            data=data,
             prepared=prepared.outputs["prepared"],
             trained=trained.outputs["trained"],
             compact=compacted.outputs["compact"],

@@ -45,10 +45,11 @@ def _preprocess(args: argparse.Namespace) -> dict[str, float]:
 def _train(args: argparse.Namespace) -> dict[str, float]:
     from switchprune.stages import train
 
-    p = load_params(args.params, ["model", "train"])
+    p = load_params(args.params, ["model", "train", "data"])
     return train.run(
         p["train"],
         model_cfg=p["model"],
+        data_cfg=p["data"],
         prepared_dir=Path(args.prepared_dir),
         trained_dir=Path(args.trained_dir),
         checkpoint_dir=Path(args.checkpoint_dir),
@@ -66,9 +67,10 @@ def _prune(args: argparse.Namespace) -> dict[str, float]:
 def _evaluate(args: argparse.Namespace) -> dict[str, float]:
     from switchprune.stages import evaluate
 
-    cfg = load_params(args.params, ["evaluate"])["evaluate"]
+    p = load_params(args.params, ["evaluate", "data"])
     return evaluate.run(
-        cfg,
+        p["evaluate"],
+        data_cfg=p["data"],
         prepared_dir=Path(args.prepared_dir),
         trained_dir=Path(args.trained_dir),
         model_dir=Path(args.model_dir),

@@ -23,7 +23,7 @@ class ConfigError(InputError, ValueError):
     """A parameter is unknown, of the wrong type or out of range."""
 
 
-Dataset = Literal["digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "idx"]
+Dataset = Literal["digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "idx", "folder"]
 # Hand-written task networks, then torchvision's (gated through the dependency graph).
 OWN_ARCHS = ("mlp", "lenet5", "vgg11", "vgg16", "resnet20", "resnet56")
 TORCHVISION_ARCHS = (
@@ -39,26 +39,49 @@ TORCHVISION_ARCHS = (
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Which dataset to use and how to split it.
+    """Which dataset to use, how to split it and how training reads it.
 
     Attributes:
-        dataset: ``digits`` (bundled with scikit-learn), a torchvision dataset, or ``idx``.
+        dataset: ``digits`` (bundled with scikit-learn), a torchvision dataset, ``idx`` or
+            ``folder``.
         idx_dir: Directory of IDX files (``*-images-idx3-ubyte[.gz]``, ``*-labels-idx1-ubyte[.gz]``)
             when ``dataset`` is ``idx``.
+        folder_dir: Image folder in torchvision's ``ImageFolder`` layout
+            (``train/<class>/<image>``, optional ``val/`` and ``test/``) when ``dataset`` is
+            ``folder``. Class indices follow the sorted class folder names.
+        image_size: ``folder``: resize every image to ``image_size`` × ``image_size`` pixels;
+            ``None`` keeps the images' own size, which they must then all share.
         raw_dir: Where torchvision datasets are downloaded to when absent.
         download: Allow torchvision to download a missing dataset.
-        val_fraction: Share of the training data held out for validation.
+        val_fraction: Share of the training data held out for validation (when the dataset has
+            no validation split of its own).
         test_fraction: Share held out for testing, for datasets without an official test split.
         split_seed: Seed of the stratified splits.
+        loader: How training and evaluation read the splits: ``memory`` (all of a split as one
+            float tensor), ``stream`` (batches read from the files through a ``DataLoader``, so
+            memory does not grow with the dataset) or ``auto`` (``memory`` when the training
+            split takes less than 1 GiB as float32, else ``stream``).
+        num_workers: ``DataLoader`` worker processes when streaming (0 reads in the training
+            process).
+        augment: Training-time augmentation: ``none``, or ``standard`` = random crop with zero
+            padding (4 px at 32 px, scaled to the image size) and, only for datasets whose
+            labels survive a mirror image (``folder``, ``cifar10``, ``cifar100``,
+            ``fashion_mnist``; never the digit sets), a random horizontal flip. Validation and
+            test data are never augmented.
     """
 
     dataset: Dataset = "digits"
     idx_dir: str | None = None
+    folder_dir: str | None = None
+    image_size: int | None = None
     raw_dir: str = "data/raw"
     download: bool = True
     val_fraction: float = 0.1
     test_fraction: float = 0.2
     split_seed: int = 0
+    loader: Literal["auto", "memory", "stream"] = "auto"
+    num_workers: int = 0
+    augment: Literal["none", "standard"] = "none"
 
     def validate(self) -> None:
         """Check ranges and cross-field rules."""
@@ -71,6 +94,19 @@ class DataConfig:
             "idx_dir",
             "is required when dataset is 'idx'",
         )
+        _check(
+            self.dataset != "folder" or bool(self.folder_dir),
+            "data",
+            "folder_dir",
+            "is required when dataset is 'folder'",
+        )
+        _check(
+            self.image_size is None or 1 <= self.image_size <= 4096,
+            "data",
+            "image_size",
+            "must be null or in [1, 4096]",
+        )
+        _check(0 <= self.num_workers <= 64, "data", "num_workers", "must be in [0, 64]")
 
 
 @dataclass(frozen=True)

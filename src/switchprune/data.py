@@ -1,10 +1,27 @@
-"""Dataset preparation and loading.
+"""Dataset preparation, loading and streaming.
 
-:func:`prepare_data` turns one of the supported datasets into three splits stored as
-``train.pt``, ``val.pt`` and ``test.pt`` (each ``{"x": uint8 [N, C, H, W], "y": int64 [N]}``)
-plus ``meta.json`` describing them (:class:`DataMeta`). :func:`load_split` reads a split back as
-a normalised float tensor dataset. Every failure caused by the data itself (missing files, a
-corrupt IDX file, a failed download) is reported as a single :class:`DataError`.
+:func:`prepare_data` turns one of the supported datasets into three splits plus ``meta.json``
+describing them (:class:`DataMeta`). On disk, in the prepared directory:
+
+- ``meta.json``: the description; written last, so a directory without it is incomplete (a
+  failed run removes it first and never writes it).
+- ``storage: pt`` (``digits``, ``idx`` and the torchvision datasets): ``train.pt``, ``val.pt``,
+  ``test.pt``, each ``{"x": uint8 [N, C, H, W], "y": int64 [N]}`` saved by ``torch.save``.
+- ``storage: npy`` (``folder``): ``<split>_x.npy`` (uint8 ``[N, C, H, W]``) and
+  ``<split>_y.npy`` (int64 ``[N]``), plain NumPy files. The pixels are decoded one image at a
+  time into a memory-mapped file, so preparing a folder never holds a whole split in memory.
+
+Every file is written under a temporary name and renamed into place when complete.
+
+Two ways to read a split back, both normalised with the training statistics and giving the
+same values: :func:`load_split` (all of it as one float tensor: fast for small data) and
+:func:`open_split` (a :class:`PreparedSplit` that reads the rows it is asked for from a
+read-only memory map of the file, so memory does not grow with the dataset; batches come
+through a ``DataLoader``, see :func:`iter_batches`). :func:`use_streaming` chooses between them
+for ``data.loader``. :func:`augment_batch` is the training-time augmentation.
+
+Every failure caused by the data itself (missing files, a corrupt IDX file or image, a failed
+download) is reported as a single :class:`DataError`.
 """
 
 from __future__ import annotations
@@ -19,22 +36,51 @@ import re
 import tempfile
 import warnings
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from switchprune.config import DataConfig
 from switchprune.errors import InputError
 from switchprune.io import file_digest
 
-DATASETS: tuple[str, ...] = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "idx")
+DATASETS: tuple[str, ...] = (
+    "digits",
+    "mnist",
+    "fashion_mnist",
+    "cifar10",
+    "cifar100",
+    "idx",
+    "folder",
+)
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 META_FILE = "meta.json"
+# Datasets whose labels survive a horizontal mirror image. Digits do not (a mirrored 2 or 7 is
+# no digit, and a mirrored digit set teaches shapes that never occur); image folders are
+# assumed to hold natural images, like CIFAR.
+FLIP_SAFE: tuple[str, ...] = ("folder", "cifar10", "cifar100", "fashion_mnist")
+# ``data.loader: auto`` streams when the training split as float32 would take more than this.
+MEMORY_LOADER_MAX_BYTES = 1 << 30
+# File name endings read as images in a folder dataset (those of torchvision's ImageFolder).
+IMAGE_EXTENSIONS: tuple[str, ...] = (
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".ppm",
+    ".bmp",
+    ".pgm",
+    ".tif",
+    ".tiff",
+    ".webp",
+)
+# PIL modes without colour: a folder whose images all have one of them is prepared as 1 channel.
+_GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 
 # torchvision class names of the datasets it provides.
 _TORCHVISION = {
@@ -77,6 +123,9 @@ class DataMeta:
         n_test: Number of test samples.
         source_md5: DVC hash (md5) of the raw data the splits were made from: the same value
             ``dvc add`` records for that file or directory, so a model names its data version.
+        class_names: Name of each class by index (the class folders of ``folder``; empty where
+            the dataset has none).
+        storage: Format of the split files: ``pt`` or ``npy`` (see the module docstring).
     """
 
     dataset: str
@@ -88,6 +137,8 @@ class DataMeta:
     n_val: int
     n_test: int
     source_md5: str = ""
+    class_names: tuple[str, ...] = ()
+    storage: str = "pt"
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,6 +163,32 @@ def prepare_data(cfg: DataConfig, *, raw_dir: Path, out_dir: Path) -> dict[str, 
     raw_dir = Path(raw_dir)
     out_dir = Path(out_dir)
     source = source_dir(cfg, raw_dir)
+    if cfg.dataset == "folder":
+        meta = _write_folder(cfg, source, out_dir)
+    else:
+        meta = _write_tensors(cfg, source, raw_dir, out_dir)
+    # The other format's files of an earlier run would only mislead a reader of the directory.
+    for name in SPLITS:
+        stale = (
+            [out_dir / f"{name}.pt"]
+            if meta.storage == "npy"
+            else [out_dir / f"{name}_x.npy", out_dir / f"{name}_y.npy"]
+        )
+        for path in stale:
+            path.unlink(missing_ok=True)
+    meta_text = json.dumps(dataclasses.asdict(meta), indent=2) + "\n"
+    _atomic_write(out_dir / META_FILE, lambda fh: fh.write(meta_text.encode("utf-8")))
+
+    return {
+        "n_train": meta.n_train,
+        "n_val": meta.n_val,
+        "n_test": meta.n_test,
+        "num_classes": meta.num_classes,
+    }
+
+
+def _write_tensors(cfg: DataConfig, source: Path, raw_dir: Path, out_dir: Path) -> DataMeta:
+    """Prepare an in-memory dataset and write its splits as ``<split>.pt``."""
     if cfg.dataset == "digits":
         if not (source.is_dir() and _find_by_prefix(source, _IMAGES_RE)):
             export_digits(source)
@@ -137,23 +214,14 @@ def prepare_data(cfg: DataConfig, *, raw_dir: Path, out_dir: Path) -> dict[str, 
         n_test=int(x_test.shape[0]),
         source_md5=dvc_md5(source),
     )
-
+    splits = {"train": (x_train, y_train), "val": (x_val, y_val), "test": (x_test, y_test)}
     out_dir.mkdir(parents=True, exist_ok=True)
     # Drop the old meta first so a half-rewritten directory never looks complete.
     (out_dir / META_FILE).unlink(missing_ok=True)
-    splits = {"train": (x_train, y_train), "val": (x_val, y_val), "test": (x_test, y_test)}
     for name, (x, y) in splits.items():
         payload = {"x": x.contiguous(), "y": y.contiguous()}
         _atomic_write(out_dir / f"{name}.pt", lambda fh, p=payload: torch.save(p, fh))
-    meta_text = json.dumps(dataclasses.asdict(meta), indent=2) + "\n"
-    _atomic_write(out_dir / META_FILE, lambda fh: fh.write(meta_text.encode("utf-8")))
-
-    return {
-        "n_train": meta.n_train,
-        "n_val": meta.n_val,
-        "n_test": meta.n_test,
-        "num_classes": meta.num_classes,
-    }
+    return meta
 
 
 def load_meta(data_dir: Path) -> DataMeta:
@@ -176,10 +244,12 @@ def load_meta(data_dir: Path) -> DataMeta:
     except (OSError, json.JSONDecodeError) as exc:
         raise DataError(f"cannot read {path}: {exc}") from exc
     fields = [f.name for f in dataclasses.fields(DataMeta)]
-    if not isinstance(raw, dict) or set(raw) != set(fields):
+    # Directories prepared before class names and the storage format were recorded lack them.
+    optional = {"class_names", "storage"}
+    if not isinstance(raw, dict) or not set(fields) - optional <= set(raw) <= set(fields):
         raise DataError(f"{path} does not describe a prepared dataset (expected keys {fields})")
     try:
-        return DataMeta(
+        meta = DataMeta(
             dataset=str(raw["dataset"]),
             in_shape=tuple(int(d) for d in raw["in_shape"]),  # type: ignore[arg-type]
             num_classes=int(raw["num_classes"]),
@@ -189,13 +259,18 @@ def load_meta(data_dir: Path) -> DataMeta:
             n_val=int(raw["n_val"]),
             n_test=int(raw["n_test"]),
             source_md5=str(raw["source_md5"]),
+            class_names=tuple(str(c) for c in raw.get("class_names", ())),
+            storage=str(raw.get("storage", "pt")),
         )
     except (TypeError, ValueError) as exc:
         raise DataError(f"{path} has a malformed field: {exc}") from exc
+    if meta.storage not in ("pt", "npy"):
+        raise DataError(f"{path} names an unknown storage format {meta.storage!r}")
+    return meta
 
 
 def load_split(data_dir: Path, split: str) -> TensorDataset:
-    """Load one prepared split, normalised with the training statistics.
+    """Load one prepared split into memory, normalised with the training statistics.
 
     Args:
         data_dir: Directory written by :func:`prepare_data`.
@@ -209,38 +284,252 @@ def load_split(data_dir: Path, split: str) -> TensorDataset:
         ValueError: If ``split`` is not a known split name.
         DataError: If the split or its metadata is missing or inconsistent.
     """
+    meta, x, y = _read_split(Path(data_dir), split, mmap=False)
+    x_t = torch.from_numpy(x) if isinstance(x, np.ndarray) else x
+    return TensorDataset(_normalise(x_t, meta), y)
+
+
+def open_split(data_dir: Path, split: str) -> PreparedSplit:
+    """Open one prepared split for streaming: rows are read from disk when asked for.
+
+    Args:
+        data_dir: Directory written by :func:`prepare_data`.
+        split: ``train``, ``val`` or ``test``.
+
+    Returns:
+        The split; its batches hold the same values as :func:`load_split`'s tensors.
+
+    Raises:
+        ValueError: If ``split`` is not a known split name.
+        DataError: If the split or its metadata is missing or inconsistent.
+    """
+    meta, _x, y = _read_split(Path(data_dir), split, mmap=True)  # checks it, maps no pixels
+    return PreparedSplit(Path(data_dir), split, meta, y)
+
+
+class PreparedSplit(Dataset):
+    """A prepared split read lazily through a read-only memory map of its file.
+
+    ``split[i]`` is one ``(x, y)`` sample; ``split[[i, j, ...]]`` a whole batch read at once
+    (what :func:`iter_batches` and training ask for, with ``batch_size=None`` in the
+    ``DataLoader``). Each process maps the file itself, so ``DataLoader`` workers share the
+    page cache rather than copies of the data.
+
+    Attributes:
+        meta: The prepared dataset's description.
+        labels: Labels of the samples of this split (or view), int64 ``[N]``.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        split: str,
+        meta: DataMeta,
+        labels: torch.Tensor,
+        indices: np.ndarray | None = None,
+    ) -> None:
+        self.data_dir, self.split, self.meta = Path(data_dir), split, meta
+        self.indices = indices
+        self.labels = labels if indices is None else labels[torch.from_numpy(indices)]
+        self._all_labels = labels
+        self._x: np.ndarray | torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Workers started by spawn map the file themselves.
+        return {**self.__dict__, "_x": None}
+
+    def __getitem__(self, index: int | Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """One sample ``(x [C, H, W], y)``, or a batch ``(x [B, C, H, W], y [B])``."""
+        single = isinstance(index, int | np.integer)
+        rows = np.asarray([index] if single else index, dtype=np.int64).reshape(-1)
+        if self.indices is not None:
+            rows = self.indices[rows]
+        if self._x is None:
+            self._x = _read_split(self.data_dir, self.split, mmap=True)[1]
+        if isinstance(self._x, np.ndarray):
+            x = torch.from_numpy(np.ascontiguousarray(self._x[rows]))
+        else:
+            x = self._x[torch.from_numpy(rows)]
+        x = _normalise(x, self.meta)
+        y = self._all_labels[torch.from_numpy(rows)]
+        return (x[0], int(y[0])) if single else (x, y)
+
+    def subset(self, indices: np.ndarray | torch.Tensor) -> PreparedSplit:
+        """A view of the samples at ``indices`` (positions in this split or view)."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        base = idx if self.indices is None else self.indices[idx]
+        return PreparedSplit(self.data_dir, self.split, self.meta, self._all_labels, base)
+
+
+def iter_batches(
+    data: TensorDataset | PreparedSplit,
+    batch_size: int,
+    *,
+    num_workers: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(x, y)`` batches of a split in order, from memory or streamed from disk.
+
+    Args:
+        data: A tensor dataset (:func:`load_split`) or a streamed split (:func:`open_split`).
+        batch_size: Samples per batch (the last one may be smaller).
+        num_workers: ``DataLoader`` worker processes for a streamed split.
+        dtype: Floating type of ``x``.
+    """
+    if isinstance(data, TensorDataset):
+        x_all, y_all = data.tensors[0], data.tensors[1]
+        for i in range(0, len(y_all), batch_size):
+            yield x_all[i : i + batch_size].to(dtype), y_all[i : i + batch_size]
+        return
+    n = len(data)
+    batches = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+    for x, y in batch_loader(data, batches, num_workers=num_workers):
+        yield x.to(dtype), y
+
+
+def batch_loader(
+    data: PreparedSplit,
+    batches: Sequence[Sequence[int]],
+    *,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A ``DataLoader`` that reads the given batches of ``data``, in that order.
+
+    Each batch is one read of the memory map (``batch_size=None``: the dataset returns whole
+    batches), so the order, and with it training, does not depend on ``num_workers``.
+    """
+    return DataLoader(
+        data,
+        batch_size=None,
+        sampler=batches,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+    )
+
+
+def use_streaming(cfg: DataConfig, meta: DataMeta) -> bool:
+    """Whether ``data.loader`` streams the splits rather than loading them into memory.
+
+    ``auto`` streams when the training split as float32 would exceed
+    :data:`MEMORY_LOADER_MAX_BYTES` (1 GiB); below that one tensor in memory is faster.
+    """
+    if cfg.loader != "auto":
+        return cfg.loader == "stream"
+    return meta.n_train * math.prod(meta.in_shape) * 4 > MEMORY_LOADER_MAX_BYTES
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Training-time augmentation of image batches (``data.augment: standard``).
+
+    Attributes:
+        pad: Random crop with this much zero padding on each side (0: no crop).
+        flip: Mirror half of the images left to right.
+    """
+
+    pad: int
+    flip: bool
+
+
+def augmentation(cfg: DataConfig, in_shape: tuple[int, ...]) -> Augmentation | None:
+    """The augmentation ``cfg`` asks for on images of ``in_shape`` (``None``: none).
+
+    The crop pads 4 pixels at 32 pixels, scaled to the smaller image side (at least 1); the
+    flip is only for the datasets in :data:`FLIP_SAFE`, whose labels survive a mirror image.
+    """
+    if cfg.augment == "none" or len(in_shape) != 3:
+        return None
+    pad = max(1, round(4 * min(in_shape[1], in_shape[2]) / 32))
+    return Augmentation(pad=pad, flip=cfg.dataset in FLIP_SAFE)
+
+
+def augment_batch(x: torch.Tensor, aug: Augmentation, generator: torch.Generator) -> torch.Tensor:
+    """Randomly crop (with zero padding) and, if ``aug.flip``, mirror each image of a batch.
+
+    Vectorised: one gather for the whole batch, on ``x``'s device. The random draws come from
+    ``generator`` (on the CPU), so they are the same on every device. Padding is zero after
+    normalisation, i.e. the training mean.
+
+    Args:
+        x: Normalised images ``[B, C, H, W]``.
+        aug: What to apply.
+        generator: Source of the random offsets and flips.
+
+    Returns:
+        A new batch of the same shape.
+    """
+    b, _c, h, w = x.shape
+    p = aug.pad
+    dy = torch.randint(0, 2 * p + 1, (b, 1), generator=generator)
+    dx = torch.randint(0, 2 * p + 1, (b, 1), generator=generator)
+    cols = torch.arange(w).expand(b, w)
+    if aug.flip:
+        flip = torch.rand((b, 1), generator=generator) < 0.5
+        cols = torch.where(flip, (w - 1) - cols, cols)
+    rows = (dy + torch.arange(h)).to(x.device)
+    cols = (dx + cols).to(x.device)
+    padded = torch.nn.functional.pad(x, (p, p, p, p))
+    batch = torch.arange(b, device=x.device)
+    # Advanced indices around the channel slice: the result is [B, H, W, C].
+    out = padded[batch[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+def _normalise(x: torch.Tensor, meta: DataMeta) -> torch.Tensor:
+    """uint8 pixels to float32, standardised per channel with the training statistics."""
+    mean = torch.tensor(meta.mean, dtype=torch.float32).view(-1, 1, 1)
+    std = torch.tensor(meta.std, dtype=torch.float32).view(-1, 1, 1)
+    return x.to(torch.float32).div_(255.0).sub_(mean).div_(std)
+
+
+def _read_split(
+    data_dir: Path, split: str, *, mmap: bool
+) -> tuple[DataMeta, np.ndarray | torch.Tensor, torch.Tensor]:
+    """Read and check one split's uint8 pixels (memory-mapped when ``mmap``) and labels."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r} (expected one of {', '.join(SPLITS)})")
-    data_dir = Path(data_dir)
     meta = load_meta(data_dir)
-    path = data_dir / f"{split}.pt"
-    try:
-        blob = torch.load(path, weights_only=True)
-    except FileNotFoundError as exc:
-        raise DataError(f"prepared split not found: {path} is missing") from exc
-    except Exception as exc:  # torch raises assorted types for a damaged file
-        raise DataError(f"cannot read {path}: {exc}") from exc
-
-    x, y = (blob.get("x"), blob.get("y")) if isinstance(blob, dict) else (None, None)
-    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-        raise DataError(f"{path} must hold tensors 'x' and 'y'")
+    x: Any
+    if meta.storage == "npy":
+        path = data_dir / f"{split}_x.npy"
+        try:
+            x = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+            y = torch.from_numpy(np.load(data_dir / f"{split}_y.npy", allow_pickle=False))
+        except FileNotFoundError as exc:
+            raise DataError(f"prepared split not found: {exc.filename} is missing") from exc
+        except (OSError, ValueError) as exc:
+            raise DataError(f"cannot read split {split!r} in {data_dir}: {exc}") from exc
+        x_dtype, y_dtype = str(x.dtype), str(y.dtype)
+        ok_types = x.dtype == np.uint8 and y.dtype == torch.int64
+    else:
+        path = data_dir / f"{split}.pt"
+        try:
+            blob = torch.load(path, weights_only=True, mmap=mmap)
+        except FileNotFoundError as exc:
+            raise DataError(f"prepared split not found: {path} is missing") from exc
+        except Exception as exc:  # torch raises assorted types for a damaged file
+            raise DataError(f"cannot read {path}: {exc}") from exc
+        x, y = (blob.get("x"), blob.get("y")) if isinstance(blob, dict) else (None, None)
+        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+            raise DataError(f"{path} must hold tensors 'x' and 'y'")
+        x_dtype, y_dtype = str(x.dtype), str(y.dtype)
+        ok_types = x.dtype == torch.uint8 and y.dtype == torch.int64
     expected_n = {"train": meta.n_train, "val": meta.n_val, "test": meta.n_test}[split]
     if (
-        x.dtype != torch.uint8
+        not ok_types
         or tuple(x.shape[1:]) != meta.in_shape
-        or y.dtype != torch.int64
-        or y.shape != (x.shape[0],)
+        or tuple(y.shape) != (x.shape[0],)
         or x.shape[0] != expected_n
     ):
         raise DataError(
-            f"{path} does not match {META_FILE}: x {x.dtype} {tuple(x.shape)}, "
-            f"y {y.dtype} {tuple(y.shape)}, expected {expected_n} samples of {meta.in_shape}"
+            f"{path} does not match {META_FILE}: x {x_dtype} {tuple(x.shape)}, "
+            f"y {y_dtype} {tuple(y.shape)}, expected {expected_n} samples of {meta.in_shape}"
         )
-
-    mean = torch.tensor(meta.mean, dtype=torch.float32).view(-1, 1, 1)
-    std = torch.tensor(meta.std, dtype=torch.float32).view(-1, 1, 1)
-    xf = x.to(torch.float32).div_(255.0).sub_(mean).div_(std)
-    return TensorDataset(xf, y)
+    return meta, x, y
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -341,6 +630,8 @@ def source_dir(cfg: DataConfig, raw_dir: Path) -> Path:
     """Where the raw data of the configured dataset lives."""
     if cfg.dataset == "idx":
         return Path(cfg.idx_dir or "")
+    if cfg.dataset == "folder":
+        return Path(cfg.folder_dir or "")
     if cfg.dataset in _TORCHVISION:
         return Path(raw_dir) / _TORCHVISION[cfg.dataset]
     return Path(raw_dir) / cfg.dataset
@@ -527,6 +818,170 @@ def _find_by_prefix(idx_dir: Path, pattern: re.Pattern[str]) -> dict[str, Path]:
 
 
 # --------------------------------------------------------------------------------------------
+# Image folders
+# --------------------------------------------------------------------------------------------
+
+
+def _write_folder(cfg: DataConfig, folder: Path, out_dir: Path) -> DataMeta:
+    """Prepare an ``ImageFolder`` directory, one image at a time, as ``<split>_{x,y}.npy``."""
+    if not folder.is_dir():
+        raise DataError(f"image folder {folder} (data.folder_dir) does not exist")
+    train_dir = folder / "train"
+    if not train_dir.is_dir():
+        raise DataError(f"image folder {folder} has no train/ directory (train/<class>/<image>)")
+    classes = sorted(d.name for d in train_dir.iterdir() if d.is_dir() and _visible(d))
+    if len(classes) < 2:
+        raise DataError(
+            f"{train_dir} needs at least two class folders, found {len(classes)}"
+            + (f" ({classes[0]})" if classes else "")
+        )
+    files, labels = _scan_folder(train_dir, classes)
+    given = {
+        name: _scan_folder(folder / name, classes)
+        for name in ("val", "test")
+        if (folder / name).is_dir()
+    }
+    for name, (split_files, _) in given.items():
+        if not split_files:
+            raise DataError(f"{folder / name} holds no class folders (<class>/<image>)")
+    # Splits the folder lacks are stratified shares of train/, as for the other datasets.
+    idx = np.arange(len(files), dtype=np.int64)
+    test_idx = val_idx = np.empty(0, dtype=np.int64)
+    if "test" not in given:
+        keep, held = _stratified_split(labels[idx], cfg.test_fraction, cfg.split_seed)
+        idx, test_idx = idx[keep], idx[held]
+    if "val" not in given:
+        keep, held = _stratified_split(labels[idx], cfg.val_fraction, cfg.split_seed)
+        idx, val_idx = idx[keep], idx[held]
+    splits: dict[str, tuple[list[Path], np.ndarray]] = {}
+    for name, part in (("train", idx), ("val", val_idx), ("test", test_idx)):
+        splits[name] = given.get(name) or ([files[i] for i in part], labels[part])
+
+    every = [f for split_files, _ in splits.values() for f in split_files]
+    channels, size = _image_geometry(every, cfg.image_size)
+    in_shape = (channels, size[1], size[0])
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Drop the old meta first so a half-rewritten directory never looks complete.
+    (out_dir / META_FILE).unlink(missing_ok=True)
+    stats = np.zeros((2, channels), dtype=np.float64)
+    for name, (split_files, split_labels) in splits.items():
+        target = out_dir / f"{name}_x.npy"
+        with _atomic_path(target) as tmp:
+            arr = np.lib.format.open_memmap(
+                tmp, mode="w+", dtype=np.uint8, shape=(len(split_files), *in_shape)
+            )
+            for i, path in enumerate(split_files):
+                img = _read_image(path, channels, size)
+                arr[i] = img
+                if name == "train":
+                    pixels = img.reshape(channels, -1).astype(np.float64) / 255.0
+                    stats[0] += pixels.sum(axis=1)
+                    stats[1] += np.square(pixels).sum(axis=1)
+            arr.flush()
+            del arr
+        y = np.ascontiguousarray(split_labels, dtype=np.int64)
+        _atomic_write(out_dir / f"{name}_y.npy", lambda fh, a=y: np.save(fh, a))
+
+    n_train = len(splits["train"][0])
+    if n_train == 0:
+        raise DataError(f"image folder {folder} leaves no training images after the splits")
+    count = n_train * size[0] * size[1]
+    mean = stats[0] / count
+    std = np.sqrt(np.clip(stats[1] / count - np.square(mean), 0.0, None))
+    std = np.where(std > 1e-8, std, 1.0)  # a constant channel stays unscaled
+    return DataMeta(
+        dataset="folder",
+        in_shape=in_shape,
+        num_classes=len(classes),
+        mean=tuple(float(v) for v in mean),
+        std=tuple(float(v) for v in std),
+        n_train=n_train,
+        n_val=len(splits["val"][0]),
+        n_test=len(splits["test"][0]),
+        source_md5=dvc_md5(folder),
+        class_names=tuple(classes),
+        storage="npy",
+    )
+
+
+def _visible(path: Path) -> bool:
+    return not path.name.startswith(".")
+
+
+def _scan_folder(split_dir: Path, classes: list[str]) -> tuple[list[Path], np.ndarray]:
+    """The image files under ``split_dir/<class>/`` (sorted) and their class indices."""
+    found = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and _visible(d))
+    unknown = [c for c in found if c not in classes]
+    if unknown:
+        raise DataError(
+            f"class folder {split_dir / unknown[0]} has no counterpart in train/ "
+            f"(train classes: {', '.join(classes)})"
+        )
+    files: list[Path] = []
+    labels: list[int] = []
+    for name in found:
+        images = sorted(
+            f
+            for f in (split_dir / name).rglob("*")
+            if f.is_file() and _visible(f) and f.suffix.lower() in IMAGE_EXTENSIONS
+        )
+        if not images:
+            raise DataError(
+                f"class folder {split_dir / name} holds no images ({', '.join(IMAGE_EXTENSIONS)})"
+            )
+        files.extend(images)
+        labels.extend([classes.index(name)] * len(images))
+    return files, np.asarray(labels, dtype=np.int64)
+
+
+def _image_geometry(files: list[Path], image_size: int | None) -> tuple[int, tuple[int, int]]:
+    """Channels (1 if every image is grayscale, else 3) and the ``(width, height)`` to store.
+
+    Reads only the image headers. Without ``image_size`` every image must have the first's size.
+    """
+    from PIL import Image
+
+    gray = True
+    first: tuple[Path, tuple[int, int]] | None = None
+    for path in files:
+        try:
+            with Image.open(path) as im:
+                mode, size = im.mode, im.size
+        except Exception as exc:  # PIL raises many types for unreadable files
+            raise DataError(f"cannot read image {path}: {exc}") from exc
+        gray = gray and mode in _GRAY_MODES
+        if first is None:
+            first = (path, size)
+        elif image_size is None and size != first[1]:
+            raise DataError(
+                f"image {path} is {size[0]}x{size[1]} but {first[0]} is "
+                f"{first[1][0]}x{first[1][1]}: set data.image_size to resize every image "
+                "to one size"
+            )
+    if first is None:
+        raise DataError("the image folder holds no images")
+    size = (image_size, image_size) if image_size is not None else first[1]
+    return (1 if gray else 3), size
+
+
+def _read_image(path: Path, channels: int, size: tuple[int, int]) -> np.ndarray:
+    """Decode one image as uint8 ``[C, H, W]`` at ``size`` (width, height)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode now: a corrupt or truncated file fails here
+            img = im.convert("L" if channels == 1 else "RGB")
+            if img.size != size:
+                img = img.resize(size, Image.Resampling.BILINEAR)
+            arr = np.asarray(img, dtype=np.uint8)
+    except Exception as exc:  # PIL raises many types for corrupt files
+        raise DataError(f"cannot read image {path}: {exc}") from exc
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+# --------------------------------------------------------------------------------------------
 # Splitting, statistics, writing
 # --------------------------------------------------------------------------------------------
 
@@ -601,11 +1056,21 @@ def _atomic_write(target: Path, write: Callable[[IO[bytes]], object]) -> None:
 
     Readers therefore see either the old file or the complete new one, never a partial write.
     """
+    with _atomic_path(target) as tmp, open(tmp, "wb") as fh:
+        write(fh)
+
+
+@contextmanager
+def _atomic_path(target: Path) -> Iterator[Path]:
+    """A temporary path next to ``target``, synced and renamed onto it if the block succeeds.
+
+    On any failure the temporary file is removed and ``target`` is left as it was.
+    """
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
+        yield Path(tmp)
+        with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, target)
     except BaseException:
@@ -615,10 +1080,20 @@ def _atomic_write(target: Path, write: Callable[[IO[bytes]], object]) -> None:
 
 __all__ = [
     "DATASETS",
+    "FLIP_SAFE",
+    "MEMORY_LOADER_MAX_BYTES",
+    "Augmentation",
     "DataError",
     "DataMeta",
-    "prepare_data",
+    "PreparedSplit",
+    "augment_batch",
+    "augmentation",
+    "batch_loader",
+    "iter_batches",
     "load_meta",
     "load_split",
+    "open_split",
+    "prepare_data",
     "read_idx",
+    "use_streaming",
 ]

@@ -17,19 +17,37 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from switchprune.data import PreparedSplit, iter_batches
 from switchprune.errors import InputError
 
 
 @torch.no_grad()
 def predict_logits(
-    model: nn.Module, data: TensorDataset, device: torch.device, batch_size: int = 512
+    model: nn.Module,
+    data: TensorDataset | PreparedSplit,
+    device: torch.device,
+    batch_size: int = 512,
+    *,
+    dtype: torch.dtype | None = None,
+    num_workers: int = 0,
 ) -> torch.Tensor:
-    """Logits of ``model`` (in eval mode) for every sample of ``data``, on the CPU."""
-    x_all = data.tensors[0]
+    """Logits of ``model`` (in eval mode) for every sample of ``data``, on the CPU.
+
+    Args:
+        model: The network (its parameters in ``dtype`` when given).
+        data: A split in memory or streamed from disk (:func:`switchprune.data.open_split`).
+        device: Where to run.
+        batch_size: Samples per forward pass.
+        dtype: Floating type the inputs are cast to (default: as stored, float32).
+        num_workers: ``DataLoader`` worker processes for a streamed split.
+    """
     was_training = model.training
     model.eval()
     out = [
-        model(x_all[i : i + batch_size].to(device)).cpu() for i in range(0, len(x_all), batch_size)
+        model(x.to(device)).cpu()
+        for x, _ in iter_batches(
+            data, batch_size, num_workers=num_workers, dtype=dtype or torch.float32
+        )
     ]
     model.train(was_training)
     if not out:

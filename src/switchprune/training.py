@@ -12,15 +12,21 @@ under them.
 The scores come from ``train.scorer``: the learned switcher, or the ``magnitude`` and
 ``random`` controls, which share everything else of the schedule (they have nothing to learn,
 so their SNN step only places the line).
+
+Training data comes in memory (a ``TensorDataset`` on the training device, indexed per batch)
+or streamed (a :class:`~switchprune.data.PreparedSplit` read batch by batch through a
+``DataLoader``). Both see the same seeded batches in the same order, so they train the same
+network; ``data.augment`` is applied to each training batch on the training device.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,8 +36,16 @@ from torch import nn
 from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
-from switchprune.config import ConfigError, TrainConfig, to_dict
+from switchprune.config import ConfigError, DataConfig, TrainConfig, to_dict
 from switchprune.cost import CostModel
+from switchprune.data import (
+    Augmentation,
+    PreparedSplit,
+    augment_batch,
+    augmentation,
+    batch_loader,
+    iter_batches,
+)
 from switchprune.errors import UserError
 from switchprune.io import load_torch, save_torch
 from switchprune.models import ModelSpec, TaskNet, build_model
@@ -71,22 +85,27 @@ class FitResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+Split = TensorDataset | PreparedSplit
+
+
 @torch.no_grad()
 def accuracy(
-    model: nn.Module, data: TensorDataset, device: torch.device, batch_size: int = 512
+    model: nn.Module,
+    data: Split,
+    device: torch.device,
+    batch_size: int = 512,
+    num_workers: int = 0,
 ) -> float:
-    """Top-1 accuracy of ``model`` (in eval mode) on a tensor dataset."""
-    x_all, y_all = data.tensors
-    if len(y_all) == 0:
+    """Top-1 accuracy of ``model`` (in eval mode) on a split in memory or streamed."""
+    if len(data) == 0:
         return float("nan")
     was_training = model.training
     model.eval()
     correct = 0
-    for i in range(0, len(y_all), batch_size):
-        x = x_all[i : i + batch_size].to(device)
-        correct += int((model(x).argmax(1).cpu() == y_all[i : i + batch_size]).sum())
+    for x, y in iter_batches(data, batch_size, num_workers=num_workers):
+        correct += int((model(x.to(device)).argmax(1).cpu() == y).sum())
     model.train(was_training)
-    return correct / len(y_all)
+    return correct / len(data)
 
 
 def ramped_target(final: float, elapsed: float, ramp: float) -> float:
@@ -133,6 +152,43 @@ class _FrozenTNN:
 
 
 @dataclass
+class _Data:
+    """Training samples: tensors on the device (memory) or views of a split on disk (stream).
+
+    ``snn`` holds the samples of SNN steps: a held-out share, or the TNN's own data.
+    """
+
+    y: torch.Tensor  # labels of the TNN's samples (their count drives the epoch)
+    x: torch.Tensor | None = None
+    snn_x: torch.Tensor | None = None
+    snn_y: torch.Tensor | None = None
+    stream: PreparedSplit | None = None
+    snn_stream: PreparedSplit | None = None
+
+    def hold_out(self, fraction: float, seed: int, snn: bool) -> Split:
+        """Take a seeded share away from the TNN's samples; it feeds SNN steps when ``snn``.
+
+        Returns:
+            The held-out samples (tensors on the CPU in memory mode).
+        """
+        held, rest = _hold_out_order(len(self.y), fraction, seed)
+        if self.stream is not None:
+            taken = self.stream.subset(held)
+            self.stream = self.stream.subset(rest)
+            self.y = self.stream.labels
+            if snn:
+                self.snn_stream = taken
+            return taken
+        assert self.x is not None
+        held, rest = held.to(self.x.device), rest.to(self.x.device)
+        taken_x, taken_y = self.x[held], self.y[held]
+        self.x, self.y = self.x[rest], self.y[rest]
+        if snn:
+            self.snn_x, self.snn_y = taken_x, taken_y
+        return TensorDataset(taken_x.cpu(), taken_y.cpu())
+
+
+@dataclass
 class _Run:
     """Everything one :func:`fit` call works on: networks, optimisers, data and progress."""
 
@@ -143,15 +199,14 @@ class _Run:
     opt_t: torch.optim.Optimizer
     opt_s: torch.optim.Optimizer | None
     costs: CostModel
-    x: torch.Tensor
-    y: torch.Tensor
-    snn_x: torch.Tensor  # the batches of SNN steps: a held-out slice, or the TNN's own data
-    snn_y: torch.Tensor
+    data: _Data  # the TNN's batches, and those of SNN steps
     switch_end: int
     warmup: int
-    val: TensorDataset | None
+    val: Split | None
     amp: torch.dtype | None = None  # autocast dtype of TNN steps (CUDA only)
     scaler: torch.amp.GradScaler | None = None  # float16 autocast needs loss scaling
+    augment: Augmentation | None = None
+    num_workers: int = 0
     # ``step`` counts TNN steps over the whole run: it sets where SNN steps fall (every k-th),
     # so a resumed run continues the count. ``snn_step`` numbers SNN steps (their batches and
     # sampled gates).
@@ -181,8 +236,8 @@ class _Run:
 
 def fit(
     spec: ModelSpec,
-    train: TensorDataset,
-    val: TensorDataset | None,
+    train: Split,
+    val: Split | None,
     cfg: TrainConfig,
     *,
     switched: bool = True,
@@ -190,13 +245,15 @@ def fit(
     device: torch.device | None = None,
     progress: bool = True,
     on_epoch_end: Callable[[int], None] | None = None,
+    data: DataConfig | None = None,
 ) -> FitResult:
     """Train a task network, with the scorer when ``switched``, resuming from a checkpoint.
 
     Args:
         spec: The task network to build (full width).
-        train: Training tensors ``(x, y)``.
-        val: Validation tensors, for the per-epoch record (may be ``None`` or empty).
+        train: Training data: tensors ``(x, y)`` (held on the device) or a split streamed from
+            disk (:func:`~switchprune.data.open_split`).
+        val: Validation data, for the per-epoch record (may be ``None`` or empty).
         cfg: Schedule, optimisers, scorer and compression settings.
         switched: Train with the scorer (``False``: the plain baseline, same budget).
         checkpoint_path: Where to save a resumable state every ``cfg.checkpoint_every`` epochs.
@@ -204,17 +261,25 @@ def fit(
         device: Where to train (default: ``cfg.device`` resolved).
         progress: Show a progress bar.
         on_epoch_end: Called with the finished epoch's index after its checkpoint is written.
+        data: The ``data`` section: augmentation of training batches and ``DataLoader``
+            workers when streaming (default: no augmentation, no workers).
 
     Returns:
         The trained networks, final factors, history and summary metrics.
     """
     run = _start(spec, train, val, cfg, switched, device or resolve_device(cfg.device))
-    fingerprint = {
+    if data is not None:
+        run.augment = augmentation(data, spec.in_shape)
+        run.num_workers = data.num_workers
+    fingerprint: dict[str, Any] = {
         "train": to_dict(cfg),
         "spec": spec.to_dict(),
         "switched": switched,
         "n_train": len(train),
     }
+    if run.augment is not None:
+        # Other batches: a checkpoint made without (or with other) augmentation is not resumed.
+        fingerprint["augment"] = dataclasses.asdict(run.augment)
     if checkpoint_path is not None and checkpoint_path.is_file():
         _resume(run, load_torch(checkpoint_path), fingerprint)
     bar = tqdm(
@@ -253,8 +318,8 @@ def fit(
 
 def _start(
     spec: ModelSpec,
-    train: TensorDataset,
-    val: TensorDataset | None,
+    train: Split,
+    val: Split | None,
     cfg: TrainConfig,
     switched: bool,
     device: torch.device,
@@ -293,19 +358,21 @@ def _start(
     )
     params = list(scorer.parameters()) if scorer is not None else []
     opt_s = torch.optim.SGD(params, lr=cfg.snn_lr, momentum=cfg.snn_momentum) if params else None
-    x, y = (t.to(device) for t in train.tensors)
-    snn_x, snn_y = x, y
+    if isinstance(train, TensorDataset):
+        x, y = (t.to(device) for t in train.tensors)
+        data = _Data(y=y, x=x, snn_x=x, snn_y=y)
+    else:
+        data = _Data(y=train.labels, stream=train, snn_stream=train)
     if switched and params and cfg.snn_holdout > 0:
         # The switcher learns on a slice the task network never trains on, so that it keeps
         # what generalises rather than what fits the training batches.
-        (snn_x, snn_y), (x, y) = _hold_out(x, y, cfg.snn_holdout, cfg.seed + 7)
+        data.hold_out(cfg.snn_holdout, cfg.seed + 7, snn=True)
     warmup = cfg.warmup_epochs
     if switched and cfg.compression == "auto":
         # The unpruned reference needs an epoch of training and data to be measured on.
         warmup = max(1, warmup)
         if val is None or len(val) == 0:
-            (val_x, val_y), (x, y) = _hold_out(x, y, 0.1, cfg.seed + 11)
-            val = TensorDataset(val_x.cpu(), val_y.cpu())
+            val = data.hold_out(0.1, cfg.seed + 11, snn=False)
     switch_end = max(warmup + 1, round(cfg.switch_epochs_fraction * cfg.epochs))
     amp = resolve_amp(cfg.amp, device)
     if device.type == "cuda" and len(spec.in_shape) == 3:
@@ -318,10 +385,7 @@ def _start(
         opt_t,
         opt_s,
         CostModel(tnn),
-        x,
-        y,
-        snn_x,
-        snn_y,
+        data,
         switch_end,
         warmup,
         val,
@@ -331,13 +395,11 @@ def _start(
     return run
 
 
-def _hold_out(
-    x: torch.Tensor, y: torch.Tensor, fraction: float, seed: int
-) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """A seeded random ``fraction`` of the samples (at least one), and the rest."""
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed)).to(x.device)
-    held = max(1, round(fraction * len(y)))
-    return (x[order[:held]], y[order[:held]]), (x[order[held:]], y[order[held:]])
+def _hold_out_order(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of a seeded random ``fraction`` of ``n`` samples (at least one), and the rest."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    held = max(1, round(fraction * n))
+    return order[:held], order[held:]
 
 
 def resolve_amp(
@@ -466,16 +528,17 @@ def _train_epoch(run: _Run, epoch: int) -> list[torch.Tensor]:
         and cfg.alternation == "epoch"
         and (epoch - run.warmup) % (cfg.tnn_steps_per_snn_step + 1) == cfg.tnn_steps_per_snn_step
     )
-    n = len(run.y)
+    n = len(run.data.y)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
     # Factors are fixed between two SNN steps: computed once, shared by the TNN steps between.
     cached = _current_factors(run, phase) if phase != "switch" or cfg.detach_factors else None
     losses: list[torch.Tensor] = []
     run.tnn.train()
+    batches = None if snn_epoch else _tnn_batches(run, order, epoch)
     for i in range(0, n, cfg.batch_size):
-        idx = order[i : i + cfg.batch_size].to(run.device)
-        if not snn_epoch:
-            losses.append(_tnn_step(run, phase, run.x[idx], run.y[idx], cached))
+        if batches is not None:
+            x, y = next(batches)
+            losses.append(_tnn_step(run, phase, x, y, cached))
             run.state["step"] += 1
         do_snn = phase == "switch" and (
             snn_epoch
@@ -492,7 +555,39 @@ def _train_epoch(run: _Run, epoch: int) -> list[torch.Tensor]:
                 with torch.no_grad():
                     assert run.scorer is not None
                     cached = run.scorer(run.tnn, stats=stats)
+    if batches is not None:
+        batches.close()  # stops the DataLoader's workers
     return losses
+
+
+def _tnn_batches(
+    run: _Run, order: torch.Tensor, epoch: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The epoch's TNN batches on the device, in ``order``, augmented when configured."""
+    size, data = run.cfg.batch_size, run.data
+    # Seeded per epoch, on the CPU: a resumed run draws the same crops and flips on any device.
+    g = torch.Generator().manual_seed(run.cfg.seed * 1_000_033 + epoch + 1)
+    if data.stream is None:
+        assert data.x is not None
+        batches: Any = (
+            (data.x[idx], data.y[idx])
+            for i in range(0, len(order), size)
+            for idx in [order[i : i + size].to(run.device)]
+        )
+    else:
+        cuda = run.device.type == "cuda"
+        loader = batch_loader(
+            data.stream,
+            [order[i : i + size].tolist() for i in range(0, len(order), size)],
+            num_workers=run.num_workers,
+            pin_memory=cuda,
+        )
+        batches = (
+            (x.to(run.device, non_blocking=cuda), y.to(run.device, non_blocking=cuda))
+            for x, y in loader
+        )
+    for x, y in batches:
+        yield (augment_batch(x, run.augment, g) if run.augment is not None else x), y
 
 
 def _current_factors(run: _Run, phase: str) -> dict[str, torch.Tensor] | None:
@@ -572,13 +667,20 @@ def _snn_step(run: _Run, target: float) -> dict[str, torch.Tensor] | None:
 
 def _snn_batch(run: _Run) -> tuple[torch.Tensor, torch.Tensor]:
     """The next batch of SNN steps, in a seeded order over their data."""
-    n, size = len(run.snn_y), min(run.cfg.batch_size, len(run.snn_y))
+    data = run.data
+    n = len(data.snn_stream) if data.snn_stream is not None else len(data.snn_y)  # type: ignore[arg-type]
+    size = min(run.cfg.batch_size, n)
     per_pass = max(1, n // size)
     step = run.state["snn_step"]
     g = torch.Generator().manual_seed(run.cfg.seed * 7_919 + step // per_pass)
     start = (step % per_pass) * size
-    idx = torch.randperm(n, generator=g)[start : start + size].to(run.device)
-    return run.snn_x[idx], run.snn_y[idx]
+    idx = torch.randperm(n, generator=g)[start : start + size]
+    if data.snn_stream is not None:
+        x, y = data.snn_stream[idx.tolist()]
+        return x.to(run.device), y.to(run.device)
+    assert data.snn_x is not None and data.snn_y is not None
+    idx = idx.to(run.device)
+    return data.snn_x[idx], data.snn_y[idx]
 
 
 def _trainable_factors(run: _Run, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -623,7 +725,7 @@ def _epoch_record(run: _Run, epoch: int, losses: list[float], seconds: float) ->
     factors = _current_factors(run, _phase(run, epoch))
     run.tnn.set_factors(factors)
     if run.val is not None and len(run.val) > 0:
-        record["val_accuracy"] = accuracy(run.tnn, run.val, run.device)
+        record["val_accuracy"] = accuracy(run.tnn, run.val, run.device, num_workers=run.num_workers)
     if factors is not None:
         widths = hard_widths(factors)
         record["params_ratio"] = float(run.costs.params(widths)) / float(run.costs.params())

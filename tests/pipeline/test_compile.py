@@ -254,3 +254,31 @@ def test_the_default_remote_is_read_from_the_dvc_config(tmp_path: Path) -> None:
         "['remote \"mine\"']\n    url = s3://mine/cache\n    endpointurl = http://x:9000\n"
     )
     assert dvc_remote_url(tmp_path) == "s3://mine/cache"
+
+
+def test_a_folder_datasets_keys_pass_through_as_a_pipeline_parameter() -> None:
+    """Every key of a folder dataset reaches preprocess, train and evaluate unchanged."""
+    from pipeline.pipeline import section_parameter
+
+    from switchprune.config import DataConfig
+    from switchprune.data import source_dir
+
+    cfg = DataConfig(
+        dataset="folder",
+        folder_dir="data/raw/flowers",
+        image_size=32,
+        loader="stream",
+        num_workers=2,
+        augment="standard",
+    )
+    value = section_parameter(cfg)
+    assert value["folder_dir"] == "data/raw/flowers" and value["image_size"] == 32
+    # A Struct carries numbers as doubles.
+    as_struct = {
+        k: float(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
+        for k, v in value.items()
+    }
+    assert from_struct(DataConfig, as_struct) == cfg
+    # The cluster downloads the DVC-tracked folder to where preprocess reads it.
+    assert source_dir(cfg, Path("/tmp/raw")) == Path("data/raw/flowers")
+    assert "image_size" not in section_parameter(DataConfig())  # null: left out, the default

@@ -93,6 +93,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory, dvc_remote: DvcRemote) -> It
             metrics=c.metrics["preprocess"],
         )
         train.python_func(
+            data=s["data"],
             model=s["model"],
             train=s["train"],
             prepared=c.prepared,
@@ -104,6 +105,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory, dvc_remote: DvcRemote) -> It
         )
         evaluate.python_func(
             evaluate=s["evaluate"],
+            data=s["data"],
             prepared=c.prepared,
             trained=c.trained,
             compact=c.compact,

@@ -146,3 +146,43 @@ def test_changed_idx_labels_rerun_preprocess(project: Path, tmp_path: Path) -> N
         assert _stages_run(out) == {"preprocess"}, out
     finally:
         (project / "params.yaml").write_text(text)
+
+
+def test_image_folder_runs_through_evaluate_streamed(project: Path) -> None:
+    """An image folder is the preprocess stage's data; training and evaluation stream it."""
+    from folder_support import write_digits_folder
+    from switchprune.data import dvc_md5
+
+    folder = write_digits_folder(
+        project / "data" / "folder", per_class=15, splits=("train", "test")
+    )
+    text = (project / "params.yaml").read_text()
+    params = yaml.safe_load(text)
+    params["data"].update(
+        dataset="folder",
+        folder_dir="data/folder",
+        loader="stream",
+        num_workers=1,
+        augment="standard",
+    )
+    params["model"]["arch"] = "lenet5"
+    params["train"].update(epochs=1, batch_size=64)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        out = _run([str(BIN / "dvc"), "repro", "evaluate"], project)
+        assert _stages_run(out) == {"preprocess", "train", "prune", "evaluate"}, out
+        meta = json.loads((project / "data" / "prepared" / "meta.json").read_text())
+        assert meta["storage"] == "npy" and meta["in_shape"] == [1, 8, 8]
+        assert meta["class_names"] == sorted(meta["class_names"]) and len(meta["class_names"]) == 10
+        report = json.loads((project / "reports" / "evaluate.json").read_text())
+        assert report["data_md5"] == dvc_md5(folder)
+        assert report["n_test"] == 30
+        assert report["max_abs_logit_diff_f64"] <= 1e-6
+
+        # One changed image is a new data version: everything reruns from preprocess.
+        first = next((folder / "train" / "one").iterdir())
+        first.write_bytes(next((folder / "train" / "two").iterdir()).read_bytes())
+        again = _run([str(BIN / "dvc"), "repro", "evaluate"], project)
+        assert "preprocess" in _stages_run(again), again
+    finally:
+        (project / "params.yaml").write_text(text)

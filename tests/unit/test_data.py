@@ -69,7 +69,15 @@ def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_datasets_constant_lists_all_sources():
-    assert DATASETS == ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "idx")
+    assert DATASETS == (
+        "digits",
+        "mnist",
+        "fashion_mnist",
+        "cifar10",
+        "cifar100",
+        "idx",
+        "folder",
+    )
 
 
 def test_digits_meta_and_sizes(digits_dir: Path):

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch.utils.data import TensorDataset
 
-from switchprune.config import EvaluateConfig
-from switchprune.data import load_meta, load_split
+from switchprune.config import DataConfig, EvaluateConfig
+from switchprune.data import load_meta, load_split, open_split, use_streaming
 from switchprune.evaluation import (
     accuracy_from_logits,
     count_macs,
@@ -28,7 +28,12 @@ from switchprune.training import resolve_device
 
 
 def run(
-    cfg: EvaluateConfig, *, prepared_dir: Path, trained_dir: Path, model_dir: Path
+    cfg: EvaluateConfig,
+    *,
+    prepared_dir: Path,
+    trained_dir: Path,
+    model_dir: Path,
+    data_cfg: DataConfig | None = None,
 ) -> dict[str, float | str]:
     """Measure the models on the test split.
 
@@ -42,6 +47,8 @@ def run(
         prepared_dir: Output of ``preprocess``.
         trained_dir: Output of ``train``.
         model_dir: Output of ``prune``.
+        data_cfg: The ``data`` section: whether the test split is streamed from disk
+            (``loader``) and by how many workers (default: read into memory).
 
     Returns:
         The flat evaluation report (see the README for every key): numbers, plus ``data_md5``,
@@ -51,23 +58,26 @@ def run(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     meta = load_meta(prepared_dir)
-    test = load_split(prepared_dir, "test")
-    labels = test.tensors[1]
+    stream = data_cfg is not None and use_streaming(data_cfg, meta)
+    test = open_split(prepared_dir, "test") if stream else load_split(prepared_dir, "test")
+    labels = test.labels if not isinstance(test, TensorDataset) else test.tensors[1]
+    workers = data_cfg.num_workers if stream and data_cfg is not None else 0
+
+    def logits(model: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return predict_logits(model, test, device, cfg.batch_size, dtype=dtype, num_workers=workers)
+
     full, factors, _ = load_switched(trained_dir)
     small, kept = load_compacted(model_dir)
     full, small = full.to(device), small.to(device)
 
     full.set_factors({k: v.to(device) for k, v in masked_factors(factors, kept).items()})
-    gated_logits = predict_logits(full, test, device, cfg.batch_size)
-    small_logits = predict_logits(small, test, device, cfg.batch_size)
+    gated_logits = logits(full)
+    small_logits = logits(small)
     # The same comparison in float64 separates the compaction's exactness from float32
     # rounding at the logits' scale (which alone reaches ~1e-6 for logits in the tens).
     full64, small64 = copy.deepcopy(full).double(), copy.deepcopy(small).double()
     full64.set_factors({k: v.double() for k, v in masked_factors(factors, kept).items()})
-    test64 = TensorDataset(test.tensors[0].double(), labels)
-    diff64 = predict_logits(full64, test64, device, cfg.batch_size) - predict_logits(
-        small64, test64, device, cfg.batch_size
-    )
+    diff64 = logits(full64, torch.float64) - logits(small64, torch.float64)
     del full64, small64
     full.set_factors(None)
     diff = float(diff64.abs().max())
@@ -97,8 +107,7 @@ def run(
     baseline = load_baseline(trained_dir)
     if baseline is not None:
         baseline = baseline.to(device)
-        logits = predict_logits(baseline, test, device, cfg.batch_size)
-        report["baseline_accuracy"] = accuracy_from_logits(logits, labels)
+        report["baseline_accuracy"] = accuracy_from_logits(logits(baseline), labels)
         report["accuracy_drop"] = report["baseline_accuracy"] - report["test_accuracy"]
     retain_freed_memory()  # steady forward times (see its docstring)
     for batch in (1, 256):

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from switchprune.config import ModelConfig, TrainConfig, to_dict
-from switchprune.data import load_meta, load_split
+from switchprune.config import DataConfig, ModelConfig, TrainConfig, to_dict
+from switchprune.data import load_meta, load_split, open_split, use_streaming
 from switchprune.io import ArtifactError, load_model_file, save_model
 from switchprune.models import TaskNet, spec_from_config
 from switchprune.training import fit, resolve_device
@@ -25,6 +25,7 @@ def run(
     trained_dir: Path,
     checkpoint_dir: Path | None = None,
     progress: bool = True,
+    data_cfg: DataConfig | None = None,
 ) -> dict[str, float]:
     """Train the switched task network (and the baseline when ``cfg.baseline``).
 
@@ -37,6 +38,8 @@ def run(
         checkpoint_dir: Where resumable per-epoch checkpoints live; a run interrupted after an
             epoch resumes from there with the same result as an uninterrupted run.
         progress: Show progress bars.
+        data_cfg: The ``data`` section: in memory or streamed (``loader``), ``DataLoader``
+            workers and augmentation of the training batches (default: in memory, none).
 
     Returns:
         Validation accuracy, reached compression and time per epoch of both runs.
@@ -44,7 +47,8 @@ def run(
     prepared_dir, trained_dir = Path(prepared_dir), Path(trained_dir)
     device = resolve_device(cfg.device)
     meta = load_meta(prepared_dir)
-    train_set, val_set = load_split(prepared_dir, "train"), load_split(prepared_dir, "val")
+    read = open_split if data_cfg is not None and use_streaming(data_cfg, meta) else load_split
+    train_set, val_set = read(prepared_dir, "train"), read(prepared_dir, "val")
     spec = spec_from_config(model_cfg, meta.in_shape, meta.num_classes)
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
 
@@ -57,6 +61,7 @@ def run(
         checkpoint_path=ckpt / "switched.ckpt" if ckpt else None,
         device=device,
         progress=progress,
+        data=data_cfg,
     )
     assert result.switcher is not None and result.factors is not None
     metrics = {k: float(v) for k, v in result.metrics.items()}
@@ -78,6 +83,7 @@ def run(
             checkpoint_path=ckpt / "baseline.ckpt" if ckpt else None,
             device=device,
             progress=progress,
+            data=data_cfg,
         )
         save_model(base.model, trained_dir / BASELINE_FILE, train=to_dict(cfg))
         if "val_accuracy" in base.metrics:
