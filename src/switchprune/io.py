@@ -135,7 +135,8 @@ def content_digest(obj: Any) -> str:
         if isinstance(value, torch.Tensor):
             t = value.detach().cpu().contiguous()
             h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            # Flattened first: a 0-dim tensor (BatchNorm's batch counter) has no byte view.
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         elif isinstance(value, dict):
             h.update(f"D{len(value)}".encode())
             for k in sorted(value, key=str):

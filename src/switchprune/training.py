@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
-from switchprune.config import ConfigError, DataConfig, TrainConfig, to_dict
+from switchprune.config import ConfigError, DataConfig, TrainConfig, recipe_lr, to_dict
 from switchprune.cost import CostModel
 from switchprune.data import (
     Augmentation,
@@ -268,6 +268,7 @@ def fit(
         The trained networks, final factors, history and summary metrics.
     """
     run = _start(spec, train, val, cfg, switched, device or resolve_device(cfg.device))
+    cfg = run.cfg  # with the learning rate resolved
     if data is not None:
         run.augment = augmentation(data, spec.in_shape)
         run.num_workers = data.num_workers
@@ -325,6 +326,8 @@ def _start(
     device: torch.device,
 ) -> _Run:
     """Build the networks, optimisers and data split of a run (seeded)."""
+    # ``auto`` becomes the architecture's rate here, so the record says which rate was used.
+    cfg = dataclasses.replace(cfg, tnn_lr=recipe_lr(cfg.tnn_lr, spec.arch))
     if switched and cfg.scorer != "switcher" and cfg.compression not in ("target", "auto"):
         raise ConfigError(
             f"train.scorer {cfg.scorer!r} needs compression target or auto (it has no zeros of "

@@ -134,3 +134,22 @@ def test_ablations_write_one_row_per_variant(tmp_path: Path) -> None:
     assert {r["variant"] for r in records} == set(module.VARIANTS)
     md = (tmp_path / "ablations.md").read_text()
     assert all(f"| {v} |" in md for v in module.VARIANTS)
+
+
+def test_archs_bench_measures_pruned_against_unpruned(tmp_path: Path) -> None:
+    """``bench/archs.py`` (``make bench-archs``) on a few hundred images, one epoch."""
+    argv = ["--archs", "resnet18", "--epochs", "1", "--limit", "300", "--ratio", "0.5"]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "archs.py"), *argv, "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "archs.json").read_text())
+    (row,) = report["rows"]
+    assert row["arch"] == "resnet18" and row["tnn_lr"] == 0.05
+    assert row["macs_ratio"] <= 0.5 + 1e-9
+    assert row["mac_reduction"] == pytest.approx(1 / row["macs_ratio"])
+    assert row["latency_ms"]["pruned"]["latency_ms_b256"] > 0
+    assert "| resnet18 | 0 |" in (tmp_path / "archs.md").read_text()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from switchprune.io import file_digest, model_digest, save_model
+from switchprune.io import content_digest, file_digest, model_digest, save_model
 from switchprune.models import ModelSpec, build_model
 
 SPEC = ModelSpec("mlp", (1, 8, 8), 10, {"fc1": 12, "fc2": 6})
@@ -122,3 +122,14 @@ def test_saved_bytes_do_not_depend_on_which_string_objects_hold_the_keys(tmp_pat
     save_torch(literal, tmp_path / "a.pt")
     save_torch(fresh, tmp_path / "b.pt")
     assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
+
+
+def test_content_digest_of_a_batchnorm_network_covers_its_counters() -> None:
+    """0-dim tensors (BatchNorm's ``num_batches_tracked``) are hashed like any other."""
+    bn = torch.nn.BatchNorm2d(3)
+    before = content_digest(bn.state_dict())
+    bn.train()(torch.randn(4, 3, 2, 2))
+    bn.running_mean.zero_()
+    bn.running_var.fill_(1.0)
+    assert bn.num_batches_tracked.dim() == 0
+    assert content_digest(bn.state_dict()) != before  # only the counter differs

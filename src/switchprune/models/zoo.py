@@ -11,9 +11,9 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
-import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import torchvision
 from torch import nn
@@ -29,6 +29,7 @@ from switchprune.models.graph import (
 )
 
 TORCHVISION = TORCHVISION_ARCHS
+_LOADED: dict[str, ModuleType] = {}
 
 
 def is_user_arch(arch: str) -> bool:
@@ -134,13 +135,15 @@ def _user_builder(arch: str) -> tuple[Callable[[int, int], nn.Module], str]:
             source = path.read_bytes()
             digest = hashlib.sha256(source).hexdigest()
             module_name = f"switchprune_user_{digest[:16]}"
-            module = sys.modules.get(module_name)
+            module = _LOADED.get(module_name)
             if module is None:
                 loader_spec = importlib.util.spec_from_file_location(module_name, path)
                 assert loader_spec is not None and loader_spec.loader is not None
                 module = importlib.util.module_from_spec(loader_spec)
                 loader_spec.loader.exec_module(module)
-                sys.modules[module_name] = module
+                # Not in sys.modules: a pickled model (MLflow's cloudpickle) then carries the
+                # file's classes by value and loads where the file is absent.
+                _LOADED[module_name] = module
         else:
             module = importlib.import_module(where)
             file = getattr(module, "__file__", None)
