@@ -8,7 +8,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup run compile test lint format lock clean
+.PHONY: setup run release compile test lint format lock clean
 
 setup: $(STAMP)
 
@@ -19,8 +19,11 @@ $(STAMP): requirements-torch.txt requirements.lock pyproject.toml
 	$(BIN)/python -m pip install --no-deps -e .
 	touch $(STAMP)
 
-run: setup  ## the whole pipeline on params.yaml, with S3 and MLflow (see pipeline/local.py)
+run: setup  ## the whole pipeline on params.yaml, with S3 and MLflow, then release (see pipeline/local.py)
 	$(BIN)/python pipeline/local.py
+
+release: setup  ## register and promote the workspace's evaluated model (after dvc repro / dvc exp apply)
+	$(BIN)/python pipeline/local.py --release
 
 compile: setup  ## the Kubeflow pipeline from params.yaml -> pipeline.yaml (see pipeline/compile.py)
 	$(BIN)/python pipeline/compile.py --params params.yaml --out pipeline.yaml

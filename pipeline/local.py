@@ -7,7 +7,12 @@
 2. Data: the raw data tracked by ``data/raw/digits.dvc`` is pulled from the DVC remote when
    absent (or recreated byte-identically from scikit-learn when the remote does not have it),
    checked against its recorded hash, and pushed.
-3. ``dvc repro`` runs the six stages; ``dvc push`` uploads the cached outputs.
+3. ``dvc repro`` runs the experiment stages (preprocess, train, prune, evaluate); ``dvc push``
+   uploads the cached outputs.
+4. Release: ``switchprune register`` then ``switchprune promote`` on the outputs. They are not
+   DVC stages, so ``dvc exp run`` never registers or promotes; ``make release`` (this script
+   with ``--release``) releases the workspace's result after checking that ``dvc status`` is
+   clean, i.e. that the outputs are the ones ``dvc.lock`` records.
 
 MLflow: ``MLFLOW_TRACKING_URI`` when set, else the embedded SQLite store (``mlflow.db``).
 
@@ -19,6 +24,7 @@ undoes the settings it made.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import signal
 import subprocess
@@ -81,17 +87,28 @@ def dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     run stops all of them, not only DVC.
     """
     exe = Path(sys.executable).parent / "dvc"
-    cmd = [str(exe) if exe.exists() else "dvc", *args]
-    print(f"+ dvc {' '.join(args)}", flush=True)
-    proc = subprocess.Popen(cmd, cwd=ROOT, text=True, start_new_session=True)
+    return in_group([str(exe) if exe.exists() else "dvc", *args], check=check)
+
+
+def in_group(
+    cmd: list[str], check: bool = True, capture: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` in the repository in a process group of its own (see :func:`dvc`)."""
+    print(
+        f"+ {' '.join(Path(cmd[0]).name if i == 0 else a for i, a in enumerate(cmd))}", flush=True
+    )
+    pipe = subprocess.PIPE if capture else None
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, text=True, start_new_session=True, stdout=pipe, stderr=pipe
+    )
     try:
-        code = proc.wait()
+        out, err = proc.communicate()
     except BaseException:
         _end_group(proc)
         raise
-    if check and code != 0:
-        raise subprocess.CalledProcessError(code, cmd)
-    return subprocess.CompletedProcess(cmd, code)
+    if check and proc.returncode != 0:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def _end_group(proc: subprocess.Popen[str]) -> None:
@@ -147,20 +164,47 @@ def ensure_raw_data() -> None:
     dvc("add", "-q", str(RAW))
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     """One run per folder; stop cleanly on SIGTERM or Ctrl-C."""
+    release_only = "--release" in (sys.argv[1:] if argv is None else argv)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _stop)
     try:
         with one_run_per_folder():
-            return run()
+            return run(release_only=release_only)
     except Stopped as exc:
         print(f"make run: stopped by {exc}; everything it started is stopped", file=sys.stderr)
         return 128 + getattr(signal, str(exc)).value
 
 
-def run() -> int:
-    """Set up S3, run the pipeline, push data and outputs, stop what was started."""
+def check_released_outputs_are_current() -> None:
+    """Refuse to release outputs that ``dvc.lock`` does not record (stale or edited).
+
+    Raises:
+        UserError: Naming the stages ``dvc status`` reports as changed.
+    """
+    exe = Path(sys.executable).parent / "dvc"
+    done = in_group([str(exe) if exe.exists() else "dvc", "status", "--json"], False, True)
+    try:
+        status = json.loads(done.stdout or "{}")
+    except json.JSONDecodeError:
+        status = {"dvc status": done.stderr.strip()}
+    if done.returncode != 0 or status:
+        stages = ", ".join(sorted(status)) or "dvc status failed"
+        raise UserError(
+            f"the workspace's outputs are not those dvc.lock records ({stages}): "
+            "run 'dvc repro' (or 'dvc exp apply <exp>') before releasing"
+        )
+
+
+def release() -> None:
+    """Register the evaluated model, then promote it: the only steps that touch the services."""
+    for verb in ("register", "promote"):
+        in_group([sys.executable, "-m", "switchprune", verb])
+
+
+def run(release_only: bool = False) -> int:
+    """Set up S3, run the pipeline, push data and outputs, release, stop what was started."""
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     try:
         # Every section is checked before anything starts: a bad file is one line, no server.
@@ -184,12 +228,17 @@ def run() -> int:
         client = storage.make_client(endpoint)
         for bucket in {remote_bucket(), storage.parse_s3_uri(promote_uri).bucket}:
             storage.ensure_bucket(client, bucket)
-        ensure_raw_data()
-        dvc("push", f"{RAW}.dvc")
-        dvc("repro")
-        dvc("push")
+        if release_only:
+            check_released_outputs_are_current()
+        else:
+            ensure_raw_data()
+            dvc("push", f"{RAW}.dvc")
+            dvc("repro")
+            dvc("push")
+        release()
     except subprocess.CalledProcessError as exc:
-        print(f"make run: {' '.join(exc.cmd[1:3])} failed (exit {exc.returncode})", file=sys.stderr)
+        what = " ".join(str(a) for a in exc.cmd[1:4] if not str(a).startswith("-"))
+        print(f"make run: {what} failed (exit {exc.returncode})", file=sys.stderr)
         return 1
     except UserError as exc:
         print("make run: " + " ".join(str(exc).split()), file=sys.stderr)

@@ -278,7 +278,8 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
         uri: An explicit tracking URI (empty counts as not given).
 
     Returns:
-        The URI, e.g. ``http://127.0.0.1:5000`` or ``sqlite:///mlflow.db``.
+        The URI, e.g. ``http://127.0.0.1:5000``, or the embedded store
+        ``sqlite:////abs/path/mlflow.db`` in the project's root (:func:`project_root`).
 
     Raises:
         RegistryInputError: The URI has no scheme MLflow could use (a typo would otherwise
@@ -294,7 +295,20 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
                     "http(s)://host:port, sqlite:///path/mlflow.db or file:///path"
                 )
             return text
-    return DEFAULT_TRACKING_URI
+    return f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
+def project_root(start: Path | None = None) -> Path:
+    """The nearest folder at or above ``start`` (the working directory) holding ``params.yaml``.
+
+    The embedded store and its artifacts live there, so that a stage run from a subfolder, or
+    by DVC, finds the same registry; without a project, the working directory.
+    """
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "params.yaml").is_file():
+            return folder
+    return here
 
 
 def _sqlite_path(uri: str) -> Path | None:
@@ -640,7 +654,9 @@ def _find_by_content(client: MlflowClient, model_name: str, digest: str) -> Mode
 def _artifact_location(tracking_uri: str, given: str | None) -> str | None:
     """A local artifact root as an absolute ``file:`` URI; URIs and server-side roots as given."""
     if given is None:
-        return None if _is_http(tracking_uri) else Path(DEFAULT_ARTIFACT_ROOT).resolve().as_uri()
+        if _is_http(tracking_uri):
+            return None
+        return (project_root() / DEFAULT_ARTIFACT_ROOT).resolve().as_uri()
     if "://" in given or given.startswith(("file:", "mlflow-artifacts:")) or _is_http(tracking_uri):
         return given
     return Path(given).expanduser().resolve().as_uri()

@@ -419,10 +419,26 @@ def test_log_and_register_requires_model_file(store: Store, tmp_path: Path) -> N
 
 def test_resolve_tracking_uri(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert registry.resolve_tracking_uri() == registry.DEFAULT_TRACKING_URI
+    assert registry.resolve_tracking_uri() == f"sqlite:///{registry.project_root() / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert registry.resolve_tracking_uri() == "http://127.0.0.1:5000"
     assert registry.resolve_tracking_uri("sqlite:///x.db") == "sqlite:///x.db"
+
+
+def test_embedded_store_is_the_projects_wherever_the_stage_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "params.yaml").write_text("data: {}\n")
+    deep = tmp_path / "reports" / "sub"
+    deep.mkdir(parents=True)
+    for where in (tmp_path, deep):
+        monkeypatch.chdir(where)
+        assert registry.resolve_tracking_uri() == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    outside = tmp_path.parent / f"{tmp_path.name}-elsewhere"
+    outside.mkdir()
+    monkeypatch.chdir(outside)
+    assert registry.project_root() == outside.resolve()
 
 
 def test_check_reachable_sends_credentials_held_in_the_uri() -> None:
