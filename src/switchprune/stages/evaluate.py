@@ -21,6 +21,7 @@ from switchprune.evaluation import (
     state_dict_bytes,
 )
 from switchprune.io import COMPACT_FILE, ArtifactError
+from switchprune.onnx_export import ONNX_FILE, export_temporary, latency_ms
 from switchprune.pruning import masked_factors
 from switchprune.stages.prune import load_compacted
 from switchprune.stages.train import load_baseline, load_switched
@@ -123,6 +124,21 @@ def run(
         report[f"latency_speedup_b{batch}"] = (
             report[f"latency_ms_before_b{batch}"] / report[f"latency_ms_after_b{batch}"]
         )
+    # onnxruntime on the CPU: the unpruned TNN exported the same way as prune's model.onnx.
+    onnx_after = Path(model_dir) / ONNX_FILE
+    if not onnx_after.is_file():
+        raise ArtifactError(f"{onnx_after} is missing (re-run prune)")
+    onnx_models = {"before": export_temporary(full, meta.in_shape), "after": onnx_after}
+    for batch in (1, 256):
+        for tag, onnx_model in onnx_models.items():
+            report[f"onnx_latency_ms_b{batch}_{tag}"] = latency_ms(
+                onnx_model,
+                meta.in_shape,
+                batch,
+                warmup=cfg.latency_warmup,
+                repeats=cfg.latency_repeats,
+                threads=cfg.threads or None,
+            )
     return report
 
 

@@ -10,6 +10,7 @@ from switchprune.config import PruneConfig, to_dict
 from switchprune.evaluation import count_macs, count_params
 from switchprune.io import COMPACT_FILE, ArtifactError, load_model_file, save_model, write_json
 from switchprune.models import TaskNet
+from switchprune.onnx_export import ONNX_FILE, export_checked
 from switchprune.pruning import compact, kept_widths, threshold_factors
 from switchprune.stages.train import load_switched
 
@@ -23,7 +24,12 @@ def run(cfg: PruneConfig, *, trained_dir: Path, model_dir: Path) -> dict[str, fl
         cfg: The ``prune`` section.
         trained_dir: Output of ``train``.
         model_dir: Where the compacted model (``model.pt``: spec with the kept widths, kept
-            indices, ``state_dict``) and ``widths.json`` (kept/full width per group) go.
+            indices, ``state_dict``), its ONNX copy (``model.onnx``, checked against PyTorch
+            with onnxruntime) and ``widths.json`` (kept/full width per group) go.
+
+    Raises:
+        switchprune.onnx_export.OnnxExportError: The ONNX copy does not match the compacted
+            model (max abs logit difference above 1e-4); no ``model.onnx`` is left.
 
     Returns:
         Parameters and MACs before and after, and their ratios.
@@ -49,6 +55,7 @@ def run(cfg: PruneConfig, *, trained_dir: Path, model_dir: Path) -> dict[str, fl
         full_widths=dict(model.group_sizes()),
         prune=to_dict(cfg),
     )
+    export_checked(small, in_shape, model_dir / ONNX_FILE)
     full = model.group_sizes()
     write_json(
         {g: {"kept": w, "full": full[g]} for g, w in kept_widths(kept).items()},

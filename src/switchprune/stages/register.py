@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from switchprune.config import RegisterConfig
-from switchprune.data import META_FILE, open_split
-from switchprune.io import COMPACT_FILE, read_json
+from switchprune.data import META_FILE, load_meta, open_split, raw_images
+from switchprune.io import COMPACT_FILE, ArtifactError, read_json
+from switchprune.onnx_export import ONNX_FILE
 from switchprune.stages.prune import WIDTHS_FILE, load_compacted
 
 EVALUATE_FILE = "evaluate.json"
@@ -53,6 +54,7 @@ def run(
     files = {
         COMPACT_FILE: Path(model_dir) / COMPACT_FILE,
         WIDTHS_FILE: Path(model_dir) / WIDTHS_FILE,
+        ONNX_FILE: Path(model_dir) / ONNX_FILE,
         META_FILE: Path(prepared_dir) / META_FILE,
         EVALUATE_FILE: Path(evaluate_path),
     }
@@ -61,8 +63,13 @@ def run(
     data_md5 = str(report.get("data_md5", ""))
     git = {"git_commit": git_commit} if git_commit is not None else _git_state()
     tags = {"data_md5": data_md5, **git}
-    test = open_split(prepared_dir, "test")  # four rows read, not the whole split
-    example = test[list(range(min(4, len(test))))][0].numpy()
+    if not files[ONNX_FILE].is_file():
+        raise ArtifactError(f"{files[ONNX_FILE]} is missing (re-run prune)")
+    meta = load_meta(prepared_dir)
+    # Served models take raw uint8 images and normalise them with the training statistics.
+    example = raw_images(
+        prepared_dir, "test", range(min(4, len(open_split(prepared_dir, "test"))))
+    ).numpy()
     result = registry.log_and_register(
         tracking_uri=uri,
         experiment=cfg.experiment,
@@ -75,6 +82,7 @@ def run(
         tags=tags,
         input_example=example,
         artifact_location=None if uri.startswith("http") else registry.DEFAULT_ARTIFACT_ROOT,
+        normalization=(meta.mean, meta.std),
     )
     return {
         "model_name": cfg.model_name,
