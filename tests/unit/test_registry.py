@@ -306,8 +306,10 @@ def test_load_model_in_a_fresh_process(store: Store, registered: dict[str, Any])
         "m = mlflow.pytorch.load_model('models:/tiny@candidate')\n"
         "x = np.linspace(-1.0, 1.0, 128, dtype=np.float32).reshape(2, 1, 8, 8)\n"
         "with torch.no_grad():\n"
-        "    y = m(torch.from_numpy(x)).tolist()\n"
-        "print(json.dumps({'cls': type(m).__module__ + '.' + type(m).__name__, 'y': y}))\n"
+        "    y = m.net(torch.from_numpy(x)).tolist()\n"
+        "net = type(m.net).__module__ + '.' + type(m.net).__name__\n"
+        "cls = type(m).__module__ + '.' + type(m).__name__\n"
+        "print(json.dumps({'cls': cls, 'net': net, 'y': y}))\n"
     )
     env = {**os.environ, "MLFLOW_TRACKING_URI": store.uri}
     env.pop("MLFLOW_REGISTRY_URI", None)
@@ -321,7 +323,9 @@ def test_load_model_in_a_fresh_process(store: Store, registered: dict[str, Any])
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["cls"] == "switchprune.models.mlp.MLP"
+    # The MLflow model is the served form (raw images in); the task network is inside.
+    assert out["cls"] == "switchprune.serving.ServedModel"
+    assert out["net"] == "switchprune.models.mlp.MLP"
     assert out["y"] == expected
 
 
