@@ -19,6 +19,7 @@ def register(
     prepared: Input[Dataset],
     compact: Input[Model],
     report: Input[Artifact],
+    history: Input[Artifact],
     registration: Output[Artifact],
     metrics: Output[Metrics],
 ) -> None:
@@ -38,6 +39,7 @@ def register(
         prepared: Output of ``preprocess`` (its ``meta.json`` travels with the model).
         compact: Output of ``prune``.
         report: Output of ``evaluate``.
+        history: Per-epoch records of ``train`` (stepped metrics and curves of the model card).
         registration: Output: model name, version, run id, model URI (``register.json``).
         metrics: Output: the registered version.
     """
@@ -52,6 +54,7 @@ def register(
         prepared_dir=Path(prepared.path),
         model_dir=Path(compact.path),
         evaluate_path=Path(report.path),
+        history_path=Path(history.path),
         params=sections_from_struct(
             dict(
                 data=data, model=model, train=train, prune=prune, evaluate=evaluate, promote=promote

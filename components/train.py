@@ -1,7 +1,7 @@
 """Component ``train``: the task network with its switcher (and the baseline)."""
 
 from kfp import dsl
-from kfp.dsl import Dataset, Input, Metrics, Model, Output
+from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 
 from components.image import IMAGE
 
@@ -13,6 +13,7 @@ def train(
     train: dict,
     prepared: Input[Dataset],
     trained: Output[Model],
+    history: Output[Artifact],
     metrics: Output[Metrics],
 ) -> None:
     """Train the switched task network and, with ``train.baseline``, the plain one.
@@ -23,14 +24,17 @@ def train(
         train: The ``train`` section of ``params.yaml``.
         prepared: Output of ``preprocess``.
         trained: Output: ``switched.pt`` and ``baseline.pt``.
+        history: Output: per-epoch records (``train_history.json``), for the model card.
         metrics: Output: validation accuracy, reached compression, time per epoch.
     """
     import tempfile
     from pathlib import Path
 
+    from switchprune.cli import configure_logging
     from switchprune.config import DataConfig, ModelConfig, TrainConfig, from_struct
     from switchprune.stages import train as stage
 
+    configure_logging()  # one INFO line per epoch in the task's log (no progress bar there)
     out = stage.run(
         from_struct(TrainConfig, train),
         model_cfg=from_struct(ModelConfig, model),
@@ -39,6 +43,8 @@ def train(
         trained_dir=Path(trained.path),
         checkpoint_dir=Path(tempfile.mkdtemp(prefix="switchprune-checkpoints-")),
         progress=False,
+        log_epochs=True,
+        history_path=Path(history.path),
     )
     for key, value in out.items():
         if isinstance(value, int | float) and not isinstance(value, bool):

@@ -148,6 +148,7 @@ def build_pipeline(
             prepared=prepared.outputs["prepared"],
             compact=compacted.outputs["compact"],
             report=evaluated.outputs["report"],
+            history=trained.outputs["history"],
         )
         registered.set_caching_options(False).set_retry(kube.retries)
         _s3(registered, kube)

@@ -23,6 +23,8 @@ from switchprune.io import write_json
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 SUBMIT_SCRIPT = Path("pipeline") / "submit.py"
+# Per-epoch training records (the DVC plots of dvc.yaml), written by train, read by register.
+HISTORY_FILE = "train_history.json"
 
 DEFAULTS = {
     "raw_dir": "data/raw",
@@ -54,6 +56,7 @@ def _train(args: argparse.Namespace) -> dict[str, float]:
         trained_dir=Path(args.trained_dir),
         checkpoint_dir=Path(args.checkpoint_dir),
         progress=not args.quiet,
+        history_path=Path(args.reports_dir) / HISTORY_FILE,
     )
 
 
@@ -87,6 +90,7 @@ def _register(args: argparse.Namespace) -> dict[str, Any]:
         prepared_dir=Path(args.prepared_dir),
         model_dir=Path(args.model_dir),
         evaluate_path=Path(args.reports_dir) / "evaluate.json",
+        history_path=Path(args.reports_dir) / HISTORY_FILE,
         params={name: to_dict(cfg) for name, cfg in p.items() if name not in ("register",)},
     )
 
@@ -103,7 +107,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], dict[str, Any]], str, l
     "train": (
         _train,
         "train the task net with its switcher (and the baseline)",
-        ["prepared_dir", "trained_dir", "checkpoint_dir"],
+        ["prepared_dir", "trained_dir", "checkpoint_dir", "reports_dir"],
     ),
     "prune": (_prune, "threshold the factors and compact the net", ["trained_dir", "model_dir"]),
     "evaluate": (

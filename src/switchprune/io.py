@@ -174,7 +174,7 @@ def load_torch(path: Path) -> dict[str, Any]:
     return obj
 
 
-def write_json(data: dict[str, Any], path: Path) -> None:
+def write_json(data: dict[str, Any] | list[Any], path: Path) -> None:
     """Write a JSON document atomically (sorted keys, trailing newline)."""
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
     atomic_write_bytes(path, lambda fh: fh.write(text.encode()))

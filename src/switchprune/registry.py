@@ -17,7 +17,9 @@ A registered version carries:
   :func:`download_model_version` fetches without unpickling anything;
 * the tags ``model_sha256`` (of ``model.pt``'s bytes), ``model_content_sha256`` (of its
   content: the version's identity) and whatever the caller adds (``data_md5``,
-  ``git_commit``).
+  ``git_commit``);
+* a description (the model card) when the caller gives one; the card's files and the
+  per-epoch training history (stepped metrics) belong to the run.
 
 Stages are not used (deprecated in MLflow); aliases are.
 """
@@ -713,6 +715,25 @@ def _log_model(
         model.train(was_training)
 
 
+# MLflow refuses more than 1000 metrics in one log_batch call.
+_MAX_METRICS_PER_BATCH = 1000
+
+
+def _history_metrics(history: Sequence[Mapping[str, float]]) -> list[tuple[str, float, int]]:
+    """``(epoch_<key>, value, epoch)`` for every finite number of every record."""
+    out = []
+    for record in history:
+        if "epoch" not in record:
+            raise RegistryInputError(f"history record without 'epoch': {sorted(record)}")
+        step = int(record["epoch"])
+        for key, value in record.items():
+            if key == "epoch" or isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            if math.isfinite(value):
+                out.append((f"epoch_{key}", float(value), step))
+    return out
+
+
 def _best_effort(fn: Any, *args: Any) -> bool:
     """Call ``fn(*args)``; whether it succeeded (failures are swallowed)."""
     try:
@@ -750,6 +771,9 @@ def log_and_register(
     input_example: numpy.ndarray,
     artifact_location: str | None = None,
     normalization: tuple[Sequence[float], Sequence[float]] | None = None,
+    artifacts: dict[str, Path] | None = None,
+    description: str | None = None,
+    history: Sequence[Mapping[str, float]] = (),
 ) -> dict[str, Any]:
     """Log one run, register its model as a new version of ``model_name`` and set ``alias``.
 
@@ -760,8 +784,11 @@ def log_and_register(
     :class:`~switchprune.serving.ServedModel` (raw images in, ``normalization`` applied inside)
     in pickle format, with the ``switchprune`` package as its code, pinned public requirements,
     a signature inferred from ``input_example`` and the model's output, and ``files`` as extra
-    files, so they travel with the version. The version is tagged
-    with ``model_sha256`` (of ``files["model.pt"]``) and ``tags``.
+    files, so they travel with the version. The version is tagged with ``model_sha256`` (of
+    ``files["model.pt"]``) and ``tags``, and gets ``description`` (the model card).
+    ``artifacts`` (the card and its pictures) are logged to the run only; every key of every
+    ``history`` record but ``epoch`` becomes the stepped metric ``epoch_<key>`` (step = the
+    record's ``epoch``).
 
     Idempotent: when a version of ``model_name`` already carries the same
     ``model_content_sha256`` (spec, kept indices and tensor values, whatever the file's bytes),
@@ -786,6 +813,9 @@ def log_and_register(
             default: the server's for HTTP, ``./mlruns`` otherwise.
         normalization: Per-channel ``(mean, std)`` of ``[0, 1]`` pixels that the served model
             applies to its raw input (default: none, i.e. mean 0 and std 1).
+        artifacts: More files for the run (not the model), by the name they get.
+        description: The registered version's description (Markdown).
+        history: Per-epoch records with an ``epoch`` field, logged as stepped metrics.
 
     Returns:
         ``run_id``, ``version`` (int), ``model_uri`` (``models:/NAME/VERSION``) and
@@ -801,11 +831,17 @@ def log_and_register(
         raise RegistryInputError(f"invalid experiment name {experiment!r}")
     if MODEL_FILE not in files:
         raise RegistryInputError(f"files must include {MODEL_FILE!r} (got {sorted(files)})")
-    for name, path in files.items():
+    artifacts = dict(artifacts or {})
+    if set(artifacts) & set(files):
+        raise RegistryInputError(
+            f"artifacts {sorted(set(artifacts) & set(files))} clash with files"
+        )
+    for name, path in {**files, **artifacts}.items():
         if "/" in name or name in ("", ".", ".."):
             raise RegistryInputError(f"file name {name!r} must be a plain file name")
         if not Path(path).is_file():
             raise RegistryInputError(f"file {name!r} not found at {path}")
+    stepped = _history_metrics(history)
     sha = file_digest(Path(files[MODEL_FILE]))
     try:
         content = model_digest(Path(files[MODEL_FILE]))
@@ -841,7 +877,7 @@ def log_and_register(
         try:
             with tempfile.TemporaryDirectory(prefix="switchprune-register-") as staging_dir:
                 staging = Path(staging_dir)
-                for name, path in files.items():
+                for name, path in {**files, **artifacts}.items():
                     shutil.copyfile(path, staging / name)
                 now = int(time.time() * 1000)
                 run_tags = {
@@ -859,6 +895,10 @@ def log_and_register(
                     params=[Param(k, _param_value(v)) for k, v in _flatten(params).items()],
                     tags=[RunTag(k, v) for k, v in run_tags.items()],
                 )
+                step = "logging the training history"
+                for start in range(0, len(stepped), _MAX_METRICS_PER_BATCH):
+                    chunk = stepped[start : start + _MAX_METRICS_PER_BATCH]
+                    client.log_batch(run_id, metrics=[Metric(k, v, now, n) for k, v, n in chunk])
                 step = "uploading files"
                 client.log_artifacts(run_id, str(staging))
                 step = "logging the model"
@@ -867,6 +907,9 @@ def log_and_register(
             step = f"registering model {model_name!r}"
             mv = mlflow.register_model(logged.model_uri, model_name, tags=run_tags)
             version = str(mv.version)
+            if description is not None:
+                step = f"setting the description of version {version}"
+                client.update_model_version(model_name, version, description=description)
             step = f"setting alias {alias!r} on version {version}"
             client.set_registered_model_alias(model_name, alias, version)
             result = {

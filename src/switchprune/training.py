@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import statistics
 import time
@@ -51,6 +52,8 @@ from switchprune.io import load_torch, save_torch
 from switchprune.models import ModelSpec, TaskNet, build_model
 from switchprune.models.switcher import SwitcherSpec, UnitScorer, kept_count
 from switchprune.scoring import build_scorer
+
+logger = logging.getLogger(__name__)
 
 
 class TrainingError(UserError):
@@ -246,6 +249,7 @@ def fit(
     progress: bool = True,
     on_epoch_end: Callable[[int], None] | None = None,
     data: DataConfig | None = None,
+    log_epochs: bool = False,
 ) -> FitResult:
     """Train a task network, with the scorer when ``switched``, resuming from a checkpoint.
 
@@ -263,6 +267,8 @@ def fit(
         on_epoch_end: Called with the finished epoch's index after its checkpoint is written.
         data: The ``data`` section: augmentation of training batches and ``DataLoader``
             workers when streaming (default: no augmentation, no workers).
+        log_epochs: Log one INFO line per epoch (logger ``switchprune.training``): the
+            progress report where no bar is shown (Kubeflow task logs).
 
     Returns:
         The trained networks, final factors, history and summary metrics.
@@ -289,7 +295,7 @@ def fit(
         total=cfg.epochs,
         desc="train" if switched else "baseline",
         disable=not progress,
-        leave=False,
+        leave=True,  # the last state (epochs, loss, accuracy) stays on screen
     )
     for epoch in bar:
         started = time.perf_counter()
@@ -307,6 +313,14 @@ def fit(
         run.state["history"].append(record)
         run.state["epoch"] = epoch + 1
         bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k != "epoch"})
+        if log_epochs:
+            logger.info(
+                "%s epoch %d/%d: %s",
+                "train" if switched else "baseline",
+                epoch + 1,
+                cfg.epochs,
+                " ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"),
+            )
         if checkpoint_path is not None and (
             (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs
         ):

@@ -192,3 +192,24 @@ def test_the_verbs_agree_everywhere() -> None:
         }
         tracked = dvc[verb]["params"] if verb in dvc else [section]
         assert {p.split(".")[0] for p in tracked} <= dict_inputs, verb
+
+
+def test_the_training_curves_are_a_train_output_that_register_reads() -> None:
+    """Top-level plots name the train stage's plots output; register depends on that file."""
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    stage_plots = {
+        verb: {next(iter(p)) if isinstance(p, dict) else p for p in stage.get("plots", [])}
+        for verb, stage in dvc["stages"].items()
+    }
+    assert {v for v, files in stage_plots.items() if files} == {"train"}
+    (history,) = stage_plots["train"]
+    plotted = {f for plot in dvc["plots"] for spec in plot.values() for f in spec["y"]}
+    assert plotted == {history}
+    assert {next(iter(plot)) for plot in dvc["plots"]} == {"loss", "val_accuracy", "params_ratio"}
+    assert all(spec["x"] == "epoch" for plot in dvc["plots"] for spec in plot.values())
+    # The Kubeflow pipeline hands the same file from train to register.
+    from components.register import register
+    from components.train import train
+
+    assert "history" in train.component_spec.outputs
+    assert "history" in register.component_spec.inputs

@@ -8,6 +8,8 @@ Sections are passed the way a KFP ``dict`` parameter delivers them (every number
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,6 +68,8 @@ class Chain:
         self.trained = artifact(Model, root / "trained")
         self.compact = artifact(Model, root / "compact")
         self.report = artifact(Artifact, root / "report" / "evaluate.json")
+        self.history = artifact(Artifact, root / "history" / "train_history.json")
+        self.train_log = ""
         self.registration = artifact(Artifact, root / "registration" / "register.json")
         self.promotion = artifact(Artifact, root / "promotion" / "promote.json")
         self.metrics = {
@@ -92,14 +96,18 @@ def chain(tmp_path_factory: pytest.TempPathFactory, dvc_remote: DvcRemote) -> It
             prepared=c.prepared,
             metrics=c.metrics["preprocess"],
         )
-        train.python_func(
-            data=s["data"],
-            model=s["model"],
-            train=s["train"],
-            prepared=c.prepared,
-            trained=c.trained,
-            metrics=c.metrics["train"],
-        )
+        log = io.StringIO()
+        with contextlib.redirect_stderr(log):  # the component's log handler writes to stderr
+            train.python_func(
+                data=s["data"],
+                model=s["model"],
+                train=s["train"],
+                prepared=c.prepared,
+                trained=c.trained,
+                history=c.history,
+                metrics=c.metrics["train"],
+            )
+        c.train_log = log.getvalue()
         prune.python_func(
             prune=s["prune"], trained=c.trained, compact=c.compact, metrics=c.metrics["prune"]
         )
@@ -120,6 +128,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory, dvc_remote: DvcRemote) -> It
             prepared=c.prepared,
             compact=c.compact,
             report=c.report,
+            history=c.history,
             registration=c.registration,
             metrics=c.metrics["register"],
         )
@@ -174,6 +183,20 @@ def test_train_and_prune_write_models_and_log_their_numbers(chain: Chain) -> Non
     assert pruned["params_ratio"] == pytest.approx(pruned["params_after"] / pruned["params_before"])
 
 
+def test_train_logs_one_line_per_epoch_and_writes_the_history(chain: Chain) -> None:
+    epochs = 4  # tiny_params
+    for run in ("train", "baseline"):
+        lines = [ln for ln in chain.train_log.splitlines() if f" {run} epoch " in ln]
+        assert [ln.split(" epoch ")[1].split(":")[0] for ln in lines] == [
+            f"{e}/{epochs}" for e in range(1, epochs + 1)
+        ], chain.train_log
+        assert all(ln.startswith("INFO switchprune.training:") for ln in lines)
+    history = json.loads(Path(chain.history.path).read_text())
+    assert [r["epoch"] for r in history] == list(range(1, epochs + 1))
+    assert history[-1]["val_accuracy"] == chain.metrics["train"].metadata["val_accuracy"]
+    assert "baseline_loss" in history[0]
+
+
 def test_evaluate_writes_the_whole_report_and_logs_only_its_numbers(chain: Chain) -> None:
     report = json.loads(Path(chain.report.path).read_text())
     assert report["data_md5"] == read_json(Path(chain.prepared.path) / "meta.json")["source_md5"]
@@ -205,6 +228,12 @@ def test_register_logs_the_sections_and_the_given_commit(chain: Chain) -> None:
     }
     assert {k: v for k, v in logged.items() if k in expected} == expected
     assert logged["train.epochs"] == "4" and logged["model.hidden"] == "[32, 16]"
+    # The model card is the version's description; the curves are stepped metrics.
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    card = client.get_model_version(MODEL_NAME, "1").description
+    assert card.startswith(f"# {MODEL_NAME}") and report["data_md5"] in card
+    steps = client.get_metric_history(info["run_id"], "epoch_loss")
+    assert sorted(m.step for m in steps) == [1, 2, 3, 4]
 
 
 def test_promote_copies_to_s3_and_moves_champion(chain: Chain, dvc_remote: DvcRemote) -> None:

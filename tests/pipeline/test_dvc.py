@@ -64,6 +64,13 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return dst
 
 
+def _stdout(args: list[str], cwd: Path) -> str:
+    """A command's stdout alone (DVC may warn on stderr)."""
+    proc = subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
 def _stages_run(output: str) -> set[str]:
     return {
         s for s in ("preprocess", "train", "prune", "evaluate") if f"Running stage '{s}'" in output
@@ -186,3 +193,34 @@ def test_image_folder_runs_through_evaluate_streamed(project: Path) -> None:
         assert "preprocess" in _stages_run(again), again
     finally:
         (project / "params.yaml").write_text(text)
+
+
+def test_training_curves_are_dvc_plots(project: Path) -> None:
+    _run([str(BIN / "dvc"), "repro", "evaluate"], project)
+    history = json.loads((project / "reports" / "train_history.json").read_text())
+    epochs = yaml.safe_load((project / "params.yaml").read_text())["train"]["epochs"]
+    assert [r["epoch"] for r in history] == list(range(1, epochs + 1))
+    assert {"loss", "val_accuracy", "params_ratio", "baseline_loss"} <= set(history[0])
+    stage = yaml.safe_load((project / "dvc.lock").read_text())["stages"]["train"]
+    assert "reports/train_history.json" in {o["path"] for o in stage["outs"]}
+
+    shown = json.loads(_stdout([str(BIN / "dvc"), "plots", "show", "--json"], project))["data"]
+    for key in ("loss", "val_accuracy", "params_ratio"):
+        (plot,) = shown[key]
+        assert plot["type"] == "vega" and plot["revisions"] == ["workspace"]
+        spec = plot["content"]
+        assert spec["encoding"]["x"]["field"] == "epoch"
+        assert f'"field": "{key}"' in json.dumps(spec)  # the y axis (inside Vega-Lite layers)
+        points = [(v["epoch"], v[key]) for v in spec["data"]["values"]]
+        assert points == [(r["epoch"], r[key]) for r in history]
+    # The history is committed like the other reports: diff the workspace against HEAD.
+    _run(["git", "add", "-f", "reports/train_history.json", "dvc.lock"], project)
+    _run(["git", "commit", "-qm", "curves"], project)
+    diff = json.loads(_stdout([str(BIN / "dvc"), "plots", "diff", "HEAD", "--json"], project))
+    assert not diff.get("errors"), diff["errors"]
+    for key in ("loss", "val_accuracy", "params_ratio"):
+        (plot,) = diff["data"][key]
+        assert sorted(plot["revisions"]) == ["HEAD", "workspace"]
+        values = plot["content"]["data"]["values"]
+        assert sorted({v["rev"] for v in values}) == ["HEAD", "workspace"]
+        assert len(values) == 2 * len(history)

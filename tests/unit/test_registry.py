@@ -476,3 +476,85 @@ def test_check_reachable_sends_credentials_held_in_the_uri() -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+HISTORY = [
+    {"epoch": 1, "loss": 2.0, "val_accuracy": 0.5, "params_ratio": 1.0},
+    {"epoch": 2, "loss": 1.0, "val_accuracy": 0.8, "params_ratio": 0.6, "baseline_loss": 1.5},
+]
+
+
+def card_files(folder: Path) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model_card.md").write_text("# tiny\n\ncard text\n")
+    (folder / "widths.png").write_bytes(b"\x89PNG fake picture")
+    return {name: folder / name for name in ("model_card.md", "widths.png")}
+
+
+def test_card_history_and_artifacts_reach_the_run_and_the_version(
+    store: Store, tmp_path: Path
+) -> None:
+    model = tiny_model(11)
+    result = store.register(
+        model,
+        model_files(tmp_path / "f", model),
+        model_name="carded",
+        artifacts=card_files(tmp_path / "c"),
+        description="# tiny\n\ncard text\n",
+        history=HISTORY,
+    )
+    client = store.client()
+    assert client.get_model_version("carded", str(result["version"])).description == (
+        "# tiny\n\ncard text\n"
+    )
+    run_files = {a.path for a in client.list_artifacts(result["run_id"])}
+    assert {"model_card.md", "widths.png", "model.pt"} <= run_files
+    # The card is the run's, not the model's: pull fetches only the model's files.
+    extra = {p.name for p in store.artifacts.rglob("extra_files/*")}
+    assert "model.pt" in extra and not {"model_card.md", "widths.png"} & extra
+    loss = client.get_metric_history(result["run_id"], "epoch_loss")
+    assert sorted((m.step, m.value) for m in loss) == [(1, 2.0), (2, 1.0)]
+    base = client.get_metric_history(result["run_id"], "epoch_baseline_loss")
+    assert [(m.step, m.value) for m in base] == [(2, 1.5)]
+
+
+def test_a_long_history_is_logged_in_several_batches(store: Store, tmp_path: Path) -> None:
+    history = [{"epoch": e, "loss": 1.0 / e, "val_accuracy": 0.5} for e in range(1, 601)]
+    model = tiny_model(12)
+    result = store.register(
+        model, model_files(tmp_path, model), model_name="longhistory", history=history
+    )
+    client = store.client()
+    assert len(client.get_metric_history(result["run_id"], "epoch_loss")) == 600
+    assert len(client.get_metric_history(result["run_id"], "epoch_val_accuracy")) == 600
+
+
+def test_description_failure_removes_the_new_version(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(self: MlflowClient, *args: Any, **kwargs: Any) -> None:
+        raise ConnectionError("description lost")
+
+    monkeypatch.setattr(MlflowClient, "update_model_version", broken)
+    model = tiny_model(13)
+    with pytest.raises(RegistryError, match="while setting the description of version 1"):
+        store.register(
+            model,
+            model_files(tmp_path, model),
+            model_name="nodesc",
+            experiment="nd",
+            description="# card",
+        )
+    client = store.client()
+    assert client.search_model_versions("name='nodesc'") == []
+    runs = client.search_runs([client.get_experiment_by_name("nd").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def test_artifacts_named_like_model_files_are_refused(store: Store, tmp_path: Path) -> None:
+    model = tiny_model(14)
+    files = model_files(tmp_path, model)
+    with pytest.raises(RegistryError, match="clash"):
+        store.register(
+            model, files, model_name="clash", artifacts={"meta.json": files["meta.json"]}
+        )

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
+from switchprune.card import CARD_FILE, write_card
 from switchprune.config import RegisterConfig
 from switchprune.data import META_FILE, load_meta, open_split, raw_images
 from switchprune.io import COMPACT_FILE, ArtifactError, read_json
@@ -24,10 +26,13 @@ def run(
     params: dict[str, Any],
     tracking_uri: str | None = None,
     git_commit: str | None = None,
+    history_path: Path | None = None,
 ) -> dict[str, Any]:
     """Log params, metrics, kept widths, data hash and commit; register the model; set the alias.
 
     Registering the same model file again reuses its version (and only re-sets the alias).
+    A new version gets the model card (see :mod:`switchprune.card`) as its description, and
+    the run gets the card, its pictures and the per-epoch training history (stepped metrics).
 
     Args:
         cfg: The ``register`` section.
@@ -39,6 +44,8 @@ def run(
             SQLite store).
         git_commit: The commit the code came from, when the caller knows it (a Kubeflow run
             has no git checkout); by default it is asked of ``git`` in the working directory.
+        history_path: The per-epoch training records written by ``train``
+            (``train_history.json``); ``None``: no curves.
 
     Returns:
         ``model_name``, ``version``, ``run_id``, ``model_uri``, ``alias``, ``changed``,
@@ -70,20 +77,35 @@ def run(
     example = raw_images(
         prepared_dir, "test", range(min(4, len(open_split(prepared_dir, "test"))))
     ).numpy()
-    result = registry.log_and_register(
-        tracking_uri=uri,
-        experiment=cfg.experiment,
-        model_name=cfg.model_name,
-        alias=cfg.alias,
-        model=model,
-        files=files,
-        params={**params, "widths": {g: w["kept"] for g, w in widths.items()}},
-        metrics=metrics,
-        tags=tags,
-        input_example=example,
-        artifact_location=None if uri.startswith("http") else registry.DEFAULT_ARTIFACT_ROOT,
-        normalization=(meta.mean, meta.std),
-    )
+    history = _read_history(Path(history_path)) if history_path is not None else []
+    with tempfile.TemporaryDirectory(prefix="switchprune-card-") as card_dir:
+        card = write_card(
+            Path(card_dir),
+            model_name=cfg.model_name,
+            spec=model.spec.to_dict(),
+            widths=widths,
+            report=report,
+            meta=read_json(Path(prepared_dir) / META_FILE),
+            params=params,
+            history=history,
+        )
+        result = registry.log_and_register(
+            tracking_uri=uri,
+            experiment=cfg.experiment,
+            model_name=cfg.model_name,
+            alias=cfg.alias,
+            model=model,
+            files=files,
+            params={**params, "widths": {g: w["kept"] for g, w in widths.items()}},
+            metrics=metrics,
+            tags=tags,
+            input_example=example,
+            artifact_location=None if uri.startswith("http") else registry.DEFAULT_ARTIFACT_ROOT,
+            normalization=(meta.mean, meta.std),
+            artifacts=card,
+            description=card[CARD_FILE].read_text(encoding="utf-8"),
+            history=history,
+        )
     return {
         "model_name": cfg.model_name,
         "alias": cfg.alias,
@@ -91,6 +113,16 @@ def run(
         "tracking_uri": _redact(uri),
         **result,
     }
+
+
+def _read_history(path: Path) -> list[dict[str, float]]:
+    """The records of ``train_history.json``, refused when it is not a list of epoch records."""
+    records = read_json(path)
+    if not isinstance(records, list) or not all(
+        isinstance(r, dict) and "epoch" in r for r in records
+    ):
+        raise ArtifactError(f"{path}: not a list of per-epoch records with an 'epoch' field")
+    return records
 
 
 def _git_state() -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -9,12 +10,13 @@ import torch
 
 from switchprune.config import DataConfig, ModelConfig, TrainConfig, to_dict
 from switchprune.data import load_meta, load_split, open_split, use_streaming
-from switchprune.io import ArtifactError, load_model_file, save_model
+from switchprune.io import ArtifactError, load_model_file, save_model, write_json
 from switchprune.models import TaskNet, spec_from_config
 from switchprune.training import fit, resolve_device
 
 SWITCHED_FILE = "switched.pt"
 BASELINE_FILE = "baseline.pt"
+HISTORY_FILE = "train_history.json"
 
 
 def run(
@@ -26,6 +28,8 @@ def run(
     checkpoint_dir: Path | None = None,
     progress: bool = True,
     data_cfg: DataConfig | None = None,
+    history_path: Path | None = None,
+    log_epochs: bool = False,
 ) -> dict[str, float]:
     """Train the switched task network (and the baseline when ``cfg.baseline``).
 
@@ -40,6 +44,9 @@ def run(
         progress: Show progress bars.
         data_cfg: The ``data`` section: in memory or streamed (``loader``), ``DataLoader``
             workers and augmentation of the training batches (default: in memory, none).
+        history_path: Where the per-epoch records go (JSON list, see :func:`history_records`);
+            ``None``: not written.
+        log_epochs: Log one INFO line per epoch (where no progress bar is seen).
 
     Returns:
         Validation accuracy, reached compression and time per epoch of both runs.
@@ -62,6 +69,7 @@ def run(
         device=device,
         progress=progress,
         data=data_cfg,
+        log_epochs=log_epochs,
     )
     assert result.switcher is not None and result.factors is not None
     metrics = {k: float(v) for k, v in result.metrics.items()}
@@ -84,8 +92,10 @@ def run(
             device=device,
             progress=progress,
             data=data_cfg,
+            log_epochs=log_epochs,
         )
         save_model(base.model, trained_dir / BASELINE_FILE, train=to_dict(cfg))
+        baseline_history = base.history
         if "val_accuracy" in base.metrics:
             metrics["baseline_val_accuracy"] = float(base.metrics["val_accuracy"])
         metrics["baseline_epoch_seconds"] = float(base.metrics["epoch_seconds"])
@@ -96,7 +106,34 @@ def run(
     else:
         # A stale baseline from other settings must not be evaluated as this run's.
         (trained_dir / BASELINE_FILE).unlink(missing_ok=True)
+        baseline_history = []
+    if history_path is not None:
+        write_json(history_records(result.history, baseline_history), Path(history_path))
     return metrics
+
+
+def history_records(
+    switched: Sequence[Mapping[str, float]], baseline: Sequence[Mapping[str, float]] = ()
+) -> list[dict[str, float]]:
+    """One record per epoch, numbered from 1, the baseline's values prefixed ``baseline_``.
+
+    A flat list of records with an ``epoch`` field is what ``dvc plots`` reads directly.
+
+    Args:
+        switched: ``FitResult.history`` of the switched run (``epoch`` counted from 0).
+        baseline: ``FitResult.history`` of the baseline run (may be empty).
+
+    Returns:
+        ``[{"epoch": 1, "loss": ..., "val_accuracy": ..., "params_ratio": ...,
+        "baseline_loss": ..., ...}, ...]``.
+    """
+    by_epoch: dict[int, dict[str, float]] = {}
+    for prefix, history in (("", switched), ("baseline_", baseline)):
+        for record in history:
+            epoch = int(record["epoch"]) + 1
+            row = by_epoch.setdefault(epoch, {"epoch": epoch})
+            row.update({f"{prefix}{k}": float(v) for k, v in record.items() if k != "epoch"})
+    return [by_epoch[e] for e in sorted(by_epoch)]
 
 
 def load_switched(trained_dir: Path) -> tuple[TaskNet, dict[str, torch.Tensor], dict[str, Any]]:
@@ -128,4 +165,12 @@ def load_baseline(trained_dir: Path) -> TaskNet | None:
     return load_model_file(path)[0]
 
 
-__all__ = ["BASELINE_FILE", "SWITCHED_FILE", "load_baseline", "load_switched", "run"]
+__all__ = [
+    "BASELINE_FILE",
+    "HISTORY_FILE",
+    "SWITCHED_FILE",
+    "history_records",
+    "load_baseline",
+    "load_switched",
+    "run",
+]
