@@ -135,12 +135,14 @@ def test_retraining_to_the_same_weights_keeps_the_promoted_version(
 def test_champion_loads_in_a_fresh_process(project: Path, first_run: str) -> None:
     code = f"""
 import json, mlflow, switchprune
-from switchprune.data import load_split
+from switchprune.data import load_split, raw_images
 x, y = load_split("data/prepared", "test").tensors
 model = switchprune.load_model("models:/{MODEL}@champion")
 acc = float((model(x).argmax(1) == y).float().mean())
+# The MLflow flavour is the served model: raw uint8 images in, normalised inside.
 flavour = mlflow.pytorch.load_model("models:/{MODEL}@champion")
-same = float((flavour(x).argmax(1) == y).float().mean())
+raw = raw_images("data/prepared", "test", range(len(y)))
+same = float((flavour(raw).argmax(1) == y).float().mean())
 s3 = switchprune.load_model("s3://switchprune-models/{MODEL}")
 from_s3 = float((s3(x).argmax(1) == y).float().mean())
 print(json.dumps({{"acc": acc, "flavour": same, "s3": from_s3}}))
@@ -372,3 +374,21 @@ def test_image_folder_with_resnet18_runs_every_stage(
     )
     loaded = _run([sys.executable, "-c", script, str(dst / "models" / "compact" / "model.pt")], dst)
     assert loaded.strip().splitlines()[-1] == "10"
+
+
+def test_an_experiment_registers_and_promotes_nothing(project: Path, first_run: str) -> None:
+    """``dvc exp run -S …`` trains, prunes and evaluates; registry versions and S3 stay put."""
+    import mlflow
+
+    manifest = project / ".s3/data/switchprune-models" / MODEL / "current.json"
+    before = (manifest.read_bytes(), manifest.stat().st_mtime_ns)
+    db = f"sqlite:///{project / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=db, registry_uri=db)
+    versions = sorted(v.version for v in client.search_model_versions(f"name='{MODEL}'"))
+    out = _run([str(BIN / "dvc"), "exp", "run", "-S", "train.target_ratio=0.3"], project)
+    assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out, out
+    assert "register" not in out and "promote" not in out, out
+    shown = _run([str(BIN / "dvc"), "exp", "show", "--json"], project)
+    assert "target_ratio" in shown
+    assert sorted(v.version for v in client.search_model_versions(f"name='{MODEL}'")) == versions
+    assert (manifest.read_bytes(), manifest.stat().st_mtime_ns) == before

@@ -145,8 +145,8 @@ def test_load_model_in_a_fresh_process(stack: Stack, registered: dict[str, Any])
         f"m = mlflow.pytorch.load_model('models:/{NAME}@candidate')\n"
         "x = np.linspace(-1.0, 1.0, 128, dtype=np.float32).reshape(2, 1, 8, 8)\n"
         "with torch.no_grad():\n"
-        "    y = m(torch.from_numpy(x)).tolist()\n"
-        "print(json.dumps({'cls': type(m).__name__, 'y': y}))\n"
+        "    y = m.net(torch.from_numpy(x)).tolist()\n"
+        "print(json.dumps({'cls': type(m).__name__, 'net': type(m.net).__name__, 'y': y}))\n"
     )
     # No S3 endpoint or credentials: the artifacts come through the MLflow server.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
@@ -162,7 +162,7 @@ def test_load_model_in_a_fresh_process(stack: Stack, registered: dict[str, Any])
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["cls"] == "MLP"
+    assert out["cls"] == "ServedModel" and out["net"] == "MLP"  # raw images in, the net inside
     assert out["y"] == expected
 
 

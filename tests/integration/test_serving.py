@@ -55,8 +55,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> dict:
     shadow = root / "shadow" / "switchprune"
     shadow.mkdir(parents=True)
     (shadow / "__init__.py").write_text("raise ImportError('not the shipped package')\n")
+    # Only this store: no tracking, registry or S3 settings another test left in the process.
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))},
         "MLFLOW_TRACKING_URI": uri,
         "PYTHONPATH": str(shadow.parent),
         "MLFLOW_DISABLE_TELEMETRY": "true",
