@@ -15,6 +15,7 @@ through a grouped (not depthwise) convolution, whose channel blocks must shrink 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -270,13 +271,28 @@ def remove_units(model: GraphNet, kept: dict[str, list[int]]) -> None:
     was_training = model.training
     model.eval()
     model.set_factors(None)
-    with torch.enable_grad():
+    cut_units(model, kept)
+    model.train(was_training)
+    # The groups keep their structure (re-tracing could split a depthwise conv cut to one
+    # channel from its group): only sizes and the readers' spans change.
+    model.groups = _shrunk(model.groups, {k: sorted(v) for k, v in kept.items()})
+    model.__dict__.pop("_gates", None)
+
+
+def cut_units(model: TaskNet, kept: Mapping[str, Iterable[int]]) -> None:
+    """Remove, in place, every unit not in ``kept`` from every layer that touches it.
+
+    Torch-Pruning's ``DependencyGraph`` does the surgery: each group's first writer is pruned,
+    and the graph carries the removal through norms, additions, concatenations and flattening
+    to every coupled layer. The groups themselves are left for the caller to update.
+    """
+    with torch.enable_grad():  # the graph is traced through autograd
         graph = tp.DependencyGraph().build_dependency(
             model, example_inputs=torch.zeros(1, *model.spec.in_shape, device=_device(model))
         )
     modules = dict(model.named_modules())
     for g in model.groups:
-        keep = set(kept[g.name])
+        keep = {int(i) for i in kept[g.name]}
         removed = [i for i in range(g.size) if i not in keep]
         if not removed:
             continue
@@ -287,11 +303,6 @@ def remove_units(model: GraphNet, kept: dict[str, list[int]]) -> None:
             else tp.prune_linear_out_channels
         )
         graph.get_pruning_group(writer, fn, idxs=removed).prune()
-    model.train(was_training)
-    # The groups keep their structure (re-tracing could split a depthwise conv cut to one
-    # channel from its group): only sizes and the readers' spans change.
-    model.groups = _shrunk(model.groups, {k: sorted(v) for k, v in kept.items()})
-    model.__dict__.pop("_gates", None)
 
 
 def _shrunk(groups: list[GateGroup], kept: dict[str, list[int]]) -> list[GateGroup]:

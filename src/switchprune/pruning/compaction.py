@@ -11,10 +11,10 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
 from switchprune.models import ModelSpec, TaskNet, build_model, is_graph_arch
+from switchprune.models.graph import cut_units
 
 
 def masked_factors(
@@ -82,22 +82,7 @@ def compact(
         for gate, s in attached:
             gate.factors = s
     fold_factors(work, masked_factors({k: v.cpu() for k, v in factors.items()}, kept))
-    modules = dict(work.named_modules())
-    example = torch.zeros(1, *work.spec.in_shape)
-    with torch.enable_grad():  # the graph is traced through autograd
-        graph = tp.DependencyGraph().build_dependency(work, example_inputs=example)
-    for g in work.groups:
-        keep = set(kept[g.name].tolist())
-        removed = [i for i in range(g.size) if i not in keep]
-        if not removed:
-            continue
-        writer = modules[g.writers[0]]
-        fn = (
-            tp.prune_conv_out_channels
-            if isinstance(writer, nn.Conv2d)
-            else tp.prune_linear_out_channels
-        )
-        graph.get_pruning_group(writer, fn, idxs=removed).prune()
+    cut_units(work, kept)
     widths = {g: int(idx.numel()) for g, idx in kept.items()}
     if is_graph_arch(work.spec.arch):
         # Rebuilt full width and cut to these units: kept indices count from the full network,
