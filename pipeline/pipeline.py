@@ -1,4 +1,6 @@
-"""The Kubeflow pipeline: the six stages of ``dvc.yaml``, wired. No logic lives here.
+"""The Kubeflow pipeline: the stages of ``dvc.yaml`` and the two release steps, wired.
+
+No logic lives here.
 
 The ``kubeflow`` section of ``params.yaml`` shapes the compiled YAML (resources, GPU placement,
 secrets, retries). Every other section becomes a ``dict`` pipeline parameter whose default is
