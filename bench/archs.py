@@ -37,11 +37,12 @@ MNIST = ROOT.parent / "shared" / "data" / "mnist-t10k"
 
 
 def run_arch(
-    arch: str, data: dict[str, Any], epochs: int, seed: int, ratio: float
+    arch: str, data: dict[str, Any], epochs: int, seed: int, ratio: float, width: float = 1.0
 ) -> dict[str, Any]:
     """One architecture and seed: unpruned and pruned, trained alike, measured alike."""
     meta = data["meta"]
-    spec = spec_from_config(ModelConfig(arch=arch), meta.in_shape, meta.num_classes)
+    model_cfg = ModelConfig(arch=arch, width_multiplier=width)
+    spec = spec_from_config(model_cfg, meta.in_shape, meta.num_classes)
     cfg = TrainConfig(
         device="cpu",
         baseline=False,
@@ -65,6 +66,7 @@ def run_arch(
     speedup = latency["unpruned"]["latency_ms_b256"] / latency["pruned"]["latency_ms_b256"]
     return {
         "arch": arch,
+        "width_multiplier": width,
         "seed": seed,
         "epochs": epochs,
         "tnn_lr": recipe_lr(cfg.tnn_lr, arch),
@@ -111,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--ratio", type=float, default=0.3)
     parser.add_argument("--limit", type=int, default=None, help="samples (quick runs)")
+    parser.add_argument("--width", type=float, default=1.0, help="width multiplier (quick runs)")
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "bench")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as work:
@@ -118,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for arch in args.archs:
         for seed in args.seeds:
-            rows.append(run_arch(arch, data, args.epochs, seed, args.ratio))
+            rows.append(run_arch(arch, data, args.epochs, seed, args.ratio, args.width))
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "latency_ms"}), flush=True)
     meta = {
         "n_train": len(data["train"]),

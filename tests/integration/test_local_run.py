@@ -323,59 +323,6 @@ def test_make_run_with_a_bad_params_file_is_one_line_and_starts_nothing(
     assert len(lines) == 1 and needle in lines[0] and "params.yaml" in lines[0]
 
 
-def test_image_folder_with_resnet18_runs_every_stage(
-    tmp_path_factory: pytest.TempPathFactory, project_files: list[str]
-) -> None:
-    """A folder of PNG digits and torchvision's ResNet-18 (small-image stem), one epoch, through
-    register and promote; the champion loads in a fresh process with its spec's options."""
-    from folder_support import write_digits_folder
-
-    dst = tmp_path_factory.mktemp("folder-repo")
-    for rel in project_files:
-        if (
-            rel.startswith(("reports/", "tests/"))
-            or rel == "dvc.lock"
-            or not (ROOT / rel).is_file()
-        ):
-            continue
-        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, dst / rel)
-    # Mixed sizes: resized to 12 px by preprocess.
-    write_digits_folder(dst / "data" / "folder", per_class=20, sizes=((8, 8), (16, 16)))
-    params = yaml.safe_load((dst / "params.yaml").read_text())
-    params["data"].update(dataset="folder", folder_dir="data/folder", image_size=12)
-    params["model"].update(arch="resnet18", small_input=True)
-    params["train"].update(epochs=1, batch_size=32, target_ratio=0.5, target_metric="macs")
-    params["evaluate"].update(latency_warmup=1, latency_repeats=2)
-    params["register"]["model_name"] = "switchprune-test-resnet18"
-    params["promote"].update(min_accuracy=0.0, max_accuracy_drop=1.0, max_params_ratio=0.9)
-    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _run(["git", "init", "-q"], dst)
-    _run(["git", "add", "-A"], dst)
-    _run(["git", "commit", "-qm", "init"], dst)
-    out = _run([sys.executable, "pipeline/local.py"], dst)
-    for stage in ("preprocess", "train", "prune", "evaluate"):
-        assert f"Running stage '{stage}'" in out, out
-    assert "switchprune register" in out and "switchprune promote" in out, out
-    promote = json.loads((dst / "reports" / "promote.json").read_text())
-    assert promote["promoted"] is True, promote
-    report = json.loads((dst / "reports" / "evaluate.json").read_text())
-    assert report["max_abs_logit_diff_f64"] <= 1e-6
-    assert report["macs_ratio"] <= 0.5 + 1e-9
-    meta = json.loads((dst / "data" / "prepared" / "meta.json").read_text())
-    assert meta["in_shape"] == [1, 12, 12]
-    script = (
-        "import sys, torch\n"
-        "from switchprune.io import load_model_file\n"
-        "m, _ = load_model_file(sys.argv[1])\n"
-        "assert m.spec.arch == 'resnet18' and m.spec.options['small_input'] is True\n"
-        "assert m.net.conv1.kernel_size == (3, 3)\n"
-        "print(m(torch.zeros(2, 1, 12, 12)).shape[1])\n"
-    )
-    loaded = _run([sys.executable, "-c", script, str(dst / "models" / "compact" / "model.pt")], dst)
-    assert loaded.strip().splitlines()[-1] == "10"
-
-
 def test_an_experiment_registers_and_promotes_nothing(project: Path, first_run: str) -> None:
     """``dvc exp run -S …`` trains, prunes and evaluates; registry versions and S3 stay put."""
     import mlflow

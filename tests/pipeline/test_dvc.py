@@ -155,10 +155,12 @@ def test_changed_idx_labels_rerun_preprocess(project: Path, tmp_path: Path) -> N
         (project / "params.yaml").write_text(text)
 
 
-def test_image_folder_runs_through_evaluate_streamed(project: Path) -> None:
-    """An image folder is the preprocess stage's data; training and evaluation stream it."""
+def test_image_folder_with_resnet18_streamed_then_released(project: Path) -> None:
+    """An image folder is the preprocess stage's data; torchvision's ResNet-18 (small-image
+    stem) trains and evaluates on it streamed, then the model is registered and promoted."""
     from folder_support import write_digits_folder
     from switchprune.data import dvc_md5
+    from switchprune.servers import S3Server
 
     folder = write_digits_folder(
         project / "data" / "folder", per_class=15, splits=("train", "test")
@@ -169,11 +171,12 @@ def test_image_folder_runs_through_evaluate_streamed(project: Path) -> None:
         dataset="folder",
         folder_dir="data/folder",
         loader="stream",
-        num_workers=1,
         augment="standard",
     )
-    params["model"]["arch"] = "lenet5"
-    params["train"].update(epochs=1, batch_size=64)
+    params["model"].update(arch="resnet18", small_input=True)
+    params["train"].update(epochs=1, batch_size=32, target_metric="macs", target_ratio=0.5)
+    params["register"]["model_name"] = "switchprune-test-resnet18"
+    params["promote"].update(min_accuracy=0.0, max_accuracy_drop=1.0, max_params_ratio=0.9)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     try:
         out = _run([str(BIN / "dvc"), "repro", "evaluate"], project)
@@ -185,12 +188,38 @@ def test_image_folder_runs_through_evaluate_streamed(project: Path) -> None:
         assert report["data_md5"] == dvc_md5(folder)
         assert report["n_test"] == 30
         assert report["max_abs_logit_diff_f64"] <= 1e-6
+        assert report["macs_ratio"] <= 0.5 + 1e-9
 
-        # One changed image is a new data version: everything reruns from preprocess.
+        # The release steps on that result: a real S3 server and a SQLite registry.
+        (project / ".s3" / "switchprune-models").mkdir(parents=True, exist_ok=True)
+        with S3Server(project / ".s3", log_path=project / "s3.log") as s3:
+            env = {
+                **_env(),
+                **s3.environment,
+                "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
+            }
+            for verb in ("register", "promote"):
+                done = subprocess.run(
+                    [str(BIN / "switchprune"), verb],
+                    cwd=project,
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=300,
+                )
+                assert done.returncode == 0, done.stderr[-3000:]
+        promote = json.loads((project / "reports" / "promote.json").read_text())
+        assert promote["promoted"] is True, promote
+        bucket = project / ".s3" / "switchprune-models" / "switchprune-test-resnet18"
+        manifest = json.loads((bucket / "current.json").read_text())
+        assert {"model.pt", "model.onnx"} <= {f["name"] for f in manifest["files"]}
+
+        # One changed image is a new data version: preprocess (and all after it) is out of date.
         first = next((folder / "train" / "one").iterdir())
         first.write_bytes(next((folder / "train" / "two").iterdir()).read_bytes())
-        again = _run([str(BIN / "dvc"), "repro", "evaluate"], project)
-        assert "preprocess" in _stages_run(again), again
+        status = json.loads(_stdout([str(BIN / "dvc"), "status", "--json"], project))
+        changed = [e for e in status.get("preprocess", []) if isinstance(e, dict)]
+        assert any("data/folder" in e.get("changed deps", {}) for e in changed), status
     finally:
         (project / "params.yaml").write_text(text)
 
