@@ -2,7 +2,8 @@
 
 Validates ``params.yaml`` (every section, the way each stage does), reads the raw data's DVC
 identity (the default remote's ``url`` in ``.dvc/config`` and the hash in
-``data/raw/<dataset>.dvc``) and the current git commit, and writes the pipeline and platform
+``data/raw/<dataset>.dvc``, when you track the data with DVC; the bundled digits need none) and
+the current git commit, and writes the pipeline and platform
 specs (two YAML documents) with ``kfp.compiler.Compiler``.
 """
 
@@ -24,7 +25,7 @@ from kfp import compiler  # noqa: E402
 
 from pipeline.pipeline import build_pipeline  # noqa: E402
 from switchprune.config import ConfigError, DataConfig, load_params  # noqa: E402
-from switchprune.data import source_dir  # noqa: E402
+from switchprune.data import BUNDLED, source_dir  # noqa: E402
 
 
 def dvc_remote_url(root: Path = ROOT) -> str:
@@ -99,7 +100,7 @@ def compile_pipeline(params_path: Path, out_path: Path, root: Path = ROOT) -> Pa
     """
     params = load_params(params_path)
     dvc_file, md5 = data_version(params["data"], root)
-    if not md5:
+    if not md5 and params["data"].dataset not in BUNDLED:
         print(
             f"compile: warning: {dvc_file} not found: the preprocess task will prepare "
             f"{params['data'].dataset!r} from its source, not from a DVC-versioned copy",

@@ -4,11 +4,11 @@
    the server; when unset, a real S3 server (``rclone serve s3``) is started on 127.0.0.1 on a
    free port, backed by ``.s3/`` so objects persist, and stopped at the end. DVC, MLflow and
    boto3 all take the endpoint from that one setting.
-2. Data: the raw data tracked by ``data/raw/digits.dvc`` is pulled from the DVC remote when
-   absent (or recreated byte-identically from scikit-learn when the remote does not have it),
-   checked against its recorded hash, and pushed.
-3. ``dvc repro`` runs the experiment stages (preprocess, train, prune, evaluate); ``dvc push``
-   uploads the cached outputs.
+2. Data: nothing to fetch for the default dataset. ``preprocess`` exports scikit-learn's bundled
+   digits byte-identically (their hash is in ``meta.json`` and every model); data you track
+   yourself (``dvc add data/raw/<name>``) is a DVC data source like any other.
+3. ``dvc repro`` runs the experiment stages (preprocess, train, prune, evaluate), as it does on
+   its own in a fresh clone; ``dvc push`` uploads the cached outputs.
 4. Release: ``switchprune register`` then ``switchprune promote`` on the outputs. They are not
    DVC stages, so ``dvc exp run`` never registers or promotes; ``make release`` (this script
    with ``--release``) releases the workspace's result after checking that ``dvc status`` is
@@ -34,16 +34,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 
-import yaml
-
 from switchprune import storage
 from switchprune.config import load_params
-from switchprune.data import dvc_md5, export_digits
 from switchprune.errors import UserError
 from switchprune.servers import ENDPOINT_ENV, S3Server, s3_environment
 
 ROOT = Path(__file__).resolve().parents[1]
-RAW = Path("data/raw/digits")
 REMOTE = "storage"
 LOCK = ROOT / ".switchprune-run.lock"
 
@@ -147,23 +143,6 @@ def remote_bucket() -> str:
     raise SystemExit(f"no DVC remote named {REMOTE!r} in .dvc/config")
 
 
-def ensure_raw_data() -> None:
-    """Materialise the versioned raw data and check it is the version ``.dvc`` records."""
-    if not (ROOT / RAW).is_dir():
-        if dvc("pull", f"{RAW}.dvc", check=False).returncode != 0:
-            print(f"{RAW}: not on the remote yet; recreating it from scikit-learn", flush=True)
-            export_digits(ROOT / RAW)
-    recorded = yaml.safe_load((ROOT / f"{RAW}.dvc").read_text())["outs"][0]["md5"]
-    actual = dvc_md5(ROOT / RAW)
-    if actual != recorded:
-        raise SystemExit(
-            f"{RAW} (md5 {actual}) is not the version recorded in {RAW}.dvc ({recorded}): "
-            f"run 'dvc checkout {RAW}.dvc' to restore it, or 'dvc add {RAW}' to record a new one"
-        )
-    # Same bytes as recorded; make sure DVC's cache holds them so they can be pushed.
-    dvc("add", "-q", str(RAW))
-
-
 def main(argv: list[str] | None = None) -> int:
     """One run per folder; stop cleanly on SIGTERM or Ctrl-C."""
     release_only = "--release" in (sys.argv[1:] if argv is None else argv)
@@ -231,8 +210,6 @@ def run(release_only: bool = False) -> int:
         if release_only:
             check_released_outputs_are_current()
         else:
-            ensure_raw_data()
-            dvc("push", f"{RAW}.dvc")
             dvc("repro")
             dvc("push")
         release()

@@ -59,6 +59,11 @@ DATASETS: tuple[str, ...] = (
     "idx",
     "folder",
 )
+
+# Shipped inside an installed package: prepared offline, the same bytes everywhere, so they need
+# neither a DVC-tracked copy nor a download.
+BUNDLED: frozenset[str] = frozenset({"digits"})
+
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 META_FILE = "meta.json"
 # Datasets whose labels survive a horizontal mirror image. Digits do not (a mirrored 2 or 7 is
@@ -189,10 +194,18 @@ def prepare_data(cfg: DataConfig, *, raw_dir: Path, out_dir: Path) -> dict[str, 
 
 def _write_tensors(cfg: DataConfig, source: Path, raw_dir: Path, out_dir: Path) -> DataMeta:
     """Prepare an in-memory dataset and write its splits as ``<split>.pt``."""
+    source_md5 = ""
     if cfg.dataset == "digits":
-        if not (source.is_dir() and _find_by_prefix(source, _IMAGES_RE)):
-            export_digits(source)
-        x_train, y_train, x_val, y_val, x_test, y_test, num_classes = _prepare_idx_dir(cfg, source)
+        if source.is_dir() and _find_by_prefix(source, _IMAGES_RE):
+            prepared = _prepare_idx_dir(cfg, source)
+        else:
+            # Bundled with scikit-learn: exported byte-identically to a scratch folder, so a
+            # fresh clone prepares them offline and the stage never writes into its own input.
+            with tempfile.TemporaryDirectory(prefix="switchprune-digits-") as scratch:
+                exported = export_digits(Path(scratch) / cfg.dataset)
+                prepared = _prepare_idx_dir(cfg, exported)
+                source_md5 = dvc_md5(exported)
+        x_train, y_train, x_val, y_val, x_test, y_test, num_classes = prepared
     elif cfg.dataset in _TORCHVISION:
         x_train, y_train, x_val, y_val, x_test, y_test, num_classes = _prepare_torchvision(
             cfg, raw_dir
@@ -212,7 +225,7 @@ def _write_tensors(cfg: DataConfig, source: Path, raw_dir: Path, out_dir: Path) 
         n_train=int(x_train.shape[0]),
         n_val=int(x_val.shape[0]),
         n_test=int(x_test.shape[0]),
-        source_md5=dvc_md5(source),
+        source_md5=source_md5 or dvc_md5(source),
     )
     splits = {"train": (x_train, y_train), "val": (x_val, y_val), "test": (x_test, y_test)}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -618,8 +631,9 @@ _Prepared = tuple[
 def export_digits(out_dir: Path) -> Path:
     """Write scikit-learn's bundled digits as IDX files (byte-identical on every machine).
 
-    These files are the versioned raw data of the ``digits`` dataset: DVC tracks them, and a
-    fresh checkout without access to the DVC remote can recreate exactly the same bytes.
+    ``preprocess`` reads them from ``<raw_dir>/digits`` when that folder holds them, and
+    otherwise exports them to a scratch folder: the same bytes, hence the same ``source_md5``,
+    on every machine with the pinned scikit-learn, offline.
 
     Args:
         out_dir: Directory to create (``<raw_dir>/digits``).

@@ -862,6 +862,12 @@ def _describe(client: Any, exc: BaseException) -> str:
     if isinstance(exc, ReadTimeoutError):
         return f"S3 endpoint {endpoint} did not answer within {READ_TIMEOUT_S:.0f} s"
     if isinstance(exc, NoCredentialsError | PartialCredentialsError):
+        if not (os.environ.get(ENDPOINT_ENV) or os.environ.get("AWS_ENDPOINT_URL_S3")):
+            # Nothing configured at all: most likely a checkout that has not run `make release`.
+            return (
+                f"no S3 server configured: set {ENDPOINT_ENV}, AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, or run 'make release', which starts an embedded one"
+            )
         return (
             f"no complete S3 credentials for {endpoint} "
             "(set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"

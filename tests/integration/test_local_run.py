@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from switchprune.data import dvc_md5, export_digits
 from switchprune.servers import S3Server
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -89,12 +90,13 @@ def first_run(project: Path) -> str:
     return _run([sys.executable, "pipeline/local.py"], project)
 
 
-def test_make_run_registers_and_promotes(project: Path, first_run: str) -> None:
+def test_make_run_registers_and_promotes(project: Path, first_run: str, tmp_path: Path) -> None:
     promote = json.loads((project / "reports" / "promote.json").read_text())
     assert promote["promoted"] is True, promote
     assert promote["version"] == 1
     report = json.loads((project / "reports" / "evaluate.json").read_text())
-    raw_md5 = yaml.safe_load((project / "data/raw/digits.dvc").read_text())["outs"][0]["md5"]
+    # The hash of the bundled digits, exported byte-identically, is in every record.
+    raw_md5 = dvc_md5(export_digits(tmp_path / "digits"))
     assert report["data_md5"] == raw_md5
     bucket = project / ".s3" / "data" / "switchprune-models" / MODEL
     manifest = json.loads((bucket / "current.json").read_text())
@@ -103,8 +105,12 @@ def test_make_run_registers_and_promotes(project: Path, first_run: str) -> None:
     assert {f["name"] for f in manifest["files"]} >= {"model.pt", "widths.json", "meta.json"}
     for entry in manifest["files"]:
         assert (bucket / "v1" / entry["name"]).stat().st_size == entry["size"]
-    # The raw data was pushed to the DVC remote (a content-addressed cache in the bucket).
-    assert any((project / ".s3" / "data" / "switchprune-dvc").rglob("*"))
+    # The outputs were pushed to the DVC remote (a content-addressed cache in the bucket).
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    prepared = lock["stages"]["preprocess"]["outs"][0]["md5"]
+    remote = project / ".s3" / "data" / "switchprune-dvc" / "cache" / "files" / "md5"
+    assert (remote / prepared[:2] / prepared[2:]).is_file()
+    assert not (project / "data" / "raw" / "digits").exists()
     # The embedded server is gone, and DVC does not point at its dead port.
     assert "endpointurl" not in (project / ".dvc" / "config.local").read_text()
 
@@ -166,55 +172,17 @@ def test_dvc_pull_into_a_clean_clone(project: Path, first_run: str, tmp_path: Pa
     _run(["git", "commit", "-qm", "run", "--allow-empty"], project)
     clone = tmp_path / "clone"
     _run(["git", "clone", "-q", str(project), str(clone)], tmp_path)
-    assert not (clone / "data/raw/digits").exists()
     with S3Server(project / ".s3" / "data", log_path=tmp_path / "s3.log") as s3:
         dvc = str(BIN / "dvc")
         _run([dvc, "remote", "modify", "--local", "storage", "endpointurl", s3.endpoint], clone)
         _run([dvc, "pull"], clone, **s3.environment)
-    for name in ("digits-images-idx3-ubyte", "digits-labels-idx1-ubyte"):
-        assert (clone / "data/raw/digits" / name).read_bytes() == (
-            project / "data/raw/digits" / name
+    for split in ("train", "val", "test"):
+        assert (clone / f"data/prepared/{split}.pt").read_bytes() == (
+            project / f"data/prepared/{split}.pt"
         ).read_bytes()
     assert (clone / "models/compact/model.pt").read_bytes() == (
         project / "models/compact/model.pt"
     ).read_bytes()
-
-
-def test_preprocess_fetches_the_exact_data_version_from_the_dvc_remote(
-    project: Path, first_run: str, tmp_path: Path
-) -> None:
-    from switchprune import storage
-    from switchprune.config import DataConfig
-    from switchprune.data import load_meta
-    from switchprune.stages import preprocess
-
-    md5 = yaml.safe_load((project / "data/raw/digits.dvc").read_text())["outs"][0]["md5"]
-    with S3Server(project / ".s3" / "data", log_path=tmp_path / "s3.log") as s3:
-        client = storage.make_client(s3.endpoint)
-        for key, value in s3.credentials.items():
-            os.environ[key] = value
-        try:
-            client = storage.make_client(s3.endpoint)
-            preprocess.run(
-                DataConfig(),
-                raw_dir=tmp_path / "raw",
-                prepared_dir=tmp_path / "prepared",
-                dvc_remote="s3://switchprune-dvc/cache",
-                data_md5=md5,
-                s3_client=client,
-            )
-            with pytest.raises(storage.StorageError, match="no such version"):
-                storage.download_dvc_version(
-                    client, "s3://switchprune-dvc/cache", "0" * 32 + ".dir", tmp_path / "x"
-                )
-        finally:
-            for key in s3.credentials:
-                os.environ.pop(key, None)
-    assert load_meta(tmp_path / "prepared").source_md5 == md5
-    assert (tmp_path / "raw/digits/digits-images-idx3-ubyte").read_bytes() == (
-        project / "data/raw/digits/digits-images-idx3-ubyte"
-    ).read_bytes()
-    assert not (tmp_path / "x").exists()
 
 
 def test_a_configured_endpoint_is_used_instead_of_the_embedded_server(
@@ -228,7 +196,7 @@ def test_a_configured_endpoint_is_used_instead_of_the_embedded_server(
             **theirs.credentials,
         )
     assert "embedded S3 server" not in out
-    # Their server now holds the DVC remote (raw data and outputs) and the promotion bucket.
+    # Their server now holds the DVC remote (the outputs) and the promotion bucket.
     assert any((tmp_path / "theirs" / "switchprune-dvc").rglob("*.dir"))
     assert (tmp_path / "theirs" / "switchprune-models").is_dir()
     assert theirs.secret_key not in out

@@ -1,8 +1,8 @@
 """Helpers of the Kubeflow tests: tiny parameters, and a DVC remote on a real S3 server.
 
 The remote is laid out the way DVC 3 stores a directory (``files/md5/<2>/<30>`` objects plus the
-``.dir`` listing), holding the digits exported byte-identically from scikit-learn: the version
-recorded in ``data/raw/digits.dvc``.
+``.dir`` listing), holding the digits exported byte-identically from scikit-learn, as ``dvc push``
+leaves raw data a user tracks with ``dvc add``.
 """
 
 from __future__ import annotations
@@ -37,11 +37,6 @@ def tiny_params() -> dict[str, Any]:
         s3_uri=PROMOTE_URI, min_accuracy=0.5, max_accuracy_drop=0.3, max_params_ratio=0.9
     )
     return params
-
-
-def recorded_md5() -> str:
-    """The hash of the raw digits recorded in ``data/raw/digits.dvc``."""
-    return str(yaml.safe_load((ROOT / "data/raw/digits.dvc").read_text())["outs"][0]["md5"])
 
 
 @dataclass

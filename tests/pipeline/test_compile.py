@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import yaml
 from components.image import IMAGE
-from kfp_support import ROOT, recorded_md5
-from pipeline.compile import compile_pipeline, dvc_remote_url, git_commit
+from kfp_support import ROOT
+from pipeline.compile import compile_pipeline, data_version, dvc_remote_url, git_commit
 from pipeline.pipeline import SECTIONS
 
 from switchprune.config import SECTIONS as CONFIGS
@@ -169,7 +169,8 @@ def test_parameter_defaults_are_the_params_yaml_sections(compiled: Compiled) -> 
         assert default == {k: v for k, v in raw[name].items() if v is not None}, name
         assert from_struct(CONFIGS[name], default) == configs[name], name
     assert compiled.inputs["dvc_remote"]["defaultValue"] == "s3://switchprune-dvc/cache"
-    assert compiled.inputs["data_md5"]["defaultValue"] == recorded_md5()
+    # The bundled digits are prepared from scikit-learn in the pod: no DVC version to fetch.
+    assert compiled.inputs["data_md5"]["defaultValue"] == ""
     assert compiled.inputs["git_commit"]["defaultValue"] == git_commit(ROOT)
     assert len(git_commit(ROOT)) == 40
 
@@ -245,6 +246,39 @@ def test_a_dvc_config_without_a_default_remote_is_refused(
     (tmp_path / ".dvc" / "config").write_text(config)
     with pytest.raises(ConfigError, match=message):
         dvc_remote_url(tmp_path)
+
+
+def test_data_tracked_with_dvc_add_is_fetched_by_its_recorded_hash(tmp_path: Path) -> None:
+    from switchprune.config import DataConfig
+
+    raw = tmp_path / "data" / "raw"
+    raw.mkdir(parents=True)
+    (raw / "mnist.dvc").write_text(
+        "outs:\n- md5: 0123456789abcdef0123456789abcdef.dir\n  path: mnist\n"
+    )
+    idx = DataConfig(dataset="idx", idx_dir="data/raw/mnist")
+    assert data_version(idx, tmp_path) == (
+        raw / "mnist.dvc",
+        "0123456789abcdef0123456789abcdef.dir",
+    )
+    # Untracked data has no version: the pod prepares it from its source.
+    assert data_version(DataConfig(dataset="mnist"), tmp_path)[1] == ""
+    (raw / "mnist.dvc").write_text("outs: []\n")
+    with pytest.raises(ConfigError, match="no 'outs\\[0\\].md5'"):
+        data_version(idx, tmp_path)
+
+
+def test_only_untracked_downloadable_data_is_warned_about(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    _compile(tmp_path, ROOT / "params.yaml")
+    assert "warning" not in capsys.readouterr().err  # the bundled digits
+    params["data"]["dataset"] = "mnist"
+    path = tmp_path / "mnist.yaml"
+    path.write_text(yaml.safe_dump(params))
+    _compile(tmp_path, path)
+    assert "not from a DVC-versioned copy" in capsys.readouterr().err
 
 
 def test_the_default_remote_is_read_from_the_dvc_config(tmp_path: Path) -> None:

@@ -548,3 +548,30 @@ def test_download_without_manifest(client: Any, tmp_path: Path) -> None:
     with pytest.raises(StorageError, match="no promoted version of m"):
         download_promoted(client, URI, "m", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_no_s3_configured_names_what_to_set(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """A checkout with no S3 settings: one line naming the settings, or the embedded server."""
+    for name in (
+        "SWITCHPRUNE_S3_ENDPOINT",
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_ENDPOINT_URL",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(StorageError) as info:
+        read_manifest(make_client(), URI, "m")
+    message = str(info.value)
+    assert "\n" not in message
+    assert "no S3 server configured" in message and "SWITCHPRUNE_S3_ENDPOINT" in message
+    assert "make release" in message
+    # With an endpoint but no keys, the message names the endpoint and the keys instead.
+    monkeypatch.setenv("SWITCHPRUNE_S3_ENDPOINT", "http://127.0.0.1:9")
+    with pytest.raises(StorageError, match=r"no complete S3 credentials for http://127\.0\.0\.1:9"):
+        read_manifest(make_client(), URI, "m")
