@@ -179,7 +179,7 @@ def test_the_verbs_agree_everywhere() -> None:
     assert components == set(VERBS)
     for verb in VERBS:
         if verb in dvc:
-            assert dvc[verb]["cmd"] == f"switchprune {verb}"
+            assert dvc[verb]["cmd"] == f'PATH="$DVC_ROOT/.venv/bin:$PATH" switchprune {verb}'
         stage = importlib.import_module(f"switchprune.stages.{verb}")
         assert callable(stage.run)
         section = "data" if verb == "preprocess" else verb

@@ -77,8 +77,11 @@ def test_committed_lock_matches_committed_code_and_params(clone: Path) -> None:
 
 
 def test_a_fresh_clone_reproduces_offline_then_has_nothing_to_do(clone: Path) -> None:
+    # As after `make setup`: the environment in .venv, not activated (PATH does not name it).
+    (clone / ".venv").symlink_to(BIN.parent, target_is_directory=True)
     # Any download would go through this proxy, which nothing answers; the clone's own code runs.
     offline = {
+        "PATH": "/usr/bin:/bin",
         "HTTP_PROXY": "http://127.0.0.1:9",
         "HTTPS_PROXY": "http://127.0.0.1:9",
         "NO_PROXY": "",
