@@ -8,7 +8,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup run release compile test lint format lock clean
+.PHONY: setup run release compile submit test lint format lock clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,9 @@ release: setup  ## register and promote the workspace's evaluated model (after d
 
 compile: setup  ## the Kubeflow pipeline from params.yaml -> pipeline.yaml (see pipeline/compile.py)
 	$(BIN)/python pipeline/compile.py --params params.yaml --out pipeline.yaml
+
+submit: setup  ## submit pipeline.yaml: make submit HOST=https://kfp.example.com [ARGS="--run-name r1"]
+	$(BIN)/python pipeline/submit.py --host $(HOST) $(ARGS)
 
 test: setup
 	$(BIN)/python -m pytest

@@ -10,7 +10,6 @@ import argparse
 import logging
 import os
 import re
-import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,7 +21,6 @@ from switchprune.io import write_json
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
-SUBMIT_SCRIPT = Path("pipeline") / "submit.py"
 # Per-epoch training records (the DVC plots of dvc.yaml), written by train, read by register.
 HISTORY_FILE = "train_history.json"
 
@@ -167,36 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
         "ref", help="NAME (means NAME@champion), NAME@ALIAS, NAME:VERSION or models:/..."
     )
     p.add_argument("--out", required=True, help="destination folder")
-    p = sub.add_parser(
-        "submit",
-        help="submit the compiled pipeline (pipeline.yaml) to Kubeflow Pipelines",
-        description="Submit the compiled pipeline to Kubeflow Pipelines: runs "
-        "pipeline/submit.py of the project in the current directory (compile it first with "
-        "'make compile').",
-    )
-    p.add_argument("--host", required=True, help="Kubeflow Pipelines API URL")
-    p.add_argument("--experiment", help="experiment name (default: switchprune)")
-    p.add_argument("--run-name", help="run name (default: switchprune-<timestamp>)")
-    p.add_argument("--package", help="compiled pipeline (default: pipeline.yaml)")
     return parser
-
-
-def _submit(args: argparse.Namespace) -> int:
-    """Run the project's ``pipeline/submit.py``: the library itself never imports ``kfp``."""
-    script = Path.cwd() / SUBMIT_SCRIPT
-    if not script.is_file():
-        print(
-            f"switchprune submit: error: {SUBMIT_SCRIPT} not found in {Path.cwd()} "
-            "(run it from the project's root directory)",
-            file=sys.stderr,
-        )
-        return 2
-    argv = [sys.executable, str(SUBMIT_SCRIPT), "--host", args.host]
-    for name in ("experiment", "run_name", "package"):
-        value = getattr(args, name)
-        if value is not None:
-            argv += [f"--{name.replace('_', '-')}", value]
-    return subprocess.run(argv, cwd=Path.cwd(), check=False).returncode
 
 
 def _fail(command: str, exc: BaseException) -> int:
@@ -243,8 +212,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; a user-facing error is one line and exit status 2 (bad input) or 1."""
     args = build_parser().parse_args(argv)
     configure_logging()
-    if args.command == "submit":
-        return _submit(args)
     try:
         if args.command == "pull":
             from switchprune.loading import pull

@@ -174,7 +174,7 @@ def test_the_verbs_agree_everywhere() -> None:
     assert all(f'"{verb}"' in local for verb in RELEASE)
     commands = _cli_subcommands()
     assert set(VERBS) <= set(commands), commands
-    assert set(commands) - set(VERBS) <= {"pull", "submit"}
+    assert set(commands) - set(VERBS) <= {"pull"}
     components = {p.stem for p in (ROOT / "components").glob("*.py")} - {"__init__", "image"}
     assert components == set(VERBS)
     for verb in VERBS:

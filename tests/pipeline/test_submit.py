@@ -1,4 +1,4 @@
-"""Submitting the compiled pipeline: ``pipeline/submit.py`` and ``switchprune submit``.
+"""Submitting the compiled pipeline: ``pipeline/submit.py`` (``make submit``).
 
 A small fake of the Kubeflow Pipelines REST API (v2beta1) records what the client sends, so
 the test checks that the compiled package itself (both YAML documents) becomes the run.
@@ -20,7 +20,6 @@ import yaml
 from kfp_support import ROOT
 from pipeline.compile import compile_pipeline
 
-from switchprune import cli
 from switchprune.servers import free_port
 
 SUBMIT = [sys.executable, str(ROOT / "pipeline" / "submit.py")]
@@ -97,16 +96,6 @@ def test_submit_sends_the_compiled_package_as_a_run(kfp_api: str, package: Path)
     assert run.get("runtime_config", {}).get("parameters", {}) == {}  # the compiled defaults
 
 
-def test_switchprune_submit_runs_the_projects_script(
-    kfp_api: str, package: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.chdir(ROOT)
-    code = cli.main(["submit", "--host", kfp_api, "--package", str(package), "--run-name", "r2"])
-    assert code == 0
-    assert _posted("/apis/v2beta1/runs")["display_name"] == "r2"
-    assert _posted("/apis/v2beta1/experiments")["display_name"] == "switchprune"
-
-
 def test_an_unreachable_host_is_one_clear_line(package: Path) -> None:
     host = f"http://127.0.0.1:{free_port()}"
     proc = subprocess.run(
@@ -133,12 +122,3 @@ def test_a_missing_package_is_one_clear_line(tmp_path: Path) -> None:
         f"submit: error: {tmp_path / 'none.yaml'} not found: compile the pipeline first "
         "('make compile')"
     ]
-
-
-def test_switchprune_submit_outside_the_project_says_so(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.chdir(tmp_path)
-    assert cli.main(["submit", "--host", "http://127.0.0.1:9"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "pipeline/submit.py not found" in err[0]
