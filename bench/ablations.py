@@ -21,7 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import ARCHS, ROOT, SETTINGS, load_dataset, measure, run_ours, train_config  # noqa: E402
+from measurement import load_dataset, measure, run_ours  # noqa: E402
+from settings import ARCHS, MNIST_DIR, SETTINGS, out_dir, train_config  # noqa: E402
 
 from switchprune.models import spec_from_config  # noqa: E402
 
@@ -48,14 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     """Run every variant over the setting's seeds and write the tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="default")
-    parser.add_argument("--mnist-dir", default=str(ROOT.parent / "shared" / "data" / "mnist-t10k"))
+    parser.add_argument("--mnist-dir", default=str(MNIST_DIR))
     parser.add_argument("--out", default=None)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     setting = SETTINGS[args.setting]
     torch.set_num_threads(args.threads)
-    name = "bench" if args.setting == "default" else f"bench-{args.setting}"
-    out = Path(args.out) if args.out else ROOT / "reports" / name
+    out = out_dir(args.setting, args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     records = []
@@ -68,10 +68,10 @@ def main(argv: list[str] | None = None) -> int:
             for seed in setting.seeds:
                 cfg = train_config(setting.epochs, seed, ARCH, target_metric=METRIC,
                                    target_ratio=RATIO, **overrides)  # fmt: skip
-                small, widths, _seconds = run_ours(spec, data, cfg)
-                m = measure(small, data, base)
+                ours = run_ours(spec, data, cfg)
+                m = measure(ours.model, data, base)
                 records.append({"variant": variant, "seed": seed, "accuracy": m["accuracy"],
-                                "params": m["params"], "widths": widths})  # fmt: skip
+                                "params": m["params"], "widths": ours.widths})  # fmt: skip
             accs = [100 * r["accuracy"] for r in records if r["variant"] == variant]
             print(f"bench: ablation {variant}: {statistics.fmean(accs):.2f}%", flush=True)
     lines = [

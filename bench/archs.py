@@ -25,15 +25,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import interleaved_latency, load_dataset, measure  # noqa: E402
+from measurement import interleaved_latency, load_dataset, measure, run_ours  # noqa: E402
+from settings import MNIST_DIR, ROOT  # noqa: E402
 
-from switchprune.config import ModelConfig, PruneConfig, TrainConfig, recipe_lr  # noqa: E402
+from switchprune.config import ModelConfig, TrainConfig, recipe_lr  # noqa: E402
 from switchprune.models import spec_from_config  # noqa: E402
-from switchprune.pruning import compact, threshold_factors  # noqa: E402
 from switchprune.training import fit  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-MNIST = ROOT.parent / "shared" / "data" / "mnist-t10k"
 
 
 def run_arch(
@@ -55,10 +52,8 @@ def run_arch(
     plain = fit(spec, data["train"], None, cfg, switched=False, progress=False).model.eval()
     plain_s = time.perf_counter() - started
     started = time.perf_counter()
-    result = fit(spec, data["train"], None, cfg, switched=True, progress=False)
+    small = run_ours(spec, data, cfg).model
     switched_s = time.perf_counter() - started
-    assert result.factors is not None
-    small = compact(result.model, result.factors, threshold_factors(result.factors, PruneConfig()))
     base = measure(plain, data, {})
     pruned = measure(small, data, base)
     latency = interleaved_latency({"unpruned": plain, "pruned": small}, meta.in_shape, 10)
@@ -117,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "bench")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as work:
-        data = load_dataset("mnist", MNIST, Path(work), args.limit)
+        data = load_dataset("mnist", MNIST_DIR, Path(work), args.limit)
     rows = []
     for arch in args.archs:
         for seed in args.seeds:

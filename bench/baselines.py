@@ -76,6 +76,7 @@ _OUT_FNS = (function.prune_conv_out_channels, function.prune_linear_out_channels
 _IN_FNS = (function.prune_conv_in_channels, function.prune_linear_in_channels)
 
 
+# switchprune.training.fit builds a fresh TNN; fine-tuning and slimming train a given model.
 def train_sgd(
     model: nn.Module,
     train: TensorDataset,
@@ -356,8 +357,39 @@ def prune_to_target(
     measure = _measure(target_metric, model.spec.in_shape)
     budget = target_ratio * measure(_detached_copy(model))
     sizes = _ranked_sizes(model, importance)
-    total = sum(sizes)
+    pruned = _global_search(model, importance, measure, budget, sizes, max_pruning_ratio)
+    if pruned is not None:
+        return pruned, "global"
+    # Every layer is at the cap and the net is still too large: prune all layers alike.
+    found = _uniform_search(model, importance, measure, budget, sizes)
+    if found is None:
+        raise ValueError(
+            f"a {target_metric} target of {target_ratio:g} cannot be met without emptying a layer"
+        )
+    pruned, ratio = found
+    warnings.warn(
+        f"global pruning with max_pruning_ratio={max_pruning_ratio:g} cannot reach a "
+        f"{target_metric} ratio of {target_ratio:g}; every layer was pruned by a common ratio "
+        f"of {ratio:.3f} instead",
+        stacklevel=2,
+    )
+    return pruned, "uniform"
 
+
+def _global_search(
+    model: TaskNet,
+    importance: tp.importance.Importance,
+    measure: Callable[[nn.Module], int],
+    budget: float,
+    sizes: list[int],
+    max_pruning_ratio: float,
+) -> TaskNet | None:
+    """The least global pruning within ``budget``, by bisection on the removed units.
+
+    Returns:
+        The pruned copy, or ``None`` when even every layer at ``max_pruning_ratio`` exceeds it.
+    """
+    total = sum(sizes)
     capped = ProtectedImportance(importance, max_pruning_ratio)
     free = total - sum(capped.kept(n) for n in sizes)
 
@@ -370,20 +402,33 @@ def prune_to_target(
 
     best = global_at(0)
     if measure(best) <= budget:
-        return best, "global"
+        return best
     best = global_at(free)
-    if measure(best) <= budget:
-        lo, hi = 0, free  # cost(lo) > budget >= cost(hi)
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            candidate = global_at(mid)
-            if measure(candidate) <= budget:
-                hi, best = mid, candidate
-            else:
-                lo = mid
-        return best, "global"
+    if measure(best) > budget:
+        return None
+    lo, hi = 0, free  # cost(lo) > budget >= cost(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        candidate = global_at(mid)
+        if measure(candidate) <= budget:
+            hi, best = mid, candidate
+        else:
+            lo = mid
+    return best
 
-    # Every layer is at the cap and the net is still too large: prune all layers alike.
+
+def _uniform_search(
+    model: TaskNet,
+    importance: tp.importance.Importance,
+    measure: Callable[[nn.Module], int],
+    budget: float,
+    sizes: list[int],
+) -> tuple[TaskNet, float] | None:
+    """The least common per-layer ratio within ``budget``, by bisection.
+
+    Returns:
+        The pruned copy and its ratio, or ``None`` when one unit per layer exceeds ``budget``.
+    """
     one = ProtectedImportance(importance, 1.0)
     # Just below 1 - 1/n: the smallest layer keeps exactly one unit (int() truncates).
     r_max = 1.0 - 1.0 / min(sizes) - 1e-9
@@ -393,9 +438,7 @@ def prune_to_target(
 
     best = uniform_at(r_max)
     if measure(best) > budget:
-        raise ValueError(
-            f"a {target_metric} target of {target_ratio:g} cannot be met without emptying a layer"
-        )
+        return None
     lo_r, hi_r = 0.0, r_max
     for _ in range(20):
         mid_r = (lo_r + hi_r) / 2
@@ -404,13 +447,7 @@ def prune_to_target(
             hi_r, best = mid_r, candidate
         else:
             lo_r = mid_r
-    warnings.warn(
-        f"global pruning with max_pruning_ratio={max_pruning_ratio:g} cannot reach a "
-        f"{target_metric} ratio of {target_ratio:g}; every layer was pruned by a common ratio "
-        f"of {hi_r:.3f} instead",
-        stacklevel=2,
-    )
-    return best, "uniform"
+    return best, hi_r
 
 
 def _has_batchnorm(model: nn.Module) -> bool:

@@ -8,6 +8,9 @@ from pathlib import Path
 from types import ModuleType
 
 ROOT = Path(__file__).resolve().parents[2]
+# The scripts import their sibling modules by name, as when run as ``python bench/<name>.py``.
+if str(ROOT / "bench") not in sys.path:
+    sys.path.insert(0, str(ROOT / "bench"))
 
 
 def load_bench_script(name: str) -> ModuleType:

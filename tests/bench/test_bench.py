@@ -30,6 +30,23 @@ KEYS = {
     "macs_ratio",
 }
 
+META_KEYS = {
+    "setting",
+    "seeds",
+    "epochs",
+    "finetune_epochs",
+    "n_train",
+    "n_test",
+    "archs",
+    "scorers",
+    "default_scorer",
+    "machine",
+    "allocator",
+    "workers",
+    "train_seconds",
+    "wall_seconds",
+}
+
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -65,10 +82,15 @@ def test_in_process_run_gives_the_same_records(
 
     # Training is seeded and deterministic: the pool changes where, not what.
     assert accuracies(local) == accuracies(pooled)
+    assert not any(r["method"].startswith("claim:") for r in local)
+    assert "## The paper's claims" not in (tmp_path / "results.md").read_text()
 
 
 def test_one_record_per_run_with_every_scorer_and_baseline(results: Path) -> None:
     data = json.loads((results / "results.json").read_text())
+    assert set(data) == {"meta", "verdict", "records"}
+    assert set(data["meta"]) == META_KEYS
+    assert data["meta"]["setting"] == "tiny" and data["meta"]["workers"] == 2
     records = data["records"]
     assert all(KEYS <= set(r) for r in records)
     runs = [r for r in records if not r["method"].startswith("claim:")]

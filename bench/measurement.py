@@ -1,0 +1,396 @@
+"""Running the benchmark's cells: train, prune and measure each method, and time the results.
+
+A cell is one TNN, seed and target. Every method in it gets the same data, epochs and
+fine-tuning budget; each run becomes one record (a row of ``results.json``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from baselines import prune_to_target, slimming_importance, train_sgd, train_slimming
+from settings import ARCHS, BASELINES, LEARNING_RATES, TARGETS, Setting, train_config
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from switchprune.config import DataConfig, ModelConfig, PruneConfig, TrainConfig
+from switchprune.data import load_meta, load_split, prepare_data
+from switchprune.evaluation import accuracy_from_logits, count_macs, count_params, predict_logits
+from switchprune.models import ModelSpec, spec_from_config
+from switchprune.pruning import compact, kept_widths, threshold_factors
+from switchprune.training import fit
+
+# The paper's claims: (data, name, TNN, compression). ``none`` is the no-penalty mode,
+# ``auto`` picks its own ratio.
+CLAIM_CASES: tuple[tuple[str, str, ModelConfig, str], ...] = (
+    ("mnist", "mlp", ModelConfig(arch="mlp", hidden=(300, 100)), "none"),
+    ("mnist", "lenet5", ModelConfig(arch="lenet5"), "none"),
+    ("mnist", "mlp-narrow", ModelConfig(arch="mlp", hidden=(32, 16)), "auto"),
+    ("mnist", "mlp", ModelConfig(arch="mlp", hidden=(300, 100)), "auto"),
+    ("mnist", "mlp-wide", ModelConfig(arch="mlp", hidden=(1000, 300)), "auto"),
+    ("digits", "mlp", ModelConfig(arch="mlp", hidden=(300, 100)), "auto"),
+)
+
+
+def load_dataset(name: str, mnist_dir: Path, work: Path, limit: int | None) -> dict[str, Any]:
+    """Prepared train/test tensors of ``digits`` or ``mnist`` (80/20 split, seed 0).
+
+    Args:
+        name: ``digits`` (bundled) or ``mnist`` (the IDX files in ``mnist_dir``).
+        mnist_dir: Directory of the MNIST IDX files.
+        work: Scratch directory for the raw and prepared files.
+        limit: Use only this many images (80 % train, 20 % test), or all.
+
+    Returns:
+        ``{"name", "meta", "train", "test"}``, the splits as ``TensorDataset``.
+    """
+    out = work / name
+    if name == "digits":
+        cfg = DataConfig(dataset="digits", val_fraction=0.0, test_fraction=0.2)
+    else:
+        if not mnist_dir.is_dir():
+            raise SystemExit(f"bench: {mnist_dir} does not exist (the MNIST IDX files)")
+        cfg = DataConfig(dataset="idx", idx_dir=str(mnist_dir), val_fraction=0.0, test_fraction=0.2)
+    prepare_data(cfg, raw_dir=work / "raw", out_dir=out)
+    meta = load_meta(out)
+    train, test = load_split(out, "train"), load_split(out, "test")
+    if limit:
+        train = TensorDataset(*(t[: int(limit * 0.8)] for t in train.tensors))
+        test = TensorDataset(*(t[: int(limit * 0.2)] for t in test.tensors))
+    return {"name": name, "meta": meta, "train": train, "test": test}
+
+
+def measure(model: nn.Module, data: dict[str, Any], base: dict[str, float]) -> dict[str, float]:
+    """Accuracy, size and MACs of a model on the test split, with ratios to ``base``.
+
+    Args:
+        model: The network to measure.
+        data: A dataset of :func:`load_dataset`.
+        base: ``params`` and ``macs`` of the reference (empty: the model is the reference).
+
+    Returns:
+        ``accuracy``, ``params``, ``macs``, ``params_ratio`` and ``macs_ratio``.
+    """
+    _x, y = data["test"].tensors
+    acc = accuracy_from_logits(predict_logits(model, data["test"], torch.device("cpu")), y)
+    params, macs = float(count_params(model)), float(count_macs(model, data["meta"].in_shape))
+    return {
+        "accuracy": acc,
+        "params": params,
+        "macs": macs,
+        "params_ratio": params / base["params"] if base else 1.0,
+        "macs_ratio": macs / base["macs"] if base else 1.0,
+    }
+
+
+# switchprune.evaluation.measure_latency_ms times one model alone; ratios need the models in turns.
+@torch.no_grad()
+def interleaved_latency(
+    models: dict[str, nn.Module], in_shape: tuple[int, ...], repeats: int
+) -> dict[str, dict[str, float]]:
+    """Median forward time of each model at batch 1 and 256, measured round-robin.
+
+    Timing the models in turns, in the same process and moment, keeps drifts of the machine
+    (frequency, caches, allocator state) out of the ratios.
+
+    Args:
+        models: The models to compare, by name.
+        in_shape: Shape of one input, without the batch dimension.
+        repeats: Rounds at batch 1 (batch 256: half as many, at least 3).
+
+    Returns:
+        Per name, ``latency_ms_b1`` and ``latency_ms_b256``.
+    """
+    out: dict[str, dict[str, float]] = {name: {} for name in models}
+    for batch, rounds in ((1, repeats), (256, max(3, repeats // 2))):
+        x = torch.randn(batch, *in_shape, generator=torch.Generator().manual_seed(0))
+        times: dict[str, list[float]] = {name: [] for name in models}
+        for model in models.values():
+            model.eval()
+            for _ in range(3):  # warm-up
+                model(x)
+        for _ in range(rounds):
+            for name, model in models.items():
+                started = time.perf_counter()
+                model(x)
+                times[name].append((time.perf_counter() - started) * 1000.0)
+        for name in models:
+            out[name][f"latency_ms_b{batch}"] = statistics.median(times[name])
+    return out
+
+
+def record(
+    data: dict[str, Any],
+    arch: str,
+    seed: int,
+    method: str,
+    scorer: str | None,
+    target: tuple[str, float] | None,
+    **values: Any,
+) -> dict[str, Any]:
+    """One row of ``results.json``.
+
+    Args:
+        data: The dataset the run used.
+        arch: Name of the TNN.
+        seed: The run's seed.
+        method: ``unpruned``, ``ours``, ``ours+ft``, a baseline (``+ft``) or ``claim:<mode>``.
+        scorer: The unit scorer of ``ours`` and the claims, else ``None``.
+        target: ``(metric, ratio)``, or ``None`` without a target.
+        **values: The measurements.
+
+    Returns:
+        The record.
+    """
+    return {
+        "dataset": data["name"],
+        "arch": arch,
+        "method": method,
+        "scorer": scorer,
+        "target_metric": target[0] if target else None,
+        "target_ratio": target[1] if target else None,
+        "seed": seed,
+        **values,
+    }
+
+
+def label(row: dict[str, Any]) -> str:
+    """``ours[switcher]``, ``ours[magnitude]+ft``, ``slimming+ft``, ``unpruned``..."""
+    if row["scorer"] and row["method"].startswith("ours"):
+        return row["method"].replace("ours", f"ours[{row['scorer']}]")
+    return row["method"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Switched:
+    """A switched training run, thresholded and compacted.
+
+    Attributes:
+        model: The compacted network.
+        widths: Its kept width per group.
+        trained: The full-width network it was cut from.
+        metrics: The run's summary metrics (``epoch_seconds``...).
+    """
+
+    model: nn.Module
+    widths: dict[str, int]
+    trained: nn.Module
+    metrics: dict[str, Any]
+
+
+def run_ours(spec: ModelSpec, data: dict[str, Any], cfg: TrainConfig) -> Switched:
+    """Ours: switched training, thresholding and compaction.
+
+    Args:
+        spec: Full-width spec of the TNN.
+        data: A dataset of :func:`load_dataset`.
+        cfg: Training configuration (scorer, target).
+
+    Returns:
+        The compacted model with its widths, the trained one and the run's metrics.
+    """
+    result = fit(spec, data["train"], None, cfg, switched=True, progress=False)
+    assert result.factors is not None
+    kept = threshold_factors(result.factors, PruneConfig())
+    small = compact(result.model, result.factors, kept)
+    return Switched(small, kept_widths(kept), result.model, result.metrics)
+
+
+def prune_baseline(trained: nn.Module, method: str, metric: str, ratio: float) -> nn.Module:
+    """A copy of a trained TNN pruned by a Torch-Pruning baseline to the target.
+
+    Args:
+        trained: Slimming's sparsely trained TNN (``slimming``) or the plain one (``l1norm``).
+        method: ``slimming`` or ``l1norm``.
+        metric: ``params`` or ``macs``.
+        ratio: Largest allowed share of the unpruned count.
+
+    Returns:
+        The pruned copy, in eval mode.
+    """
+    if method == "slimming":
+        importance = slimming_importance(trained)
+    else:
+        importance = tp.importance.MagnitudeImportance(p=1)
+    pruned, _mode = prune_to_target(
+        copy.deepcopy(trained), importance, target_metric=metric, target_ratio=ratio
+    )
+    return pruned.eval()
+
+
+def fine_tuned(
+    model: nn.Module, data: dict[str, Any], epochs: int, lr: float, seed: int
+) -> nn.Module:
+    """A copy of ``model`` fine-tuned with SGD at ``lr`` (the original is left as it was)."""
+    tuned = copy.deepcopy(model)
+    train_sgd(tuned, data["train"], epochs, lr=lr, seed=seed)
+    return tuned
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One TNN and seed, trained once: what every target of the TNN starts from."""
+
+    data: dict[str, Any]
+    arch: str
+    seed: int
+    setting: Setting
+    spec: ModelSpec
+    plain: nn.Module
+    slimmed: nn.Module
+    base: dict[str, float]
+
+    @property
+    def lr(self) -> float:
+        """The TNN's learning rate."""
+        return LEARNING_RATES[self.arch]
+
+    def row(
+        self, method: str, scorer: str | None, target: tuple[str, float], **values: Any
+    ) -> dict[str, Any]:
+        """A record of this cell (see :func:`record`)."""
+        return record(self.data, self.arch, self.seed, method, scorer, target, **values)
+
+
+def run_target(
+    cell: Cell, target: tuple[str, float], scorers: tuple[str, ...]
+) -> tuple[list[dict[str, Any]], dict[str, nn.Module]]:
+    """Ours with every scorer and both baselines at one target, each also fine-tuned.
+
+    Args:
+        cell: The TNN and seed, with its trained plain and slimming networks.
+        target: ``(metric, ratio)``.
+        scorers: The unit scorers of ours.
+
+    Returns:
+        The records, and the models to time against each other, keyed as the records'
+        labels without ``+ft`` (fine-tuning does not change a model's shape).
+    """
+    metric, ratio = target
+    ft, lr = cell.setting.finetune_epochs, cell.lr
+    timed: dict[str, nn.Module] = {"unpruned": cell.plain}
+    rows: list[dict[str, Any]] = []
+    for scorer in scorers:
+        cfg = train_config(cell.setting.epochs, cell.seed, cell.arch, scorer=scorer,
+                           target_metric=metric, target_ratio=ratio)  # fmt: skip
+        ours = run_ours(cell.spec, cell.data, cfg)
+        timed[f"ours[{scorer}]"] = ours.model
+        measured = measure(ours.model, cell.data, cell.base)
+        seconds = ours.metrics["epoch_seconds"]
+        rows.append(
+            cell.row("ours", scorer, target, **measured, widths=ours.widths, epoch_seconds=seconds)
+        )
+        tuned = fine_tuned(ours.model, cell.data, ft, lr / 5, cell.seed)
+        rows.append(cell.row("ours+ft", scorer, target, **measure(tuned, cell.data, cell.base)))
+    for method in BASELINES:
+        trained = cell.slimmed if method == "slimming" else cell.plain
+        pruned = prune_baseline(trained, method, metric, ratio)
+        timed[method] = pruned
+        rows.append(cell.row(method, None, target, **measure(pruned, cell.data, cell.base)))
+        tuned = fine_tuned(pruned, cell.data, ft, lr / 5, cell.seed)
+        rows.append(cell.row(method + "+ft", None, target, **measure(tuned, cell.data, cell.base)))
+    return rows, timed
+
+
+def run_tnn(
+    data: dict[str, Any], arch: str, seed: int, setting: Setting, scorers: tuple[str, ...]
+) -> tuple[list[dict[str, Any]], list[dict[str, nn.Module]]]:
+    """Every method, target and fine-tuning variant for one TNN and seed.
+
+    Args:
+        data: A dataset of :func:`load_dataset`.
+        arch: Key of :data:`settings.ARCHS`.
+        seed: Seeds every run.
+        setting: Epochs and fine-tuning budget.
+        scorers: The unit scorers of ours.
+
+    Returns:
+        The records, and per target the models to time against each other (see
+        :func:`run_target`).
+    """
+    meta, epochs = data["meta"], setting.epochs
+    spec = spec_from_config(ARCHS[arch], meta.in_shape, meta.num_classes)
+    plain = fit(spec, data["train"], None, train_config(epochs, seed, arch), switched=False,
+                progress=False)  # fmt: skip
+    base = measure(plain.model, data, {})
+    rows = [record(data, arch, seed, "unpruned", None, None, **base,
+                   epoch_seconds=plain.metrics["epoch_seconds"])]  # fmt: skip
+    slimmed = train_slimming(spec, data["train"], epochs=epochs, lr=LEARNING_RATES[arch], seed=seed)
+    cell = Cell(data, arch, seed, setting, spec, plain.model, slimmed, base)
+    groups = []
+    for target in TARGETS[arch]:
+        target_rows, timed = run_target(cell, target, scorers)
+        rows += target_rows
+        groups.append(timed)
+    return rows, groups
+
+
+def add_latency(
+    rows: list[dict[str, Any]], groups: list[dict[str, nn.Module]], in_shape: tuple, repeats: int
+) -> None:
+    """Time each target's models round-robin and add latency and speedup to their records.
+
+    Args:
+        rows: The records of one :func:`run_tnn`, updated in place.
+        groups: Its models to time, one group per target, in the records' order.
+        in_shape: Shape of one input, without the batch dimension.
+        repeats: Timed rounds at batch 1.
+    """
+    targeted = [r for r in rows if r["target_ratio"] is not None]
+    per_target = len(targeted) // max(1, len(groups))
+    for index, timed in enumerate(groups):
+        latency = interleaved_latency(timed, in_shape, repeats)
+        for row in targeted[index * per_target : (index + 1) * per_target]:
+            timing = latency[label(row).removesuffix("+ft")]
+            row.update(timing)
+            for b in (1, 256):
+                row[f"latency_speedup_b{b}"] = (
+                    latency["unpruned"][f"latency_ms_b{b}"] / timing[f"latency_ms_b{b}"]
+                )
+
+
+def run_claims(
+    datasets: dict[str, dict[str, Any]], setting: Setting, seeds: tuple[int, ...]
+) -> list[dict[str, Any]]:
+    """(b) the no-penalty mode's compression; (c) the ratio ``compression: auto`` picks.
+
+    Args:
+        datasets: ``mnist`` and ``digits``, as :func:`load_dataset` returns them.
+        setting: The epochs per dataset.
+        seeds: Seeds of the runs.
+
+    Returns:
+        One ``claim:<mode>`` record per case and seed.
+    """
+    rows = []
+    for ds, name, model_cfg, mode in CLAIM_CASES:
+        data = datasets[ds]
+        meta = data["meta"]
+        spec = spec_from_config(model_cfg, meta.in_shape, meta.num_classes)
+        for seed in seeds:
+            cfg = train_config(
+                setting.claim_epochs[ds],
+                seed,
+                "lenet5" if model_cfg.arch == "lenet5" else "mlp",
+                compression=mode,
+                switch_epochs_fraction=0.8,
+                # The paper's mode has only the switcher's own zeros; ``auto`` uses the default.
+                **({"scorer": "switcher"} if mode == "none" else {}),
+            )
+            ours = run_ours(spec, data, cfg)
+            base = {"params": float(count_params(ours.trained)),
+                    "macs": float(count_macs(ours.trained, meta.in_shape))}  # fmt: skip
+            rows.append(
+                record(data, name, seed, f"claim:{mode}", cfg.scorer, None,
+                       **measure(ours.model, data, base), widths=ours.widths,
+                       hidden=list(model_cfg.hidden) if model_cfg.arch == "mlp" else None,
+                       reference_val_accuracy=ours.metrics.get("auto_reference_accuracy"))
+            )  # fmt: skip
+    return rows

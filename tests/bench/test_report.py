@@ -1,0 +1,120 @@
+"""The benchmark's tables and verdict from hand-made records, and its latency timer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from bench_support import load_bench_script
+from torch import nn
+
+R = load_bench_script("report")
+M = load_bench_script("measurement")
+SCORERS = ("switcher", "magnitude", "random")
+META = {
+    "setting": "tiny",
+    "n_train": 400,
+    "n_test": 100,
+    "seeds": [0, 1, 2],
+    "epochs": 1,
+    "finetune_epochs": 1,
+    "machine": "test",
+    "wall_seconds": 60.0,
+}
+
+
+def _row(method: str, scorer: str | None, seed: int, accuracy: float, target: bool = True) -> dict:
+    return {
+        "dataset": "mnist",
+        "arch": "mlp",
+        "method": method,
+        "scorer": scorer,
+        "target_metric": "params" if target else None,
+        "target_ratio": 0.3 if target else None,
+        "seed": seed,
+        "accuracy": accuracy,
+        "params_ratio": 0.3 if target else 1.0,
+        "macs_ratio": 0.3 if target else 1.0,
+    }
+
+
+def _records(switcher: list[float]) -> list[dict]:
+    """Three seeds: unpruned 0.9; magnitude 0.80 ± 0.01, random 0.5, baselines 0.6."""
+    rows = []
+    for seed in range(3):
+        rows.append(_row("unpruned", None, seed, 0.9, target=False))
+        for method in ("ours", "ours+ft"):
+            rows.append(_row(method, "switcher", seed, switcher[seed]))
+            rows.append(_row(method, "magnitude", seed, 0.80 + 0.01 * (seed - 1)))
+            rows.append(_row(method, "random", seed, 0.5))
+        for method in ("slimming", "slimming+ft", "l1norm", "l1norm+ft"):
+            rows.append(_row(method, None, seed, 0.6))
+    return rows
+
+
+def test_switcher_clearly_above_the_best_fixed_scorer_is_better() -> None:
+    (cell,) = R.verdict(_records([0.85, 0.86, 0.87]), SCORERS)["cells"]
+    assert cell["best_fixed"] == "magnitude"
+    assert cell["switcher_minus_best"] == pytest.approx(0.06)
+    assert cell["better"] and cell["within_sd"]
+    assert cell["worst_seed_drop[switcher]"] == pytest.approx(0.05)
+    assert cell["beats_baselines[random]"] is False
+    assert cell["beats_baselines[switcher]+ft"] is True
+
+
+def test_switcher_far_below_is_neither_better_nor_within_a_deviation() -> None:
+    (cell,) = R.verdict(_records([0.70, 0.71, 0.72]), SCORERS)["cells"]
+    assert cell["switcher_minus_best"] == pytest.approx(-0.09)
+    assert not cell["better"] and not cell["within_sd"]
+
+
+def test_without_the_switcher_there_is_no_comparison_to_the_best_fixed_scorer() -> None:
+    rows = [r for r in _records([0.8] * 3) if r["scorer"] != "switcher"]
+    (cell,) = R.verdict(rows, ("magnitude", "random"))["cells"]
+    assert "best_fixed" not in cell
+    md = R.markdown(rows, META, ("magnitude", "random"))
+    assert "## Verdict" not in md
+    assert "## Ours against the Torch-Pruning baselines" in md
+
+
+def test_markdown_tables_hold_the_means_of_the_records() -> None:
+    rows = _records([0.85, 0.86, 0.87])
+    md = R.markdown(rows, META, SCORERS)
+    assert "## mlp, params target 0.3" in md
+    assert "| ours[magnitude] | 80.00 ± 1.00 | 0.300 | 0.300 | 1.00 | 1.00 |" in md
+    assert "| unpruned | 90.00 ± 0.00 | 1.000 | 1.000 | 1.00 | 1.00 |" in md
+    assert "| mlp, params 0.3 | magnitude | +6.00 |" in md
+    assert "| mlp, params 0.3 | yes | yes | yes | yes | no | no |" in md
+    assert "## The paper's claims" not in md
+
+
+def test_claims_get_their_own_table() -> None:
+    claim = _row("claim:auto", "magnitude", 0, 0.75, target=False) | {"widths": {"fc1": 3}}
+    md = R.markdown([claim], META, SCORERS)
+    assert "| auto | mnist / mlp | 1.000 ± 0.000 | 75.00 ± 0.00 | {'fc1': 3} |" in md
+
+
+def test_results_files_agree_with_each_other(tmp_path: Path) -> None:
+    rows = _records([0.85, 0.86, 0.87])
+    written = R.write_results(tmp_path, rows, META, SCORERS)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert set(data) == {"meta", "verdict", "records"}
+    assert data["records"] == rows and data["meta"] == META
+    assert data["verdict"] == R.verdict(rows, SCORERS)
+    assert written.read_text() == R.markdown(rows, META, SCORERS) + "\n"
+
+
+def test_labels_name_the_scorer_of_ours_only() -> None:
+    assert M.label(_row("ours+ft", "random", 0, 0.5)) == "ours[random]+ft"
+    assert M.label(_row("claim:auto", "magnitude", 0, 0.5)) == "claim:auto"
+    assert M.label(_row("slimming", None, 0, 0.5)) == "slimming"
+
+
+def test_interleaved_latency_times_every_model_at_both_batch_sizes() -> None:
+    models = {"wide": nn.Linear(64, 512), "narrow": nn.Linear(64, 2)}
+    latency = M.interleaved_latency(models, (64,), repeats=2)
+    assert set(latency) == {"wide", "narrow"}
+    for timing in latency.values():
+        assert set(timing) == {"latency_ms_b1", "latency_ms_b256"}
+        assert all(ms > 0 for ms in timing.values())
