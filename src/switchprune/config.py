@@ -568,8 +568,18 @@ def from_struct(cls: type[T], data: dict[str, Any] | None, section: str | None =
     A Kubeflow ``dict`` parameter is a ``Struct``, whose numbers are all doubles: depending on
     the runner, ``epochs: 30`` arrives as ``30`` or as ``30.0``. Integral floats are read back
     as ints where the field is an int; everything else is validated by :func:`from_dict`
-    exactly as it is for ``params.yaml`` (``2.5`` for an int is still refused). Arguments,
-    result and errors are those of :func:`from_dict`.
+    exactly as it is for ``params.yaml`` (``2.5`` for an int is still refused).
+
+    Args:
+        cls: As for :func:`from_dict`.
+        data: The section's ``Struct`` as a mapping (``None`` means all defaults).
+        section: As for :func:`from_dict`.
+
+    Returns:
+        What :func:`from_dict` returns for ``data`` with its integral floats read back.
+
+    Raises:
+        ConfigError: As :func:`from_dict` does.
     """
     if isinstance(data, dict):
         fields = cls.__pydantic_fields__  # type: ignore[attr-defined]
