@@ -1,18 +1,19 @@
-"""Typed, validated configuration: one frozen dataclass per ``params.yaml`` section.
+"""Typed, validated configuration: one frozen pydantic dataclass per ``params.yaml`` section.
 
 Every config is built with :func:`from_dict`, which refuses unknown keys, wrong types and
 out-of-range values with a single :class:`ConfigError` naming the section and key, so a bad
-parameter is reported before any work starts.
+parameter is reported before any work starts. Fields are strict (no ``"5"`` for ``5``, no ``1``
+for ``true``); only ints widen to floats.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
-import types
-import typing
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, Literal, TypeVar, get_args, get_origin
+
+from pydantic import ConfigDict, Field, ValidationError, field_validator
+from pydantic.dataclasses import dataclass
 
 from switchprune.errors import InputError
 
@@ -22,6 +23,42 @@ T = TypeVar("T")
 class ConfigError(InputError, ValueError):
     """A parameter is unknown, of the wrong type or out of range."""
 
+
+def _check(ok: bool, message: str) -> None:
+    """Raise ``message`` unless ``ok``: a rule that field bounds cannot express."""
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True, config=ConfigDict(extra="forbid", strict=True))
+class _Section:
+    """A section: strict types, no keys it does not know, frozen."""
+
+    @field_validator("*", mode="wrap")
+    @classmethod
+    def _keep_strings(cls, value: Any, handler: Callable[[Any], Any]) -> Any:
+        """Keep the caller's string objects (pydantic returns its own copy of a literal).
+
+        Configs are pickled into checkpoints, where a string shared by several keys is written
+        once: which objects are shared shows in the bytes.
+        """
+        result = handler(value)
+        return value if isinstance(value, str) and result == value else result
+
+
+# Patterns of string fields, with what a mismatch message says (``{!r}``: the value).
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+_ALIAS = r"^[A-Za-z][A-Za-z0-9_-]{0,99}$"
+_S3_URI = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$"
+_QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$"
+_SECRET = r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$"
+_PATTERN_MESSAGES = {
+    _NAME: "must be 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit",
+    _ALIAS: "must be letters, digits, '_' or '-' (an MLflow alias)",
+    _S3_URI: "must be s3://bucket[/prefix] with a valid bucket name, got {!r}",
+    _QUANTITY: "is not a Kubernetes quantity",
+    _SECRET: "must be a Kubernetes secret name",
+}
 
 Dataset = Literal["digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "idx", "folder"]
 # Hand-written task networks, then torchvision's (gated through the dependency graph).
@@ -57,7 +94,7 @@ def recipe_lr(tnn_lr: float | str, arch: str) -> float:
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(_Section):
     """Which dataset to use, how to split it and how training reads it.
 
     Attributes:
@@ -95,41 +132,31 @@ class DataConfig:
     image_size: int | None = None
     raw_dir: str = "data/raw"
     download: bool = True
-    val_fraction: float = 0.1
-    test_fraction: float = 0.2
-    split_seed: int = 0
+    val_fraction: float = Field(0.1, ge=0, lt=0.5)
+    test_fraction: float = Field(0.2, gt=0, lt=0.5)
+    split_seed: int = Field(0, ge=0)
     loader: Literal["auto", "memory", "stream"] = "auto"
-    num_workers: int = 0
+    num_workers: int = Field(0, ge=0, le=64)
     augment: Literal["none", "standard"] = "none"
 
-    def validate(self) -> None:
-        """Check ranges and cross-field rules."""
-        _check(0.0 <= self.val_fraction < 0.5, "data", "val_fraction", "must be in [0, 0.5)")
-        _check(0.0 < self.test_fraction < 0.5, "data", "test_fraction", "must be in (0, 0.5)")
-        _check(self.split_seed >= 0, "data", "split_seed", "must be >= 0")
+    def __post_init__(self) -> None:
+        """Check the rules across fields."""
         _check(
             self.dataset != "idx" or bool(self.idx_dir),
-            "data",
-            "idx_dir",
-            "is required when dataset is 'idx'",
+            "[data] idx_dir is required when dataset is 'idx'",
         )
         _check(
             self.dataset != "folder" or bool(self.folder_dir),
-            "data",
-            "folder_dir",
-            "is required when dataset is 'folder'",
+            "[data] folder_dir is required when dataset is 'folder'",
         )
         _check(
             self.image_size is None or 1 <= self.image_size <= 4096,
-            "data",
-            "image_size",
-            "must be null or in [1, 4096]",
+            "[data] image_size must be null or in [1, 4096]",
         )
-        _check(0 <= self.num_workers <= 64, "data", "num_workers", "must be in [0, 64]")
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_Section):
     """The task network (TNN).
 
     Attributes:
@@ -145,33 +172,30 @@ class ModelConfig:
     """
 
     arch: str = "mlp"
-    hidden: tuple[int, ...] = (300, 100)
-    width_multiplier: float = 1.0
+    # Lax only for the container: YAML gives a list; the widths themselves stay strict ints.
+    hidden: tuple[int, ...] = Field((300, 100), strict=False)
+    width_multiplier: float = Field(1.0, gt=0, le=4)
     small_input: bool | None = None
 
-    def validate(self) -> None:
-        """Check ranges."""
-        _check(len(self.hidden) >= 1, "model", "hidden", "needs at least one layer")
-        _check(all(h >= 1 for h in self.hidden), "model", "hidden", "widths must be >= 1")
-        _check(0.0 < self.width_multiplier <= 4.0, "model", "width_multiplier", "must be in (0, 4]")
+    def __post_init__(self) -> None:
+        """Check the widths, the architecture and the rules across fields."""
+        _check(len(self.hidden) >= 1, "[model] hidden needs at least one layer")
+        _check(all(h >= 1 for h in self.hidden), "[model] hidden widths must be >= 1")
         known = OWN_ARCHS + TORCHVISION_ARCHS
         _check(
             self.arch in known or ":" in self.arch,
-            "model",
-            "arch",
-            f"unknown architecture {self.arch!r} (known: {', '.join(known)}, or "
+            f"[model] arch unknown architecture {self.arch!r} (known: {', '.join(known)}, or "
             "'path/to/file.py:build' / 'package.module:build' for your own)",
         )
         _check(
             self.arch in OWN_ARCHS or self.width_multiplier <= 1.0,
-            "model",
-            "width_multiplier",
-            "must be <= 1 for torchvision and user networks (groups keep their first units)",
+            "[model] width_multiplier must be <= 1 for torchvision and user networks "
+            "(groups keep their first units)",
         )
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_Section):
     """Alternating SNN/TNN training.
 
     Attributes:
@@ -235,92 +259,61 @@ class TrainConfig:
         checkpoint_every: Save a resumable checkpoint every this many epochs.
     """
 
-    epochs: int = 30
-    batch_size: int = 64
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(64, ge=1)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     tnn_lr: float | Literal["auto"] = "auto"
-    tnn_momentum: float = 0.9
-    tnn_weight_decay: float = 5e-4
-    snn_lr: float = 0.01
-    snn_momentum: float = 0.9
-    tnn_steps_per_snn_step: int = 8
+    tnn_momentum: float = Field(0.9, ge=0, lt=1)
+    tnn_weight_decay: float = Field(5e-4, ge=0)
+    snn_lr: float = Field(0.01, gt=0)
+    snn_momentum: float = Field(0.9, ge=0, lt=1)
+    tnn_steps_per_snn_step: int = Field(8, ge=1)
     alternation: Literal["batch", "epoch"] = "batch"
     warmup_epochs: int = 0
-    switch_epochs_fraction: float = 0.75
+    switch_epochs_fraction: float = Field(0.75, gt=0, le=1)
     detach_factors: bool = True
     snn_input: Literal["stats", "rows"] = "stats"
-    snn_hidden: int = 32
+    snn_hidden: int = Field(32, ge=1)
     scorer: Literal["switcher", "magnitude", "random"] = "magnitude"
     snn_prior: bool = True
     snn_gates: Literal["straight", "stochastic"] = "stochastic"
-    gate_temperature: float = 0.1
-    snn_holdout: float = 0.0
+    gate_temperature: float = Field(0.1, gt=0)
+    snn_holdout: float = Field(0.0, ge=0, lt=0.5)
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     compression: Literal["target", "auto", "penalty", "none"] = "target"
     target_metric: Literal["params", "macs"] = "params"
-    target_ratio: float = 0.4
-    width_multiple: int = 1
-    penalty: float = 0.05
-    max_accuracy_drop: float = 0.01
-    auto_shrink: float = 0.6
-    ramp_fraction: float = 0.5
+    target_ratio: float = Field(0.4, gt=0, le=1)
+    width_multiple: int = Field(1, ge=1)
+    penalty: float = Field(0.05, ge=0)
+    max_accuracy_drop: float = Field(0.01, ge=0, lt=1)
+    auto_shrink: float = Field(0.6, gt=0, lt=1)
+    ramp_fraction: float = Field(0.5, ge=0, le=1)
     baseline: bool = True
-    checkpoint_every: int = 1
+    checkpoint_every: int = Field(1, ge=1)
 
-    def validate(self) -> None:
-        """Check ranges and cross-field rules."""
-        _check(self.epochs >= 1, "train", "epochs", "must be >= 1")
-        _check(self.batch_size >= 1, "train", "batch_size", "must be >= 1")
-        _check(self.tnn_lr == "auto" or self.tnn_lr > 0, "train", "tnn_lr", "must be > 0 or auto")
-        _check(self.snn_lr > 0, "train", "snn_lr", "must be > 0")
-        for key in ("tnn_momentum", "snn_momentum"):
-            _check(0.0 <= getattr(self, key) < 1.0, "train", key, "must be in [0, 1)")
-        _check(self.tnn_weight_decay >= 0, "train", "tnn_weight_decay", "must be >= 0")
-        _check(self.tnn_steps_per_snn_step >= 1, "train", "tnn_steps_per_snn_step", "must be >= 1")
+    def __post_init__(self) -> None:
+        """Check the rules across fields."""
+        _check(self.tnn_lr == "auto" or self.tnn_lr > 0, "[train] tnn_lr must be > 0 or auto")
         _check(
-            0 <= self.warmup_epochs < self.epochs,
-            "train",
-            "warmup_epochs",
-            "must be >= 0 and < epochs",
+            0 <= self.warmup_epochs < self.epochs, "[train] warmup_epochs must be >= 0 and < epochs"
         )
-        _check(
-            0.0 < self.switch_epochs_fraction <= 1.0,
-            "train",
-            "switch_epochs_fraction",
-            "must be in (0, 1]",
-        )
-        _check(self.snn_hidden >= 1, "train", "snn_hidden", "must be >= 1")
         _check(
             self.scorer == "switcher" or self.compression in ("target", "auto"),
-            "train",
-            "scorer",
-            f"{self.scorer!r} needs compression: target or auto (it has no zeros of its own)",
+            f"[train] scorer {self.scorer!r} needs compression: target or auto "
+            "(it has no zeros of its own)",
         )
-        _check(
-            0.0 <= self.max_accuracy_drop < 1.0, "train", "max_accuracy_drop", "must be in [0, 1)"
-        )
-        _check(0.0 < self.auto_shrink < 1.0, "train", "auto_shrink", "must be in (0, 1)")
         _check(
             not self.snn_prior
             or self.snn_gates == "stochastic"
             or self.compression not in ("target", "auto"),
-            "train",
-            "snn_prior",
-            "needs snn_gates: stochastic (kept units are unscaled, so only sampled gates "
-            "carry the task loss to the switcher)",
+            "[train] snn_prior needs snn_gates: stochastic (kept units are unscaled, so only "
+            "sampled gates carry the task loss to the switcher)",
         )
-        _check(self.gate_temperature > 0, "train", "gate_temperature", "must be > 0")
-        _check(0.0 <= self.snn_holdout < 0.5, "train", "snn_holdout", "must be in [0, 0.5)")
-        _check(0.0 < self.target_ratio <= 1.0, "train", "target_ratio", "must be in (0, 1]")
-        _check(self.width_multiple >= 1, "train", "width_multiple", "must be >= 1")
-        _check(self.penalty >= 0, "train", "penalty", "must be >= 0")
-        _check(0.0 <= self.ramp_fraction <= 1.0, "train", "ramp_fraction", "must be in [0, 1]")
-        _check(self.checkpoint_every >= 1, "train", "checkpoint_every", "must be >= 1")
 
 
 @dataclass(frozen=True)
-class PruneConfig:
+class PruneConfig(_Section):
     """Thresholding of the factors and compaction.
 
     Attributes:
@@ -330,26 +323,21 @@ class PruneConfig:
         round_to: Round kept widths up to a multiple of this (hardware-friendly widths).
     """
 
-    threshold: float = 0.0
+    threshold: float = Field(0.0, ge=0)
     relative: bool = False
     min_units: int = 1
-    round_to: int = 1
+    round_to: int = Field(1, ge=1)
 
-    def validate(self) -> None:
-        """Check ranges."""
-        _check(self.threshold >= 0, "prune", "threshold", "must be >= 0")
+    def __post_init__(self) -> None:
+        """Check the rules across fields."""
         _check(
-            not self.relative or self.threshold < 1.0,
-            "prune",
-            "threshold",
-            "must be < 1 when relative",
+            not self.relative or self.threshold < 1.0, "[prune] threshold must be < 1 when relative"
         )
-        _check(self.min_units >= 1, "prune", "min_units", "must be >= 1 (a layer is never emptied)")
-        _check(self.round_to >= 1, "prune", "round_to", "must be >= 1")
+        _check(self.min_units >= 1, "[prune] min_units must be >= 1 (a layer is never emptied)")
 
 
 @dataclass(frozen=True)
-class EvaluateConfig:
+class EvaluateConfig(_Section):
     """Measurement settings.
 
     Attributes:
@@ -363,28 +351,16 @@ class EvaluateConfig:
             the trained model's and evaluation is refused.
     """
 
-    batch_size: int = 256
-    latency_warmup: int = 5
-    latency_repeats: int = 20
-    threads: int = 0
+    batch_size: int = Field(256, ge=1)
+    latency_warmup: int = Field(5, ge=0)
+    latency_repeats: int = Field(20, ge=1)
+    threads: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    max_logit_diff: float = 1e-4
-
-    def validate(self) -> None:
-        """Check ranges."""
-        _check(self.batch_size >= 1, "evaluate", "batch_size", "must be >= 1")
-        _check(self.max_logit_diff > 0, "evaluate", "max_logit_diff", "must be > 0")
-        _check(self.latency_warmup >= 0, "evaluate", "latency_warmup", "must be >= 0")
-        _check(self.latency_repeats >= 1, "evaluate", "latency_repeats", "must be >= 1")
-        _check(self.threads >= 0, "evaluate", "threads", "must be >= 0")
-
-
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-_ALIAS_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,99}$")
+    max_logit_diff: float = Field(1e-4, gt=0)
 
 
 @dataclass(frozen=True)
-class RegisterConfig:
+class RegisterConfig(_Section):
     """Logging and registration in MLflow.
 
     The tracking URI is not a parameter: it comes from ``MLFLOW_TRACKING_URI``, else the
@@ -396,35 +372,19 @@ class RegisterConfig:
         alias: Alias set on the registered version.
     """
 
-    model_name: str = "switchprune-digits-mlp"
-    experiment: str = "switchprune"
-    alias: str = "candidate"
+    model_name: str = Field("switchprune-digits-mlp", pattern=_NAME)
+    experiment: str = Field("switchprune", pattern=_NAME)
+    alias: str = Field("candidate", pattern=_ALIAS)
 
-    def validate(self) -> None:
-        """Check names."""
+    def __post_init__(self) -> None:
+        """Keep ``champion`` for promotion."""
         _check(
-            bool(_ALIAS_RE.match(self.alias)),
-            "register",
-            "alias",
-            "must be letters, digits, '_' or '-' (an MLflow alias)",
-        )
-        for key in ("model_name", "experiment"):
-            _check(
-                bool(_NAME_RE.match(getattr(self, key))),
-                "register",
-                key,
-                "must be 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit",
-            )
-        _check(
-            self.alias != "champion",
-            "register",
-            "alias",
-            "must not be 'champion' (promote sets it)",
+            self.alias != "champion", "[register] alias must not be 'champion' (promote sets it)"
         )
 
 
 @dataclass(frozen=True)
-class PromoteConfig:
+class PromoteConfig(_Section):
     """The gate a registered model passes before it is copied to S3 and made ``champion``.
 
     Attributes:
@@ -443,50 +403,18 @@ class PromoteConfig:
         not_worse_than_champion: Refuse a model less accurate than the current champion.
     """
 
-    s3_uri: str = "s3://switchprune-models"
-    alias: str = "champion"
-    min_accuracy: float = 0.9
-    max_accuracy_drop: float = 0.02
-    max_params_ratio: float = 0.8
+    s3_uri: str = Field("s3://switchprune-models", pattern=_S3_URI)
+    alias: str = Field("champion", pattern=_ALIAS)
+    min_accuracy: float = Field(0.9, ge=0, le=1)
+    max_accuracy_drop: float = Field(0.02, ge=0, le=1)
+    max_params_ratio: float = Field(0.8, gt=0, le=1)
     max_logit_diff: float = 1e-4
-    remove_incomplete_after: float = 3600.0
+    remove_incomplete_after: float = Field(3600.0, ge=0)
     not_worse_than_champion: bool = True
-
-    def validate(self) -> None:
-        """Check ranges and the S3 URI."""
-        _check(
-            self.remove_incomplete_after >= 0,
-            "promote",
-            "remove_incomplete_after",
-            "must be >= 0",
-        )
-        bucket = self.s3_uri[5:].split("/", 1)[0] if self.s3_uri.startswith("s3://") else ""
-        _check(
-            bool(re.match(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", bucket)),
-            "promote",
-            "s3_uri",
-            f"must be s3://bucket[/prefix] with a valid bucket name, got {self.s3_uri!r}",
-        )
-        _check(
-            bool(_ALIAS_RE.match(self.alias)),
-            "promote",
-            "alias",
-            "must be letters, digits, '_' or '-' (an MLflow alias)",
-        )
-        _check(0.0 <= self.min_accuracy <= 1.0, "promote", "min_accuracy", "must be in [0, 1]")
-        _check(
-            0.0 <= self.max_accuracy_drop <= 1.0,
-            "promote",
-            "max_accuracy_drop",
-            "must be in [0, 1]",
-        )
-        _check(
-            0.0 < self.max_params_ratio <= 1.0, "promote", "max_params_ratio", "must be in (0, 1]"
-        )
 
 
 @dataclass(frozen=True)
-class KubeflowConfig:
+class KubeflowConfig(_Section):
     """Placement of the pipeline's tasks on a Kubernetes cluster (used only when compiling).
 
     Attributes:
@@ -509,55 +437,35 @@ class KubeflowConfig:
     """
 
     gpu_type: str = "nvidia.com/gpu"
-    gpu_count: int = 1
-    node_selector: dict[str, str] = dataclasses.field(
+    gpu_count: int = Field(1, ge=0)
+    node_selector: dict[str, str] = Field(
         default_factory=lambda: {"nvidia.com/gpu.present": "true"}
     )
-    tolerations: tuple[dict[str, str], ...] = (
-        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+    # Lax only for the container (YAML gives a list); the entries stay strict mappings.
+    tolerations: tuple[dict[str, str], ...] = Field(
+        ({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},), strict=False
     )
-    cpu_request: str = "500m"
-    cpu_limit: str = "2"
-    memory_request: str = "1Gi"
-    memory_limit: str = "4Gi"
-    train_cpu_limit: str = "8"
-    train_memory_limit: str = "16Gi"
-    s3_secret: str = "switchprune-s3"
-    mlflow_secret: str = "switchprune-mlflow"
-    retries: int = 3
+    cpu_request: str = Field("500m", pattern=_QUANTITY)
+    cpu_limit: str = Field("2", pattern=_QUANTITY)
+    memory_request: str = Field("1Gi", pattern=_QUANTITY)
+    memory_limit: str = Field("4Gi", pattern=_QUANTITY)
+    train_cpu_limit: str = Field("8", pattern=_QUANTITY)
+    train_memory_limit: str = Field("16Gi", pattern=_QUANTITY)
+    s3_secret: str = Field("switchprune-s3", pattern=_SECRET)
+    mlflow_secret: str = Field("switchprune-mlflow", pattern=_SECRET)
+    retries: int = Field(3, ge=0)
 
-    def validate(self) -> None:
-        """Check counts, quantities and tolerations."""
-        _check(self.gpu_count >= 0, "kubeflow", "gpu_count", "must be >= 0")
-        _check(self.retries >= 0, "kubeflow", "retries", "must be >= 0")
-        for key in (
-            "cpu_request",
-            "cpu_limit",
-            "memory_request",
-            "memory_limit",
-            "train_cpu_limit",
-            "train_memory_limit",
-        ):
-            _check(_quantity(getattr(self, key)), "kubeflow", key, "is not a Kubernetes quantity")
+    def __post_init__(self) -> None:
+        """Check the tolerations' keys and operators."""
         for t in self.tolerations:
             _check(
                 set(t) <= {"key", "operator", "value", "effect"} and "key" in t,
-                "kubeflow",
-                "tolerations",
-                "entries need 'key' and may have 'operator', 'value', 'effect'",
+                "[kubeflow] tolerations entries need 'key' and may have 'operator', 'value', "
+                "'effect'",
             )
             _check(
                 t.get("operator", "Equal") in ("Exists", "Equal"),
-                "kubeflow",
-                "tolerations",
-                "operator must be Exists or Equal",
-            )
-        for key in ("s3_secret", "mlflow_secret"):
-            _check(
-                bool(re.match(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$", getattr(self, key))),
-                "kubeflow",
-                key,
-                "must be a Kubernetes secret name",
+                "[kubeflow] tolerations operator must be Exists or Equal",
             )
 
 
@@ -572,72 +480,63 @@ SECTIONS: dict[str, type] = {
     "kubeflow": KubeflowConfig,
 }
 
+# What a wrong type is called in messages, by pydantic error type.
+_EXPECTED = {
+    "int_type": "an integer",
+    "float_type": "a number",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "tuple_type": "a list",
+    "dict_type": "a mapping",
+}
+_BOUNDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
 
-def _check(ok: bool, section: str, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"[{section}] {key} {message}")
+
+def _bounds_message(metadata: list[Any]) -> str:
+    """``must be in (0, 1]`` or ``must be >= 1``: a field's whole range, not the bound missed."""
+    b = {op: getattr(m, op) for m in metadata for op in _BOUNDS if hasattr(m, op)}
+    if len(b) == 1:
+        ((op, bound),) = b.items()
+        return f"must be {_BOUNDS[op]} {bound:g}"
+    low, high = b.get("ge", b.get("gt")), b.get("le", b.get("lt"))
+    return f"must be in {'[' if 'ge' in b else '('}{low:g}, {high:g}{']' if 'le' in b else ')'}"
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Return ``value`` converted to ``tp`` or raise ConfigError; ints widen to floats only."""
-    origin = get_origin(tp)
-    if tp is Any:
-        return value
-    if origin is Literal:
-        choices = get_args(tp)
-        if value not in choices:
-            raise ConfigError(f"{where} must be one of {list(choices)}, got {value!r}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"{where} has the wrong type")
-    if origin is dict:
-        key_tp, value_tp = get_args(tp)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where} must be a mapping, got {type(value).__name__} {value!r}")
-        return {
-            _coerce(k, key_tp, f"{where} key"): _coerce(v, value_tp, f"{where}[{k!r}]")
-            for k, v in value.items()
-        }
-    if origin is tuple:
-        (item_tp, _ellipsis) = get_args(tp)
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{where} must be a list, got {type(value).__name__} {value!r}")
-        return tuple(_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value))
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where} must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{where} must be a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where} must be a string, got {value!r}")
-        return value
-    raise ConfigError(f"{where}: unsupported type {tp!r}")  # pragma: no cover
+def _error(cls: type, section: str, exc: ValidationError) -> ConfigError:
+    """The first of pydantic's errors as one ``[section] key …`` line."""
+    error = exc.errors()[0]
+    ctx = error.get("ctx", {})
+    if isinstance(ctx.get("error"), ConfigError):
+        return ctx["error"]  # a rule across fields, already worded
+    name, *path = error["loc"]
+    key = path[-1:] == ["[key]"]  # a mapping's key is at fault, not its value
+    path = path[:-2] if key else path
+    field = cls.__pydantic_fields__[name]  # type: ignore[attr-defined]
+    where = f"[{section}] {name}"
+    if get_origin(field.annotation) in (tuple, dict):  # elsewhere the path names union members
+        where += "".join(f"[{p!r}]" for p in path) + (" key" if key else "")
+    kind, value = error["type"], error["input"]
+    if kind in _EXPECTED:
+        got = repr(value)
+        if kind in ("tuple_type", "dict_type"):
+            got = f"{type(value).__name__} {got}"
+        return ConfigError(f"{where} must be {_EXPECTED[kind]}, got {got}")
+    if kind == "literal_error":
+        return ConfigError(
+            f"{where} must be one of {list(get_args(field.annotation))}, got {value!r}"
+        )
+    if kind == "string_pattern_mismatch":
+        return ConfigError(f"{where} {_PATTERN_MESSAGES[ctx['pattern']].format(value)}")
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        return ConfigError(f"{where} {_bounds_message(field.metadata)}")
+    return ConfigError(f"{where}: {error['msg']}")  # pragma: no cover
 
 
 def from_dict(cls: type[T], data: dict[str, Any] | None, section: str | None = None) -> T:
     """Build a config from a mapping, refusing unknown keys, wrong types and bad values.
 
     Args:
-        cls: One of the config dataclasses.
+        cls: One of the config classes.
         data: The section's mapping (``None`` means all defaults).
         section: Section name used in messages (defaults to the class's section).
 
@@ -651,21 +550,20 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, section: str | None = N
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"[{section}] must be a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
-    unknown = sorted(set(data) - set(names))
+    unknown = sorted((k for k in data if k not in names), key=str)
     if unknown:
         raise ConfigError(
             f"[{section}] unknown key {unknown[0]!r} (known keys: {', '.join(names)})"
         )
-    kwargs = {k: _coerce(v, hints[k], f"[{section}] {k}") for k, v in data.items()}
-    cfg = cls(**kwargs)
-    cfg.validate()  # type: ignore[attr-defined]
-    return cfg
+    try:
+        return cls(**data)
+    except ValidationError as exc:
+        raise _error(cls, section, exc) from None
 
 
 def from_struct(cls: type[T], data: dict[str, Any] | None, section: str | None = None) -> T:
-    """Like :func:`from_dict`, for a section that travelled as a protobuf ``Struct``.
+    """:func:`from_dict` for a section that travelled as a protobuf ``Struct``.
 
     A Kubeflow ``dict`` parameter is a ``Struct``, whose numbers are all doubles: depending on
     the runner, ``epochs: 30`` arrives as ``30`` or as ``30.0``. Integral floats are read back
@@ -673,19 +571,21 @@ def from_struct(cls: type[T], data: dict[str, Any] | None, section: str | None =
     exactly as it is for ``params.yaml`` (``2.5`` for an int is still refused).
 
     Args:
-        cls: One of the config dataclasses.
-        data: The section's mapping (``None`` means all defaults).
-        section: Section name used in messages (defaults to the class's section).
+        cls: As for :func:`from_dict`.
+        data: The section's ``Struct`` as a mapping (``None`` means all defaults).
+        section: As for :func:`from_dict`.
 
     Returns:
-        The validated, frozen config.
+        What :func:`from_dict` returns for ``data`` with its integral floats read back.
 
     Raises:
-        ConfigError: With one message naming the section and the key at fault.
+        ConfigError: As :func:`from_dict` does.
     """
     if isinstance(data, dict):
-        hints = typing.get_type_hints(cls)
-        data = {k: _ints_back(v, hints[k]) if k in hints else v for k, v in data.items()}
+        fields = cls.__pydantic_fields__  # type: ignore[attr-defined]
+        data = {
+            k: _ints_back(v, fields[k].annotation) if k in fields else v for k, v in data.items()
+        }
     return from_dict(cls, data, section)
 
 
@@ -715,29 +615,16 @@ def sections_from_struct(sections: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def _ints_back(value: Any, tp: Any) -> Any:
     """``value`` with integral floats turned into ints wherever ``tp`` expects an int."""
-    origin = get_origin(tp)
-    if tp is int:
-        is_integral = isinstance(value, float) and value.is_integer()
-        return int(value) if is_integral else value
-    if origin in (typing.Union, types.UnionType):
-        args = set(get_args(tp)) - {type(None)}
-        return _ints_back(value, int) if int in args and float not in args else value
-    if origin is tuple and isinstance(value, list | tuple):
+    if get_origin(tp) is tuple and isinstance(value, list | tuple):
         return [_ints_back(v, get_args(tp)[0]) for v in value]
-    if origin is dict and isinstance(value, dict):
-        return {k: _ints_back(v, get_args(tp)[1]) for k, v in value.items()}
-    return value
+    wants_int = tp is int or (int in get_args(tp) and float not in get_args(tp))
+    return int(value) if wants_int and isinstance(value, float) and value.is_integer() else value
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Return a config as a plain, YAML/JSON-friendly mapping (tuples become lists)."""
     out = dataclasses.asdict(cfg)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
-
-
-def _quantity(text: str) -> bool:
-    """A Kubernetes CPU or memory quantity such as ``500m``, ``2``, ``4Gi``."""
-    return bool(re.match(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$", text))
 
 
 def load_params(path: str | Any, sections: list[str] | None = None) -> dict[str, Any]:

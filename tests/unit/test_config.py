@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +15,14 @@ from switchprune.config import (
     ConfigError,
     DataConfig,
     EvaluateConfig,
+    KubeflowConfig,
     ModelConfig,
+    PromoteConfig,
     PruneConfig,
+    RegisterConfig,
     TrainConfig,
     from_dict,
+    from_struct,
     load_params,
     to_dict,
 )
@@ -65,6 +71,15 @@ BAD = [
     pytest.param(
         PruneConfig, {"relative": True, "threshold": 1.0}, "prune", "threshold", id="rel-thr"
     ),
+    # names, URIs and Kubernetes values
+    pytest.param(RegisterConfig, {"alias": "champion"}, "register", "alias", id="reg-champion"),
+    pytest.param(RegisterConfig, {"model_name": "-x"}, "register", "model_name", id="bad-name"),
+    pytest.param(PromoteConfig, {"s3_uri": "s3://A"}, "promote", "s3_uri", id="bad-bucket"),
+    pytest.param(KubeflowConfig, {"cpu_limit": "2 cores"}, "kubeflow", "cpu_limit", id="qty"),
+    pytest.param(KubeflowConfig, {"tolerations": [1]}, "kubeflow", "tolerations", id="tol"),
+    pytest.param(
+        KubeflowConfig, {"node_selector": {"a": 1}}, "kubeflow", "node_selector", id="selector"
+    ),
 ]
 
 
@@ -86,6 +101,35 @@ def test_unknown_key_lists_the_known_keys() -> None:
 def test_wrong_type_message_says_what_was_expected_and_got() -> None:
     message = refusal(TrainConfig, {"epochs": 2.5})
     assert message == "[train] epochs must be an integer, got 2.5"
+
+
+MESSAGES = [
+    (DataConfig, {"image_size": 0}, "[data] image_size must be null or in [1, 4096]"),
+    (TrainConfig, {"snn_momentum": 1.0}, "[train] snn_momentum must be in [0, 1)"),
+    (TrainConfig, {"tnn_lr": 0}, "[train] tnn_lr must be > 0 or auto"),
+    (
+        TrainConfig,
+        {"device": "gpu"},
+        "[train] device must be one of ['auto', 'cpu', 'cuda'], got 'gpu'",
+    ),
+    (ModelConfig, {"hidden": 300}, "[model] hidden must be a list, got int 300"),
+    (ModelConfig, {"hidden": [8, "4"]}, "[model] hidden[1] must be an integer, got '4'"),
+    (
+        PromoteConfig,
+        {"s3_uri": "http://b"},
+        "[promote] s3_uri must be s3://bucket[/prefix] with a valid bucket name, got 'http://b'",
+    ),
+    (
+        KubeflowConfig,
+        {"tolerations": [{"key": 1}]},
+        "[kubeflow] tolerations[0]['key'] must be a string, got 1",
+    ),
+]
+
+
+@pytest.mark.parametrize(("cls", "data", "message"), MESSAGES)
+def test_messages_say_the_whole_rule_and_where(cls: type, data: dict[str, Any], message: str):
+    assert refusal(cls, data) == message
 
 
 def test_non_mapping_section_is_refused() -> None:
@@ -110,6 +154,33 @@ def test_none_and_empty_mean_defaults_and_configs_are_frozen() -> None:
     cfg = from_dict(TrainConfig, {"epochs": 3})
     with pytest.raises(AttributeError):
         cfg.epochs = 4  # type: ignore[misc]
+
+
+def test_configs_built_directly_or_copied_are_validated_too() -> None:
+    with pytest.raises(ValueError, match="epochs"):
+        TrainConfig(epochs=0)
+    with pytest.raises(ValueError, match="target_ratio"):
+        dataclasses.replace(TrainConfig(), target_ratio=2.0)
+    assert dataclasses.replace(TrainConfig(), epochs=3).epochs == 3
+
+
+def test_configs_keep_the_callers_strings_so_pickled_records_do_not_change() -> None:
+    """Pickle writes a string shared by several keys once: sharing shows in the bytes."""
+    raw = {"device": "".join(["au", "to"]), "amp": "".join(["au", "to"])}  # equal, not shared
+    plain = to_dict(from_dict(TrainConfig, raw))
+    assert plain["device"] is raw["device"] and plain["amp"] is raw["amp"]
+    assert pickle.dumps(plain) == pickle.dumps({**to_dict(TrainConfig()), **raw})
+
+
+def test_struct_numbers_become_ints_only_where_the_field_is_an_int() -> None:
+    cfg = from_struct(TrainConfig, {"epochs": 4.0, "tnn_lr": 1.0, "target_ratio": 1.0})
+    assert (cfg.epochs, type(cfg.epochs), type(cfg.tnn_lr)) == (4, int, float)
+    assert type(cfg.target_ratio) is float
+    model = from_struct(ModelConfig, {"hidden": [8.0, 4.0]})
+    assert model.hidden == (8, 4) and all(type(h) is int for h in model.hidden)
+    assert from_struct(DataConfig, {"image_size": 32.0}).image_size == 32
+    with pytest.raises(ConfigError, match=r"^\[data\] image_size must be an integer, got 32.5$"):
+        from_struct(DataConfig, {"image_size": 32.5})
 
 
 def test_optional_string_accepts_none_and_a_string() -> None:
