@@ -20,11 +20,9 @@ from switchprune.evaluation import (
     retain_freed_memory,
     state_dict_bytes,
 )
-from switchprune.io import COMPACT_FILE, ArtifactError
+from switchprune.io import COMPACT_FILE, ArtifactError, load_baseline, load_compacted, load_switched
 from switchprune.onnx_export import ONNX_FILE, export_temporary, latency_ms
 from switchprune.pruning import masked_factors
-from switchprune.stages.prune import load_compacted
-from switchprune.stages.train import load_baseline, load_switched
 from switchprune.training import resolve_device
 
 

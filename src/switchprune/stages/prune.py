@@ -4,17 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from switchprune.config import PruneConfig, to_dict
 from switchprune.evaluation import count_macs, count_params
-from switchprune.io import COMPACT_FILE, ArtifactError, load_model_file, save_model, write_json
-from switchprune.models import TaskNet
+from switchprune.io import COMPACT_FILE, WIDTHS_FILE, load_switched, save_model, write_json
 from switchprune.onnx_export import ONNX_FILE, export_checked
 from switchprune.pruning import compact, kept_widths, threshold_factors
-from switchprune.stages.train import load_switched
-
-WIDTHS_FILE = "widths.json"
 
 
 def run(cfg: PruneConfig, *, trained_dir: Path, model_dir: Path) -> dict[str, float]:
@@ -64,21 +58,4 @@ def run(cfg: PruneConfig, *, trained_dir: Path, model_dir: Path) -> dict[str, fl
     return metrics
 
 
-def load_compacted(model_dir: Path) -> tuple[TaskNet, dict[str, torch.Tensor]]:
-    """The compacted model written by :func:`run` and the kept unit indices per group.
-
-    Raises:
-        ArtifactError: If the file is missing, corrupt or inconsistent.
-    """
-    path = Path(model_dir) / COMPACT_FILE
-    model, blob = load_model_file(path)
-    kept = blob.get("kept")
-    if not isinstance(kept, dict) or any(
-        not isinstance(v, torch.Tensor) or v.numel() != model.spec.widths.get(k, -1)
-        for k, v in kept.items()
-    ):
-        raise ArtifactError(f"{path}: kept indices missing or inconsistent with the widths")
-    return model, kept
-
-
-__all__ = ["WIDTHS_FILE", "load_compacted", "run"]
+__all__ = ["run"]

@@ -4,19 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
 
 from switchprune.config import DataConfig, ModelConfig, TrainConfig, to_dict
 from switchprune.data import load_meta, load_split, open_split, use_streaming
-from switchprune.io import ArtifactError, load_model_file, save_model, write_json
-from switchprune.models import TaskNet, spec_from_config
+from switchprune.io import BASELINE_FILE, SWITCHED_FILE, save_model, write_json
+from switchprune.models import spec_from_config
 from switchprune.training import fit, resolve_device
-
-SWITCHED_FILE = "switched.pt"
-BASELINE_FILE = "baseline.pt"
-HISTORY_FILE = "train_history.json"
 
 
 def run(
@@ -136,41 +129,4 @@ def history_records(
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
-def load_switched(trained_dir: Path) -> tuple[TaskNet, dict[str, torch.Tensor], dict[str, Any]]:
-    """Read the switched TNN and its final factors written by :func:`run`.
-
-    Returns:
-        The full-width task network (eval mode), its factors per group, and the stored mapping.
-
-    Raises:
-        ArtifactError: If the file is missing, corrupt or its factors do not fit the network.
-    """
-    path = Path(trained_dir) / SWITCHED_FILE
-    model, blob = load_model_file(path)
-    factors = blob.get("factors")
-    sizes = model.group_sizes()
-    if not isinstance(factors, dict) or set(factors) != set(sizes):
-        raise ArtifactError(f"{path}: factors missing or not one per gate group")
-    for name, s in factors.items():
-        if not isinstance(s, torch.Tensor) or s.shape != (sizes[name],) or bool((s < 0).any()):
-            raise ArtifactError(f"{path}: factors of group {name!r} are malformed")
-    return model, factors, blob
-
-
-def load_baseline(trained_dir: Path) -> TaskNet | None:
-    """The baseline TNN written by :func:`run`, or ``None`` when it was not trained."""
-    path = Path(trained_dir) / BASELINE_FILE
-    if not path.exists():
-        return None
-    return load_model_file(path)[0]
-
-
-__all__ = [
-    "BASELINE_FILE",
-    "HISTORY_FILE",
-    "SWITCHED_FILE",
-    "history_records",
-    "load_baseline",
-    "load_switched",
-    "run",
-]
+__all__ = ["history_records", "run"]
