@@ -1,9 +1,14 @@
-"""Latency measurement set-up: the allocator keeps freed activation memory."""
+"""Measurements of a network: size before and after compaction, and latency."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+
+import pytest
+
+from switchprune.evaluation import size_metrics
+from switchprune.models import ModelSpec, build_model
 
 # Resident memory after a 256 MiB tensor was allocated, touched and freed.
 PROBE = """
@@ -30,3 +35,19 @@ def test_retain_freed_memory_keeps_large_blocks_in_the_process() -> None:
     assert applied == "True"
     # By default the freed 256 MiB go back to the system; retained, they stay resident.
     assert kept - returned > 200, (kept, returned)
+
+
+def test_size_metrics_count_weights_and_multiply_adds_per_sample() -> None:
+    full = build_model(ModelSpec("mlp", (1, 8, 8), 10, {"fc1": 12, "fc2": 6}))
+    small = build_model(ModelSpec("mlp", (1, 8, 8), 10, {"fc1": 6, "fc2": 3}))
+    metrics = size_metrics(full, small, (1, 8, 8))
+    # 64 -> 12 -> 6 -> 10 and 64 -> 6 -> 3 -> 10: weights plus biases; one MAC per weight.
+    assert metrics == {
+        "params_before": 64 * 12 + 12 + 12 * 6 + 6 + 6 * 10 + 10,
+        "params_after": 64 * 6 + 6 + 6 * 3 + 3 + 3 * 10 + 10,
+        "macs_before": 64 * 12 + 12 * 6 + 6 * 10,
+        "macs_after": 64 * 6 + 6 * 3 + 3 * 10,
+        "params_ratio": pytest.approx(451 / 928),
+        "macs_ratio": pytest.approx(432 / 900),
+    }
+    assert all(isinstance(v, float) for v in metrics.values())

@@ -13,11 +13,10 @@ from switchprune.config import DataConfig, EvaluateConfig
 from switchprune.data import load_meta, load_split, open_split, use_streaming
 from switchprune.evaluation import (
     accuracy_from_logits,
-    count_macs,
-    count_params,
     measure_latency_ms,
     predict_logits,
     retain_freed_memory,
+    size_metrics,
     state_dict_bytes,
 )
 from switchprune.io import COMPACT_FILE, ArtifactError, load_baseline, load_compacted, load_switched
@@ -92,17 +91,12 @@ def run(
         "gated_accuracy": accuracy_from_logits(gated_logits, labels),
         "max_abs_logit_diff": float((gated_logits - small_logits).abs().max()),
         "max_abs_logit_diff_f64": diff,
-        "params_before": float(count_params(full)),
-        "params_after": float(count_params(small)),
-        "macs_before": float(count_macs(full, meta.in_shape)),
-        "macs_after": float(count_macs(small, meta.in_shape)),
+        **size_metrics(full, small, meta.in_shape),
         "bytes_before": float(state_dict_bytes(full)),
         "bytes_after": float((Path(model_dir) / COMPACT_FILE).stat().st_size),
         "n_test": float(len(labels)),
         "data_md5": meta.source_md5,
     }
-    report["params_ratio"] = report["params_after"] / report["params_before"]
-    report["macs_ratio"] = report["macs_after"] / report["macs_before"]
     baseline = load_baseline(trained_dir)
     if baseline is not None:
         baseline = baseline.to(device)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from switchprune.config import PruneConfig, to_dict
-from switchprune.evaluation import count_macs, count_params
+from switchprune.evaluation import size_metrics
 from switchprune.io import COMPACT_FILE, WIDTHS_FILE, load_switched, save_model, write_json
 from switchprune.onnx_export import ONNX_FILE, export_checked
 from switchprune.pruning import compact, kept_widths, threshold_factors
@@ -33,14 +33,7 @@ def run(cfg: PruneConfig, *, trained_dir: Path, model_dir: Path) -> dict[str, fl
     small = compact(model, factors, kept)
     in_shape = model.spec.in_shape
     model.set_factors(None)
-    metrics = {
-        "params_before": float(count_params(model)),
-        "params_after": float(count_params(small)),
-        "macs_before": float(count_macs(model, in_shape)),
-        "macs_after": float(count_macs(small, in_shape)),
-    }
-    metrics["params_ratio"] = metrics["params_after"] / metrics["params_before"]
-    metrics["macs_ratio"] = metrics["macs_after"] / metrics["macs_before"]
+    metrics = size_metrics(model, small, in_shape)
     model_dir = Path(model_dir)
     save_model(
         small,
