@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 
 from switchprune.config import DataConfig, ModelConfig, TrainConfig, to_dict
@@ -51,19 +52,20 @@ def run(
     train_set, val_set = read(prepared_dir, "train"), read(prepared_dir, "val")
     spec = spec_from_config(model_cfg, meta.in_shape, meta.num_classes)
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
-
-    result = fit(
+    # The switched and the baseline run differ only in ``switched`` and their checkpoint.
+    train_once = partial(
+        fit,
         spec,
         train_set,
         val_set,
         cfg,
-        switched=True,
-        checkpoint_path=ckpt / "switched.ckpt" if ckpt else None,
         device=device,
         progress=progress,
         data=data_cfg,
         log_epochs=log_epochs,
     )
+
+    result = train_once(switched=True, checkpoint_path=ckpt / "switched.ckpt" if ckpt else None)
     assert result.switcher is not None and result.factors is not None
     metrics = {k: float(v) for k, v in result.metrics.items()}
     save_model(
@@ -74,35 +76,31 @@ def run(
         switcher_state=result.switcher.state_dict(),
         train=to_dict(cfg),
     )
+    baseline_history: list[dict[str, float]] = []
     if cfg.baseline:
-        base = fit(
-            spec,
-            train_set,
-            val_set,
-            cfg,
-            switched=False,
-            checkpoint_path=ckpt / "baseline.ckpt" if ckpt else None,
-            device=device,
-            progress=progress,
-            data=data_cfg,
-            log_epochs=log_epochs,
-        )
+        base = train_once(switched=False, checkpoint_path=ckpt / "baseline.ckpt" if ckpt else None)
         save_model(base.model, trained_dir / BASELINE_FILE, train=to_dict(cfg))
+        metrics.update(_baseline_metrics(metrics, base.metrics))
         baseline_history = base.history
-        if "val_accuracy" in base.metrics:
-            metrics["baseline_val_accuracy"] = float(base.metrics["val_accuracy"])
-        metrics["baseline_epoch_seconds"] = float(base.metrics["epoch_seconds"])
-        if base.metrics["epoch_seconds"] > 0:
-            metrics["epoch_seconds_ratio"] = (
-                metrics["epoch_seconds"] / base.metrics["epoch_seconds"]
-            )
     else:
         # A stale baseline from other settings must not be evaluated as this run's.
         (trained_dir / BASELINE_FILE).unlink(missing_ok=True)
-        baseline_history = []
     if history_path is not None:
         write_json(history_records(result.history, baseline_history), Path(history_path))
     return metrics
+
+
+def _baseline_metrics(
+    switched: Mapping[str, float], baseline: Mapping[str, float]
+) -> dict[str, float]:
+    """The baseline's validation accuracy and epoch time, and the switched run's time ratio."""
+    out = {}
+    if "val_accuracy" in baseline:
+        out["baseline_val_accuracy"] = float(baseline["val_accuracy"])
+    out["baseline_epoch_seconds"] = float(baseline["epoch_seconds"])
+    if baseline["epoch_seconds"] > 0:
+        out["epoch_seconds_ratio"] = switched["epoch_seconds"] / baseline["epoch_seconds"]
+    return out
 
 
 def history_records(
