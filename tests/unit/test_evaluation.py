@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
 
-from switchprune.evaluation import size_metrics
+from switchprune.evaluation import measure_latency_ms, size_metrics
 from switchprune.models import ModelSpec, build_model
 
 # Resident memory after a 256 MiB tensor was allocated, touched and freed.
@@ -51,3 +53,26 @@ def test_size_metrics_count_weights_and_multiply_adds_per_sample() -> None:
         "macs_ratio": pytest.approx(432 / 900),
     }
     assert all(isinstance(v, float) for v in metrics.values())
+
+
+class _Sleeper(torch.nn.Module):
+    """A forward pass that takes a scripted time per call."""
+
+    def __init__(self, seconds: list[float]) -> None:
+        super().__init__()
+        self.seconds = seconds
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.seconds[self.calls])
+        self.calls += 1
+        return x
+
+
+def test_latency_is_the_median_of_the_timed_passes_after_the_warm_up() -> None:
+    # Two slow warm-up passes, then five timed ones of 10 ms with one outlier of 0.5 s: the
+    # warm-up is not counted and the median ignores the outlier (the mean would be ~110 ms).
+    model = _Sleeper([0.5, 0.5, 0.01, 0.01, 0.5, 0.01, 0.01])
+    ms = measure_latency_ms(model, (3,), 2, torch.device("cpu"), warmup=2, repeats=5)
+    assert model.calls == 7
+    assert 10.0 <= ms < 100.0
