@@ -106,6 +106,32 @@ def count_macs(model: nn.Module, in_shape: tuple[int, ...]) -> int:
     return total
 
 
+def size_metrics(
+    before: nn.Module, after: nn.Module, in_shape: tuple[int, ...]
+) -> dict[str, float]:
+    """Parameters and MACs per sample of a network before and after compaction.
+
+    Args:
+        before: The full-width network (without gates: they add no parameters or MACs).
+        after: The compacted network.
+        in_shape: Shape of one input, without the batch dimension.
+
+    Returns:
+        ``params_before``, ``params_after``, ``macs_before``, ``macs_after`` and the ratios
+        ``params_ratio`` and ``macs_ratio`` (after / before).
+    """
+    params = float(count_params(before)), float(count_params(after))
+    macs = float(count_macs(before, in_shape)), float(count_macs(after, in_shape))
+    return {
+        "params_before": params[0],
+        "params_after": params[1],
+        "macs_before": macs[0],
+        "macs_after": macs[1],
+        "params_ratio": params[1] / params[0],
+        "macs_ratio": macs[1] / macs[0],
+    }
+
+
 def state_dict_bytes(model: nn.Module) -> int:
     """Size in bytes of the model's ``state_dict`` as ``torch.save`` writes it."""
     buffer = io.BytesIO()
@@ -179,5 +205,6 @@ __all__ = [
     "measure_latency_ms",
     "predict_logits",
     "retain_freed_memory",
+    "size_metrics",
     "state_dict_bytes",
 ]

@@ -1,5 +1,7 @@
 """The only on-disk formats: ``{spec, state_dict}`` checkpoints and flat metrics JSON.
 
+The files one stage hands to the next are named and read here, so no stage imports another.
+
 Everything is written atomically (temporary file in the same directory, then ``os.replace``)
 so an interrupted run never leaves a half-written file, and read with ``weights_only=True``.
 """
@@ -22,7 +24,15 @@ import torch
 from switchprune.errors import InputError, ServiceFailure
 from switchprune.models import ModelSpec, TaskNet, build_model
 
+# Written by ``train``: the full-width switched network with its factors and switcher, and the
+# plainly trained baseline.
+SWITCHED_FILE = "switched.pt"
+BASELINE_FILE = "baseline.pt"
+# Per-epoch training records (the DVC plots of dvc.yaml), written by train, read by register.
+HISTORY_FILE = "train_history.json"
+# Written by ``prune``: the compacted model and its kept/full width per group.
 COMPACT_FILE = "model.pt"
+WIDTHS_FILE = "widths.json"
 
 
 class ArtifactError(InputError, RuntimeError):
@@ -224,3 +234,49 @@ def load_model_file(path: Path) -> tuple[TaskNet, dict[str, Any]]:
             raise
         raise ArtifactError(f"{path}: does not hold a valid model ({exc})") from exc
     return model.eval(), blob
+
+
+def load_switched(trained_dir: Path) -> tuple[TaskNet, dict[str, torch.Tensor], dict[str, Any]]:
+    """Read the switched TNN and its final factors written by ``train``.
+
+    Returns:
+        The full-width task network (eval mode), its factors per group, and the stored mapping.
+
+    Raises:
+        ArtifactError: If the file is missing, corrupt or its factors do not fit the network.
+    """
+    path = Path(trained_dir) / SWITCHED_FILE
+    model, blob = load_model_file(path)
+    factors = blob.get("factors")
+    sizes = model.group_sizes()
+    if not isinstance(factors, dict) or set(factors) != set(sizes):
+        raise ArtifactError(f"{path}: factors missing or not one per gate group")
+    for name, s in factors.items():
+        if not isinstance(s, torch.Tensor) or s.shape != (sizes[name],) or bool((s < 0).any()):
+            raise ArtifactError(f"{path}: factors of group {name!r} are malformed")
+    return model, factors, blob
+
+
+def load_baseline(trained_dir: Path) -> TaskNet | None:
+    """The baseline TNN written by ``train``, or ``None`` when it was not trained."""
+    path = Path(trained_dir) / BASELINE_FILE
+    if not path.exists():
+        return None
+    return load_model_file(path)[0]
+
+
+def load_compacted(model_dir: Path) -> tuple[TaskNet, dict[str, torch.Tensor]]:
+    """The compacted model written by ``prune`` and the kept unit indices per group.
+
+    Raises:
+        ArtifactError: If the file is missing, corrupt or inconsistent.
+    """
+    path = Path(model_dir) / COMPACT_FILE
+    model, blob = load_model_file(path)
+    kept = blob.get("kept")
+    if not isinstance(kept, dict) or any(
+        not isinstance(v, torch.Tensor) or v.numel() != model.spec.widths.get(k, -1)
+        for k, v in kept.items()
+    ):
+        raise ArtifactError(f"{path}: kept indices missing or inconsistent with the widths")
+    return model, kept

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from switchprune.config import DataConfig, EvaluateConfig, ModelConfig, PruneConfig, TrainConfig
-from switchprune.io import ArtifactError, load_model_file
+from switchprune.io import BASELINE_FILE, ArtifactError, load_model_file
 from switchprune.stages import evaluate, preprocess, prune, train
 
 
@@ -76,10 +76,10 @@ def test_baseline_off_leaves_no_stale_baseline(prepared: Path, tmp_path: Path) -
     cfg = TrainConfig(epochs=1, batch_size=256, snn_hidden=4, device="cpu")
     model_cfg = ModelConfig(hidden=(16,))
     train.run(cfg, model_cfg=model_cfg, prepared_dir=prepared, trained_dir=trained, progress=False)
-    assert (trained / train.BASELINE_FILE).is_file()
+    assert (trained / BASELINE_FILE).is_file()
     off = TrainConfig(epochs=1, batch_size=256, snn_hidden=4, device="cpu", baseline=False)
     train.run(off, model_cfg=model_cfg, prepared_dir=prepared, trained_dir=trained, progress=False)
-    assert not (trained / train.BASELINE_FILE).exists()
+    assert not (trained / BASELINE_FILE).exists()
     prune.run(PruneConfig(), trained_dir=trained, model_dir=tmp_path / "m")
     report = evaluate.run(
         EvaluateConfig(latency_warmup=0, latency_repeats=1, device="cpu"),

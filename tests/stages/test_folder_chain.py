@@ -9,6 +9,7 @@ import torch
 from folder_support import write_digits_folder
 from switchprune.config import DataConfig, EvaluateConfig, ModelConfig, PruneConfig, TrainConfig
 from switchprune.data import load_meta
+from switchprune.io import SWITCHED_FILE
 from switchprune.stages import evaluate, preprocess, prune, train
 
 
@@ -45,8 +46,8 @@ def test_folder_chain_streams_and_matches_memory(
             data_cfg=data,
         )
     assert runs["memory"]["val_accuracy"] == runs["stream"]["val_accuracy"]
-    a = torch.load(tmp_path / "trained-memory" / train.SWITCHED_FILE, weights_only=True)
-    b = torch.load(tmp_path / "trained-stream" / train.SWITCHED_FILE, weights_only=True)
+    a = torch.load(tmp_path / "trained-memory" / SWITCHED_FILE, weights_only=True)
+    b = torch.load(tmp_path / "trained-stream" / SWITCHED_FILE, weights_only=True)
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
 
     trained = tmp_path / "trained-stream"

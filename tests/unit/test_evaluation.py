@@ -1,9 +1,16 @@
-"""Latency measurement set-up: the allocator keeps freed activation memory."""
+"""Measurements of a network: size before and after compaction, and latency."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import time
+
+import pytest
+import torch
+
+from switchprune.evaluation import measure_latency_ms, size_metrics
+from switchprune.models import ModelSpec, build_model
 
 # Resident memory after a 256 MiB tensor was allocated, touched and freed.
 PROBE = """
@@ -30,3 +37,42 @@ def test_retain_freed_memory_keeps_large_blocks_in_the_process() -> None:
     assert applied == "True"
     # By default the freed 256 MiB go back to the system; retained, they stay resident.
     assert kept - returned > 200, (kept, returned)
+
+
+def test_size_metrics_count_weights_and_multiply_adds_per_sample() -> None:
+    full = build_model(ModelSpec("mlp", (1, 8, 8), 10, {"fc1": 12, "fc2": 6}))
+    small = build_model(ModelSpec("mlp", (1, 8, 8), 10, {"fc1": 6, "fc2": 3}))
+    metrics = size_metrics(full, small, (1, 8, 8))
+    # 64 -> 12 -> 6 -> 10 and 64 -> 6 -> 3 -> 10: weights plus biases; one MAC per weight.
+    assert metrics == {
+        "params_before": 64 * 12 + 12 + 12 * 6 + 6 + 6 * 10 + 10,
+        "params_after": 64 * 6 + 6 + 6 * 3 + 3 + 3 * 10 + 10,
+        "macs_before": 64 * 12 + 12 * 6 + 6 * 10,
+        "macs_after": 64 * 6 + 6 * 3 + 3 * 10,
+        "params_ratio": pytest.approx(451 / 928),
+        "macs_ratio": pytest.approx(432 / 900),
+    }
+    assert all(isinstance(v, float) for v in metrics.values())
+
+
+class _Sleeper(torch.nn.Module):
+    """A forward pass that takes a scripted time per call."""
+
+    def __init__(self, seconds: list[float]) -> None:
+        super().__init__()
+        self.seconds = seconds
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.seconds[self.calls])
+        self.calls += 1
+        return x
+
+
+def test_latency_is_the_median_of_the_timed_passes_after_the_warm_up() -> None:
+    # Two slow warm-up passes, then five timed ones of 10 ms with one outlier of 0.5 s: the
+    # warm-up is not counted and the median ignores the outlier (the mean would be ~110 ms).
+    model = _Sleeper([0.5, 0.5, 0.01, 0.01, 0.5, 0.01, 0.01])
+    ms = measure_latency_ms(model, (3,), 2, torch.device("cpu"), warmup=2, repeats=5)
+    assert model.calls == 7
+    assert 10.0 <= ms < 100.0

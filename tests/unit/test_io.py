@@ -8,7 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from switchprune.io import content_digest, file_digest, model_digest, save_model
+from switchprune.io import (
+    BASELINE_FILE,
+    COMPACT_FILE,
+    SWITCHED_FILE,
+    ArtifactError,
+    content_digest,
+    file_digest,
+    load_baseline,
+    load_compacted,
+    load_switched,
+    model_digest,
+    save_model,
+)
 from switchprune.models import ModelSpec, build_model
 
 SPEC = ModelSpec("mlp", (1, 8, 8), 10, {"fc1": 12, "fc2": 6})
@@ -53,7 +65,7 @@ def test_model_digest_follows_content(tmp_path: Path) -> None:
 
 
 def test_a_spec_asking_for_huge_widths_is_refused_before_allocating(tmp_path: Path) -> None:
-    from switchprune.io import ArtifactError, load_model_file
+    from switchprune.io import load_model_file
 
     model = build_model(SPEC)
     torch.save(
@@ -133,3 +145,52 @@ def test_content_digest_of_a_batchnorm_network_covers_its_counters() -> None:
     bn.running_var.fill_(1.0)
     assert bn.num_batches_tracked.dim() == 0
     assert content_digest(bn.state_dict()) != before  # only the counter differs
+
+
+def test_the_switched_network_is_read_back_with_its_factors(tmp_path: Path) -> None:
+    model = build_model(SPEC)
+    factors = {"fc1": torch.rand(12), "fc2": torch.rand(6)}
+    save_model(model, tmp_path / SWITCHED_FILE, factors=factors)
+    loaded, got, blob = load_switched(tmp_path)
+    assert set(got) == {"fc1", "fc2"}
+    assert all(torch.equal(got[k], factors[k]) for k in factors)
+    assert torch.equal(loaded.fc1.weight, model.fc1.weight) and "state_dict" in blob
+
+
+@pytest.mark.parametrize(
+    ("factors", "message"),
+    [
+        (None, "factors missing"),
+        ({"fc1": torch.rand(12)}, "not one per gate group"),
+        ({"fc1": torch.rand(11), "fc2": torch.rand(6)}, "group 'fc1' are malformed"),
+        ({"fc1": torch.rand(12), "fc2": -torch.ones(6)}, "group 'fc2' are malformed"),
+    ],
+    ids=["missing", "one-group-short", "wrong-size", "negative"],
+)
+def test_switched_factors_that_do_not_fit_the_network_are_refused(
+    tmp_path: Path, factors: dict[str, torch.Tensor] | None, message: str
+) -> None:
+    extra = {} if factors is None else {"factors": factors}
+    save_model(build_model(SPEC), tmp_path / SWITCHED_FILE, **extra)
+    with pytest.raises(ArtifactError, match=message):
+        load_switched(tmp_path)
+
+
+def test_the_baseline_is_none_when_it_was_not_trained(tmp_path: Path) -> None:
+    assert load_baseline(tmp_path) is None
+    save_model(build_model(SPEC), tmp_path / BASELINE_FILE)
+    baseline = load_baseline(tmp_path)
+    assert baseline is not None and baseline.spec == SPEC
+
+
+def test_compacted_kept_indices_must_match_the_widths(tmp_path: Path) -> None:
+    model = build_model(SPEC)
+    kept = {"fc1": torch.arange(12), "fc2": torch.arange(6)}
+    save_model(model, tmp_path / COMPACT_FILE, kept=kept)
+    _, got = load_compacted(tmp_path)
+    assert all(torch.equal(got[k], kept[k]) for k in kept)
+    save_model(model, tmp_path / COMPACT_FILE, kept={"fc1": torch.arange(11)})
+    with pytest.raises(ArtifactError, match="inconsistent with the widths"):
+        load_compacted(tmp_path)
+    with pytest.raises(ArtifactError, match="file not found"):
+        load_compacted(tmp_path / "absent")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,18 +14,16 @@ from switchprune.config import DataConfig, EvaluateConfig
 from switchprune.data import load_meta, load_split, open_split, use_streaming
 from switchprune.evaluation import (
     accuracy_from_logits,
-    count_macs,
-    count_params,
     measure_latency_ms,
     predict_logits,
     retain_freed_memory,
+    size_metrics,
     state_dict_bytes,
 )
-from switchprune.io import COMPACT_FILE, ArtifactError
+from switchprune.io import COMPACT_FILE, ArtifactError, load_baseline, load_compacted, load_switched
+from switchprune.models import TaskNet
 from switchprune.onnx_export import ONNX_FILE, export_temporary, latency_ms
 from switchprune.pruning import masked_factors
-from switchprune.stages.prune import load_compacted
-from switchprune.stages.train import load_baseline, load_switched
 from switchprune.training import resolve_device
 
 
@@ -70,18 +69,12 @@ def run(
     full, factors, _ = load_switched(trained_dir)
     small, kept = load_compacted(model_dir)
     full, small = full.to(device), small.to(device)
-
-    full.set_factors({k: v.to(device) for k, v in masked_factors(factors, kept).items()})
+    gates = masked_factors(factors, kept)
+    full.set_factors({k: v.to(device) for k, v in gates.items()})
     gated_logits = logits(full)
     small_logits = logits(small)
-    # The same comparison in float64 separates the compaction's exactness from float32
-    # rounding at the logits' scale (which alone reaches ~1e-6 for logits in the tens).
-    full64, small64 = copy.deepcopy(full).double(), copy.deepcopy(small).double()
-    full64.set_factors({k: v.double() for k, v in masked_factors(factors, kept).items()})
-    diff64 = logits(full64, torch.float64) - logits(small64, torch.float64)
-    del full64, small64
+    diff = _max_abs_diff_f64(full, small, gates, logits)
     full.set_factors(None)
-    diff = float(diff64.abs().max())
     if not diff <= cfg.max_logit_diff:
         raise ArtifactError(
             f"{Path(model_dir) / COMPACT_FILE} is not the compaction of {Path(trained_dir)}: "
@@ -94,52 +87,83 @@ def run(
         "gated_accuracy": accuracy_from_logits(gated_logits, labels),
         "max_abs_logit_diff": float((gated_logits - small_logits).abs().max()),
         "max_abs_logit_diff_f64": diff,
-        "params_before": float(count_params(full)),
-        "params_after": float(count_params(small)),
-        "macs_before": float(count_macs(full, meta.in_shape)),
-        "macs_after": float(count_macs(small, meta.in_shape)),
+        **size_metrics(full, small, meta.in_shape),
         "bytes_before": float(state_dict_bytes(full)),
         "bytes_after": float((Path(model_dir) / COMPACT_FILE).stat().st_size),
         "n_test": float(len(labels)),
         "data_md5": meta.source_md5,
     }
-    report["params_ratio"] = report["params_after"] / report["params_before"]
-    report["macs_ratio"] = report["macs_after"] / report["macs_before"]
     baseline = load_baseline(trained_dir)
     if baseline is not None:
         baseline = baseline.to(device)
         report["baseline_accuracy"] = accuracy_from_logits(logits(baseline), labels)
         report["accuracy_drop"] = report["baseline_accuracy"] - report["test_accuracy"]
     retain_freed_memory()  # steady forward times (see its docstring)
+    report.update(_torch_latencies(cfg, full, small, meta.in_shape, device))
+    report.update(_onnx_latencies(cfg, full, Path(model_dir) / ONNX_FILE, meta.in_shape))
+    return report
+
+
+def _max_abs_diff_f64(
+    gated: TaskNet,
+    small: TaskNet,
+    gates: dict[str, torch.Tensor],
+    logits: Callable[[torch.nn.Module, torch.dtype], torch.Tensor],
+) -> float:
+    """Largest logit difference of the gated and the compacted model, computed in float64.
+
+    In float64 the compaction's exactness is separated from float32 rounding at the logits'
+    scale (which alone reaches ~1e-6 for logits in the tens).
+    """
+    gated64, small64 = copy.deepcopy(gated).double(), copy.deepcopy(small).double()
+    gated64.set_factors({k: v.double() for k, v in gates.items()})
+    return float((logits(gated64, torch.float64) - logits(small64, torch.float64)).abs().max())
+
+
+def _torch_latencies(
+    cfg: EvaluateConfig,
+    full: TaskNet,
+    small: TaskNet,
+    in_shape: tuple[int, ...],
+    device: torch.device,
+) -> dict[str, float]:
+    """PyTorch forward times of the unpruned and the compacted model, and their ratio."""
+    out = {}
     for batch in (1, 256):
         for tag, model in (("before", full), ("after", small)):
-            report[f"latency_ms_{tag}_b{batch}"] = measure_latency_ms(
+            out[f"latency_ms_{tag}_b{batch}"] = measure_latency_ms(
                 model,
-                meta.in_shape,
+                in_shape,
                 batch,
                 device,
                 warmup=cfg.latency_warmup,
                 repeats=cfg.latency_repeats,
             )
-        report[f"latency_speedup_b{batch}"] = (
-            report[f"latency_ms_before_b{batch}"] / report[f"latency_ms_after_b{batch}"]
+        out[f"latency_speedup_b{batch}"] = (
+            out[f"latency_ms_before_b{batch}"] / out[f"latency_ms_after_b{batch}"]
         )
-    # onnxruntime on the CPU: the unpruned TNN exported the same way as prune's model.onnx.
-    onnx_after = Path(model_dir) / ONNX_FILE
+    return out
+
+
+def _onnx_latencies(
+    cfg: EvaluateConfig, full: TaskNet, onnx_after: Path, in_shape: tuple[int, ...]
+) -> dict[str, float]:
+    """CPU times under onnxruntime: the unpruned TNN exported as prune exports, and prune's copy."""
     if not onnx_after.is_file():
         raise ArtifactError(f"{onnx_after} is missing (re-run prune)")
-    onnx_models = {"before": export_temporary(full, meta.in_shape), "after": onnx_after}
+    onnx_models = {"before": export_temporary(full, in_shape), "after": onnx_after}
+    out = {}
     for batch in (1, 256):
         for tag, onnx_model in onnx_models.items():
-            report[f"onnx_latency_ms_b{batch}_{tag}"] = latency_ms(
+            out[f"onnx_latency_ms_b{batch}_{tag}"] = latency_ms(
                 onnx_model,
-                meta.in_shape,
+                in_shape,
                 batch,
                 warmup=cfg.latency_warmup,
                 repeats=cfg.latency_repeats,
                 threads=cfg.threads or None,
             )
-    return report
+    return out
 
 
 __all__ = ["run"]

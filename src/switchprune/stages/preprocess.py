@@ -20,13 +20,14 @@ def run(
 ) -> dict[str, float]:
     """Prepare the dataset, optionally first materialising an exact version from a DVC remote.
 
+    With ``data_md5``, the raw data of ``cfg.dataset`` is fetched by its hash from ``dvc_remote``
+    instead of read locally: this is how a cluster run trains on the same bytes as a local run.
+
     Args:
         cfg: The ``data`` section.
         raw_dir: Where raw data lives (downloaded there when absent and allowed).
         prepared_dir: Output directory of the splits and ``meta.json``.
-        dvc_remote: A DVC remote on S3 (``s3://bucket/prefix``); with ``data_md5``, the raw data
-            of ``cfg.dataset`` is fetched from there by its hash instead of read locally. This
-            is how a cluster run trains on the same bytes as a local run.
+        dvc_remote: A DVC remote on S3 (``s3://bucket/prefix``).
         data_md5: The DVC hash of the raw data (from ``data/raw/<name>.dvc``).
         s3_client: A boto3 S3 client for the remote (default: the configured endpoint).
 

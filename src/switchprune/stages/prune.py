@@ -4,17 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from switchprune.config import PruneConfig, to_dict
-from switchprune.evaluation import count_macs, count_params
-from switchprune.io import COMPACT_FILE, ArtifactError, load_model_file, save_model, write_json
-from switchprune.models import TaskNet
+from switchprune.evaluation import size_metrics
+from switchprune.io import COMPACT_FILE, WIDTHS_FILE, load_switched, save_model, write_json
 from switchprune.onnx_export import ONNX_FILE, export_checked
 from switchprune.pruning import compact, kept_widths, threshold_factors
-from switchprune.stages.train import load_switched
-
-WIDTHS_FILE = "widths.json"
 
 
 def run(cfg: PruneConfig, *, trained_dir: Path, model_dir: Path) -> dict[str, float]:
@@ -39,14 +33,7 @@ def run(cfg: PruneConfig, *, trained_dir: Path, model_dir: Path) -> dict[str, fl
     small = compact(model, factors, kept)
     in_shape = model.spec.in_shape
     model.set_factors(None)
-    metrics = {
-        "params_before": float(count_params(model)),
-        "params_after": float(count_params(small)),
-        "macs_before": float(count_macs(model, in_shape)),
-        "macs_after": float(count_macs(small, in_shape)),
-    }
-    metrics["params_ratio"] = metrics["params_after"] / metrics["params_before"]
-    metrics["macs_ratio"] = metrics["macs_after"] / metrics["macs_before"]
+    metrics = size_metrics(model, small, in_shape)
     model_dir = Path(model_dir)
     save_model(
         small,
@@ -64,21 +51,4 @@ def run(cfg: PruneConfig, *, trained_dir: Path, model_dir: Path) -> dict[str, fl
     return metrics
 
 
-def load_compacted(model_dir: Path) -> tuple[TaskNet, dict[str, torch.Tensor]]:
-    """The compacted model written by :func:`run` and the kept unit indices per group.
-
-    Raises:
-        ArtifactError: If the file is missing, corrupt or inconsistent.
-    """
-    path = Path(model_dir) / COMPACT_FILE
-    model, blob = load_model_file(path)
-    kept = blob.get("kept")
-    if not isinstance(kept, dict) or any(
-        not isinstance(v, torch.Tensor) or v.numel() != model.spec.widths.get(k, -1)
-        for k, v in kept.items()
-    ):
-        raise ArtifactError(f"{path}: kept indices missing or inconsistent with the widths")
-    return model, kept
-
-
-__all__ = ["WIDTHS_FILE", "load_compacted", "run"]
+__all__ = ["run"]

@@ -10,9 +10,8 @@ from typing import Any
 from switchprune.card import CARD_FILE, write_card
 from switchprune.config import RegisterConfig
 from switchprune.data import META_FILE, load_meta, open_split, raw_images
-from switchprune.io import COMPACT_FILE, ArtifactError, read_json
+from switchprune.io import COMPACT_FILE, WIDTHS_FILE, ArtifactError, load_compacted, read_json
 from switchprune.onnx_export import ONNX_FILE
-from switchprune.stages.prune import WIDTHS_FILE, load_compacted
 
 EVALUATE_FILE = "evaluate.json"
 

@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
-from typing import Any
-
-import torch
 
 from switchprune.config import DataConfig, ModelConfig, TrainConfig, to_dict
 from switchprune.data import load_meta, load_split, open_split, use_streaming
-from switchprune.io import ArtifactError, load_model_file, save_model, write_json
-from switchprune.models import TaskNet, spec_from_config
+from switchprune.io import BASELINE_FILE, SWITCHED_FILE, save_model, write_json
+from switchprune.models import spec_from_config
 from switchprune.training import fit, resolve_device
-
-SWITCHED_FILE = "switched.pt"
-BASELINE_FILE = "baseline.pt"
-HISTORY_FILE = "train_history.json"
 
 
 def run(
@@ -58,19 +52,20 @@ def run(
     train_set, val_set = read(prepared_dir, "train"), read(prepared_dir, "val")
     spec = spec_from_config(model_cfg, meta.in_shape, meta.num_classes)
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
-
-    result = fit(
+    # The switched and the baseline run differ only in ``switched`` and their checkpoint.
+    train_once = partial(
+        fit,
         spec,
         train_set,
         val_set,
         cfg,
-        switched=True,
-        checkpoint_path=ckpt / "switched.ckpt" if ckpt else None,
         device=device,
         progress=progress,
         data=data_cfg,
         log_epochs=log_epochs,
     )
+
+    result = train_once(switched=True, checkpoint_path=ckpt / "switched.ckpt" if ckpt else None)
     assert result.switcher is not None and result.factors is not None
     metrics = {k: float(v) for k, v in result.metrics.items()}
     save_model(
@@ -81,35 +76,31 @@ def run(
         switcher_state=result.switcher.state_dict(),
         train=to_dict(cfg),
     )
+    baseline_history: list[dict[str, float]] = []
     if cfg.baseline:
-        base = fit(
-            spec,
-            train_set,
-            val_set,
-            cfg,
-            switched=False,
-            checkpoint_path=ckpt / "baseline.ckpt" if ckpt else None,
-            device=device,
-            progress=progress,
-            data=data_cfg,
-            log_epochs=log_epochs,
-        )
+        base = train_once(switched=False, checkpoint_path=ckpt / "baseline.ckpt" if ckpt else None)
         save_model(base.model, trained_dir / BASELINE_FILE, train=to_dict(cfg))
+        metrics.update(_baseline_metrics(metrics, base.metrics))
         baseline_history = base.history
-        if "val_accuracy" in base.metrics:
-            metrics["baseline_val_accuracy"] = float(base.metrics["val_accuracy"])
-        metrics["baseline_epoch_seconds"] = float(base.metrics["epoch_seconds"])
-        if base.metrics["epoch_seconds"] > 0:
-            metrics["epoch_seconds_ratio"] = (
-                metrics["epoch_seconds"] / base.metrics["epoch_seconds"]
-            )
     else:
         # A stale baseline from other settings must not be evaluated as this run's.
         (trained_dir / BASELINE_FILE).unlink(missing_ok=True)
-        baseline_history = []
     if history_path is not None:
         write_json(history_records(result.history, baseline_history), Path(history_path))
     return metrics
+
+
+def _baseline_metrics(
+    switched: Mapping[str, float], baseline: Mapping[str, float]
+) -> dict[str, float]:
+    """The baseline's validation accuracy and epoch time, and the switched run's time ratio."""
+    out = {}
+    if "val_accuracy" in baseline:
+        out["baseline_val_accuracy"] = float(baseline["val_accuracy"])
+    out["baseline_epoch_seconds"] = float(baseline["epoch_seconds"])
+    if baseline["epoch_seconds"] > 0:
+        out["epoch_seconds_ratio"] = switched["epoch_seconds"] / baseline["epoch_seconds"]
+    return out
 
 
 def history_records(
@@ -136,41 +127,4 @@ def history_records(
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
-def load_switched(trained_dir: Path) -> tuple[TaskNet, dict[str, torch.Tensor], dict[str, Any]]:
-    """Read the switched TNN and its final factors written by :func:`run`.
-
-    Returns:
-        The full-width task network (eval mode), its factors per group, and the stored mapping.
-
-    Raises:
-        ArtifactError: If the file is missing, corrupt or its factors do not fit the network.
-    """
-    path = Path(trained_dir) / SWITCHED_FILE
-    model, blob = load_model_file(path)
-    factors = blob.get("factors")
-    sizes = model.group_sizes()
-    if not isinstance(factors, dict) or set(factors) != set(sizes):
-        raise ArtifactError(f"{path}: factors missing or not one per gate group")
-    for name, s in factors.items():
-        if not isinstance(s, torch.Tensor) or s.shape != (sizes[name],) or bool((s < 0).any()):
-            raise ArtifactError(f"{path}: factors of group {name!r} are malformed")
-    return model, factors, blob
-
-
-def load_baseline(trained_dir: Path) -> TaskNet | None:
-    """The baseline TNN written by :func:`run`, or ``None`` when it was not trained."""
-    path = Path(trained_dir) / BASELINE_FILE
-    if not path.exists():
-        return None
-    return load_model_file(path)[0]
-
-
-__all__ = [
-    "BASELINE_FILE",
-    "HISTORY_FILE",
-    "SWITCHED_FILE",
-    "history_records",
-    "load_baseline",
-    "load_switched",
-    "run",
-]
+__all__ = ["history_records", "run"]
