@@ -17,12 +17,9 @@ from typing import Any
 
 from switchprune.config import load_params
 from switchprune.errors import UserError
-from switchprune.io import write_json
+from switchprune.io import HISTORY_FILE, write_json
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-# Per-epoch training records (the DVC plots of dvc.yaml), written by train, read by register.
-HISTORY_FILE = "train_history.json"
 
 DEFAULTS = {
     "raw_dir": "data/raw",
