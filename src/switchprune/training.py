@@ -631,7 +631,7 @@ def _tnn_step(
         assert run.scorer is not None
         for p in scorer_params:
             p.requires_grad_(False)
-        run.tnn.set_factors(run.scorer(run.tnn, grad_through_tnn=True))
+        run.tnn.set_factors(run.scorer(run.tnn, grad=True))
     else:
         run.tnn.set_factors(cached)
     with _autocast(run):
@@ -670,7 +670,7 @@ def _snn_step(run: _Run, target: float) -> dict[str, torch.Tensor] | None:
             loss = run.loss_fn(run.tnn(x), y)
             if cfg.compression == "penalty":
                 # L1 on the factors, each unit weighted by what it costs at the current widths.
-                factors = {k: scorer.gate(v) for k, v in scores.items()}
+                factors = scorer.factors(scores)
                 marginal = run.costs.marginal(cfg.target_metric, hard_widths(factors))
                 pressure = sum(marginal[k] * v.sum() for k, v in factors.items()) / run.full_cost
                 loss = loss + cfg.penalty * pressure
