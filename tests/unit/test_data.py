@@ -115,6 +115,40 @@ def test_digits_prepare_returns_metrics_matching_meta(tmp_path: Path):
     )
 
 
+class Interrupt(Exception):
+    pass
+
+
+def test_interrupted_prepare_keeps_every_file_whole_and_the_directory_incomplete(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    out = tmp_path / "out"
+    prepare_data(DataConfig(dataset="digits"), raw_dir=tmp_path, out_dir=out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real_save = torch.save
+    saves: list[str] = []
+
+    def crash_on_val(obj, fh, *args, **kwargs):
+        saves.append("save")
+        if len(saves) == 2:  # train, then val
+            fh.write(b"half a split")
+            raise Interrupt
+        real_save(obj, fh, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", crash_on_val)
+    with pytest.raises(Interrupt):
+        prepare_data(DataConfig(dataset="digits", split_seed=1), raw_dir=tmp_path, out_dir=out)
+    monkeypatch.setattr(torch, "save", real_save)
+    # No temporary file is left, and without meta.json the directory does not look complete.
+    assert sorted(p.name for p in out.iterdir()) == ["test.pt", "train.pt", "val.pt"]
+    with pytest.raises(DataError, match="prepared data not found"):
+        load_split(out, "train")
+    # The split being written when it failed is the old one, whole; the one before it is new.
+    assert (out / "val.pt").read_bytes() == before["val.pt"]
+    assert (out / "train.pt").read_bytes() != before["train.pt"]
+    assert set(torch.load(out / "train.pt", weights_only=True)) == {"x", "y"}
+
+
 def test_digits_splits_partition_the_dataset(digits_dir: Path):
     bunch = load_digits()
     full = torch.from_numpy(np.rint(bunch.images * 255 / 16).astype(np.uint8)).unsqueeze(1)
