@@ -12,7 +12,7 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from switchprune.config import DataConfig
+from switchprune.config import ConfigError, DataConfig, from_dict
 from switchprune.data import (
     DATASETS,
     DataError,
@@ -68,16 +68,16 @@ def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-def test_datasets_constant_lists_all_sources():
-    assert DATASETS == (
-        "digits",
-        "mnist",
-        "fashion_mnist",
-        "cifar10",
-        "cifar100",
-        "idx",
-        "folder",
-    )
+@pytest.mark.parametrize("name", DATASETS)
+def test_every_listed_dataset_is_a_valid_config_value(name: str):
+    cfg = from_dict(DataConfig, {"dataset": name, "idx_dir": "raw", "folder_dir": "raw"})
+    assert cfg.dataset == name
+
+
+def test_a_dataset_that_is_not_listed_is_refused_by_the_config():
+    assert "imagenet" not in DATASETS
+    with pytest.raises(ConfigError, match="dataset"):
+        from_dict(DataConfig, {"dataset": "imagenet"})
 
 
 def test_digits_meta_and_sizes(digits_dir: Path):
