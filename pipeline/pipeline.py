@@ -116,56 +116,98 @@ def build_pipeline(
         data_md5: str = data_md5,
         git_commit: str = git_commit,
     ) -> None:
-        prepared = preprocess_op(data=data, dvc_remote=dvc_remote, data_md5=data_md5)
-        prepared.set_caching_options(True).set_retry(kube.retries)
-        _s3(prepared, kube)
-
-        trained = train_op(
-            data=data, model=model, train=train, prepared=prepared.outputs["prepared"]
-        )
-        trained.set_caching_options(True)
-        _gpu(trained, kube)
-
-        compacted = prune_op(prune=prune, trained=trained.outputs["trained"])
-        compacted.set_caching_options(True)
-
-        evaluated = evaluate_op(
-            evaluate=evaluate,
-            data=data,
-            prepared=prepared.outputs["prepared"],
-            trained=trained.outputs["trained"],
-            compact=compacted.outputs["compact"],
-        )
-        evaluated.set_caching_options(True)
-
-        registered = register_op(
-            register=register,
-            data=data,
-            model=model,
-            train=train,
-            prune=prune,
-            evaluate=evaluate,
-            promote=promote,
-            git_commit=git_commit,
-            prepared=prepared.outputs["prepared"],
-            compact=compacted.outputs["compact"],
-            report=evaluated.outputs["report"],
-            history=trained.outputs["history"],
-        )
-        registered.set_caching_options(False).set_retry(kube.retries)
-        _s3(registered, kube)
-        _mlflow(registered, kube)
-
-        promoted = promote_op(promote=promote, registration=registered.outputs["registration"])
-        promoted.set_caching_options(False).set_retry(kube.retries)
-        _s3(promoted, kube)
-        _mlflow(promoted, kube)
-
-        for task in (prepared, compacted, evaluated, registered, promoted):
-            _resources(task, kube)
-        _resources(trained, kube, train=True)
+        sections = {
+            "data": data,
+            "model": model,
+            "train": train,
+            "prune": prune,
+            "evaluate": evaluate,
+            "register": register,
+            "promote": promote,
+        }
+        stages = _stage_tasks(kube, sections, dvc_remote=dvc_remote, data_md5=data_md5)
+        _release_tasks(kube, sections, stages, git_commit=git_commit)
 
     return switchprune
+
+
+def _stage_tasks(
+    kube: KubeflowConfig, sections: Mapping[str, Any], *, dvc_remote: Any, data_md5: Any
+) -> dict[str, dsl.PipelineTask]:
+    """The tasks of the ``dvc.yaml`` stages, by stage name: cached, their outputs are files.
+
+    Args:
+        kube: The ``kubeflow`` section.
+        sections: The pipeline's section parameters, by section name.
+        dvc_remote: The ``dvc_remote`` pipeline parameter.
+        data_md5: The ``data_md5`` pipeline parameter.
+    """
+    data = sections["data"]
+    prepared = preprocess_op(data=data, dvc_remote=dvc_remote, data_md5=data_md5)
+    prepared.set_caching_options(True).set_retry(kube.retries)
+    _s3(prepared, kube)
+
+    trained = train_op(
+        data=data,
+        model=sections["model"],
+        train=sections["train"],
+        prepared=prepared.outputs["prepared"],
+    )
+    trained.set_caching_options(True)
+    _gpu(trained, kube)
+
+    compacted = prune_op(prune=sections["prune"], trained=trained.outputs["trained"])
+    compacted.set_caching_options(True)
+
+    evaluated = evaluate_op(
+        evaluate=sections["evaluate"],
+        data=data,
+        prepared=prepared.outputs["prepared"],
+        trained=trained.outputs["trained"],
+        compact=compacted.outputs["compact"],
+    )
+    evaluated.set_caching_options(True)
+
+    for task in (prepared, compacted, evaluated):
+        _resources(task, kube)
+    _resources(trained, kube, train=True)
+    return {"preprocess": prepared, "train": trained, "prune": compacted, "evaluate": evaluated}
+
+
+def _release_tasks(
+    kube: KubeflowConfig,
+    sections: Mapping[str, Any],
+    stages: Mapping[str, dsl.PipelineTask],
+    *,
+    git_commit: Any,
+) -> None:
+    """``register`` and ``promote`` after the stages: never cached, they change services.
+
+    Args:
+        kube: The ``kubeflow`` section.
+        sections: The pipeline's section parameters, by section name (``register`` takes all).
+        stages: The tasks of :func:`_stage_tasks`.
+        git_commit: The ``git_commit`` pipeline parameter.
+    """
+    registered = register_op(
+        **sections,
+        git_commit=git_commit,
+        prepared=stages["preprocess"].outputs["prepared"],
+        compact=stages["prune"].outputs["compact"],
+        report=stages["evaluate"].outputs["report"],
+        history=stages["train"].outputs["history"],
+    )
+    registered.set_caching_options(False).set_retry(kube.retries)
+
+    promoted = promote_op(
+        promote=sections["promote"], registration=registered.outputs["registration"]
+    )
+    promoted.set_caching_options(False).set_retry(kube.retries)
+
+    for task in (registered, promoted):
+        _s3(task, kube)
+        _mlflow(task, kube)
+        _resources(task, kube)
 
 
 __all__ = ["PIPELINE_NAME", "SECTIONS", "build_pipeline", "section_parameter"]

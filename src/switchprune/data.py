@@ -8,10 +8,11 @@ describing them (:class:`DataMeta`). On disk, in the prepared directory:
 - ``storage: pt`` (``digits``, ``idx`` and the torchvision datasets): ``train.pt``, ``val.pt``,
   ``test.pt``, each ``{"x": uint8 [N, C, H, W], "y": int64 [N]}`` saved by ``torch.save``.
 - ``storage: npy`` (``folder``): ``<split>_x.npy`` (uint8 ``[N, C, H, W]``) and
-  ``<split>_y.npy`` (int64 ``[N]``), plain NumPy files. The pixels are decoded one image at a
-  time into a memory-mapped file, so preparing a folder never holds a whole split in memory.
+  ``<split>_y.npy`` (int64 ``[N]``), plain NumPy files. The pixels are decoded and written one
+  image at a time, so preparing a folder never holds a whole split in memory.
 
-Every file is written under a temporary name and renamed into place when complete.
+Every file is written under a temporary name and renamed into place when complete
+(:func:`~switchprune.io.atomic_write_bytes`).
 
 Two ways to read a split back, both normalised with the training statistics and giving the
 same values: :func:`load_split` (all of it as one float tensor: fast for small data) and
@@ -31,13 +32,11 @@ import gzip
 import hashlib
 import json
 import math
-import os
 import re
 import tempfile
 import warnings
 import zlib
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -48,7 +47,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from switchprune.config import DataConfig
 from switchprune.errors import InputError
-from switchprune.io import file_digest
+from switchprune.io import atomic_write_bytes, file_digest
 
 DATASETS: tuple[str, ...] = (
     "digits",
@@ -182,7 +181,7 @@ def prepare_data(cfg: DataConfig, *, raw_dir: Path, out_dir: Path) -> dict[str, 
         for path in stale:
             path.unlink(missing_ok=True)
     meta_text = json.dumps(dataclasses.asdict(meta), indent=2) + "\n"
-    _atomic_write(out_dir / META_FILE, lambda fh: fh.write(meta_text.encode("utf-8")))
+    atomic_write_bytes(out_dir / META_FILE, lambda fh: fh.write(meta_text.encode("utf-8")))
 
     return {
         "n_train": meta.n_train,
@@ -233,7 +232,7 @@ def _write_tensors(cfg: DataConfig, source: Path, raw_dir: Path, out_dir: Path) 
     (out_dir / META_FILE).unlink(missing_ok=True)
     for name, (x, y) in splits.items():
         payload = {"x": x.contiguous(), "y": y.contiguous()}
-        _atomic_write(out_dir / f"{name}.pt", lambda fh, p=payload: torch.save(p, fh))
+        atomic_write_bytes(out_dir / f"{name}.pt", lambda fh, p=payload: torch.save(p, fh))
     return meta
 
 
@@ -654,7 +653,7 @@ def export_digits(out_dir: Path) -> Path:
             int(d).to_bytes(4, "big") for d in arr.shape
         )
         blob = header + arr.tobytes()
-        _atomic_write(out_dir / name, lambda fh, b=blob: fh.write(b))
+        atomic_write_bytes(out_dir / name, lambda fh, b=blob: fh.write(b))
     return out_dir
 
 
@@ -856,6 +855,45 @@ def _find_by_prefix(idx_dir: Path, pattern: re.Pattern[str]) -> dict[str, Path]:
 
 def _write_folder(cfg: DataConfig, folder: Path, out_dir: Path) -> DataMeta:
     """Prepare an ``ImageFolder`` directory, one image at a time, as ``<split>_{x,y}.npy``."""
+    classes = _folder_classes(folder)
+    splits = _folder_splits(cfg, folder, classes)
+    every = [f for split_files, _ in splits.values() for f in split_files]
+    channels, size = _image_geometry(every, cfg.image_size)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Drop the old meta first so a half-rewritten directory never looks complete.
+    (out_dir / META_FILE).unlink(missing_ok=True)
+    sums = np.zeros((2, channels), dtype=np.float64)
+    for name, (split_files, split_labels) in splits.items():
+        train = sums if name == "train" else None
+        _write_images(out_dir / f"{name}_x.npy", split_files, channels, size, train)
+        y = np.ascontiguousarray(split_labels, dtype=np.int64)
+        atomic_write_bytes(out_dir / f"{name}_y.npy", lambda fh, a=y: np.save(fh, a))
+
+    n_train = len(splits["train"][0])
+    if n_train == 0:
+        raise DataError(f"image folder {folder} leaves no training images after the splits")
+    count = n_train * size[0] * size[1]
+    mean = sums[0] / count
+    std = np.sqrt(np.clip(sums[1] / count - np.square(mean), 0.0, None))
+    std = np.where(std > 1e-8, std, 1.0)  # a constant channel stays unscaled
+    return DataMeta(
+        dataset="folder",
+        in_shape=(channels, size[1], size[0]),
+        num_classes=len(classes),
+        mean=tuple(float(v) for v in mean),
+        std=tuple(float(v) for v in std),
+        n_train=n_train,
+        n_val=len(splits["val"][0]),
+        n_test=len(splits["test"][0]),
+        source_md5=dvc_md5(folder),
+        class_names=tuple(classes),
+        storage="npy",
+    )
+
+
+def _folder_classes(folder: Path) -> list[str]:
+    """The class folder names under ``folder/train``, sorted (at least two)."""
     if not folder.is_dir():
         raise DataError(f"image folder {folder} (data.folder_dir) does not exist")
     train_dir = folder / "train"
@@ -867,7 +905,14 @@ def _write_folder(cfg: DataConfig, folder: Path, out_dir: Path) -> DataMeta:
             f"{train_dir} needs at least two class folders, found {len(classes)}"
             + (f" ({classes[0]})" if classes else "")
         )
-    files, labels = _scan_folder(train_dir, classes)
+    return classes
+
+
+def _folder_splits(
+    cfg: DataConfig, folder: Path, classes: list[str]
+) -> dict[str, tuple[list[Path], np.ndarray]]:
+    """The image files and labels of each split: the folder's own, or shares of ``train/``."""
+    files, labels = _scan_folder(folder / "train", classes)
     given = {
         name: _scan_folder(folder / name, classes)
         for name in ("val", "test")
@@ -888,53 +933,43 @@ def _write_folder(cfg: DataConfig, folder: Path, out_dir: Path) -> DataMeta:
     splits: dict[str, tuple[list[Path], np.ndarray]] = {}
     for name, part in (("train", idx), ("val", val_idx), ("test", test_idx)):
         splits[name] = given.get(name) or ([files[i] for i in part], labels[part])
+    return splits
 
-    every = [f for split_files, _ in splits.values() for f in split_files]
-    channels, size = _image_geometry(every, cfg.image_size)
-    in_shape = (channels, size[1], size[0])
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # Drop the old meta first so a half-rewritten directory never looks complete.
-    (out_dir / META_FILE).unlink(missing_ok=True)
-    stats = np.zeros((2, channels), dtype=np.float64)
-    for name, (split_files, split_labels) in splits.items():
-        target = out_dir / f"{name}_x.npy"
-        with _atomic_path(target) as tmp:
-            arr = np.lib.format.open_memmap(
-                tmp, mode="w+", dtype=np.uint8, shape=(len(split_files), *in_shape)
-            )
-            for i, path in enumerate(split_files):
-                img = _read_image(path, channels, size)
-                arr[i] = img
-                if name == "train":
-                    pixels = img.reshape(channels, -1).astype(np.float64) / 255.0
-                    stats[0] += pixels.sum(axis=1)
-                    stats[1] += np.square(pixels).sum(axis=1)
-            arr.flush()
-            del arr
-        y = np.ascontiguousarray(split_labels, dtype=np.int64)
-        _atomic_write(out_dir / f"{name}_y.npy", lambda fh, a=y: np.save(fh, a))
+def _write_images(
+    target: Path,
+    files: list[Path],
+    channels: int,
+    size: tuple[int, int],
+    sums: np.ndarray | None = None,
+) -> None:
+    """Write the images as one uint8 ``[N, C, H, W]`` NumPy file, decoding one at a time.
 
-    n_train = len(splits["train"][0])
-    if n_train == 0:
-        raise DataError(f"image folder {folder} leaves no training images after the splits")
-    count = n_train * size[0] * size[1]
-    mean = stats[0] / count
-    std = np.sqrt(np.clip(stats[1] / count - np.square(mean), 0.0, None))
-    std = np.where(std > 1e-8, std, 1.0)  # a constant channel stays unscaled
-    return DataMeta(
-        dataset="folder",
-        in_shape=in_shape,
-        num_classes=len(classes),
-        mean=tuple(float(v) for v in mean),
-        std=tuple(float(v) for v in std),
-        n_train=n_train,
-        n_val=len(splits["val"][0]),
-        n_test=len(splits["test"][0]),
-        source_md5=dvc_md5(folder),
-        class_names=tuple(classes),
-        storage="npy",
-    )
+    Args:
+        target: The ``.npy`` file to write.
+        files: The images, in order.
+        channels: 1 or 3.
+        size: ``(width, height)`` of every stored image.
+        sums: When given, per-channel sums of the pixels and of their squares (in ``[0, 1]``
+            units) are added to its two rows.
+    """
+    header = {
+        "descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+        "fortran_order": False,
+        "shape": (len(files), channels, size[1], size[0]),
+    }
+
+    def write(fh: IO[bytes]) -> None:
+        np.lib.format.write_array_header_1_0(fh, header)
+        for path in files:
+            img = _read_image(path, channels, size)
+            fh.write(img.tobytes())  # C order, as the header says
+            if sums is not None:
+                pixels = img.reshape(channels, -1).astype(np.float64) / 255.0
+                sums[0] += pixels.sum(axis=1)
+                sums[1] += np.square(pixels).sum(axis=1)
+
+    atomic_write_bytes(target, write)
 
 
 def _visible(path: Path) -> bool:
@@ -1081,33 +1116,6 @@ def _channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...
     # A constant channel would divide by zero; leaving it unscaled is harmless.
     std = torch.where(std > 1e-8, std, torch.ones_like(std))
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
-
-
-def _atomic_write(target: Path, write: Callable[[IO[bytes]], object]) -> None:
-    """Write ``target`` through a temporary file in the same directory, then rename it in place.
-
-    Readers therefore see either the old file or the complete new one, never a partial write.
-    """
-    with _atomic_path(target) as tmp, open(tmp, "wb") as fh:
-        write(fh)
-
-
-@contextmanager
-def _atomic_path(target: Path) -> Iterator[Path]:
-    """A temporary path next to ``target``, synced and renamed onto it if the block succeeds.
-
-    On any failure the temporary file is removed and ``target`` is left as it was.
-    """
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 __all__ = [

@@ -10,7 +10,13 @@ from __future__ import annotations
 import torch
 
 from switchprune.models.base import TaskNet
-from switchprune.models.switcher import Switcher, SwitcherSpec, UnitScorer, magnitude_scores
+from switchprune.models.switcher import (
+    ByGroup,
+    Switcher,
+    SwitcherSpec,
+    UnitScorer,
+    magnitude_scores,
+)
 
 SCORERS = ("switcher", "magnitude", "random")
 
@@ -18,12 +24,7 @@ SCORERS = ("switcher", "magnitude", "random")
 class MagnitudeScorer(UnitScorer):
     """L2 norm of a unit's incoming weights ÷ its layer's mean, read off the TNN as it is now."""
 
-    def scores(
-        self,
-        model: TaskNet,
-        grad_through_tnn: bool = False,
-        stats: dict[str, torch.Tensor] | None = None,
-    ) -> dict[str, torch.Tensor]:
+    def scores(self, model: TaskNet, grad: bool = False, stats: ByGroup | None = None) -> ByGroup:
         """One score per unit (no gradient: nothing is learned)."""
         return magnitude_scores(model)
 
@@ -38,12 +39,7 @@ class RandomScorer(UnitScorer):
         for i, size in enumerate(sizes.values()):
             self.register_buffer(f"scores_{i}", torch.rand(size, generator=g))
 
-    def scores(
-        self,
-        model: TaskNet,
-        grad_through_tnn: bool = False,
-        stats: dict[str, torch.Tensor] | None = None,
-    ) -> dict[str, torch.Tensor]:
+    def scores(self, model: TaskNet, grad: bool = False, stats: ByGroup | None = None) -> ByGroup:
         """The fixed scores, one vector per group."""
         return {name: getattr(self, f"scores_{i}") for i, name in enumerate(self.names)}
 

@@ -168,6 +168,14 @@ class _Data:
     stream: PreparedSplit | None = None
     snn_stream: PreparedSplit | None = None
 
+    @classmethod
+    def of(cls, train: Split, device: torch.device) -> _Data:
+        """Every training sample for both networks: tensors moved to ``device``, or a stream."""
+        if isinstance(train, TensorDataset):
+            x, y = (t.to(device) for t in train.tensors)
+            return cls(y=y, x=x, snn_x=x, snn_y=y)
+        return cls(y=train.labels, stream=train, snn_stream=train)
+
     def hold_out(self, fraction: float, seed: int, snn: bool) -> Split:
         """Take a seeded share away from the TNN's samples; it feeds SNN steps when ``snn``.
 
@@ -278,15 +286,7 @@ def fit(
     if data is not None:
         run.augment = augmentation(data, spec.in_shape)
         run.num_workers = data.num_workers
-    fingerprint: dict[str, Any] = {
-        "train": to_dict(cfg),
-        "spec": spec.to_dict(),
-        "switched": switched,
-        "n_train": len(train),
-    }
-    if run.augment is not None:
-        # Other batches: a checkpoint made without (or with other) augmentation is not resumed.
-        fingerprint["augment"] = dataclasses.asdict(run.augment)
+    fingerprint = _fingerprint(run, spec, switched, len(train))
     if checkpoint_path is not None and checkpoint_path.is_file():
         _resume(run, load_torch(checkpoint_path), fingerprint)
     bar = tqdm(
@@ -298,20 +298,7 @@ def fit(
         leave=True,  # the last state (epochs, loss, accuracy) stays on screen
     )
     for epoch in bar:
-        started = time.perf_counter()
-        # Step losses stay on the device; one transfer per epoch (no sync per step on a GPU).
-        steps = _train_epoch(run, epoch)
-        losses = torch.stack(steps).cpu().tolist() if steps else []
-        if losses and not math.isfinite(statistics.fmean(losses)):
-            raise TrainingError(
-                f"training diverged at epoch {epoch + 1} (the task loss is not finite): "
-                "lower train.tnn_lr"
-            )
-        record = _epoch_record(run, epoch, losses, time.perf_counter() - started)
-        if cfg.compression == "auto" and run.scorer is not None:
-            _auto_step(run, epoch, record)
-        run.state["history"].append(record)
-        run.state["epoch"] = epoch + 1
+        record = _run_epoch(run, epoch)
         bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k != "epoch"})
         if log_epochs:
             logger.info(
@@ -329,6 +316,43 @@ def fit(
             on_epoch_end(epoch)
     bar.close()
     return _finish(run)
+
+
+def _fingerprint(run: _Run, spec: ModelSpec, switched: bool, n_train: int) -> dict[str, Any]:
+    """What a checkpoint must have been written with to be resumed by this run."""
+    fingerprint: dict[str, Any] = {
+        "train": to_dict(run.cfg),
+        "spec": spec.to_dict(),
+        "switched": switched,
+        "n_train": n_train,
+    }
+    if run.augment is not None:
+        # Other batches: a checkpoint made without (or with other) augmentation is not resumed.
+        fingerprint["augment"] = dataclasses.asdict(run.augment)
+    return fingerprint
+
+
+def _run_epoch(run: _Run, epoch: int) -> dict[str, float]:
+    """Train one epoch and add its record to the run's history.
+
+    Raises:
+        TrainingError: If the epoch's mean task loss is not finite.
+    """
+    started = time.perf_counter()
+    # Step losses stay on the device; one transfer per epoch (no sync per step on a GPU).
+    steps = _train_epoch(run, epoch)
+    losses = torch.stack(steps).cpu().tolist() if steps else []
+    if losses and not math.isfinite(statistics.fmean(losses)):
+        raise TrainingError(
+            f"training diverged at epoch {epoch + 1} (the task loss is not finite): "
+            "lower train.tnn_lr"
+        )
+    record = _epoch_record(run, epoch, losses, time.perf_counter() - started)
+    if run.cfg.compression == "auto" and run.scorer is not None:
+        _auto_step(run, epoch, record)
+    run.state["history"].append(record)
+    run.state["epoch"] = epoch + 1
+    return record
 
 
 def _start(
@@ -352,21 +376,7 @@ def _start(
         torch.backends.cudnn.benchmark = False
     torch.manual_seed(cfg.seed)
     tnn = build_model(spec).to(device)
-    scorer: UnitScorer | None = None
-    if switched:
-        budget = cfg.compression in ("target", "auto")
-        # The prior and sampled gates act around a budget line; the paper's modes keep the
-        # switcher's own ReLU zeros.
-        scorer_spec = SwitcherSpec.for_model(
-            tnn,
-            cfg.snn_input,
-            cfg.snn_hidden,
-            "budget" if budget else "relu",
-            cfg.width_multiple,
-            cfg.scorer,
-            cfg.snn_prior and budget,
-        )
-        scorer = build_scorer(scorer_spec, tnn, cfg.seed).to(device)
+    scorer = _build_scorer(tnn, cfg, device) if switched else None
     opt_t = torch.optim.SGD(
         tnn.parameters(),
         lr=cfg.tnn_lr,
@@ -375,11 +385,7 @@ def _start(
     )
     params = list(scorer.parameters()) if scorer is not None else []
     opt_s = torch.optim.SGD(params, lr=cfg.snn_lr, momentum=cfg.snn_momentum) if params else None
-    if isinstance(train, TensorDataset):
-        x, y = (t.to(device) for t in train.tensors)
-        data = _Data(y=y, x=x, snn_x=x, snn_y=y)
-    else:
-        data = _Data(y=train.labels, stream=train, snn_stream=train)
+    data = _Data.of(train, device)
     if switched and params and cfg.snn_holdout > 0:
         # The switcher learns on a slice the task network never trains on, so that it keeps
         # what generalises rather than what fits the training batches.
@@ -410,6 +416,23 @@ def _start(
         torch.amp.GradScaler("cuda") if amp == torch.float16 else None,
     )
     return run
+
+
+def _build_scorer(tnn: TaskNet, cfg: TrainConfig, device: torch.device) -> UnitScorer:
+    """The scorer ``cfg.scorer`` names, for ``tnn`` (seeded: run after ``torch.manual_seed``)."""
+    budget = cfg.compression in ("target", "auto")
+    # The prior and sampled gates act around a budget line; the paper's modes keep the
+    # switcher's own ReLU zeros.
+    scorer_spec = SwitcherSpec.for_model(
+        tnn,
+        cfg.snn_input,
+        cfg.snn_hidden,
+        "budget" if budget else "relu",
+        cfg.width_multiple,
+        cfg.scorer,
+        cfg.snn_prior and budget,
+    )
+    return build_scorer(scorer_spec, tnn, cfg.seed).to(device)
 
 
 def _hold_out_order(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -631,7 +654,7 @@ def _tnn_step(
         assert run.scorer is not None
         for p in scorer_params:
             p.requires_grad_(False)
-        run.tnn.set_factors(run.scorer(run.tnn, grad_through_tnn=True))
+        run.tnn.set_factors(run.scorer(run.tnn, grad=True))
     else:
         run.tnn.set_factors(cached)
     with _autocast(run):
@@ -670,7 +693,7 @@ def _snn_step(run: _Run, target: float) -> dict[str, torch.Tensor] | None:
             loss = run.loss_fn(run.tnn(x), y)
             if cfg.compression == "penalty":
                 # L1 on the factors, each unit weighted by what it costs at the current widths.
-                factors = {k: scorer.gate(v) for k, v in scores.items()}
+                factors = scorer.factors(scores)
                 marginal = run.costs.marginal(cfg.target_metric, hard_widths(factors))
                 pressure = sum(marginal[k] * v.sum() for k, v in factors.items()) / run.full_cost
                 loss = loss + cfg.penalty * pressure

@@ -12,7 +12,7 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from switchprune.config import DataConfig
+from switchprune.config import ConfigError, DataConfig, from_dict
 from switchprune.data import (
     DATASETS,
     DataError,
@@ -68,16 +68,16 @@ def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-def test_datasets_constant_lists_all_sources():
-    assert DATASETS == (
-        "digits",
-        "mnist",
-        "fashion_mnist",
-        "cifar10",
-        "cifar100",
-        "idx",
-        "folder",
-    )
+@pytest.mark.parametrize("name", DATASETS)
+def test_every_listed_dataset_is_a_valid_config_value(name: str):
+    cfg = from_dict(DataConfig, {"dataset": name, "idx_dir": "raw", "folder_dir": "raw"})
+    assert cfg.dataset == name
+
+
+def test_a_dataset_that_is_not_listed_is_refused_by_the_config():
+    assert "imagenet" not in DATASETS
+    with pytest.raises(ConfigError, match="dataset"):
+        from_dict(DataConfig, {"dataset": "imagenet"})
 
 
 def test_digits_meta_and_sizes(digits_dir: Path):
@@ -113,6 +113,40 @@ def test_digits_prepare_returns_metrics_matching_meta(tmp_path: Path):
     assert (
         DataMeta(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()}) == meta
     )
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_interrupted_prepare_keeps_every_file_whole_and_the_directory_incomplete(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    out = tmp_path / "out"
+    prepare_data(DataConfig(dataset="digits"), raw_dir=tmp_path, out_dir=out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real_save = torch.save
+    saves: list[str] = []
+
+    def crash_on_val(obj, fh, *args, **kwargs):
+        saves.append("save")
+        if len(saves) == 2:  # train, then val
+            fh.write(b"half a split")
+            raise Interrupt
+        real_save(obj, fh, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", crash_on_val)
+    with pytest.raises(Interrupt):
+        prepare_data(DataConfig(dataset="digits", split_seed=1), raw_dir=tmp_path, out_dir=out)
+    monkeypatch.setattr(torch, "save", real_save)
+    # No temporary file is left, and without meta.json the directory does not look complete.
+    assert sorted(p.name for p in out.iterdir()) == ["test.pt", "train.pt", "val.pt"]
+    with pytest.raises(DataError, match="prepared data not found"):
+        load_split(out, "train")
+    # The split being written when it failed is the old one, whole; the one before it is new.
+    assert (out / "val.pt").read_bytes() == before["val.pt"]
+    assert (out / "train.pt").read_bytes() != before["train.pt"]
+    assert set(torch.load(out / "train.pt", weights_only=True)) == {"x", "y"}
 
 
 def test_digits_splits_partition_the_dataset(digits_dir: Path):

@@ -202,7 +202,7 @@ def test_gradient_reaches_task_network_only_when_asked(input, tiny_net):
     sum(f.sum() for f in snn(model).values()).backward()
     assert all(p.grad is None for p in model.parameters())
     assert snn.head[0].weight.grad is not None
-    sum(f.sum() for f in snn(model, grad_through_tnn=True).values()).backward()
+    sum(f.sum() for f in snn(model, grad=True).values()).backward()
     assert model.conv.weight.grad is not None
     assert float(model.conv.weight.grad.abs().sum()) > 0
 

@@ -14,20 +14,18 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from switchprune import training
 from switchprune.config import TrainConfig
 from switchprune.cost import CostModel
 from switchprune.io import load_torch
-from switchprune.models import ModelSpec, TaskNet, build_model, vgg
+from switchprune.models import ModelSpec, build_model, vgg
 from switchprune.models.switcher import Switcher, SwitcherSpec
 from switchprune.training import (
     FitResult,
-    _snn_step,
-    _tnn_step,
     budget_offset,
     fit,
     hard_widths,
     ramped_target,
+    resolve_amp,
 )
 
 
@@ -76,10 +74,6 @@ def run(cfg: TrainConfig, spec: ModelSpec = MLP_SPEC, **kwargs: Any) -> FitResul
     return fit(spec, data, None, cfg, progress=False, **kwargs)
 
 
-def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
 def equal_states(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -101,140 +95,119 @@ def assert_identical(a: FitResult, b: FitResult) -> None:
             assert ra[k] == rb[k] or (math.isnan(ra[k]) and math.isnan(rb[k])), k
 
 
-def bn_stats(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {
-        f"{name}.{buf}": getattr(m, buf).detach().clone()
-        for name, m in model.named_modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm)
-        for buf in ("running_mean", "running_var")
-    }
+def bn_stats(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The BatchNorm running statistics of a state dict."""
+    return {k: v for k, v in state.items() if k.endswith(("running_mean", "running_var"))}
 
 
-def params_of(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: p.detach().clone() for k, p in module.named_parameters()}
+def parameters(state: dict[str, torch.Tensor], module: nn.Module) -> dict[str, torch.Tensor]:
+    """The entries of a state dict that are parameters of ``module`` (no buffers)."""
+    names = {k for k, _ in module.named_parameters()}
+    return {k: v for k, v in state.items() if k in names}
 
 
-def changed(before: dict[str, torch.Tensor], module: nn.Module) -> list[str]:
-    after = dict(module.named_parameters())
-    return [k for k, v in before.items() if not torch.equal(v, after[k])]
+def changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[str]:
+    return {k for k in before if not torch.equal(before[k], after[k])}
 
 
-def setup_pair(spec: ModelSpec, mode: str) -> tuple[TaskNet, Switcher]:
-    torch.manual_seed(0)
-    tnn = build_model(spec)
-    snn = Switcher(SwitcherSpec.for_model(tnn, "stats", 8, mode))
-    tnn.train()
-    return tnn, snn
+def fit_by_epoch(
+    tmp_path: Path, cfg: TrainConfig, spec: ModelSpec = MLP_SPEC
+) -> tuple[FitResult, list[dict[str, Any]]]:
+    """``fit`` with a checkpoint after every epoch, and the networks' states read back from it."""
+    ckpt = tmp_path / "run.ckpt"
+    states: list[dict[str, Any]] = []
 
+    def keep(epoch: int) -> None:
+        blob = load_torch(ckpt)
+        states.append({"tnn": blob["tnn"], "snn": blob["snn"], "frozen": blob["frozen"]})
 
-def batch(spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    data = MLP_DATA if spec is MLP_SPEC else VGG_DATA
-    x, y = data.tensors
-    return x[:32], y[:32]
+    cfg = dataclasses.replace(cfg, checkpoint_every=1)
+    return run(cfg, spec, checkpoint_path=ckpt, on_epoch_end=keep), states
 
 
 # --- 1. the other network is frozen in each phase ---------------------------------------------
-
-
-def start(spec: ModelSpec, cfg: TrainConfig) -> training._Run:
-    data = MLP_DATA if spec is MLP_SPEC else VGG_DATA
-    r = training._start(spec, data, None, cfg, True, torch.device("cpu"))
-    r.tnn.train()
-    return r
-
-
-@pytest.mark.parametrize("spec", [MLP_SPEC, VGG_SPEC], ids=["mlp", "vgg11"])
-@pytest.mark.parametrize("detach", [True, False], ids=["detached", "grad_through_tnn"])
-def test_tnn_step_trains_tnn_and_leaves_switcher_untouched(spec: ModelSpec, detach: bool) -> None:
-    r = start(spec, make_cfg(detach_factors=detach))
-    tnn, snn = r.tnn, r.scorer
-    assert snn is not None
-    snn_before, tnn_before = snapshot(snn), params_of(tnn)
-    x, y = batch(spec)
-    with torch.no_grad():
-        cached = snn(tnn)
-    loss = _tnn_step(r, "switch", x, y, cached)
-    assert loss > 0
-    assert equal_states(snn_before, snn.state_dict())
-    assert all(p.grad is None for p in snn.parameters())
-    assert all(p.requires_grad for p in snn.parameters())  # restored after the step
-    assert len(changed(tnn_before, tnn)) == len(tnn_before)  # every TNN parameter moved
-    assert all(g.factors is None for g in tnn.gates())  # gates detached again
 
 
 @pytest.mark.parametrize(
     "overrides",
     [
         {"compression": "target"},
+        {"compression": "target", "detach_factors": False},
         {"compression": "penalty", "penalty": 1.0},
         {"compression": "none"},
-        {"compression": "target", "snn_gates": "stochastic"},
+        {"compression": "target", "snn_gates": "straight", "snn_prior": False},
         {"snn_prior": True, "snn_gates": "stochastic", "snn_holdout": 0.2},
     ],
-    ids=["target", "penalty", "none", "stochastic", "prior-holdout"],
+    ids=["target", "grad-through-tnn", "penalty", "none", "straight", "prior-holdout"],
 )
-def test_snn_step_trains_switcher_and_freezes_tnn_including_bn_stats(
-    overrides: dict[str, Any],
+def test_snn_epochs_move_only_the_switcher_and_tnn_epochs_only_the_task_network(
+    tmp_path: Path, overrides: dict[str, Any]
 ) -> None:
-    r = start(VGG_SPEC, make_cfg(snn_lr=0.5, **overrides))
-    tnn, snn = r.tnn, r.scorer
-    assert snn is not None
-    x, _y = batch(VGG_SPEC)
-    # Non-trivial running statistics, and proof that a plain train-mode forward moves them.
-    initial = bn_stats(tnn)
-    with torch.no_grad():
-        tnn(x * 3 + 1)
-    moved = bn_stats(tnn)
-    assert all(not torch.equal(initial[k], moved[k]) for k in initial)
+    """Alternating whole epochs: each one's change is confined to the network it trains."""
+    cfg = make_cfg(
+        epochs=4,
+        alternation="epoch",
+        tnn_steps_per_snn_step=1,
+        switch_epochs_fraction=1.0,
+        snn_lr=0.5,
+        **overrides,
+    )
+    result, states = fit_by_epoch(tmp_path, cfg, VGG_SPEC)
+    assert result.switcher is not None
+    # One TNN epoch, then one SNN epoch: an epoch without TNN steps has no task loss.
+    snn_epochs = [e for e, r in enumerate(result.history) if math.isnan(r["loss"])]
+    assert snn_epochs == [1, 3]
+    for epoch in (1, 2, 3):
+        before, after = states[epoch - 1], states[epoch]
+        tnn_params = parameters(before["tnn"], result.model)
+        snn_params = parameters(before["snn"], result.switcher)
+        moved_tnn = changed(tnn_params, after["tnn"])
+        moved_snn = changed(snn_params, after["snn"])
+        if epoch in snn_epochs:
+            assert moved_tnn == set()
+            # BatchNorm running statistics stay put too: the SNN's batches do not update them.
+            assert changed(bn_stats(before["tnn"]), after["tnn"]) == set()
+            assert {"head.0.weight", "head.2.weight"} <= moved_snn
+        else:
+            assert moved_snn == set()
+            assert moved_tnn == set(tnn_params)  # every TNN parameter moved
+            assert changed(bn_stats(before["tnn"]), after["tnn"]) == set(bn_stats(before["tnn"]))
+    # Whatever was frozen for a step is trainable again, with its usual BatchNorm momentum.
+    assert all(p.requires_grad for p in result.model.parameters())
+    assert all(p.requires_grad for p in result.switcher.parameters())
+    assert all(
+        m.momentum == 0.1
+        for m in result.model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    )
+    assert all(g.factors is None for g in result.model.gates())
 
-    tnn_params, snn_params = params_of(tnn), params_of(snn)
-    momenta = [m.momentum for m in tnn.modules() if isinstance(m, nn.BatchNorm2d)]
-    _snn_step(r, 0.5)
 
-    assert changed(tnn_params, tnn) == []
-    assert all(torch.equal(moved[k], v) for k, v in bn_stats(tnn).items())
-    assert all(p.grad is None for p in tnn.parameters())
-    assert all(p.requires_grad for p in tnn.parameters())  # unfrozen after the step
-    assert [m.momentum for m in tnn.modules() if isinstance(m, nn.BatchNorm2d)] == momenta
-    assert all(g.factors is None for g in tnn.gates())
-    assert "head.0.weight" in changed(snn_params, snn)
-    assert "head.2.weight" in changed(snn_params, snn)
+def test_fixed_phase_trains_the_task_network_under_unchanging_factors(tmp_path: Path) -> None:
+    cfg = make_cfg(epochs=4, switch_epochs_fraction=0.5, tnn_steps_per_snn_step=1)
+    result, states = fit_by_epoch(tmp_path, cfg)
+    assert result.switcher is not None and result.factors is not None
+    # Switching epochs (0, 1): the switcher moves; fixed epochs (2, 3): frozen factors only.
+    assert [s["frozen"] is not None for s in states] == [False, False, True, True]
+    assert changed(parameters(states[0]["snn"], result.switcher), states[1]["snn"])
+    for epoch in (2, 3):
+        assert changed(states[epoch - 1]["snn"], states[epoch]["snn"]) <= {"offset"}
+        assert changed(states[epoch - 1]["tnn"], states[epoch]["tnn"])
+    assert equal_states(states[2]["frozen"], states[3]["frozen"])
+    assert equal_states(states[3]["frozen"], result.factors)
 
 
-@pytest.mark.parametrize("alternation", ["batch", "epoch"])
-def test_each_phase_of_fit_freezes_the_other_network(
-    monkeypatch: pytest.MonkeyPatch, alternation: str
-) -> None:
-    """Wrap the real steps inside ``fit`` and watch the real tensors around each call."""
-    calls = {"tnn": 0, "snn": 0, "snn_moved": 0}
-    real_tnn, real_snn = training._tnn_step, training._snn_step
-
-    def tnn_step(r: training._Run, *args: Any) -> float:
-        before = snapshot(r.scorer) if r.scorer is not None else {}
-        tnn_before = params_of(r.tnn)
-        out = real_tnn(r, *args)
-        if r.scorer is not None:
-            assert equal_states(before, r.scorer.state_dict())
-        assert changed(tnn_before, r.tnn)
-        calls["tnn"] += 1
-        return out
-
-    def snn_step(r: training._Run, *args: Any) -> Any:
-        assert r.scorer is not None
-        tnn_before, stats, snn_before = params_of(r.tnn), bn_stats(r.tnn), params_of(r.scorer)
-        out = real_snn(r, *args)
-        assert equal_states(stats, bn_stats(r.tnn))
-        assert changed(tnn_before, r.tnn) == []
-        # Sampled gates far from the line carry no gradient: not every step moves the switcher.
-        calls["snn_moved"] += bool(changed(snn_before, r.scorer))
-        calls["snn"] += 1
-        return out
-
-    monkeypatch.setattr(training, "_tnn_step", tnn_step)
-    monkeypatch.setattr(training, "_snn_step", snn_step)
-    cfg = make_cfg(epochs=3, alternation=alternation, switch_epochs_fraction=1.0)
-    run(dataclasses.replace(cfg, tnn_steps_per_snn_step=1), VGG_SPEC)
-    assert calls["tnn"] > 0 and calls["snn"] > 0 and calls["snn_moved"] > 0
+@pytest.mark.parametrize(
+    ("overrides", "switched"),
+    [({"compression": "none"}, True), ({}, True), ({}, False)],
+    ids=["switcher-none", "switcher-target", "baseline"],
+)
+def test_training_lowers_the_task_loss(overrides: dict[str, Any], switched: bool) -> None:
+    history = run(make_cfg(epochs=6, tnn_lr=0.2, **overrides), switched=switched).history
+    losses = [r["loss"] for r in history]
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < 0.85 * losses[0]
+    assert losses[-1] < losses[-2]
 
 
 # --- 2. determinism ---------------------------------------------------------------------------
@@ -635,7 +608,7 @@ def test_prior_switcher_moves_a_score_at_most_prior_range_from_magnitude() -> No
             p.mul_(0).add_(torch.randn_like(p) * 50)  # a head gone wild
     prior = magnitude_scores(tnn)
     for name, s in snn.scores(tnn).items():
-        gap = (s - torch.log(prior[name] + 1e-6)).abs()
+        gap = (s.detach() - torch.log(prior[name] + 1e-6)).abs()
         assert float(gap.max()) <= PRIOR_RANGE + 1e-6
         assert float(gap.max()) > 0.1 * PRIOR_RANGE  # the learned part does act
 
@@ -658,7 +631,7 @@ def test_prior_switcher_moves_a_score_at_most_prior_range_from_magnitude() -> No
 def test_mixed_precision_only_on_cuda(
     amp: str, device: str, bf16: bool, expected: torch.dtype | None
 ) -> None:
-    got = training.resolve_amp(amp, torch.device(device), bf16_supported=lambda: bf16)
+    got = resolve_amp(amp, torch.device(device), bf16_supported=lambda: bf16)
     assert got == expected
 
 

@@ -33,6 +33,9 @@ PRIOR_RANGE = 0.5
 # Smallest factor of a group's last unit in ``relu`` mode (a group is never emptied).
 MIN_FACTOR = 1e-3
 
+ByGroup = dict[str, torch.Tensor]
+"""One tensor per gate group, by group name: scores, factors or per-unit statistics."""
+
 
 @dataclass(frozen=True)
 class SwitcherSpec:
@@ -131,14 +134,13 @@ class UnitScorer(nn.Module):
         self.spec = spec
         self.register_buffer("offset", torch.zeros(()))
 
-    def forward(
-        self,
-        model: TaskNet,
-        grad_through_tnn: bool = False,
-        stats: dict[str, torch.Tensor] | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Factors for every gate group of ``model``: the score, or 0 at or below the offset."""
-        return {k: self.gate(v) for k, v in self.scores(model, grad_through_tnn, stats).items()}
+    def forward(self, model: TaskNet, grad: bool = False, stats: ByGroup | None = None) -> ByGroup:
+        """Factors for every gate group of ``model`` (arguments as for :meth:`scores`)."""
+        return self.factors(self.scores(model, grad, stats))
+
+    def factors(self, scores: ByGroup) -> ByGroup:
+        """Each group's scores through :meth:`gate`: exactly 0 for the units that are off."""
+        return {k: self.gate(v) for k, v in scores.items()}
 
     def on_units(self, scores: torch.Tensor) -> torch.Tensor:
         """Which units of a group are on: above the offset, plus the top unit (never empty).
@@ -166,16 +168,18 @@ class UnitScorer(nn.Module):
         on = self.on_units(scores)
         return torch.where(on, self.kept_factors(scores, on), torch.zeros_like(scores))
 
-    def scores(
-        self,
-        model: TaskNet,
-        grad_through_tnn: bool = False,
-        stats: dict[str, torch.Tensor] | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """One score vector per gate group of ``model``."""
+    def scores(self, model: TaskNet, grad: bool = False, stats: ByGroup | None = None) -> ByGroup:
+        """One score vector per gate group of ``model``, by group name.
+
+        Args:
+            model: The task network whose weights are read.
+            grad: Keep the graph into the task network's weights (otherwise they are read
+                detached). Only a learned scorer reads weights through a graph.
+            stats: Precomputed :meth:`statistics` of ``model`` as it is now.
+        """
         raise NotImplementedError
 
-    def statistics(self, model: TaskNet) -> dict[str, torch.Tensor] | None:
+    def statistics(self, model: TaskNet) -> ByGroup | None:
         """Inputs of :meth:`scores` that can be reused while ``model`` is unchanged, or None."""
         return None
 
@@ -221,36 +225,19 @@ class Switcher(UnitScorer):
         mean = (kept * on).sum() / on.sum().clamp(min=1)
         return kept / mean.clamp(min=1e-12)
 
-    def scores(
-        self,
-        model: TaskNet,
-        grad_through_tnn: bool = False,
-        stats: dict[str, torch.Tensor] | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Pre-activation scores for every gate group of ``model`` (factor = ``ReLU(score)``).
-
-        Args:
-            model: The task network whose weights are read.
-            grad_through_tnn: Keep the graph into the task network's weights (otherwise they
-                are read detached).
-            stats: Precomputed :meth:`statistics` of ``model`` as it is now (``stats`` input).
-
-        Returns:
-            One score vector per group name.
-        """
+    def scores(self, model: TaskNet, grad: bool = False, stats: ByGroup | None = None) -> ByGroup:
+        """The head's output for every unit (see :meth:`UnitScorer.scores`)."""
         modules = dict(model.named_modules())
-        depth = len(model.groups)
-        out: dict[str, torch.Tensor] = {}
-        for index, g in enumerate(model.groups):
-            position = index / max(1, depth - 1)
+        out: ByGroup = {}
+        for g, position in _depths(model):
             if self.spec.input == "rows":
-                x = self._encode_rows(g, modules, grad_through_tnn)
+                x = self._encode_rows(g, modules, grad)
                 pos = torch.full((g.size, 1), position, device=x.device, dtype=x.dtype)
                 x = torch.cat([torch.relu(x), pos], dim=1)
             elif stats is not None:
                 x = stats[g.name]
             else:
-                x = unit_statistics(g, modules, position, grad_through_tnn)
+                x = unit_statistics(g, modules, position, grad)
             out[g.name] = self.head(x).squeeze(1)
         if self.spec.prior:
             # The learned part is bounded: it can reorder units whose magnitudes are within a
@@ -264,7 +251,7 @@ class Switcher(UnitScorer):
         return out
 
     @torch.no_grad()
-    def statistics(self, model: TaskNet) -> dict[str, torch.Tensor] | None:
+    def statistics(self, model: TaskNet) -> ByGroup | None:
         """Detached per-unit inputs of the head (``stats`` input only; ``None`` for ``rows``).
 
         They depend on the task network's weights alone, so one computation serves every
@@ -274,11 +261,7 @@ class Switcher(UnitScorer):
         if self.spec.input == "rows":
             return None
         modules = dict(model.named_modules())
-        depth = len(model.groups)
-        return {
-            g.name: unit_statistics(g, modules, i / max(1, depth - 1), grad=False)
-            for i, g in enumerate(model.groups)
-        }
+        return {g.name: unit_statistics(g, modules, pos, grad=False) for g, pos in _depths(model)}
 
     def _encode_rows(self, g: GateGroup, modules: dict[str, nn.Module], grad: bool) -> torch.Tensor:
         total: torch.Tensor | None = None
@@ -293,6 +276,12 @@ class Switcher(UnitScorer):
             total = enc if total is None else total + enc
         assert total is not None
         return total
+
+
+def _depths(model: TaskNet) -> list[tuple[GateGroup, float]]:
+    """Each gate group with its relative depth, 0 for the first and 1 for the last."""
+    last = max(1, len(model.groups) - 1)
+    return [(g, index / last) for index, g in enumerate(model.groups)]
 
 
 def _key(name: str) -> str:
@@ -370,7 +359,7 @@ def unit_statistics(
 
 
 @torch.no_grad()
-def magnitude_scores(model: TaskNet) -> dict[str, torch.Tensor]:
+def magnitude_scores(model: TaskNet) -> ByGroup:
     """The magnitude control: L2 norm of each unit's incoming weights ÷ its layer's mean.
 
     Writers of a residual group contribute the norm over all of their rows together.
