@@ -245,10 +245,11 @@ def test_load_split_detects_split_inconsistent_with_meta(tmp_path: Path):
         load_split(tmp_path, "val")
 
 
-def test_unknown_dataset_raises_data_error(tmp_path: Path):
-    cfg = DataConfig(dataset="imagenet")  # type: ignore[arg-type]
-    with pytest.raises(DataError, match="imagenet"):
+def test_unknown_dataset_is_refused_before_anything_is_written(tmp_path: Path):
+    with pytest.raises(ValueError, match="imagenet"):
+        cfg = DataConfig(dataset="imagenet")  # type: ignore[arg-type]
         prepare_data(cfg, raw_dir=tmp_path, out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------------------------

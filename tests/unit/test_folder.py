@@ -315,7 +315,7 @@ def test_auto_loader_streams_above_the_memory_bound() -> None:
 
 @pytest.mark.parametrize("dataset", ["digits", "mnist", "idx"])
 def test_digit_datasets_are_never_flipped(dataset: str) -> None:
-    aug = augmentation(DataConfig(dataset=dataset, augment="standard"), (1, 28, 28))  # type: ignore[arg-type]
+    aug = augmentation(DataConfig(dataset=dataset, idx_dir="x", augment="standard"), (1, 28, 28))  # type: ignore[arg-type]
     assert aug == Augmentation(pad=4, flip=False)
 
 
