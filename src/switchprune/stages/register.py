@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from switchprune.card import CARD_FILE, write_card
+from switchprune.card import CARD_FILE, CardInputs, write_card
 from switchprune.config import RegisterConfig
 from switchprune.data import META_FILE, load_meta, open_split, raw_images
 from switchprune.io import COMPACT_FILE, ArtifactError, read_json
@@ -79,8 +79,7 @@ def run(
     ).numpy()
     history = _read_history(Path(history_path)) if history_path is not None else []
     with tempfile.TemporaryDirectory(prefix="switchprune-card-") as card_dir:
-        card = write_card(
-            Path(card_dir),
+        inputs = CardInputs(
             model_name=cfg.model_name,
             spec=model.spec.to_dict(),
             widths=widths,
@@ -89,6 +88,7 @@ def run(
             params=params,
             history=history,
         )
+        card = write_card(Path(card_dir), inputs)
         result = registry.log_and_register(
             tracking_uri=uri,
             experiment=cfg.experiment,
