@@ -60,7 +60,6 @@ from switchprune.errors import InputError, ServiceFailure
 from switchprune.io import ArtifactError, file_digest, model_digest
 from switchprune.serving import ServedModel, package_dir, serving_requirements
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_ARTIFACT_ROOT = "mlruns"
 DEFAULT_ALIAS = "champion"
 MODEL_FILE = "model.pt"
@@ -147,6 +146,51 @@ class ModelRef:
         if self.version is not None:
             return f"models:/{self.name}/{self.version}"
         return f"models:/{self.name}@{self.effective_alias}"
+
+
+@dataclass(frozen=True)
+class Registration:
+    """One model to log and register: what goes into the run, the model and the version.
+
+    Attributes:
+        experiment: Experiment name (created with ``artifact_location`` if absent).
+        model_name: Registered model name.
+        alias: Alias to set on the version (e.g. ``candidate``).
+        model: The network (logged in eval mode; its train/eval mode is restored).
+        files: Files to attach to the run and the model, by the name they get (must include
+            ``model.pt``).
+        input_example: A small batch of raw images (numpy ``N×C×H×W``: ``uint8`` 0..255, or
+            floats in ``[0, 1]``), for the signature and the example.
+        params: Parameters, possibly nested by section; logged as ``section.key`` (lists as
+            JSON text).
+        metrics: Metrics, possibly nested, flattened the same way (text and booleans are left
+            out).
+        tags: Tags for the run and the version (e.g. ``data_md5``, ``git_commit``).
+        normalization: Per-channel ``(mean, std)`` of ``[0, 1]`` pixels that the served model
+            applies to its raw input (default: none, i.e. mean 0 and std 1).
+        description: The version's description (Markdown: the model card).
+        artifacts: More files for the run only (the card and its pictures), by the name they
+            get.
+        history: Per-epoch records with an ``epoch`` field; every other key becomes the
+            stepped metric ``epoch_<key>`` (step = the record's ``epoch``).
+        artifact_location: Artifact root of a new experiment (a local folder or a URI);
+            default: the server's for HTTP, the project's ``mlruns`` folder otherwise.
+    """
+
+    experiment: str
+    model_name: str
+    alias: str
+    model: torch.nn.Module
+    files: Mapping[str, Path]
+    input_example: numpy.ndarray
+    params: Mapping[str, Any] = field(default_factory=dict)
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    tags: Mapping[str, Any] = field(default_factory=dict)
+    normalization: tuple[Sequence[float], Sequence[float]] | None = None
+    description: str | None = None
+    artifacts: Mapping[str, Path] = field(default_factory=dict)
+    history: Sequence[Mapping[str, float]] = ()
+    artifact_location: str | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -772,61 +816,12 @@ def _end_run(status: str, *, strict: bool = False) -> bool:
         return _best_effort(mlflow.end_run, status)
 
 
-@dataclass(frozen=True)
-class Registration:
-    """One model to log and register: what goes into the run, the model and the version.
-
-    Attributes:
-        experiment: Experiment name (created with ``artifact_location`` if absent).
-        model_name: Registered model name.
-        alias: Alias to set on the version (e.g. ``candidate``).
-        model: The network (logged in eval mode; its train/eval mode is restored).
-        files: Files to attach to the run and the model, by the name they get (must include
-            ``model.pt``).
-        input_example: A small batch of raw images (numpy ``N×C×H×W``: ``uint8`` 0..255, or
-            floats in ``[0, 1]``), for the signature and the example.
-        params: Parameters, possibly nested by section; logged as ``section.key`` (lists as
-            JSON text).
-        metrics: Metrics, possibly nested, flattened the same way (text and booleans are left
-            out).
-        tags: Tags for the run and the version (e.g. ``data_md5``, ``git_commit``).
-        normalization: Per-channel ``(mean, std)`` of ``[0, 1]`` pixels that the served model
-            applies to its raw input (default: none, i.e. mean 0 and std 1).
-        description: The version's description (Markdown: the model card).
-        artifacts: More files for the run only (the card and its pictures), by the name they
-            get.
-        history: Per-epoch records with an ``epoch`` field; every other key becomes the
-            stepped metric ``epoch_<key>`` (step = the record's ``epoch``).
-        artifact_location: Artifact root of a new experiment (a local folder or a URI);
-            default: the server's for HTTP, ``./mlruns`` otherwise.
-    """
-
-    experiment: str
-    model_name: str
-    alias: str
-    model: torch.nn.Module
-    files: Mapping[str, Path]
-    input_example: numpy.ndarray
-    params: Mapping[str, Any] = field(default_factory=dict)
-    metrics: Mapping[str, Any] = field(default_factory=dict)
-    tags: Mapping[str, Any] = field(default_factory=dict)
-    normalization: tuple[Sequence[float], Sequence[float]] | None = None
-    description: str | None = None
-    artifacts: Mapping[str, Path] = field(default_factory=dict)
-    history: Sequence[Mapping[str, float]] = ()
-    artifact_location: str | None = None
-
-
 @dataclass
 class _Attempt:
-    """How far one registration got, so that a failure names its step and is undone.
+    """One registration under way: its run, tags and stepped metrics, and how far it got.
 
-    Attributes:
-        run_id: The run created for it.
-        tags: The run's and the version's tags (the caller's plus the model's identity).
-        stepped: The training history as ``(name, value, step)`` metrics.
-        step: What was being done, for the failure message.
-        version: The version registered so far, if any (deleted on failure).
+    ``step`` names what was being done and ``version`` what was registered, so that a failure
+    is reported by its step and the version is deleted.
     """
 
     run_id: str
@@ -1020,7 +1015,6 @@ def log_and_register(tracking_uri: str, registration: Registration) -> dict[str,
 
 __all__ = [
     "DEFAULT_ARTIFACT_ROOT",
-    "DEFAULT_TRACKING_URI",
     "ModelRef",
     "Registration",
     "RegistryError",
