@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,33 +57,56 @@ def format_number(value: Any) -> str:
     return f"{float(value):.6g}"
 
 
-def render_card(
-    *,
-    model_name: str,
-    spec: Mapping[str, Any],
-    widths: Mapping[str, Mapping[str, int]],
-    report: Mapping[str, Any],
-    meta: Mapping[str, Any],
-    params: Mapping[str, Any],
-    history: Sequence[Mapping[str, Any]] = (),
-) -> str:
-    """The model card as Markdown.
+@dataclass(frozen=True)
+class CardInputs:
+    """What a model card is made from: the reports and settings of one compacted model.
 
-    Args:
+    Attributes:
         model_name: Registered model name (used in the loading snippet).
         spec: The compacted model's spec (``ModelSpec.to_dict()``).
         widths: ``widths.json``: ``{group: {"kept": k, "full": f}}``.
         report: ``evaluate.json``.
         meta: The prepared data's ``meta.json`` (``mean``, ``std``, ``in_shape`` ...).
         params: Parameter sections (``model``, ``train``, ...), as logged.
-        history: Per-epoch training records (``train_history.json``), for the last epoch line.
+        history: Per-epoch training records (``train_history.json``): the last epoch's line
+            and the curves picture (neither when empty).
+    """
+
+    model_name: str
+    spec: Mapping[str, Any]
+    widths: Mapping[str, Mapping[str, int]]
+    report: Mapping[str, Any]
+    meta: Mapping[str, Any]
+    params: Mapping[str, Any]
+    history: Sequence[Mapping[str, Any]] = ()
+
+
+def render_card(card: CardInputs) -> str:
+    """The model card as Markdown.
+
+    Args:
+        card: The reports and settings the card is made from.
 
     Returns:
         The card text.
     """
-    fmt = format_number
-    lines = [f"# {model_name}", ""]
-    lines += [
+    sections = (
+        _summary_section,
+        _widths_section,
+        _evaluation_section,
+        _training_section,
+        _input_section,
+        _loading_section,
+    )
+    return "\n".join(line for section in sections for line in section(card))
+
+
+def _summary_section(card: CardInputs) -> list[str]:
+    """Title, what the model is, and which data it was trained on."""
+    spec, meta = card.spec, card.meta
+    lines = [
+        f"# {card.model_name}",
+        "",
         f"A `{spec.get('arch', '?')}` task network for {spec.get('num_classes', '?')} classes, "
         "trained with one factor per unit, then compacted: switched-off units were removed and "
         "the kept factors folded into the weights.",
@@ -93,27 +117,34 @@ def render_card(
     ]
     if spec.get("options"):
         lines.append(f"- spec options: `{json.dumps(spec['options'], sort_keys=True)}`")
-    model_section = params.get("model")
+    model_section = card.params.get("model")
     if isinstance(model_section, Mapping):
         lines.append(f"- `model` section: `{json.dumps(model_section, default=str)}`")
-    lines.append(f"- data (`data_md5`): `{report.get('data_md5', '')}`")
+    lines.append(f"- data (`data_md5`): `{card.report.get('data_md5', '')}`")
     if meta.get("dataset"):
         lines.append(f"- dataset: `{meta['dataset']}`")
-    lines.append("")
+    return [*lines, ""]
 
-    lines += [
+
+def _widths_section(card: CardInputs) -> list[str]:
+    """Full and kept width of every gate group, and the picture of them."""
+    lines = [
         "## Widths per gate group",
         "",
         "| group | before | after | kept |",
         "|---|---|---|---|",
     ]
-    for group, w in widths.items():
+    for group, w in card.widths.items():
         full, kept = int(w["full"]), int(w["kept"])
         share = f"{kept / full:.1%}" if full else "-"
         lines.append(f"| `{group}` | {full} | {kept} | {share} |")
-    lines += ["", f"![kept width per layer]({WIDTHS_PLOT})", ""]
+    return [*lines, "", f"![kept width per layer]({WIDTHS_PLOT})", ""]
 
-    lines += ["## Evaluation (test split)", "", "| metric | before | after |", "|---|---|---|"]
+
+def _evaluation_section(card: CardInputs) -> list[str]:
+    """The before/after table and the accuracy table, with the rows the report has."""
+    fmt, report = format_number, card.report
+    lines = ["## Evaluation (test split)", "", "| metric | before | after |", "|---|---|---|"]
     for before, after, label in _BEFORE_AFTER:
         if before in report and after in report:
             lines.append(f"| {label} | {fmt(report[before])} | {fmt(report[after])} |")
@@ -121,28 +152,37 @@ def render_card(
     for key, label in _ACCURACY:
         if key in report:
             lines.append(f"| {label} (`{key}`) | {fmt(report[key])} |")
-    lines.append("")
+    return [*lines, ""]
 
-    lines += ["## Training", ""]
-    train = params.get("train")
+
+def _training_section(card: CardInputs) -> list[str]:
+    """The ``train`` settings, the last epoch's numbers and the curves picture."""
+    fmt = format_number
+    lines = ["## Training", ""]
+    train = card.params.get("train")
     if isinstance(train, Mapping) and train:
         lines += ["| setting | value |", "|---|---|"]
         for key, value in train.items():
             shown = json.dumps(value) if isinstance(value, list | tuple | dict) else value
             lines.append(f"| `{key}` | {fmt(shown)} |")
         lines.append("")
-    if history:
-        last = history[-1]
+    if card.history:
+        last = card.history[-1]
         summary = ", ".join(
             f"{k} {fmt(last[k])}" for k in ("loss", "val_accuracy", "params_ratio") if k in last
         )
-        lines += [f"Last epoch ({fmt(last.get('epoch', len(history)))}): {summary}.", ""]
+        lines += [f"Last epoch ({fmt(last.get('epoch', len(card.history)))}): {summary}.", ""]
         lines += [f"![training curves]({CURVES_PLOT})", ""]
+    return lines
 
+
+def _input_section(card: CardInputs) -> list[str]:
+    """The input's shape and the per-channel normalisation."""
+    meta = card.meta
     mean = [float(v) for v in meta.get("mean", [])]
     std = [float(v) for v in meta.get("std", [])]
-    in_shape = list(meta.get("in_shape", spec.get("in_shape", [])))
-    lines += [
+    in_shape = list(meta.get("in_shape", card.spec.get("in_shape", [])))
+    lines = [
         "## Input",
         "",
         f"A float32 batch of shape `[N, {', '.join(str(d) for d in in_shape)}]`: pixels scaled "
@@ -152,21 +192,24 @@ def render_card(
         "|---|---|---|",
     ]
     for c, (m, s) in enumerate(zip(mean, std, strict=False)):
-        lines.append(f"| {c} | {fmt(m)} | {fmt(s)} |")
-    lines += [
-        "",
-        "The output is one logit per class.",
-        "",
+        lines.append(f"| {c} | {format_number(m)} | {format_number(s)} |")
+    return [*lines, "", "The output is one logit per class.", ""]
+
+
+def _loading_section(card: CardInputs) -> list[str]:
+    """How to load the model, by weights only or as the MLflow flavour."""
+    uri = f"models:/{card.model_name}@champion"
+    return [
         "## Loading",
         "",
         "```python",
         "import switchprune",
         "",
-        f'model = switchprune.load_model("models:/{model_name}@champion")  # weights only',
+        f'model = switchprune.load_model("{uri}")  # weights only',
         "",
         "import mlflow  # the MLflow flavour (needs switchprune importable)",
         "",
-        f'model = mlflow.pytorch.load_model("models:/{model_name}@champion")',
+        f'model = mlflow.pytorch.load_model("{uri}")',
         "```",
         "",
         "`switchprune.load_model` rebuilds the network from its spec and reads the weights with "
@@ -174,7 +217,6 @@ def render_card(
         "normalisation above.",
         "",
     ]
-    return "\n".join(lines)
 
 
 def _pyplot() -> Any:
@@ -255,54 +297,31 @@ def plot_history(history: Sequence[Mapping[str, Any]], path: Path) -> Path:
     return Path(path)
 
 
-def write_card(
-    out_dir: Path,
-    *,
-    model_name: str,
-    spec: Mapping[str, Any],
-    widths: Mapping[str, Mapping[str, int]],
-    report: Mapping[str, Any],
-    meta: Mapping[str, Any],
-    params: Mapping[str, Any],
-    history: Sequence[Mapping[str, Any]] = (),
-) -> dict[str, Path]:
+def write_card(out_dir: Path, card: CardInputs) -> dict[str, Path]:
     """Write the card and its pictures into ``out_dir``.
 
     Args:
         out_dir: An existing folder.
-        model_name: Registered model name.
-        spec: The compacted model's spec.
-        widths: ``widths.json``.
-        report: ``evaluate.json``.
-        meta: ``meta.json`` of the prepared data.
-        params: Parameter sections.
-        history: Per-epoch training records (no curves picture when empty).
+        card: The reports and settings the card is made from (no curves picture without a
+            history).
 
     Returns:
         The written files by name (``model_card.md``, ``widths.png`` and, with a history,
         ``training_curves.png``).
     """
     out_dir = Path(out_dir)
-    text = render_card(
-        model_name=model_name,
-        spec=spec,
-        widths=widths,
-        report=report,
-        meta=meta,
-        params=params,
-        history=history,
-    )
     files = {CARD_FILE: out_dir / CARD_FILE}
-    files[CARD_FILE].write_text(text, encoding="utf-8")
-    files[WIDTHS_PLOT] = plot_widths(widths, out_dir / WIDTHS_PLOT)
-    if history:
-        files[CURVES_PLOT] = plot_history(history, out_dir / CURVES_PLOT)
+    files[CARD_FILE].write_text(render_card(card), encoding="utf-8")
+    files[WIDTHS_PLOT] = plot_widths(card.widths, out_dir / WIDTHS_PLOT)
+    if card.history:
+        files[CURVES_PLOT] = plot_history(card.history, out_dir / CURVES_PLOT)
     return files
 
 
 __all__ = [
     "CARD_FILE",
     "CURVES_PLOT",
+    "CardInputs",
     "WIDTHS_PLOT",
     "format_number",
     "plot_history",

@@ -41,7 +41,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +60,6 @@ from switchprune.errors import InputError, ServiceFailure
 from switchprune.io import ArtifactError, file_digest, model_digest
 from switchprune.serving import ServedModel, package_dir, serving_requirements
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_ARTIFACT_ROOT = "mlruns"
 DEFAULT_ALIAS = "champion"
 MODEL_FILE = "model.pt"
@@ -149,6 +148,51 @@ class ModelRef:
         return f"models:/{self.name}@{self.effective_alias}"
 
 
+@dataclass(frozen=True)
+class Registration:
+    """One model to log and register: what goes into the run, the model and the version.
+
+    Attributes:
+        experiment: Experiment name (created with ``artifact_location`` if absent).
+        model_name: Registered model name.
+        alias: Alias to set on the version (e.g. ``candidate``).
+        model: The network (logged in eval mode; its train/eval mode is restored).
+        files: Files to attach to the run and the model, by the name they get (must include
+            ``model.pt``).
+        input_example: A small batch of raw images (numpy ``N×C×H×W``: ``uint8`` 0..255, or
+            floats in ``[0, 1]``), for the signature and the example.
+        params: Parameters, possibly nested by section; logged as ``section.key`` (lists as
+            JSON text).
+        metrics: Metrics, possibly nested, flattened the same way (text and booleans are left
+            out).
+        tags: Tags for the run and the version (e.g. ``data_md5``, ``git_commit``).
+        normalization: Per-channel ``(mean, std)`` of ``[0, 1]`` pixels that the served model
+            applies to its raw input (default: none, i.e. mean 0 and std 1).
+        description: The version's description (Markdown: the model card).
+        artifacts: More files for the run only (the card and its pictures), by the name they
+            get.
+        history: Per-epoch records with an ``epoch`` field; every other key becomes the
+            stepped metric ``epoch_<key>`` (step = the record's ``epoch``).
+        artifact_location: Artifact root of a new experiment (a local folder or a URI);
+            default: the server's for HTTP, the project's ``mlruns`` folder otherwise.
+    """
+
+    experiment: str
+    model_name: str
+    alias: str
+    model: torch.nn.Module
+    files: Mapping[str, Path]
+    input_example: numpy.ndarray
+    params: Mapping[str, Any] = field(default_factory=dict)
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    tags: Mapping[str, Any] = field(default_factory=dict)
+    normalization: tuple[Sequence[float], Sequence[float]] | None = None
+    description: str | None = None
+    artifacts: Mapping[str, Path] = field(default_factory=dict)
+    history: Sequence[Mapping[str, float]] = ()
+    artifact_location: str | None = None
+
+
 # --------------------------------------------------------------------------------------------
 # Small helpers
 
@@ -170,8 +214,18 @@ def _check_alias(alias: str) -> None:
         raise RegistryInputError(f"invalid alias {alias!r}: 'latest' and 'v<number>' are reserved")
 
 
-def _redact(uri: str) -> str:
-    """``uri`` without any ``user:password@`` part, for messages."""
+def redact_uri(uri: str) -> str:
+    """``uri`` without any ``user:password@`` part, for messages and reports.
+
+    Everything up to the last ``@`` of the authority goes, so a password holding ``@`` does
+    not leak either.
+
+    Args:
+        uri: A URI, e.g. ``http://user:secret@host:5000/path``.
+
+    Returns:
+        The URI without credentials, e.g. ``http://host:5000/path``; other text unchanged.
+    """
     if "://" in uri:
         scheme, rest = uri.split("://", 1)
         host, sep, path = rest.partition("/")
@@ -249,6 +303,10 @@ def mlflow_session(tracking_uri: str) -> Iterator[MlflowClient]:
     Yields:
         A client bound to that URI.
     """
+    # MLflow's fluent calls (start_run, log_model, register_model) and its resolution of
+    # models:/ URIs read only the process-wide URIs, so those must be set. The public getters
+    # resolve them (environment, default) and cannot tell "never set" from "set", so the
+    # values to restore are read from the modules that hold them.
     from mlflow.tracking._model_registry import utils as registry_utils
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
@@ -263,8 +321,9 @@ def mlflow_session(tracking_uri: str) -> Iterator[MlflowClient]:
         mlflow.set_registry_uri(tracking_uri)
         yield MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     finally:
-        mlflow.set_tracking_uri(saved_tracking)  # type: ignore[arg-type]  # None unsets
-        registry_utils._registry_uri = saved_registry
+        # None unsets either URI; the environment they touch is put back just below.
+        mlflow.set_tracking_uri(saved_tracking)  # type: ignore[arg-type]
+        mlflow.set_registry_uri(saved_registry)  # type: ignore[arg-type]
         for name, value in saved_env.items():
             if value is None:
                 os.environ.pop(name, None)
@@ -296,7 +355,7 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
             scheme = urllib.parse.urlsplit(text).scheme
             if not re.match(r"^[a-z][a-z0-9+.-]*$", scheme) or len(scheme) < 2:
                 raise RegistryInputError(
-                    f"MLFLOW_TRACKING_URI {_redact(text)!r} is not a URI: use "
+                    f"MLFLOW_TRACKING_URI {redact_uri(text)!r} is not a URI: use "
                     "http(s)://host:port, sqlite:///path/mlflow.db or file:///path"
                 )
             return text
@@ -368,7 +427,7 @@ def check_reachable(tracking_uri: str, timeout: float = 5.0) -> None:
     Raises:
         RegistryError: The server does not answer, or the store's folder is not usable.
     """
-    shown = _redact(tracking_uri)
+    shown = redact_uri(tracking_uri)
     if _is_http(tracking_uri):
         request = _health_request(tracking_uri)
         try:
@@ -505,7 +564,7 @@ def _translated(what: str, tracking_uri: str) -> Iterator[None]:
     except RegistryError:
         raise
     except Exception as exc:  # MLflow, requests, boto3 and OS errors alike
-        raise RegistryError(f"{what} at {_redact(tracking_uri)} failed: {_short(exc)}") from exc
+        raise RegistryError(f"{what} at {redact_uri(tracking_uri)} failed: {_short(exc)}") from exc
 
 
 def check_store_exists(tracking_uri: str) -> None:
@@ -542,7 +601,7 @@ def version_info(tracking_uri: str, ref: ModelRef) -> dict[str, Any]:
     check_store_exists(tracking_uri)
     check_reachable(tracking_uri)
     with mlflow_session(tracking_uri) as client, _translated(f"reading {ref.uri}", tracking_uri):
-        mv = _resolve(client, ref, _redact(tracking_uri))
+        mv = _resolve(client, ref, redact_uri(tracking_uri))
         return _info(client, mv, ref.effective_alias)
 
 
@@ -584,7 +643,7 @@ def set_alias(tracking_uri: str, model_name: str, alias: str, version: int) -> N
     check_reachable(tracking_uri)
     what = f"setting alias {alias!r} of {model_name!r} to version {version}"
     with mlflow_session(tracking_uri) as client, _translated(what, tracking_uri):
-        _resolve(client, ref, _redact(tracking_uri))
+        _resolve(client, ref, redact_uri(tracking_uri))
         client.set_registered_model_alias(model_name, alias, str(version))
 
 
@@ -613,7 +672,7 @@ def download_model_version(tracking_uri: str, ref: ModelRef, out_dir: Path) -> d
     check_reachable(tracking_uri)
     out_dir = Path(out_dir)
     with mlflow_session(tracking_uri) as client, _translated(f"pulling {ref.uri}", tracking_uri):
-        mv = _resolve(client, ref, _redact(tracking_uri))
+        mv = _resolve(client, ref, redact_uri(tracking_uri))
         info = _info(client, mv, ref.effective_alias)
         out_dir.absolute().parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out_dir.absolute().parent, prefix=f".{out_dir.name}."))
@@ -757,81 +816,30 @@ def _end_run(status: str, *, strict: bool = False) -> bool:
         return _best_effort(mlflow.end_run, status)
 
 
-def log_and_register(
-    *,
-    tracking_uri: str,
-    experiment: str,
-    model_name: str,
-    alias: str,
-    model: torch.nn.Module,
-    files: dict[str, Path],
-    params: dict[str, Any],
-    metrics: dict[str, float],
-    tags: dict[str, str],
-    input_example: numpy.ndarray,
-    artifact_location: str | None = None,
-    normalization: tuple[Sequence[float], Sequence[float]] | None = None,
-    artifacts: dict[str, Path] | None = None,
-    description: str | None = None,
-    history: Sequence[Mapping[str, float]] = (),
-) -> dict[str, Any]:
-    """Log one run, register its model as a new version of ``model_name`` and set ``alias``.
+@dataclass
+class _Attempt:
+    """One registration under way: its run, tags and stepped metrics, and how far it got.
 
-    The run (in ``experiment``, created with ``artifact_location`` if absent) gets the params
-    flattened as ``section.key`` (lists as JSON text), the numeric metrics (flattened the same
-    way; text and booleans are left out), ``tags`` plus ``model_sha256``, and every file of
-    ``files`` as an artifact. The model is logged as a
-    :class:`~switchprune.serving.ServedModel` (raw images in, ``normalization`` applied inside)
-    in pickle format, with the ``switchprune`` package as its code, pinned public requirements,
-    a signature inferred from ``input_example`` and the model's output, and ``files`` as extra
-    files, so they travel with the version. The version is tagged with ``model_sha256`` (of
-    ``files["model.pt"]``) and ``tags``, and gets ``description`` (the model card).
-    ``artifacts`` (the card and its pictures) are logged to the run only; every key of every
-    ``history`` record but ``epoch`` becomes the stepped metric ``epoch_<key>`` (step = the
-    record's ``epoch``).
-
-    Idempotent: when a version of ``model_name`` already carries the same
-    ``model_content_sha256`` (spec, kept indices and tensor values, whatever the file's bytes),
-    nothing is logged; the alias is (re)set on that version and ``changed`` is ``False``.
-
-    If anything fails after the run was created, the run is marked ``FAILED`` and a version
-    registered without its alias is deleted (both best effort).
-
-    Args:
-        tracking_uri: The tracking URI.
-        experiment: Experiment name.
-        model_name: Registered model name.
-        alias: Alias to set on the version (e.g. ``candidate``).
-        model: The network (logged in eval mode; its train/eval mode is restored).
-        files: Files to attach, by the name they get (must include ``model.pt``).
-        params: Parameters, possibly nested by section.
-        metrics: Metrics, possibly nested.
-        tags: Tags for the run and the version (e.g. ``data_md5``, ``git_commit``).
-        input_example: A small batch of raw images (numpy ``N×C×H×W``: ``uint8`` 0..255, or
-            floats in ``[0, 1]``), for the signature and the example.
-        artifact_location: Artifact root of a new experiment (a local folder or a URI);
-            default: the server's for HTTP, ``./mlruns`` otherwise.
-        normalization: Per-channel ``(mean, std)`` of ``[0, 1]`` pixels that the served model
-            applies to its raw input (default: none, i.e. mean 0 and std 1).
-        artifacts: More files for the run (not the model), by the name they get.
-        description: The registered version's description (Markdown).
-        history: Per-epoch records with an ``epoch`` field, logged as stepped metrics.
-
-    Returns:
-        ``run_id``, ``version`` (int), ``model_uri`` (``models:/NAME/VERSION``) and
-        ``changed`` (``False`` if an existing version was reused).
-
-    Raises:
-        RegistryError: Invalid names, a missing file, an unreachable store, or any MLflow
-            failure (the message says which step).
+    ``step`` names what was being done and ``version`` what was registered, so that a failure
+    is reported by its step and the version is deleted.
     """
-    _check_name(model_name)
-    _check_alias(alias)
-    if not experiment or not isinstance(experiment, str):
-        raise RegistryInputError(f"invalid experiment name {experiment!r}")
+
+    run_id: str
+    tags: dict[str, str]
+    stepped: list[tuple[str, float, int]]
+    step: str = "logging params and metrics"
+    version: str | None = None
+
+
+def _check(registration: Registration) -> None:
+    """Refuse invalid names and missing, clashing or oddly named files."""
+    _check_name(registration.model_name)
+    _check_alias(registration.alias)
+    if not registration.experiment or not isinstance(registration.experiment, str):
+        raise RegistryInputError(f"invalid experiment name {registration.experiment!r}")
+    files, artifacts = registration.files, registration.artifacts
     if MODEL_FILE not in files:
         raise RegistryInputError(f"files must include {MODEL_FILE!r} (got {sorted(files)})")
-    artifacts = dict(artifacts or {})
     if set(artifacts) & set(files):
         raise RegistryInputError(
             f"artifacts {sorted(set(artifacts) & set(files))} clash with files"
@@ -841,106 +849,174 @@ def log_and_register(
             raise RegistryInputError(f"file name {name!r} must be a plain file name")
         if not Path(path).is_file():
             raise RegistryInputError(f"file {name!r} not found at {path}")
-    stepped = _history_metrics(history)
-    sha = file_digest(Path(files[MODEL_FILE]))
+
+
+def _identity_tags(model_file: Path) -> dict[str, str]:
+    """``model_sha256`` (the file's bytes) and ``model_content_sha256`` (its content)."""
+    sha = file_digest(model_file)
     try:
-        content = model_digest(Path(files[MODEL_FILE]))
+        content = model_digest(model_file)
     except ArtifactError as exc:
         raise RegistryInputError(str(exc)) from exc
-    check_reachable(tracking_uri)
-    shown = _redact(tracking_uri)
+    return {SHA_TAG: sha, CONTENT_TAG: content}
 
+
+def _result(model_name: str, run_id: str, version: str | int, *, changed: bool) -> dict[str, Any]:
+    return {
+        "run_id": run_id,
+        "version": int(version),
+        "model_uri": f"models:/{model_name}/{int(version)}",
+        "changed": changed,
+    }
+
+
+def _reuse(
+    client: MlflowClient, existing: ModelVersion, registration: Registration, tracking_uri: str
+) -> dict[str, Any]:
+    """Point the alias at the version that already holds this content; nothing is logged."""
+    name, alias = registration.model_name, registration.alias
+    with _translated(f"setting alias {alias!r} of {name!r}", tracking_uri):
+        client.set_registered_model_alias(name, alias, existing.version)
+    return _result(name, existing.run_id, existing.version, changed=False)
+
+
+def _start_run(client: MlflowClient, registration: Registration, tracking_uri: str) -> str:
+    """Start the run (nested in the caller's active run, if any); its id."""
+    with _translated(f"opening experiment {registration.experiment!r}", tracking_uri):
+        location = _artifact_location(tracking_uri, registration.artifact_location)
+        experiment_id = _experiment_id(client, registration.experiment, location)
+        run = mlflow.start_run(
+            experiment_id=experiment_id,
+            run_name=f"register-{registration.model_name}",
+            nested=mlflow.active_run() is not None,
+        )
+    return run.info.run_id
+
+
+def _log_and_register_run(
+    client: MlflowClient, registration: Registration, attempt: _Attempt
+) -> str:
+    """Log the run's records, files and model, then register, describe and alias the version."""
+    logged = _log_run(client, registration, attempt)
+    attempt.step = f"registering model {registration.model_name!r}"
+    version = str(
+        mlflow.register_model(logged.model_uri, registration.model_name, tags=attempt.tags).version
+    )
+    attempt.version = version
+    if registration.description is not None:
+        attempt.step = f"setting the description of version {version}"
+        client.update_model_version(
+            registration.model_name, version, description=registration.description
+        )
+    attempt.step = f"setting alias {registration.alias!r} on version {version}"
+    client.set_registered_model_alias(registration.model_name, registration.alias, version)
+    return version
+
+
+def _log_run(client: MlflowClient, registration: Registration, attempt: _Attempt) -> Any:
+    """Params, metrics, tags, history and files to the run, then the served model; its info."""
+    run_id = attempt.run_id
+    with tempfile.TemporaryDirectory(prefix="switchprune-register-") as staging_dir:
+        # Every file under the name it gets, so that one upload names them all.
+        staging = Path(staging_dir)
+        for name, path in {**registration.files, **registration.artifacts}.items():
+            shutil.copyfile(path, staging / name)
+        now = int(time.time() * 1000)
+        client.log_batch(
+            run_id,
+            metrics=[
+                Metric(k, v, now, 0)
+                for k, v in _numeric_metrics(registration.metrics).items()
+                if math.isfinite(v)
+            ],
+            params=[Param(k, _param_value(v)) for k, v in _flatten(registration.params).items()],
+            tags=[RunTag(k, v) for k, v in attempt.tags.items()],
+        )
+        attempt.step = "logging the training history"
+        for start in range(0, len(attempt.stepped), _MAX_METRICS_PER_BATCH):
+            chunk = attempt.stepped[start : start + _MAX_METRICS_PER_BATCH]
+            client.log_batch(run_id, metrics=[Metric(k, v, now, n) for k, v, n in chunk])
+        attempt.step = "uploading files"
+        client.log_artifacts(run_id, str(staging))
+        attempt.step = "logging the model"
+        extra = [str(staging / name) for name in sorted(registration.files)]
+        return _log_model(
+            registration.model, registration.input_example, extra, registration.normalization
+        )
+
+
+def _roll_back(client: MlflowClient, model_name: str, attempt: _Attempt) -> str:
+    """Delete the version registered so far and mark the run FAILED (best effort); what happened."""
+    note = ""
+    if attempt.version is not None and not _best_effort(
+        client.delete_model_version, model_name, attempt.version
+    ):
+        note = f"; version {attempt.version} is left without the alias, registering again sets it"
+    state = "marked FAILED" if _end_run("FAILED") else "could not be marked FAILED"
+    return f"run {attempt.run_id} {state}{note}"
+
+
+def log_and_register(tracking_uri: str, registration: Registration) -> dict[str, Any]:
+    """Log one run, register its model as a new version and set the alias.
+
+    The run gets the params, the numeric metrics, the tags plus ``model_sha256``, the files,
+    the artifacts and the history. The model is logged as a
+    :class:`~switchprune.serving.ServedModel` (raw images in, normalised inside) in pickle
+    format, with the ``switchprune`` package as its code, pinned public requirements, a
+    signature inferred from the input example and the model's output, and the files as extra
+    files, so they travel with the version. The version gets the run's tags and the
+    description.
+
+    Idempotent: when a version already carries the same ``model_content_sha256`` (spec, kept
+    indices and tensor values, whatever the file's bytes), nothing is logged; the alias is
+    (re)set on that version and ``changed`` is ``False``.
+
+    If anything fails after the run was created, the run is marked ``FAILED`` and a version
+    registered without its alias is deleted (both best effort).
+
+    Args:
+        tracking_uri: The tracking URI.
+        registration: What to log and register.
+
+    Returns:
+        ``run_id``, ``version`` (int), ``model_uri`` (``models:/NAME/VERSION``) and
+        ``changed`` (``False`` if an existing version was reused).
+
+    Raises:
+        RegistryError: Invalid names, a missing file, an unreachable store, or any MLflow
+            failure (the message says which step).
+    """
+    _check(registration)
+    stepped = _history_metrics(registration.history)
+    identity = _identity_tags(Path(registration.files[MODEL_FILE]))
+    check_reachable(tracking_uri)
     with mlflow_session(tracking_uri) as client:
-        with _translated(f"looking up {model_name!r}", tracking_uri):
-            existing = _find_by_content(client, model_name, content)
+        with _translated(f"looking up {registration.model_name!r}", tracking_uri):
+            existing = _find_by_content(client, registration.model_name, identity[CONTENT_TAG])
         if existing is not None:
-            with _translated(f"setting alias {alias!r} of {model_name!r}", tracking_uri):
-                client.set_registered_model_alias(model_name, alias, existing.version)
-            return {
-                "run_id": existing.run_id,
-                "version": int(existing.version),
-                "model_uri": f"models:/{model_name}/{int(existing.version)}",
-                "changed": False,
-            }
-        with _translated(f"opening experiment {experiment!r}", tracking_uri):
-            exp_id = _experiment_id(
-                client, experiment, _artifact_location(tracking_uri, artifact_location)
-            )
-            run = mlflow.start_run(
-                experiment_id=exp_id,
-                run_name=f"register-{model_name}",
-                nested=mlflow.active_run() is not None,
-            )
-        run_id = run.info.run_id
-        step = "logging params and metrics"
-        version: str | None = None
+            return _reuse(client, existing, registration, tracking_uri)
+        run_id = _start_run(client, registration, tracking_uri)
+        tags = {**{k: str(v) for k, v in registration.tags.items()}, **identity}
+        attempt = _Attempt(run_id, tags, stepped)
         try:
-            with tempfile.TemporaryDirectory(prefix="switchprune-register-") as staging_dir:
-                staging = Path(staging_dir)
-                for name, path in {**files, **artifacts}.items():
-                    shutil.copyfile(path, staging / name)
-                now = int(time.time() * 1000)
-                run_tags = {
-                    **{k: str(v) for k, v in tags.items()},
-                    SHA_TAG: sha,
-                    CONTENT_TAG: content,
-                }
-                client.log_batch(
-                    run_id,
-                    metrics=[
-                        Metric(k, v, now, 0)
-                        for k, v in _numeric_metrics(metrics).items()
-                        if math.isfinite(v)
-                    ],
-                    params=[Param(k, _param_value(v)) for k, v in _flatten(params).items()],
-                    tags=[RunTag(k, v) for k, v in run_tags.items()],
-                )
-                step = "logging the training history"
-                for start in range(0, len(stepped), _MAX_METRICS_PER_BATCH):
-                    chunk = stepped[start : start + _MAX_METRICS_PER_BATCH]
-                    client.log_batch(run_id, metrics=[Metric(k, v, now, n) for k, v, n in chunk])
-                step = "uploading files"
-                client.log_artifacts(run_id, str(staging))
-                step = "logging the model"
-                extra = [str(staging / name) for name in sorted(files)]
-                logged = _log_model(model, input_example, extra, normalization)
-            step = f"registering model {model_name!r}"
-            mv = mlflow.register_model(logged.model_uri, model_name, tags=run_tags)
-            version = str(mv.version)
-            if description is not None:
-                step = f"setting the description of version {version}"
-                client.update_model_version(model_name, version, description=description)
-            step = f"setting alias {alias!r} on version {version}"
-            client.set_registered_model_alias(model_name, alias, version)
-            result = {
-                "run_id": run_id,
-                "version": int(version),
-                "model_uri": f"models:/{model_name}/{version}",
-                "changed": True,
-            }
+            version = _log_and_register_run(client, registration, attempt)
         except BaseException as exc:
-            note = ""
-            if version is not None and not _best_effort(
-                client.delete_model_version, model_name, version
-            ):
-                note = f"; version {version} is left without the alias, registering again sets it"
-            marked = _end_run("FAILED")
+            outcome = _roll_back(client, registration.model_name, attempt)
             if not isinstance(exc, Exception):
                 raise
-            state = "marked FAILED" if marked else "could not be marked FAILED"
             raise RegistryError(
-                f"registering {model_name!r} at {shown} failed while {step} "
-                f"(run {run_id} {state}{note}): {_short(exc)}"
+                f"registering {registration.model_name!r} at {redact_uri(tracking_uri)} failed "
+                f"while {attempt.step} ({outcome}): {_short(exc)}"
             ) from exc
         with _translated(f"finishing run {run_id}", tracking_uri):
             _end_run("FINISHED", strict=True)
-    return result
+    return _result(registration.model_name, run_id, version, changed=True)
 
 
 __all__ = [
     "DEFAULT_ARTIFACT_ROOT",
-    "DEFAULT_TRACKING_URI",
     "ModelRef",
+    "Registration",
     "RegistryError",
     "check_reachable",
     "download_model_version",
@@ -948,6 +1024,7 @@ __all__ = [
     "log_and_register",
     "mlflow_session",
     "parse_model_ref",
+    "redact_uri",
     "resolve_tracking_uri",
     "set_alias",
     "version_info",

@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 from switchprune import registry
 from switchprune.io import save_model
 from switchprune.models import ModelSpec, TaskNet, build_model
-from switchprune.registry import ModelRef, parse_model_ref
+from switchprune.registry import ModelRef, Registration, parse_model_ref
 from switchprune.servers import MlflowServer, S3Server
 
 pytestmark = pytest.mark.slow
@@ -82,16 +82,18 @@ def model_files(folder: Path, model: TaskNet) -> dict[str, Path]:
 
 def register(stack: Stack, model: TaskNet, files: dict[str, Path]) -> dict[str, Any]:
     return registry.log_and_register(
-        tracking_uri=stack.mlflow.uri,
-        experiment="served",
-        model_name=NAME,
-        alias="candidate",
-        model=model,
-        files=files,
-        params={"train": {"epochs": 2}, "model": {"hidden": [8, 4]}},
-        metrics={"test_accuracy": 0.91, "params_ratio": 0.6},
-        tags={"data_md5": "0" * 32, "git_commit": "deadbeef"},
-        input_example=EXAMPLE,
+        stack.mlflow.uri,
+        Registration(
+            experiment="served",
+            model_name=NAME,
+            alias="candidate",
+            model=model,
+            files=files,
+            params={"train": {"epochs": 2}, "model": {"hidden": [8, 4]}},
+            metrics={"test_accuracy": 0.91, "params_ratio": 0.6},
+            tags={"data_md5": "0" * 32, "git_commit": "deadbeef"},
+            input_example=EXAMPLE,
+        ),
     )
 
 
@@ -195,17 +197,9 @@ def test_stdout_stays_clean(
     stack: Stack, tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     model = tiny_model(1)
+    files = model_files(tmp_path, model)
     result = registry.log_and_register(
-        tracking_uri=stack.mlflow.uri,
-        experiment="served",
-        model_name="quiet-model",
-        alias="candidate",
-        model=model,
-        files=model_files(tmp_path, model),
-        params={},
-        metrics={},
-        tags={},
-        input_example=EXAMPLE,
+        stack.mlflow.uri, Registration("served", "quiet-model", "candidate", model, files, EXAMPLE)
     )
     assert result["version"] == 1
     out, err = capfd.readouterr()

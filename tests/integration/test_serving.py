@@ -37,18 +37,17 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> dict:
     (root / "meta.json").write_text(json.dumps({"mean": MEAN, "std": STD}))
     images = np.random.default_rng(0).integers(0, 256, size=(6, 1, 8, 8), dtype=np.uint8)
     registry.log_and_register(
-        tracking_uri=uri,
-        experiment="serving",
-        model_name=NAME,
-        alias="champion",
-        model=model,
-        files={"model.pt": root / "model.pt", "meta.json": root / "meta.json"},
-        params={},
-        metrics={},
-        tags={},
-        input_example=images[:2],
-        artifact_location=str(root / "artifacts"),
-        normalization=(MEAN, STD),
+        uri,
+        registry.Registration(
+            experiment="serving",
+            model_name=NAME,
+            alias="champion",
+            model=model,
+            files={"model.pt": root / "model.pt", "meta.json": root / "meta.json"},
+            input_example=images[:2],
+            artifact_location=str(root / "artifacts"),
+            normalization=(MEAN, STD),
+        ),
     )
     # A package named switchprune that cannot be imported, ahead of the installed one: the
     # served model must run on the copy of the package that travels with it.

@@ -76,6 +76,11 @@ def test_the_description_is_the_card_with_the_reports_numbers(
     out, report = registered["out"], registered["report"]
     root = Path(str(registered["root"]))
     assert isinstance(out, dict) and isinstance(report, dict)
+    assert (out["tracking_uri"], out["changed"], out["alias"]) == (
+        registered["uri"],
+        True,
+        "candidate",
+    )
     card = _client(registered).get_model_version("card-test", str(out["version"])).description
     assert card.startswith("# card-test\n")
     assert f"`{report['data_md5']}`" in card

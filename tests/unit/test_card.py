@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
-from switchprune.card import format_number, render_card, write_card
+from switchprune.card import CardInputs, format_number, render_card, write_card
 
 SPEC = {"arch": "mlp", "in_shape": [1, 8, 8], "num_classes": 10, "widths": {"fc1": 12}}
 WIDTHS = {"fc1": {"kept": 12, "full": 300}, "fc2": {"kept": 100, "full": 100}}
@@ -24,18 +25,14 @@ HISTORY = [
     {"epoch": 1, "loss": 2.0, "val_accuracy": 0.5, "params_ratio": 1.0, "baseline_loss": 2.1},
     {"epoch": 2, "loss": 1.0, "val_accuracy": 0.9, "params_ratio": 0.4, "baseline_loss": 1.1},
 ]
-
-
-def _card(**kw: object) -> str:
-    args: dict[str, object] = dict(
-        model_name="digits", spec=SPEC, widths=WIDTHS, report=REPORT, meta=META, params=PARAMS
-    )
-    args.update(kw)
-    return render_card(**args)  # type: ignore[arg-type]
+CARD = CardInputs(
+    model_name="digits", spec=SPEC, widths=WIDTHS, report=REPORT, meta=META, params=PARAMS
+)
+WITH_HISTORY = dataclasses.replace(CARD, history=HISTORY)
 
 
 def test_card_rows_carry_the_report_numbers() -> None:
-    text = _card(history=HISTORY)
+    text = render_card(WITH_HISTORY)
     assert text.startswith("# digits\n")
     assert "| parameters | 50610 | 20225 |" in text
     assert "| MACs per sample | 50200 | 19994 |" in text
@@ -53,7 +50,20 @@ def test_card_rows_carry_the_report_numbers() -> None:
 
 
 def test_card_without_history_has_no_curves() -> None:
-    assert "training_curves.png" not in _card()
+    text = render_card(CARD)
+    assert "training_curves.png" not in text and "Last epoch" not in text
+
+
+def test_card_sections_come_in_reading_order() -> None:
+    headings = [line for line in render_card(WITH_HISTORY).splitlines() if line.startswith("#")]
+    assert headings == [
+        "# digits",
+        "## Widths per gate group",
+        "## Evaluation (test split)",
+        "## Training",
+        "## Input",
+        "## Loading",
+    ]
 
 
 def test_format_number() -> None:
@@ -65,23 +75,12 @@ def test_format_number() -> None:
 
 
 def test_write_card_writes_text_and_pngs(tmp_path: Path) -> None:
-    files = write_card(
-        tmp_path,
-        model_name="digits",
-        spec=SPEC,
-        widths=WIDTHS,
-        report=REPORT,
-        meta=META,
-        params=PARAMS,
-        history=HISTORY,
-    )
+    files = write_card(tmp_path, WITH_HISTORY)
     assert set(files) == {"model_card.md", "widths.png", "training_curves.png"}
     for name in ("widths.png", "training_curves.png"):
         data = files[name].read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
-    assert files["model_card.md"].read_text() == _card(history=HISTORY)
-    assert set(write_card(tmp_path / ".", **_kwargs())) == {"model_card.md", "widths.png"}
-
-
-def _kwargs() -> dict[str, object]:
-    return dict(model_name="d", spec=SPEC, widths=WIDTHS, report=REPORT, meta=META, params=PARAMS)
+    assert files["model_card.md"].read_text() == render_card(WITH_HISTORY)
+    (tmp_path / "plain").mkdir()
+    assert set(write_card(tmp_path / "plain", CARD)) == {"model_card.md", "widths.png"}
+    assert not (tmp_path / "plain" / "training_curves.png").exists()

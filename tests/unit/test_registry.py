@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from switchprune import registry
 from switchprune.io import file_digest, model_digest, save_model
 from switchprune.models import ModelSpec, TaskNet, build_model
-from switchprune.registry import ModelRef, RegistryError, parse_model_ref
+from switchprune.registry import ModelRef, Registration, RegistryError, parse_model_ref
 from switchprune.servers import free_port
 
 SPEC = ModelSpec("mlp", (1, 8, 8), 10, {"fc1": 8, "fc2": 4})
@@ -58,7 +58,6 @@ class Store:
 
     def register(self, model: TaskNet, files: dict[str, Path], **kw: Any) -> dict[str, Any]:
         args: dict[str, Any] = dict(
-            tracking_uri=self.uri,
             experiment="exp",
             model_name="tiny",
             alias="candidate",
@@ -71,7 +70,7 @@ class Store:
             artifact_location=str(self.artifacts),
         )
         args.update(kw)
-        return registry.log_and_register(**args)
+        return registry.log_and_register(self.uri, Registration(**args))
 
     def client(self) -> MlflowClient:
         return MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
@@ -381,6 +380,56 @@ def test_calls_restore_mlflow_global_state(store: Store, registered: dict[str, A
     assert mlflow.get_tracking_uri() == before_uri != store.uri
 
 
+def test_registering_leaves_the_callers_mlflow_settings_alone(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tracking, registry_uri = (f"sqlite:///{tmp_path / n}" for n in ("runs.db", "models.db"))
+    mlflow.set_tracking_uri(tracking)
+    mlflow.set_registry_uri(registry_uri)
+    # Held by MLflow only, not by the environment it also writes them to.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    try:
+        model = tiny_model(15)
+        result = store.register(model, model_files(tmp_path / "f", model), model_name="guest")
+        assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri()) == (tracking, registry_uri)
+    finally:
+        mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
+        mlflow.set_registry_uri(None)  # type: ignore[arg-type]
+    # The version went to the store asked for, and nothing to the caller's.
+    assert store.client().get_model_version("guest", str(result["version"])).run_id
+    assert not (tmp_path / "runs.db").exists() and not (tmp_path / "models.db").exists()
+
+
+def test_an_unset_tracking_uri_stays_unset(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    model = tiny_model(16)
+    store.register(model, model_files(tmp_path, model), model_name="unset")
+    # MLflow still follows the environment, as it did before the call.
+    later = f"sqlite:///{tmp_path / 'later.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", later)
+    assert mlflow.get_tracking_uri() == later
+
+
+def test_registering_inside_an_active_run_nests_the_run(store: Store, tmp_path: Path) -> None:
+    client = store.client()
+    experiment_id = client.create_experiment("outer", artifact_location=str(store.artifacts))
+    mlflow.set_tracking_uri(store.uri)
+    try:
+        with mlflow.start_run(experiment_id=experiment_id) as outer:
+            model = tiny_model(17)
+            result = store.register(model, model_files(tmp_path, model), model_name="nested")
+            assert mlflow.active_run().info.run_id == outer.info.run_id
+    finally:
+        mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
+    run = client.get_run(result["run_id"])
+    assert run.data.tags["mlflow.parentRunId"] == outer.info.run_id
+    assert run.info.status == "FINISHED"
+    assert client.get_run(outer.info.run_id).info.status == "FINISHED"
+
+
 def test_check_reachable_closed_port_fails_fast() -> None:
     uri = f"http://127.0.0.1:{free_port()}"
     start = time.monotonic()
@@ -399,20 +448,14 @@ def test_log_and_register_unreachable_server_fails_fast(tmp_path: Path) -> None:
     model = tiny_model(6)
     files = model_files(tmp_path, model)
     start = time.monotonic()
-    with pytest.raises(RegistryError, match="unreachable"):
+    port = free_port()
+    with pytest.raises(RegistryError, match="unreachable") as info:
         registry.log_and_register(
-            tracking_uri=f"http://127.0.0.1:{free_port()}",
-            experiment="exp",
-            model_name="tiny",
-            alias="candidate",
-            model=model,
-            files=files,
-            params={},
-            metrics={},
-            tags={},
-            input_example=EXAMPLE,
+            f"http://alice:s3cret@127.0.0.1:{port}",
+            Registration("exp", "tiny", "candidate", model, files, EXAMPLE),
         )
     assert time.monotonic() - start < 10
+    assert f"http://127.0.0.1:{port}" in str(info.value) and "s3cret" not in str(info.value)
 
 
 def test_log_and_register_requires_model_file(store: Store, tmp_path: Path) -> None:
@@ -558,3 +601,17 @@ def test_artifacts_named_like_model_files_are_refused(store: Store, tmp_path: Pa
         store.register(
             model, files, model_name="clash", artifacts={"meta.json": files["meta.json"]}
         )
+
+
+@pytest.mark.parametrize(
+    ("uri", "shown"),
+    [
+        ("http://alice:s3cret@mlflow.example:5000/api", "http://mlflow.example:5000/api"),
+        ("https://alice:p@ss@mlflow.example", "https://mlflow.example"),
+        ("http://mlflow.example:5000", "http://mlflow.example:5000"),
+        ("sqlite:////data/mlflow.db", "sqlite:////data/mlflow.db"),
+        ("http://host/path@v2", "http://host/path@v2"),
+    ],
+)
+def test_redact_uri_drops_credentials_only(uri: str, shown: str) -> None:
+    assert registry.redact_uri(uri) == shown

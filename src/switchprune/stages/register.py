@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from switchprune.card import CARD_FILE, write_card
+from switchprune.card import CARD_FILE, CardInputs, write_card
 from switchprune.config import RegisterConfig
 from switchprune.data import META_FILE, load_meta, open_split, raw_images
 from switchprune.io import COMPACT_FILE, WIDTHS_FILE, ArtifactError, load_compacted, read_json
 from switchprune.onnx_export import ONNX_FILE
+
+if TYPE_CHECKING:
+    import numpy
+
+    from switchprune.registry import Registration
 
 EVALUATE_FILE = "evaluate.json"
 
@@ -57,61 +63,77 @@ def run(
     model, _kept = load_compacted(model_dir)
     report = read_json(Path(evaluate_path))
     widths = read_json(Path(model_dir) / WIDTHS_FILE)
-    files = {
-        COMPACT_FILE: Path(model_dir) / COMPACT_FILE,
-        WIDTHS_FILE: Path(model_dir) / WIDTHS_FILE,
-        ONNX_FILE: Path(model_dir) / ONNX_FILE,
-        META_FILE: Path(prepared_dir) / META_FILE,
-        EVALUATE_FILE: Path(evaluate_path),
-    }
-    metrics = {k: float(v) for k, v in report.items() if isinstance(v, int | float)}
-    metrics.update({f"width_{g}": float(w["kept"]) for g, w in widths.items()})
     data_md5 = str(report.get("data_md5", ""))
-    git = {"git_commit": git_commit} if git_commit is not None else _git_state()
-    tags = {"data_md5": data_md5, **git}
-    if not files[ONNX_FILE].is_file():
-        raise ArtifactError(f"{files[ONNX_FILE]} is missing (re-run prune)")
+    files = _model_files(Path(prepared_dir), Path(model_dir), Path(evaluate_path))
     meta = load_meta(prepared_dir)
-    # Served models take raw uint8 images and normalise them with the training statistics.
-    example = raw_images(
-        prepared_dir, "test", range(min(4, len(open_split(prepared_dir, "test"))))
-    ).numpy()
-    history = _read_history(Path(history_path)) if history_path is not None else []
-    with tempfile.TemporaryDirectory(prefix="switchprune-card-") as card_dir:
-        card = write_card(
-            Path(card_dir),
-            model_name=cfg.model_name,
-            spec=model.spec.to_dict(),
-            widths=widths,
-            report=report,
-            meta=read_json(Path(prepared_dir) / META_FILE),
-            params=params,
-            history=history,
-        )
-        result = registry.log_and_register(
-            tracking_uri=uri,
-            experiment=cfg.experiment,
-            model_name=cfg.model_name,
-            alias=cfg.alias,
-            model=model,
-            files=files,
-            params={**params, "widths": {g: w["kept"] for g, w in widths.items()}},
-            metrics=metrics,
-            tags=tags,
-            input_example=example,
-            artifact_location=None if uri.startswith("http") else registry.DEFAULT_ARTIFACT_ROOT,
-            normalization=(meta.mean, meta.std),
-            artifacts=card,
-            description=card[CARD_FILE].read_text(encoding="utf-8"),
-            history=history,
-        )
+    registration = registry.Registration(
+        experiment=cfg.experiment,
+        model_name=cfg.model_name,
+        alias=cfg.alias,
+        model=model,
+        files=files,
+        input_example=_input_example(Path(prepared_dir)),
+        params={**params, "widths": {g: w["kept"] for g, w in widths.items()}},
+        metrics=_metrics(report, widths),
+        tags={"data_md5": data_md5, **_git_tags(git_commit)},
+        normalization=(meta.mean, meta.std),
+        history=_read_history(Path(history_path)) if history_path is not None else [],
+        artifact_location=None if uri.startswith("http") else registry.DEFAULT_ARTIFACT_ROOT,
+    )
+    card = CardInputs(
+        model_name=cfg.model_name,
+        spec=model.spec.to_dict(),
+        widths=widths,
+        report=report,
+        meta=read_json(Path(prepared_dir) / META_FILE),
+        params=params,
+        history=registration.history,
+    )
     return {
         "model_name": cfg.model_name,
         "alias": cfg.alias,
         "data_md5": data_md5,
-        "tracking_uri": _redact(uri),
-        **result,
+        "tracking_uri": registry.redact_uri(uri),
+        **_register_with_card(uri, registration, card),
     }
+
+
+def _register_with_card(uri: str, registration: Registration, card: CardInputs) -> dict[str, Any]:
+    """Register with the card as the version's description, and its files in the run."""
+    from switchprune import registry
+
+    with tempfile.TemporaryDirectory(prefix="switchprune-card-") as card_dir:
+        card_files = write_card(Path(card_dir), card)
+        text = card_files[CARD_FILE].read_text(encoding="utf-8")
+        with_card = dataclasses.replace(registration, description=text, artifacts=card_files)
+        return registry.log_and_register(uri, with_card)
+
+
+def _model_files(prepared_dir: Path, model_dir: Path, evaluate_path: Path) -> dict[str, Path]:
+    """The files that travel with the model, by the name they get; refused if one is missing."""
+    files = {
+        COMPACT_FILE: model_dir / COMPACT_FILE,
+        WIDTHS_FILE: model_dir / WIDTHS_FILE,
+        ONNX_FILE: model_dir / ONNX_FILE,
+        META_FILE: prepared_dir / META_FILE,
+        EVALUATE_FILE: evaluate_path,
+    }
+    if not files[ONNX_FILE].is_file():
+        raise ArtifactError(f"{files[ONNX_FILE]} is missing (re-run prune)")
+    return files
+
+
+def _metrics(report: dict[str, Any], widths: dict[str, dict[str, int]]) -> dict[str, float]:
+    """The report's numbers, and the kept width of every gate group as ``width_<group>``."""
+    metrics = {k: float(v) for k, v in report.items() if isinstance(v, int | float)}
+    metrics.update({f"width_{g}": float(w["kept"]) for g, w in widths.items()})
+    return metrics
+
+
+def _input_example(prepared_dir: Path) -> numpy.ndarray:
+    """Up to four raw test images: served models take raw uint8 images and normalise them."""
+    count = min(4, len(open_split(prepared_dir, "test")))
+    return raw_images(prepared_dir, "test", range(count)).numpy()
 
 
 def _read_history(path: Path) -> list[dict[str, float]]:
@@ -122,6 +144,11 @@ def _read_history(path: Path) -> list[dict[str, float]]:
     ):
         raise ArtifactError(f"{path}: not a list of per-epoch records with an 'epoch' field")
     return records
+
+
+def _git_tags(git_commit: str | None) -> dict[str, str]:
+    """The given commit, else the working directory's commit and whether it was dirty."""
+    return {"git_commit": git_commit} if git_commit is not None else _git_state()
 
 
 def _git_state() -> dict[str, str]:
@@ -140,14 +167,6 @@ def _git_state() -> dict[str, str]:
     except (OSError, subprocess.SubprocessError):
         return {"git_commit": "unknown"}
     return {"git_commit": commit, "git_dirty": str(bool(dirty)).lower()}
-
-
-def _redact(uri: str) -> str:
-    """A URI without any ``user:password@`` part."""
-    if "://" in uri and "@" in uri.split("://", 1)[1].split("/", 1)[0]:
-        scheme, rest = uri.split("://", 1)
-        return f"{scheme}://{rest.split('@', 1)[1]}"
-    return uri
 
 
 __all__ = ["EVALUATE_FILE", "run"]
