@@ -17,8 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script: make the project's packages importable
-    sys.path.insert(0, str(ROOT))
+# Run as a script, the script's folder comes first and ``pipeline/pipeline.py`` would hide the
+# ``pipeline`` package: the project root goes first.
+sys.path.insert(0, str(ROOT))
 
 import yaml  # noqa: E402
 from kfp import compiler  # noqa: E402

@@ -37,9 +37,11 @@ from types import FrameType
 from switchprune import storage
 from switchprune.config import load_params
 from switchprune.errors import UserError
-from switchprune.servers import ENDPOINT_ENV, S3Server, s3_environment
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script: the project's ``pipeline`` package first
+from pipeline.servers import S3Server, s3_environment  # noqa: E402
+
 REMOTE = "storage"
 LOCK = ROOT / ".switchprune-run.lock"
 
@@ -193,7 +195,7 @@ def run(release_only: bool = False) -> int:
         return exc.exit_code
     promote_uri = params["promote"].s3_uri
     server: S3Server | None = None
-    endpoint = os.environ.get(ENDPOINT_ENV)
+    endpoint = os.environ.get(storage.ENDPOINT_ENV)
     if endpoint:
         os.environ.update(s3_environment(endpoint))
     else:

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pipeline.servers import S3Server
 
 from switchprune.data import dvc_md5, export_digits
-from switchprune.servers import S3Server
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

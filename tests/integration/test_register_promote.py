@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from pipeline.servers import MlflowServer, S3Server, free_port
 
 from switchprune import cli, load_model, registry, storage
 from switchprune.config import (
@@ -29,7 +30,6 @@ from switchprune.config import (
 )
 from switchprune.data import load_split
 from switchprune.io import write_json
-from switchprune.servers import MlflowServer, S3Server, free_port
 from switchprune.stages import evaluate, preprocess, promote, prune, register, train
 
 pytestmark = pytest.mark.slow

@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from pipeline.servers import MlflowServer, S3Server
 
 from switchprune import registry
 from switchprune.io import save_model
 from switchprune.models import ModelSpec, TaskNet, build_model
 from switchprune.registry import ModelRef, Registration, parse_model_ref
-from switchprune.servers import MlflowServer, S3Server
 
 pytestmark = pytest.mark.slow
 

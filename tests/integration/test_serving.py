@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pipeline.servers import free_port
 
 import switchprune
 from switchprune import registry
 from switchprune.io import save_model
 from switchprune.models import ModelSpec, TaskNet, build_model
-from switchprune.servers import free_port
 
 SPEC = ModelSpec("mlp", (1, 8, 8), 10, {"fc1": 16, "fc2": 8})
 MEAN, STD = (0.3,), (0.2,)

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pipeline.servers import S3Server, free_port
 
-from switchprune.servers import S3Server, free_port
 from switchprune.storage import (
     StorageError,
     download_promoted,

@@ -13,10 +13,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from kfp_support import DVC_REMOTE, DvcRemote, push_dvc_dir  # noqa: E402
+from pipeline.servers import S3Server  # noqa: E402
 
 from switchprune import storage  # noqa: E402
 from switchprune.data import export_digits  # noqa: E402
-from switchprune.servers import S3Server  # noqa: E402
 
 
 @pytest.fixture(scope="module")

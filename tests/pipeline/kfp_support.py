@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pipeline.servers import S3Server
 
 from switchprune import storage
 from switchprune.data import dvc_md5
-from switchprune.servers import S3Server
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -160,9 +160,10 @@ def test_changed_idx_labels_rerun_preprocess(project: Path, tmp_path: Path) -> N
 def test_image_folder_with_resnet18_streamed_then_released(project: Path) -> None:
     """An image folder is the preprocess stage's data; torchvision's ResNet-18 (small-image
     stem) trains and evaluates on it streamed, then the model is registered and promoted."""
+    from pipeline.servers import S3Server
+
     from folder_support import write_digits_folder
     from switchprune.data import dvc_md5
-    from switchprune.servers import S3Server
 
     folder = write_digits_folder(
         project / "data" / "folder", per_class=15, splits=("train", "test")

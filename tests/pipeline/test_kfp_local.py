@@ -24,11 +24,11 @@ import pytest
 import yaml
 from kfp_support import MODEL_NAME, ROOT, DvcRemote, tiny_params
 from pipeline.pipeline import build_pipeline
+from pipeline.servers import MlflowServer
 
 from switchprune import registry, storage
 from switchprune.config import load_params
 from switchprune.data import export_digits
-from switchprune.servers import MlflowServer
 
 pytestmark = [
     pytest.mark.slow,

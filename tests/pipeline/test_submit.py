@@ -19,8 +19,7 @@ import pytest
 import yaml
 from kfp_support import ROOT
 from pipeline.compile import compile_pipeline
-
-from switchprune.servers import free_port
+from pipeline.servers import free_port
 
 SUBMIT = [sys.executable, str(ROOT / "pipeline" / "submit.py")]
 

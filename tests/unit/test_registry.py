@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from pipeline.servers import free_port
 
 from switchprune import registry
 from switchprune.io import file_digest, model_digest, save_model
 from switchprune.models import ModelSpec, TaskNet, build_model
 from switchprune.registry import ModelRef, Registration, RegistryError, parse_model_ref
-from switchprune.servers import free_port
 
 SPEC = ModelSpec("mlp", (1, 8, 8), 10, {"fc1": 8, "fc2": 4})
 EXAMPLE = np.linspace(-1.0, 1.0, 2 * 64, dtype=np.float32).reshape(2, 1, 8, 8)

@@ -20,7 +20,7 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
-ENDPOINT_ENV = "SWITCHPRUNE_S3_ENDPOINT"
+from switchprune.storage import ENDPOINT_ENV
 
 
 class ServiceError(RuntimeError):
