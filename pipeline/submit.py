@@ -17,22 +17,14 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from switchprune.errors import redact_uri
+
 DEFAULT_EXPERIMENT = "switchprune"
 HEALTHZ = "/apis/v2beta1/healthz"
 
 
 class SubmitError(RuntimeError):
     """The run could not be submitted; the message says why in one line."""
-
-
-def redact(url: str) -> str:
-    """``url`` without any ``user:password@`` part."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def check_reachable(host: str, timeout: float = 10.0) -> None:
@@ -45,7 +37,7 @@ def check_reachable(host: str, timeout: float = 10.0) -> None:
     """
     parts = urllib.parse.urlsplit(host)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise SubmitError(f"--host must be an http(s):// URL, got {redact(host)!r}")
+        raise SubmitError(f"--host must be an http(s):// URL, got {redact_uri(host)!r}")
     try:
         with urllib.request.urlopen(host.rstrip("/") + HEALTHZ, timeout=timeout):  # noqa: S310
             pass
@@ -53,7 +45,8 @@ def check_reachable(host: str, timeout: float = 10.0) -> None:
         return
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise SubmitError(f"Kubeflow Pipelines at {redact(host)} is unreachable: {reason}") from exc
+        shown = redact_uri(host)
+        raise SubmitError(f"Kubeflow Pipelines at {shown} is unreachable: {reason}") from exc
 
 
 def submit(host: str, package: Path, *, experiment: str, run_name: str) -> str:
@@ -79,7 +72,7 @@ def submit(host: str, package: Path, *, experiment: str, run_name: str) -> str:
         detail = f"HTTP {status} {getattr(exc, 'reason', '')}".strip() if status else exc
         message = " ".join(str(detail).split())[:500]
         raise SubmitError(
-            f"Kubeflow Pipelines at {redact(host)} refused the run: {message}"
+            f"Kubeflow Pipelines at {redact_uri(host)} refused the run: {message}"
         ) from exc
     return str(result.run_id)
 

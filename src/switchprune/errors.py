@@ -2,7 +2,8 @@
 
 Everything a user can fix (a parameter, a file, the data, a server) raises a
 :class:`UserError`; the command line prints its message on one line and exits with its
-``exit_code``. Any other exception is a bug and keeps its traceback.
+``exit_code``. Any other exception is a bug and keeps its traceback. A message never shows
+credentials: every URI in one goes through :func:`redact_uri`.
 """
 
 from __future__ import annotations
@@ -26,4 +27,24 @@ class ServiceFailure(UserError):
     exit_code = 1
 
 
-__all__ = ["InputError", "ServiceFailure", "UserError"]
+def redact_uri(uri: str) -> str:
+    """``uri`` without any ``user:password@`` part, for messages and reports.
+
+    Everything up to the last ``@`` of the authority goes, so a password holding ``@`` does
+    not leak either.
+
+    Args:
+        uri: A URI, e.g. ``http://user:secret@host:5000/path``.
+
+    Returns:
+        The URI without credentials, e.g. ``http://host:5000/path``; other text unchanged.
+    """
+    if "://" in uri:
+        scheme, rest = uri.split("://", 1)
+        host, sep, path = rest.partition("/")
+        if "@" in host:
+            return f"{scheme}://{host.rsplit('@', 1)[1]}{sep}{path}"
+    return uri
+
+
+__all__ = ["InputError", "ServiceFailure", "UserError", "redact_uri"]

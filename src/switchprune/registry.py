@@ -56,7 +56,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
-from switchprune.errors import InputError, ServiceFailure
+from switchprune.errors import InputError, ServiceFailure, redact_uri
 from switchprune.io import ArtifactError, file_digest, model_digest
 from switchprune.serving import ServedModel, package_dir, serving_requirements
 
@@ -212,26 +212,6 @@ def _check_alias(alias: str) -> None:
         )
     if alias.lower() == "latest" or re.match(r"^[vV]\d+$", alias):
         raise RegistryInputError(f"invalid alias {alias!r}: 'latest' and 'v<number>' are reserved")
-
-
-def redact_uri(uri: str) -> str:
-    """``uri`` without any ``user:password@`` part, for messages and reports.
-
-    Everything up to the last ``@`` of the authority goes, so a password holding ``@`` does
-    not leak either.
-
-    Args:
-        uri: A URI, e.g. ``http://user:secret@host:5000/path``.
-
-    Returns:
-        The URI without credentials, e.g. ``http://host:5000/path``; other text unchanged.
-    """
-    if "://" in uri:
-        scheme, rest = uri.split("://", 1)
-        host, sep, path = rest.partition("/")
-        if "@" in host:
-            return f"{scheme}://{host.rsplit('@', 1)[1]}{sep}{path}"
-    return uri
 
 
 def _is_http(uri: str) -> bool:
@@ -1024,7 +1004,6 @@ __all__ = [
     "log_and_register",
     "mlflow_session",
     "parse_model_ref",
-    "redact_uri",
     "resolve_tracking_uri",
     "set_alias",
     "version_info",

@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.servers import free_port
 
 from switchprune import registry
+from switchprune.errors import redact_uri
 from switchprune.io import file_digest, model_digest, save_model
 from switchprune.models import ModelSpec, TaskNet, build_model
 from switchprune.registry import ModelRef, Registration, RegistryError, parse_model_ref
@@ -614,4 +615,4 @@ def test_artifacts_named_like_model_files_are_refused(store: Store, tmp_path: Pa
     ],
 )
 def test_redact_uri_drops_credentials_only(uri: str, shown: str) -> None:
-    assert registry.redact_uri(uri) == shown
+    assert redact_uri(uri) == shown

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from switchprune.card import CARD_FILE, CardInputs, write_card
 from switchprune.config import RegisterConfig
 from switchprune.data import META_FILE, load_meta, open_split, raw_images
+from switchprune.errors import redact_uri
 from switchprune.io import COMPACT_FILE, WIDTHS_FILE, ArtifactError, load_compacted, read_json
 from switchprune.onnx_export import ONNX_FILE
 
@@ -93,7 +94,7 @@ def run(
         "model_name": cfg.model_name,
         "alias": cfg.alias,
         "data_md5": data_md5,
-        "tracking_uri": registry.redact_uri(uri),
+        "tracking_uri": redact_uri(uri),
         **_register_with_card(uri, registration, card),
     }
 
