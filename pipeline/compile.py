@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import configparser
-import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +26,7 @@ from kfp import compiler  # noqa: E402
 from pipeline.pipeline import build_pipeline  # noqa: E402
 from switchprune.config import ConfigError, DataConfig, load_params  # noqa: E402
 from switchprune.data import BUNDLED, source_dir  # noqa: E402
+from switchprune.stages.register import git_state  # noqa: E402
 
 
 def dvc_remote_url(root: Path = ROOT) -> str:
@@ -69,22 +69,6 @@ def data_version(data: DataConfig, root: Path = ROOT) -> tuple[Path, str]:
     return path, md5
 
 
-def git_commit(root: Path = ROOT) -> str:
-    """The commit checked out in ``root``, or ``unknown``."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() or "unknown"
-
-
 def compile_pipeline(params_path: Path, out_path: Path, root: Path = ROOT) -> Path:
     """Validate the parameters and write the compiled pipeline.
 
@@ -107,8 +91,9 @@ def compile_pipeline(params_path: Path, out_path: Path, root: Path = ROOT) -> Pa
             f"{params['data'].dataset!r} from its source, not from a DVC-versioned copy",
             file=sys.stderr,
         )
+    commit = git_state(root)["git_commit"]
     pipeline_func = build_pipeline(
-        params, dvc_remote=dvc_remote_url(root), data_md5=md5, git_commit=git_commit(root)
+        params, dvc_remote=dvc_remote_url(root), data_md5=md5, git_commit=commit
     )
     out_path.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(pipeline_func, package_path=str(out_path))

@@ -149,25 +149,29 @@ def _read_history(path: Path) -> list[dict[str, float]]:
 
 def _git_tags(git_commit: str | None) -> dict[str, str]:
     """The given commit, else the working directory's commit and whether it was dirty."""
-    return {"git_commit": git_commit} if git_commit is not None else _git_state()
+    return {"git_commit": git_commit} if git_commit is not None else git_state()
 
 
-def _git_state() -> dict[str, str]:
-    """The commit the code came from, and whether the working tree differed from it."""
+def git_state(cwd: Path | None = None) -> dict[str, str]:
+    """The commit the code in ``cwd`` came from, and whether the working tree differed from it.
+
+    Returns:
+        ``{"git_commit", "git_dirty"}`` (``"true"``/``"false"``), or ``{"git_commit":
+        "unknown"}`` outside a git checkout.
+    """
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout.strip()
+        commit, dirty = (
+            subprocess.run(
+                args, cwd=cwd, capture_output=True, text=True, check=True, timeout=10
+            ).stdout.strip()
+            for args in (
+                ["git", "rev-parse", "HEAD"],
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+            )
+        )
     except (OSError, subprocess.SubprocessError):
         return {"git_commit": "unknown"}
     return {"git_commit": commit, "git_dirty": str(bool(dirty)).lower()}
 
 
-__all__ = ["EVALUATE_FILE", "run"]
+__all__ = ["EVALUATE_FILE", "git_state", "run"]
