@@ -55,13 +55,13 @@ def load_model(uri: str | Path, *, tracking_uri: str | None = None) -> TaskNet:
             pull(text, Path(tmp) / "model", tracking_uri=tracking_uri)
             return load_model_file(Path(tmp) / "model" / COMPACT_FILE)[0]
     if text.startswith("s3://"):
-        from switchprune import storage
+        from switchprune import promotion, storage
 
         match = re.match(r"^(s3://.+)/([^/]+)/?$", text)
         if match is None:
             raise storage.StorageError(f"{text}: expected s3://bucket[/prefix]/MODEL_NAME")
         with tempfile.TemporaryDirectory(prefix="switchprune-pull-") as tmp:
-            storage.download_promoted(
+            promotion.download_promoted(
                 storage.make_client(), match.group(1), match.group(2), Path(tmp) / "model"
             )
             return load_model_file(Path(tmp) / "model" / COMPACT_FILE)[0]

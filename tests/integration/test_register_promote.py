@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from botocore.exceptions import EndpointConnectionError
 from pipeline.servers import MlflowServer, S3Server, free_port
 
 from switchprune import cli, load_model, registry, storage
@@ -391,22 +392,27 @@ def test_alias_failure_with_s3_down_reports_both_and_converges_next_run(
     _promote(stack, 0.0)  # a known state: version 1 everywhere
     assert _champions(stack) == (1, 1)
     version = _register(stack, 0.06)["version"]
-    real_alias, real_restore = registry.set_alias, storage.restore_manifest
+    client = stack.client()
 
-    def refuse(*_args: object, **_kwargs: object) -> None:
+    def s3_down(**_kwargs: object) -> None:
+        raise EndpointConnectionError(endpoint_url=stack.s3.endpoint)
+
+    def refuse_and_lose_s3(*_args: object, **_kwargs: object) -> None:
+        # The registry refuses the alias, and from then on S3 cannot be reached either.
+        client.meta.events.register("before-send.s3.*", s3_down)
         raise registry.RegistryError("alias could not be set")
 
-    def s3_down(*_args: object, **_kwargs: object) -> None:
-        raise storage.StorageError("S3 at http://127.0.0.1:1 is unreachable")
-
-    monkeypatch.setattr(registry, "set_alias", refuse)
-    monkeypatch.setattr(storage, "restore_manifest", s3_down)
+    monkeypatch.setattr(registry, "set_alias", refuse_and_lose_s3)
     with pytest.raises(registry.RegistryError) as err:
-        _promote(stack, 0.06)
+        _promote(stack, 0.06, client)
     assert "alias could not be set" in str(err.value) and "unreachable" in str(err.value)
     assert _champions(stack) == (version, 1)  # both faults: apart for now
-    monkeypatch.setattr(registry, "set_alias", real_alias)
-    monkeypatch.setattr(storage, "restore_manifest", real_restore)
+    # The manifest still names the new version, so its files stayed for readers.
+    manifest = json.loads((stack.model_root / "current.json").read_text())
+    for entry in manifest["files"]:
+        blob = (stack.model_root / f"v{version}" / entry["name"]).read_bytes()
+        assert hashlib.sha256(blob).hexdigest() == entry["sha256"]
+    monkeypatch.undo()
     _promote(stack, 0.0)  # any later promotion first makes the alias follow S3
     manifest_version, alias_version = _champions(stack)
     assert manifest_version == alias_version

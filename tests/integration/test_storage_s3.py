@@ -6,8 +6,11 @@ which lets these tests tamper with stored bytes directly.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import itertools
 import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,14 +19,15 @@ from typing import Any
 import pytest
 from pipeline.servers import S3Server, free_port
 
-from switchprune.storage import (
-    StorageError,
+from switchprune.promotion import (
+    INCOMPLETE_MARKER,
+    Publication,
     download_promoted,
-    ensure_bucket,
-    make_client,
-    promote_files,
+    publish,
     read_manifest,
+    remove_incomplete,
 )
+from switchprune.storage import StorageError, ensure_bucket, make_client
 
 pytestmark = pytest.mark.slow
 
@@ -72,8 +76,8 @@ def write_files(folder: Path, tag: str) -> dict[str, Path]:
     return {name: folder / name for name in contents}
 
 
-def promote(client: Any, bucket: str, files: dict[str, Path], version: int) -> dict[str, Any]:
-    return promote_files(
+def promote(client: Any, bucket: str, files: dict[str, Path], version: int) -> Publication:
+    return publish(
         client,
         files,
         s3_uri=f"s3://{bucket}/models",
@@ -92,15 +96,35 @@ def current(client: Any, bucket: str) -> bytes:
     return client.get_object(Bucket=bucket, Key="models/net/current.json")["Body"].read()
 
 
-def record_calls(client: Any) -> list[tuple[str, str]]:
-    """(operation, key) of every API call the client makes from now on."""
-    calls: list[tuple[str, str]] = []
+def stored(root: Path) -> dict[str, tuple[int, bytes]]:
+    """Every file the server stores under ``root``: modification time and bytes."""
+    return {
+        str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes())
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
-    def hook(model: Any, params: dict[str, Any], **_: Any) -> None:
-        calls.append((model.name, params.get("Key", "")))
 
-    client.meta.events.register("before-parameter-build.s3.*", hook)
-    return calls
+def fetched_keys(client: Any) -> list[str]:
+    """Keys of the objects the client downloads from now on."""
+    keys: list[str] = []
+    client.meta.events.register(
+        "before-parameter-build.s3.GetObject", lambda params, **_: keys.append(params["Key"])
+    )
+    return keys
+
+
+def tamper_after_upload(client: Any, path: Path, key: str, data: bytes) -> None:
+    """Right after ``key`` is uploaded, its stored bytes change on the server's disk."""
+    real = client.put_object
+
+    def put(**kwargs: Any) -> Any:
+        response = real(**kwargs)
+        if kwargs["Key"] == key:
+            path.write_bytes(data)
+        return response
+
+    client.put_object = put
 
 
 def assert_no_credentials(message: str, server: S3Server) -> None:
@@ -108,75 +132,61 @@ def assert_no_credentials(message: str, server: S3Server) -> None:
     assert server.secret_key not in message
 
 
-def test_promote_uploads_verifies_then_writes_the_manifest(
+def test_the_manifest_is_written_last_over_verified_objects(
     client: Any, bucket: str, tmp_path: Path, env: S3Server
 ) -> None:
     files = write_files(tmp_path / "v1", "one")
-    recorded = record_calls(client)
+    folder = env.root / bucket / "models/net/v1"
+    at_manifest: dict[str, bytes] = {}
+
+    def snapshot(params: dict[str, Any], **_: Any) -> None:
+        if params["Key"] == "models/net/current.json":
+            at_manifest.update({p.name: p.read_bytes() for p in folder.iterdir()})
+
+    client.meta.events.register("before-parameter-build.s3.PutObject", snapshot)
     result = promote(client, bucket, files, 1)
-    calls = list(recorded)  # the promotion's calls only
-    assert result["changed"] is True
-    assert result["s3_uri"] == f"s3://{bucket}/models/net/v1/"
+    assert result.changed is True
+    assert result.s3_uri == f"s3://{bucket}/models/net/v1/"
+    # When the manifest was written, every file was on the server with its exact bytes (rclone
+    # stores objects as plain files), and the folder was still marked as being written.
+    assert at_manifest == {INCOMPLETE_MARKER: b""} | {n: p.read_bytes() for n, p in files.items()}
     assert sorted(listing(client, bucket)) == sorted(
         ["models/net/current.json"] + [f"models/net/v1/{n}" for n in files]
     )
-    # Order of writes: the in-progress marker, every file, then a HEAD of every file, then the
-    # manifest; the marker goes once the manifest is written.
-    marker = "models/net/v1/.incomplete"
-    puts = [key for op, key in calls if op == "PutObject"]
-    heads = [i for i, (op, _) in enumerate(calls) if op == "HeadObject"]
-    manifest_at = calls.index(("PutObject", "models/net/current.json"))
-    assert puts[0] == marker and puts[-1] == "models/net/current.json"
-    assert len(puts) == len(files) + 2
-    assert manifest_at == len(calls) - 2 and calls[-1] == ("DeleteObject", marker)
-    verified = {
-        calls[i][1] for i in heads if i > max(calls.index(("PutObject", k)) for k in puts[1:-1])
-    }
-    assert verified == {f"models/net/v1/{n}" for n in files}
-    # rclone stores the bytes as plain files: they are exactly the local ones.
-    for name, path in files.items():
-        assert (env.root / bucket / "models/net/v1" / name).read_bytes() == path.read_bytes()
     document = read_manifest(client, f"s3://{bucket}/models", "net")
     assert document is not None and document["version"] == 1
     assert document["test_accuracy"] == 0.95
     assert {f["name"]: f["sha256"] for f in document["files"]} == {
-        f["name"]: f["sha256"] for f in result["files"]
+        f["name"]: f["sha256"] for f in result.files
     }
 
 
-def test_second_promotion_writes_nothing(client: Any, bucket: str, tmp_path: Path) -> None:
+def test_second_promotion_writes_nothing(
+    client: Any, bucket: str, tmp_path: Path, env: S3Server
+) -> None:
     files = write_files(tmp_path / "v1", "one")
     promote(client, bucket, files, 1)
-    before = listing(client, bucket)
-    manifest = current(client, bucket)
-    time.sleep(0.05)  # listing times have millisecond resolution: a rewrite would show
-    calls = record_calls(client)
+    before = stored(env.root / bucket)
     again = promote(client, bucket, files, 1)
-    assert again["changed"] is False and again["uploaded"] == []
-    assert [op for op, _ in calls if op in ("PutObject", "DeleteObject", "CreateBucket")] == []
-    assert listing(client, bucket) == before
-    assert current(client, bucket) == manifest
+    assert again.changed is False and again.uploaded == []
+    assert stored(env.root / bucket) == before  # not a byte and not a timestamp changed
 
 
-def test_v2_replaces_current_and_keeps_v1(client: Any, bucket: str, tmp_path: Path) -> None:
+def test_v2_replaces_current_and_keeps_v1(
+    client: Any, bucket: str, tmp_path: Path, env: S3Server
+) -> None:
     v1 = write_files(tmp_path / "v1", "one")
     v2 = write_files(tmp_path / "v2", "two")
     promote(client, bucket, v1, 1)
-    v1_objects = listing(client, bucket, "models/net/v1/")
+    v1_objects = stored(env.root / bucket / "models/net/v1")
     result = promote(client, bucket, v2, 2)
-    assert result["changed"] is True
+    assert result.changed is True
     assert json.loads(current(client, bucket))["version"] == 2
-    assert listing(client, bucket, "models/net/v1/") == v1_objects
-    body = client.get_object(Bucket=bucket, Key="models/net/v1/model.pt")["Body"].read()
-    assert body == v1["model.pt"].read_bytes()
+    assert stored(env.root / bucket / "models/net/v1") == v1_objects
     # Rolling back to v1 reuses its objects: only the manifest is written.
-    calls = record_calls(client)
     back = promote(client, bucket, v1, 1)
-    assert back["changed"] is True and back["uploaded"] == []
-    assert [key for op, key in calls if op == "PutObject"] == [
-        "models/net/v1/.incomplete",
-        "models/net/current.json",
-    ]
+    assert back.changed is True and back.uploaded == []
+    assert stored(env.root / bucket / "models/net/v1") == v1_objects
     assert json.loads(current(client, bucket))["version"] == 1
 
 
@@ -265,19 +275,18 @@ def test_failure_midway_removes_this_version(
     promote(client, bucket, write_files(tmp_path / "v1", "one"), 1)
     before = current(client, bucket)
     real_put = client.put_object
-    puts: list[str] = []
 
-    def second_put_fails(**kwargs: Any) -> Any:
-        puts.append(kwargs["Key"])
-        if len(puts) == 2:
+    def reset_on_the_model(**kwargs: Any) -> Any:
+        if kwargs["Key"] == "models/net/v2/model.pt":
             raise ConnectionResetError("connection reset by peer")
         return real_put(**kwargs)
 
-    client.put_object = second_put_fails
+    client.put_object = reset_on_the_model
     with pytest.raises(StorageError) as info:
         promote(client, bucket, write_files(tmp_path / "v2", "two"), 2)
     message = str(info.value)
-    assert "while uploading" in message and "removed 1 uploaded object" in message
+    assert "while uploading" in message and "connection reset" in message
+    assert re.search(r"removed [1-9]\d* uploaded object", message)  # metrics.json went first
     assert_no_credentials(message, env)
     client.put_object = real_put
     assert listing(client, bucket, "models/net/v2/") == {}
@@ -288,23 +297,18 @@ def test_failure_midway_removes_this_version(
     assert len(listing(client, bucket, "models/net/v1/")) == 3
 
 
-def test_verification_failure_removes_this_version(
-    client: Any, bucket: str, tmp_path: Path
+def test_bytes_changed_on_the_server_are_caught_before_the_manifest(
+    client: Any, bucket: str, tmp_path: Path, env: S3Server
 ) -> None:
     promote(client, bucket, write_files(tmp_path / "v1", "one"), 1)
     before = current(client, bucket)
-    real_head = client.head_object
-
-    def short_head(**kwargs: Any) -> Any:
-        resp = real_head(**kwargs)
-        if kwargs["Key"] == "models/net/v2/spec.json":
-            resp["ContentLength"] -= 1
-        return resp
-
-    client.head_object = short_head
-    with pytest.raises(StorageError, match=r"while verifying: .*v2/spec.json has 14 bytes"):
-        promote(client, bucket, write_files(tmp_path / "v2", "two"), 2)
-    client.head_object = real_head
+    v2 = write_files(tmp_path / "v2", "two")
+    stored_file = env.root / bucket / "models/net/v2/model.pt"
+    flipped = bytearray(v2["model.pt"].read_bytes())
+    flipped[100] ^= 0xFF  # same size, one byte flipped
+    tamper_after_upload(client, stored_file, "models/net/v2/model.pt", bytes(flipped))
+    with pytest.raises(StorageError, match=r"while verifying: .*v2/model.pt has sha256"):
+        promote(client, bucket, v2, 2)
     assert listing(client, bucket, "models/net/v2/") == {}
     assert current(client, bucket) == before
 
@@ -314,10 +318,10 @@ def test_rclone_metadata_case_is_accepted(client: Any, bucket: str, tmp_path: Pa
     promote(client, bucket, files, 1)
     head = client.head_object(Bucket=bucket, Key="models/net/v1/model.pt")
     assert {k.lower() for k in head["Metadata"]} == {"sha256"}
-    calls = record_calls(client)
-    assert promote(client, bucket, files, 1)["changed"] is False
-    # The checksums were read from metadata whatever its case: no object had to be hashed.
-    assert [key for op, key in calls if op == "GetObject"] == ["models/net/current.json"]
+    fetched = fetched_keys(client)
+    assert promote(client, bucket, files, 1).changed is False
+    # The hashes were read from metadata whatever its case: no object had to be downloaded.
+    assert fetched == ["models/net/current.json"]
 
 
 def test_metadata_lost_on_restart_is_recomputed(env: S3Server, tmp_path: Path) -> None:
@@ -331,24 +335,19 @@ def test_metadata_lost_on_restart_is_recomputed(env: S3Server, tmp_path: Path) -
         client = make_client(second.endpoint)
         head = client.head_object(Bucket="restart", Key="models/net/v1/model.pt")
         assert head["Metadata"] == {}
-        calls = record_calls(client)
+        before = stored(root / "restart")
         again = promote(client, "restart", files, 1)
-        assert again["changed"] is False
-        assert [op for op, _ in calls if op == "PutObject"] == []
-        assert {key for op, key in calls if op == "GetObject"} >= {
-            f"models/net/v1/{n}" for n in files
-        }
+        assert again.changed is False
+        assert stored(root / "restart") == before
         (root / "restart/models/net/v1/spec.json").write_bytes(b"{}")
         repaired = promote(client, "restart", files, 1)
-        assert repaired["changed"] is True and repaired["uploaded"] == ["spec.json"]
+        assert repaired.changed is True and repaired.uploaded == ["spec.json"]
         assert (root / "restart/models/net/v1/spec.json").read_bytes() == b'{"arch": "mlp"}'
 
 
 def test_a_promotion_that_died_midway_is_swept_by_a_later_one(
     client: Any, bucket: str, tmp_path: Path
 ) -> None:
-    from switchprune.storage import INCOMPLETE_MARKER, remove_incomplete
-
     promote(client, bucket, write_files(tmp_path / "v1", "one"), 1)
     # What a promotion killed between its uploads and its manifest leaves behind.
     for name in (INCOMPLETE_MARKER, "model.pt", "evaluate.json"):
@@ -366,9 +365,20 @@ def test_a_promotion_that_died_midway_is_swept_by_a_later_one(
 
 
 def test_a_completed_promotion_leaves_no_marker(client: Any, bucket: str, tmp_path: Path) -> None:
-    from switchprune.storage import INCOMPLETE_MARKER
-
     promote(client, bucket, write_files(tmp_path / "v1", "one"), 1)
     promote(client, bucket, write_files(tmp_path / "v2", "two"), 2)
     keys = listing(client, bucket, "models/net/")
     assert not [k for k in keys if k.endswith(INCOMPLETE_MARKER)]
+
+
+def test_the_server_does_not_check_s3_checksums(client: Any, bucket: str) -> None:
+    """Why promotion verifies each upload itself (size, SHA-256 metadata, bytes if needed).
+
+    ``rclone serve s3`` accepts a PUT whose ``ChecksumSHA256`` does not match its body and
+    answers that claim back, so an S3 checksum proves nothing about the bytes stored there.
+    """
+    ensure_bucket(client, bucket)
+    claim = base64.b64encode(hashlib.sha256(b"something else").digest()).decode()
+    client.put_object(Bucket=bucket, Key="claimed", Body=b"payload", ChecksumSHA256=claim)
+    head = client.head_object(Bucket=bucket, Key="claimed", ChecksumMode="ENABLED")
+    assert head.get("ChecksumSHA256") == claim

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from switchprune.config import PromoteConfig
-from switchprune.stages.promote import check_gate
+from switchprune.promotion import check_gate
 
 GOOD = {
     "test_accuracy": 0.95,

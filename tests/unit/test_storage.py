@@ -1,6 +1,7 @@
-"""S3 storage: URI parsing, client settings and promotion's error paths, against moto.
+"""S3 storage and promotion's S3 side against moto: parsing, client settings, verified objects,
+and every failure path of a promotion.
 
-The happy paths against a real server live in ``tests/integration/test_storage_s3.py``.
+The same paths against a real server live in ``tests/integration/test_storage_s3.py``.
 """
 
 from __future__ import annotations
@@ -10,21 +11,29 @@ import json
 from pathlib import Path
 from typing import Any
 
+import boto3
 import pytest
 from botocore.exceptions import ClientError
-from botocore.stub import Stubber
 from moto import mock_aws
+from moto.core import set_initial_no_auth_action_count
 
+from switchprune.promotion import (
+    INCOMPLETE_MARKER,
+    Publication,
+    download_promoted,
+    publish,
+    read_manifest,
+)
 from switchprune.storage import (
     S3Location,
     StorageError,
-    download_promoted,
     ensure_bucket,
     make_client,
+    object_matches,
     parse_s3_uri,
-    promote_files,
-    read_manifest,
+    put_object,
     sha256_file,
+    verify_object,
 )
 
 ACCESS_KEY = "AKIAUNITTESTACCESS01"
@@ -82,8 +91,12 @@ def manifest_bytes(client: Any) -> bytes:
     return client.get_object(Bucket=BUCKET, Key="models/m/current.json")["Body"].read()
 
 
-def promote(client: Any, files: dict[str, Path], version: int = 1, **extra: Any) -> dict:
-    return promote_files(
+def body(client: Any, key: str) -> bytes:
+    return client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+
+
+def promote(client: Any, files: dict[str, Path], version: int = 1, **extra: Any) -> Publication:
+    return publish(
         client,
         files,
         s3_uri=URI,
@@ -93,10 +106,60 @@ def promote(client: Any, files: dict[str, Path], version: int = 1, **extra: Any)
     )
 
 
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def assert_clean(message: str) -> None:
     assert ACCESS_KEY not in message
     assert SECRET_KEY not in message
     assert "\n" not in message
+
+
+def client_error(code: str, status: int = 500) -> ClientError:
+    response = {
+        "Error": {"Code": code, "Message": "injected"},
+        "ResponseMetadata": {"HTTPStatusCode": status},
+    }
+    return ClientError(response, "PutObject")  # type: ignore[arg-type]
+
+
+def break_puts(
+    client: Any, fault: BaseException, *, key: str = "", after: bool = False
+) -> list[str]:
+    """Make the first PUT of a key ending in ``key`` raise ``fault``: before the server stores
+    the object, or (``after``) once it has, as when the answer is lost. Returns the keys PUT."""
+    real = client.put_object
+    seen: list[str] = []
+    fired: list[str] = []
+
+    def put(**kwargs: Any) -> Any:
+        seen.append(kwargs["Key"])
+        hit = kwargs["Key"].endswith(key) and not fired
+        if hit:
+            fired.append(kwargs["Key"])
+        if hit and not after:
+            raise fault
+        response = real(**kwargs)
+        if hit and after:
+            raise fault
+        return response
+
+    client.put_object = put
+    return seen
+
+
+def replace_after_upload(client: Any, key: str, data: bytes, **extra: Any) -> None:
+    """Right after ``key`` is uploaded, something else stores ``data`` under it."""
+    real = client.put_object
+
+    def put(**kwargs: Any) -> Any:
+        response = real(**kwargs)
+        if kwargs["Key"] == key:
+            real(Bucket=kwargs["Bucket"], Key=key, Body=data, **extra)
+        return response
+
+    client.put_object = put
 
 
 # ---------------------------------------------------------------------------------- parsing
@@ -219,38 +282,123 @@ def test_ensure_bucket_outside_us_east_1(aws: None, monkeypatch: pytest.MonkeyPa
     assert client.get_bucket_location(Bucket=BUCKET)["LocationConstraint"] == "eu-west-1"
 
 
-def stubbed(client_errors: list[tuple[str, str, int]]) -> tuple[Any, Stubber]:
-    client = make_client("http://127.0.0.1:9")
-    stub = Stubber(client)
-    for method, code, status in client_errors:
-        stub.add_client_error(method, service_error_code=code, http_status_code=status)
-    stub.activate()
-    return client, stub
+@pytest.mark.parametrize(
+    ("credentials", "expected"),
+    [
+        ("no-permissions", "denied access"),
+        ("wrong-secret", "wrong secret key"),
+        ("unknown-key", "does not know the access key"),
+    ],
+)
+def test_refused_credentials_are_one_line_naming_the_reason(
+    aws: None, monkeypatch: pytest.MonkeyPatch, credentials: str, expected: str
+) -> None:
+    def scenario() -> None:
+        # The first three calls go unchecked: a user without permissions, its key, the bucket.
+        iam = boto3.session.Session().client("iam")
+        iam.create_user(UserName="nobody")
+        key = iam.create_access_key(UserName="nobody")["AccessKey"]
+        make_client().create_bucket(Bucket=BUCKET)
+        access, secret = key["AccessKeyId"], key["SecretAccessKey"]
+        if credentials == "wrong-secret":
+            secret = "wrong-secret-0123456789abcdefghijklmnop"
+        elif credentials == "unknown-key":
+            access = "AKIANOSUCHKEY0000000"
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", access)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+        with pytest.raises(StorageError) as info:
+            ensure_bucket(make_client(), BUCKET)
+        message = str(info.value)
+        assert expected in message and "amazonaws.com" in message and BUCKET in message
+        assert secret not in message and "\n" not in message
+
+    set_initial_no_auth_action_count(3)(scenario)()
+
+
+def test_ensure_bucket_reports_other_errors(client: Any) -> None:
+    def refuse(**_: Any) -> None:
+        raise client_error("InternalError", 500)
+
+    client.meta.events.register("before-call.s3.CreateBucket", refuse)
+    with pytest.raises(StorageError, match=r"creating bucket s3://unit-bucket.*500 InternalError"):
+        ensure_bucket(client, BUCKET)
+
+
+# ---------------------------------------------------------------------------- verified objects
+
+
+def test_put_object_stores_bytes_and_hash(client: Any) -> None:
+    ensure_bucket(client, BUCKET)
+    data = b"payload" * 100
+    assert put_object(client, BUCKET, "k", data, sha256=sha(data)) is True
+    head = client.head_object(Bucket=BUCKET, Key="k")
+    assert head["Metadata"] == {"sha256": sha(data)}
+    assert body(client, "k") == data
+    verify_object(client, BUCKET, "k", size=len(data), sha256=sha(data))
+    assert object_matches(client, BUCKET, "k", size=len(data), sha256=sha(data))
+    assert not object_matches(client, BUCKET, "k", size=len(data), sha256=sha(b"other"))
+    assert not object_matches(client, BUCKET, "absent", size=1, sha256=sha(b"x"))
+
+
+def test_a_server_refusing_checksums_gets_the_object_without_them(
+    client: Any, model_files: dict
+) -> None:
+    ensure_bucket(client, BUCKET)
+    real = client.put_object
+    refused: list[str] = []
+
+    def no_checksums(**kwargs: Any) -> Any:
+        if "ChecksumSHA256" in kwargs:
+            refused.append(kwargs["Key"])
+            if hasattr(kwargs["Body"], "read"):
+                kwargs["Body"].read()  # the request went out before the server said no
+            raise client_error("NotImplemented", 501)
+        return real(**kwargs)
+
+    client.put_object = no_checksums
+    path = model_files["model.pt"]
+    with open(path, "rb") as fh:  # a file body is rewound for the second try
+        assert put_object(client, BUCKET, "file", fh, sha256=sha256_file(path)) is False
+    assert body(client, "file") == path.read_bytes()
+    # Told that checksums are refused, the next upload does not offer them again.
+    assert put_object(client, BUCKET, "k", b"data", sha256=sha(b"data"), checksum=False) is False
+    assert refused == ["file"]
+    verify_object(client, BUCKET, "k", size=4, sha256=sha(b"data"))
 
 
 @pytest.mark.parametrize(
-    ("code", "expected"),
+    ("stored", "extra", "match"),
     [
-        ("SignatureDoesNotMatch", "wrong secret key"),
-        ("InvalidAccessKeyId", "does not know the access key"),
-        ("AccessDenied", "denied access"),
+        (b"payloaX", {"Metadata": {"sha256": "0" * 64}}, "has sha256 0000"),
+        (b"payload!", {"Metadata": {"sha256": sha(b"payload")}}, "has 8 bytes on the server"),
+        # Same size and the expected hash in metadata, but the server's checksum tells.
+        (
+            b"payloaX",
+            {"Metadata": {"sha256": sha(b"payload")}, "ChecksumAlgorithm": "SHA256"},
+            "S3 checksum",
+        ),
     ],
+    ids=["metadata", "size", "checksum"],
 )
-def test_ensure_bucket_explains_a_bare_403(aws: None, code: str, expected: str) -> None:
-    # HEAD answers a body-less 403; the listing that follows names the reason.
-    client, stub = stubbed([("head_bucket", "403", 403), ("list_objects_v2", code, 403)])
-    with pytest.raises(StorageError) as info:
-        ensure_bucket(client, BUCKET)
-    message = str(info.value)
-    assert expected in message and "http://127.0.0.1:9" in message and BUCKET in message
-    assert_clean(message)
-    stub.assert_no_pending_responses()
+def test_verify_object_catches_a_stored_object_that_differs(
+    client: Any, stored: bytes, extra: dict, match: str
+) -> None:
+    ensure_bucket(client, BUCKET)
+    client.put_object(Bucket=BUCKET, Key="k", Body=stored, **extra)
+    with pytest.raises(StorageError, match=match) as info:
+        verify_object(client, BUCKET, "k", size=7, sha256=sha(b"payload"))
+    assert "s3://unit-bucket/k" in str(info.value)
+    with pytest.raises(StorageError, match="s3://unit-bucket/absent is missing"):
+        verify_object(client, BUCKET, "absent", size=7, sha256=sha(b"payload"))
 
 
-def test_ensure_bucket_reports_other_errors(aws: None) -> None:
-    client, _ = stubbed([("head_bucket", "404", 404), ("create_bucket", "InternalError", 500)])
-    with pytest.raises(StorageError, match=r"creating bucket s3://unit-bucket.*500 InternalError"):
-        ensure_bucket(client, BUCKET)
+def test_an_object_without_hash_metadata_is_hashed(client: Any) -> None:
+    # rclone forgets user metadata on restart: identical bytes must still count as identical.
+    ensure_bucket(client, BUCKET)
+    client.put_object(Bucket=BUCKET, Key="k", Body=b"payload")
+    assert object_matches(client, BUCKET, "k", size=7, sha256=sha(b"payload"))
+    assert not object_matches(client, BUCKET, "k", size=7, sha256=sha(b"payloaX"))
+    verify_object(client, BUCKET, "k", size=7, sha256=sha(b"payload"))
 
 
 # ---------------------------------------------------------------------------------- promote
@@ -258,27 +406,27 @@ def test_ensure_bucket_reports_other_errors(aws: None) -> None:
 
 def test_promote_layout_metadata_and_manifest(client: Any, model_files: dict) -> None:
     result = promote(client, model_files, version=3, name="ignored", run_id="abc")
-    assert result["changed"] is True
-    assert result["s3_uri"] == "s3://unit-bucket/models/m/v3/"
-    assert result["manifest_key"] == "models/m/current.json"
-    assert sorted(result["uploaded"]) == sorted(model_files)
+    assert result.changed is True
+    assert result.s3_uri == "s3://unit-bucket/models/m/v3/"
+    assert result.manifest_key == "models/m/current.json"
+    assert result.previous is None
+    assert sorted(result.uploaded) == sorted(model_files)
     assert keys(client) == sorted(
         ["models/m/current.json"] + [f"models/m/v3/{n}" for n in model_files]
     )
-    for entry in result["files"]:
+    for entry in result.files:
         local = model_files[entry["name"]]
-        assert entry["sha256"] == hashlib.sha256(local.read_bytes()).hexdigest()
+        assert entry["sha256"] == sha(local.read_bytes())
         assert entry["size"] == local.stat().st_size
         head = client.head_object(Bucket=BUCKET, Key=entry["key"])
         assert head["Metadata"]["sha256"] == entry["sha256"]
-        body = client.get_object(Bucket=BUCKET, Key=entry["key"])["Body"].read()
-        assert body == local.read_bytes()
+        assert body(client, entry["key"]) == local.read_bytes()
     document = json.loads(manifest_bytes(client))
-    assert document == result["manifest"]
+    assert document == result.manifest
     assert document["name"] == "m"  # our fields win over the caller's
     assert document["version"] == 3 and document["run_id"] == "abc"
     assert document["test_accuracy"] == 0.97
-    assert document["files"] == result["files"]
+    assert document["files"] == result.files
     assert document["promoted_at"].endswith("Z")
     assert read_manifest(client, URI, "m") == document
 
@@ -294,10 +442,10 @@ def test_promote_twice_writes_nothing(client: Any, model_files: dict) -> None:
         ),
     )
     second = promote(client, model_files, test_accuracy=0.5)
-    assert second["changed"] is False and second["uploaded"] == []
+    assert second.changed is False and second.uploaded == []
     assert writes == []
     assert manifest_bytes(client) == before
-    assert second["manifest"] == first["manifest"]
+    assert second.manifest == first.manifest
 
 
 def test_promote_refuses_new_content_under_the_current_version(
@@ -309,107 +457,69 @@ def test_promote_refuses_new_content_under_the_current_version(
     with pytest.raises(StorageError, match="already current with different files"):
         promote(client, model_files)
     assert manifest_bytes(client) == before
-    body = client.get_object(Bucket=BUCKET, Key="models/m/v1/model.pt")["Body"].read()
-    assert body == b"weights" * 1000
+    assert body(client, "models/m/v1/model.pt") == b"weights" * 1000
 
 
 def test_promote_repairs_a_damaged_current_version(client: Any, model_files: dict) -> None:
     promote(client, model_files)
     client.delete_object(Bucket=BUCKET, Key="models/m/v1/spec.json")
     result = promote(client, model_files)
-    assert result["changed"] is True and result["uploaded"] == ["spec.json"]
-    assert "models/m/v1/spec.json" in keys(client)
+    assert result.changed is True and result.uploaded == ["spec.json"]
+    assert body(client, "models/m/v1/spec.json") == model_files["spec.json"].read_bytes()
 
 
 def test_promote_reuses_objects_whose_metadata_was_lost(client: Any, model_files: dict) -> None:
-    # rclone forgets user metadata on restart: identical bytes must still count as identical.
     ensure_bucket(client, BUCKET)
-    client.put_object(
-        Bucket=BUCKET, Key="models/m/v1/model.pt", Body=model_files["model.pt"].read_bytes()
-    )
+    model = model_files["model.pt"].read_bytes()
+    client.put_object(Bucket=BUCKET, Key="models/m/v1/model.pt", Body=model)
     client.put_object(Bucket=BUCKET, Key="models/m/v1/spec.json", Body=b"stale")
     result = promote(client, model_files)
-    assert sorted(result["uploaded"]) == ["metrics.json", "spec.json"]
-    body = client.get_object(Bucket=BUCKET, Key="models/m/v1/spec.json")["Body"].read()
-    assert body == model_files["spec.json"].read_bytes()
+    assert sorted(result.uploaded) == ["metrics.json", "spec.json"]
+    assert body(client, "models/m/v1/spec.json") == model_files["spec.json"].read_bytes()
 
 
-def with_failing(client: Any, method: str, fail: Any) -> list[dict]:
-    """Replace ``client.<method>`` with a wrapper; ``fail(n, kwargs)`` may raise on call n."""
-    real = getattr(client, method)
-    calls: list[dict] = []
-
-    def wrapper(**kwargs: Any) -> Any:
-        calls.append(kwargs)
-        fail(len(calls), kwargs)
-        return real(**kwargs)
-
-    setattr(client, method, wrapper)
-    return calls
-
-
-def test_upload_failure_removes_this_versions_objects(client: Any, model_files: dict) -> None:
+def test_an_upload_failing_halfway_leaves_no_new_version(client: Any, model_files: dict) -> None:
     promote(client, model_files, version=1)
     before = manifest_bytes(client)
-
-    def second_put_fails(n: int, kwargs: dict) -> None:
-        if n == 2:
-            raise ClientError({"Error": {"Code": "InternalError", "Message": "disk"}}, "PutObject")
-
-    with_failing(client, "put_object", second_put_fails)
+    disk_full = client_error("InternalError")
+    seen = break_puts(client, disk_full, key="v2/model.pt")
     with pytest.raises(StorageError) as info:
         promote(client, model_files, version=2)
+    assert "models/m/v2/metrics.json" in seen  # one file was stored before the failure
     message = str(info.value)
     assert "while uploading" in message and "InternalError" in message
-    assert "s3://unit-bucket/models/m/v2/" in message and "removed 1 uploaded object" in message
+    assert "s3://unit-bucket/models/m/v2/" in message and "removed" in message
     assert keys(client, "models/m/v2/") == []
     assert manifest_bytes(client) == before
     assert len(keys(client, "models/m/v1/")) == 3
     assert_clean(message)
 
 
-def test_verify_failure_removes_objects(client: Any, model_files: dict) -> None:
+def test_an_object_altered_after_its_upload_is_caught_before_the_manifest(
+    client: Any, model_files: dict
+) -> None:
     promote(client, model_files, version=1)
     before = manifest_bytes(client)
-    real = client.head_object
-
-    def lying_head(**kwargs: Any) -> Any:
-        resp = real(**kwargs)
-        if kwargs["Key"].endswith("v2/model.pt"):
-            resp["ContentLength"] += 1
-        return resp
-
-    client.head_object = lying_head
-    with pytest.raises(StorageError, match=r"while verifying: .*v2/model.pt has 7001 bytes"):
+    replace_after_upload(client, "models/m/v2/model.pt", b"truncated")
+    with pytest.raises(StorageError, match=r"while verifying: .*v2/model.pt has 9 bytes"):
         promote(client, model_files, version=2)
     assert keys(client, "models/m/v2/") == []
     assert manifest_bytes(client) == before
 
 
-def test_verify_failure_on_sha256_metadata(client: Any, model_files: dict) -> None:
-    real = client.head_object
-
-    def lying_head(**kwargs: Any) -> Any:
-        resp = real(**kwargs)
-        if kwargs["Key"].endswith("v1/spec.json") and resp["Metadata"]:
-            resp["Metadata"] = {"SHA256": "0" * 64}  # any case is accepted, the value is not
-        return resp
-
-    client.head_object = lying_head
+def test_a_failed_first_promotion_leaves_no_manifest(client: Any, model_files: dict) -> None:
+    replace_after_upload(
+        client, "models/m/v1/spec.json", b'{"arch": "cnn"}\n', Metadata={"sha256": "0" * 64}
+    )
     with pytest.raises(StorageError, match="spec.json has sha256 0000"):
         promote(client, model_files)
-    assert keys(client) == []  # no manifest: there was none before
+    assert keys(client) == []  # there was no manifest before: there is none now
 
 
 def test_manifest_failure_keeps_the_previous_one(client: Any, model_files: dict) -> None:
     promote(client, model_files, version=1)
     before = manifest_bytes(client)
-
-    def manifest_put_fails(n: int, kwargs: dict) -> None:
-        if kwargs["Key"].endswith("current.json"):
-            raise ClientError({"Error": {"Code": "SlowDown", "Message": "busy"}}, "PutObject")
-
-    with_failing(client, "put_object", manifest_put_fails)
+    break_puts(client, client_error("SlowDown", 503), key="current.json")
     with pytest.raises(StorageError, match="while writing the manifest"):
         promote(client, model_files, version=2)
     assert keys(client, "models/m/v2/") == []
@@ -419,43 +529,69 @@ def test_manifest_failure_keeps_the_previous_one(client: Any, model_files: dict)
 def test_manifest_written_but_reported_failed_is_restored(client: Any, model_files: dict) -> None:
     promote(client, model_files, version=1)
     before = manifest_bytes(client)
-    real = client.put_object
-
-    def lost_answer(**kwargs: Any) -> Any:
-        resp = real(**kwargs)
-        if kwargs["Key"].endswith("current.json") and b'"version": 2' in kwargs["Body"]:
-            raise ConnectionResetError("connection reset after the PUT")
-        return resp
-
-    client.put_object = lost_answer
+    lost = ConnectionResetError("connection reset after the PUT")
+    break_puts(client, lost, key="current.json", after=True)
     with pytest.raises(StorageError, match="previous manifest restored"):
         promote(client, model_files, version=2)
     assert manifest_bytes(client) == before
     assert keys(client, "models/m/v2/") == []
 
 
-def test_failure_messages_are_redacted(client: Any, model_files: dict) -> None:
-    def leaky(n: int, kwargs: dict) -> None:
-        raise RuntimeError(f"signing with {ACCESS_KEY}/{SECRET_KEY} failed")
+def test_an_interrupted_promotion_cleans_up_and_is_not_disguised(
+    client: Any, model_files: dict
+) -> None:
+    promote(client, model_files, version=1)
+    before = manifest_bytes(client)
+    break_puts(client, KeyboardInterrupt(), key="v2/spec.json")
+    with pytest.raises(KeyboardInterrupt):
+        promote(client, model_files, version=2)
+    assert keys(client, "models/m/v2/") == []
+    assert manifest_bytes(client) == before
 
-    with_failing(client, "put_object", leaky)
+
+def test_failure_messages_are_redacted(client: Any, model_files: dict) -> None:
+    break_puts(client, RuntimeError(f"signing with {ACCESS_KEY}/{SECRET_KEY} failed"))
     with pytest.raises(StorageError) as info:
         promote(client, model_files)
     assert "***" in str(info.value)
     assert_clean(str(info.value))
 
 
-def test_checksum_header_dropped_when_the_server_refuses_it(client: Any, model_files: dict) -> None:
-    def no_checksums(n: int, kwargs: dict) -> None:
-        if "ChecksumSHA256" in kwargs:
-            raise ClientError({"Error": {"Code": "NotImplemented", "Message": ""}}, "PutObject")
+def test_credentials_from_a_profile_are_redacted_too(
+    aws: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, model_files: dict
+) -> None:
+    access, secret = "AKIAFROMPROFILEFILE1", "profile-secret-0123456789abcdefghijklmnop"
+    profile = tmp_path / "credentials"
+    profile.write_text(
+        f"[default]\naws_access_key_id = {access}\naws_secret_access_key = {secret}\n"
+    )
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(profile))
+    client = make_client()
+    break_puts(client, RuntimeError(f"signing with {access}/{secret} failed"))
+    with pytest.raises(StorageError) as info:
+        promote(client, model_files)
+    message = str(info.value)
+    assert "signing with ***/*** failed" in message
+    assert access not in message and secret not in message
 
-    calls = with_failing(client, "put_object", no_checksums)
+
+def test_a_promotion_through_a_server_refusing_checksums(client: Any, model_files: dict) -> None:
+    real = client.put_object
+
+    def no_checksums(**kwargs: Any) -> Any:
+        if "ChecksumSHA256" in kwargs:
+            raise client_error("NotImplemented", 501)
+        return real(**kwargs)
+
+    client.put_object = no_checksums
     result = promote(client, model_files)
-    assert result["changed"] is True
-    # The in-progress marker, one refused attempt, then 3 files and the manifest without it.
-    assert ["ChecksumSHA256" in c for c in calls] == [False, True, False, False, False, False]
+    assert result.changed is True
+    for name, path in model_files.items():
+        assert body(client, f"models/m/v1/{name}") == path.read_bytes()
     assert read_manifest(client, URI, "m")["version"] == 1
+    assert not [k for k in keys(client) if k.endswith(INCOMPLETE_MARKER)]
 
 
 @pytest.mark.parametrize(
@@ -484,7 +620,7 @@ def test_promote_refuses_bad_arguments(
     args.update(kwargs)
     files = args.pop("files")
     with pytest.raises(StorageError, match=match):
-        promote_files(client, files, **args)
+        publish(client, files, **args)
     assert client.list_buckets()["Buckets"] == []  # refused before touching S3
 
 

@@ -1,0 +1,701 @@
+"""Promotion: a registered model version becomes the champion, on S3 and in the registry.
+
+A promoted version lands under ``<s3_uri>/<model_name>/v<version>/`` and is only made current
+by writing ``<s3_uri>/<model_name>/current.json`` (the manifest) last, after every object has
+been checked. Readers go through the manifest alone, so they never see a half-promoted version.
+A version folder holds :data:`INCOMPLETE_MARKER` from its first upload until its manifest is
+written, so the folder of a promotion that died in between is recognised and swept later.
+
+The manifest is the champion of record; the registry alias (``champion``) follows it. A failure
+at any point leaves the previous manifest and alias as they were and removes the objects the
+failed promotion uploaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from switchprune import storage
+from switchprune.config import PromoteConfig
+from switchprune.storage import S3Location, StorageError
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "current.json"
+# Present in a version folder from its first upload until its manifest is written.
+INCOMPLETE_MARKER = ".incomplete"
+# Model and file names become single path segments of keys and of local file names.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+_RECONCILE_ROUNDS = 10
+_WRITING_MANIFEST = "writing the manifest"
+
+
+@dataclass(frozen=True)
+class Publication:
+    """What :func:`publish` did.
+
+    Attributes:
+        changed: Whether anything was written (False when the version was current already).
+        s3_uri: The version folder, ``s3://bucket/<prefix>/<model_name>/v<version>/``.
+        manifest_key: Key of the manifest.
+        files: ``name``, ``key``, ``size`` and ``sha256`` of every file, sorted by name.
+        uploaded: Names of the files this call uploaded.
+        manifest: The manifest now current.
+        previous: The manifest's bytes before this call, or None if there was none.
+    """
+
+    changed: bool
+    s3_uri: str
+    manifest_key: str
+    files: list[dict[str, Any]]
+    uploaded: list[str]
+    manifest: dict[str, Any]
+    previous: bytes | None
+
+
+@dataclass(frozen=True)
+class _Version:
+    """Where one version of a model lives in the bucket."""
+
+    loc: S3Location
+    model: str
+    number: int
+
+    def key(self, name: str) -> str:
+        return self.loc.key(self.model, f"v{self.number}", name)
+
+    @property
+    def manifest_key(self) -> str:
+        return self.loc.key(self.model, MANIFEST_NAME)
+
+    @property
+    def uri(self) -> str:
+        return self.loc.uri(self.model, f"v{self.number}") + "/"
+
+
+def check_gate(
+    cfg: PromoteConfig, metrics: dict[str, float], champion: dict[str, Any] | None, version: int
+) -> tuple[bool, str]:
+    """Whether a version's metrics pass the gate, and why (or why not).
+
+    Args:
+        cfg: The ``promote`` section.
+        metrics: The version's run metrics (``test_accuracy``, ``baseline_accuracy``,
+            ``params_ratio``, ``max_abs_logit_diff_f64``).
+        champion: The current champion (``version``, ``metrics``), or ``None``.
+        version: The candidate version.
+
+    Returns:
+        ``(passed, reason)``.
+    """
+    missing = [k for k in ("test_accuracy", "params_ratio") if k not in metrics]
+    if missing:
+        return False, f"the run of version {version} has no metric {missing[0]!r}"
+    acc = metrics["test_accuracy"]
+    if acc < cfg.min_accuracy:
+        return False, f"test_accuracy {acc:.4f} < min_accuracy {cfg.min_accuracy:.4f}"
+    if "baseline_accuracy" in metrics:
+        drop = metrics["baseline_accuracy"] - acc
+        if drop > cfg.max_accuracy_drop:
+            base = metrics["baseline_accuracy"]
+            return False, (
+                f"accuracy drop {drop:.4f} against baseline_accuracy {base:.4f} "
+                f"> max_accuracy_drop {cfg.max_accuracy_drop:.4f}"
+            )
+    diff = metrics.get("max_abs_logit_diff_f64")
+    if diff is None or not diff <= cfg.max_logit_diff:
+        return False, (
+            f"max_abs_logit_diff_f64 {diff} > max_logit_diff {cfg.max_logit_diff:g}: the "
+            "compacted model does not compute what the trained model computes"
+            if diff is not None
+            else f"the run of version {version} has no metric 'max_abs_logit_diff_f64'"
+        )
+    ratio = metrics["params_ratio"]
+    if ratio > cfg.max_params_ratio:
+        return False, f"params_ratio {ratio:.4f} > max_params_ratio {cfg.max_params_ratio:.4f}"
+    if champion is not None and cfg.not_worse_than_champion and champion["version"] != version:
+        best = champion["metrics"].get("test_accuracy")
+        if best is not None and acc < best:
+            return False, (
+                f"test_accuracy {acc:.4f} is worse than champion version {champion['version']} "
+                f"({best:.4f})"
+            )
+    return True, "passed the gate"
+
+
+# --------------------------------------------------------------------------------------------
+# The whole promotion: registry and S3
+
+
+def promote(
+    cfg: PromoteConfig,
+    model_name: str,
+    version: int,
+    *,
+    tracking_uri: str | None = None,
+    client: Any = None,
+) -> dict[str, Any]:
+    """Promote a registered version if it passes the gate.
+
+    The version's files are uploaded and verified, the manifest is written last, and only then
+    does the alias move. A failure at any point leaves the previous manifest and alias as they
+    were, and removes the objects this call uploaded. Promoting the champion again writes
+    nothing.
+
+    Args:
+        cfg: The ``promote`` section.
+        model_name: Registered model name.
+        version: The version to promote.
+        tracking_uri: MLflow tracking URI (default: ``MLFLOW_TRACKING_URI`` or embedded).
+        client: An S3 client (default: one for the configured endpoint).
+
+    Returns:
+        ``model_name``, ``version``, ``s3_uri`` (the version folder), ``champion_before``,
+        ``changed``, ``promoted`` and ``reason``.
+
+    Raises:
+        switchprune.registry.RegistryError: The registry cannot be used or the alias not moved.
+        StorageError: An S3 operation or check failed.
+    """
+    from switchprune import registry
+
+    uri = registry.resolve_tracking_uri(tracking_uri)
+    registry.check_reachable(uri)  # once, before anything is read or written
+    info = registry.version_info(uri, registry.ModelRef(model_name, version=version))
+    client = client if client is not None else storage.make_client()
+    # An alias left behind by a crash, a double fault or a concurrent promotion is moved to
+    # the version S3's manifest names before anything else.
+    champion = reconcile_alias(uri, client, cfg, model_name)
+    passed, reason = check_gate(cfg, info["metrics"], champion, version)
+    out: dict[str, Any] = {
+        "model_name": model_name,
+        "version": version,
+        "s3_uri": f"{cfg.s3_uri.rstrip('/')}/{model_name}/v{version}/",
+        "champion_before": champion["version"] if champion else None,
+        "changed": False,
+    }
+    if not passed:
+        return {**out, "promoted": False, "reason": f"refused: {reason}"}
+    publication = _publish_registered(uri, client, cfg, info)
+    moved = champion is None or champion["version"] != version
+    if moved:
+        _move_alias(uri, client, cfg, info, publication)
+    # A promotion running at the same time may have written the manifest since: the alias
+    # follows whatever the manifest says now, so every interleaving ends consistent.
+    final = reconcile_alias(uri, client, cfg, model_name)
+    if final is not None and final["version"] != version:
+        reason = f"{reason}; a concurrent promotion made version {final['version']} {cfg.alias}"
+    changed = publication.changed or moved
+    if not changed:
+        reason = f"version {version} is already {cfg.alias}; nothing to do"
+    return {**out, "promoted": True, "reason": reason, "changed": changed}
+
+
+def reconcile_alias(
+    tracking_uri: str, client: Any, cfg: PromoteConfig, model_name: str
+) -> dict[str, Any] | None:
+    """Move the alias to the version S3's manifest names, until the two agree.
+
+    Returns:
+        The champion as :func:`switchprune.registry.get_alias_version` describes it, or None
+        when the alias names no version (and no manifest says which it should).
+
+    Raises:
+        switchprune.registry.RegistryError: The alias cannot be read or moved, or keeps
+            diverging from the manifest.
+    """
+    from switchprune import registry
+
+    for _ in range(_RECONCILE_ROUNDS):
+        manifest = read_manifest(client, cfg.s3_uri, model_name)
+        alias = registry.get_alias_version(tracking_uri, model_name, cfg.alias)
+        if manifest is None or (alias is not None and alias["version"] == manifest["version"]):
+            return alias
+        logger.warning(
+            "%s: alias %s named version %s while S3 names %s; moving the alias",
+            model_name,
+            cfg.alias,
+            alias["version"] if alias else None,
+            manifest["version"],
+        )
+        registry.set_alias(tracking_uri, model_name, cfg.alias, int(manifest["version"]))
+    raise registry.RegistryError(
+        f"{model_name}: alias {cfg.alias!r} keeps diverging from S3's manifest (concurrent "
+        "promotions); run promote again"
+    )
+
+
+def _publish_registered(
+    tracking_uri: str, client: Any, cfg: PromoteConfig, info: dict[str, Any]
+) -> Publication:
+    """Copy a registered version's files to S3 and make it current there."""
+    from switchprune import registry
+
+    name, version = info["name"], info["version"]
+    storage.ensure_bucket(client, storage.parse_s3_uri(cfg.s3_uri).bucket)
+    remove_incomplete(client, cfg.s3_uri, name, older_than=cfg.remove_incomplete_after)
+    with tempfile.TemporaryDirectory(prefix="switchprune-promote-") as tmp:
+        files_dir = Path(tmp) / "files"
+        registry.download_model_version(
+            tracking_uri, registry.ModelRef(name, version=version), files_dir
+        )
+        files = {p.name: p for p in sorted(files_dir.iterdir()) if p.is_file()}
+        manifest = {
+            "run_id": info["run_id"],
+            "model_uri": f"models:/{name}/{version}",
+            "data_md5": info["tags"].get("data_md5", ""),
+            "git_commit": info["tags"].get("git_commit", ""),
+            "metrics": info["metrics"],
+        }
+        return publish(
+            client, files, s3_uri=cfg.s3_uri, model_name=name, version=version, manifest=manifest
+        )
+
+
+def _move_alias(
+    tracking_uri: str,
+    client: Any,
+    cfg: PromoteConfig,
+    info: dict[str, Any],
+    publication: Publication,
+) -> None:
+    """Point the alias at the published version; if that fails, take the publication back."""
+    from switchprune import registry
+
+    try:
+        registry.set_alias(tracking_uri, info["name"], cfg.alias, info["version"])
+    except registry.RegistryError as alias_error:
+        if not publication.changed:
+            raise
+        # The manifest is current already: put the previous one back so that S3 and the
+        # registry keep naming the same champion, and remove what this promotion uploaded.
+        version = _Version(storage.parse_s3_uri(cfg.s3_uri), info["name"], info["version"])
+        uploaded = [version.key(name) for name in publication.uploaded]
+        notes, undone = _roll_back(
+            client, version, publication.previous, uploaded, manifest_written=True
+        )
+        if not undone:
+            raise registry.RegistryError(
+                f"moving alias {cfg.alias!r} failed ({alias_error}), and restoring the previous "
+                f"manifest also failed ({notes}); S3 and the registry may name different "
+                "champions until promote runs again, which moves the alias to S3's manifest"
+            ) from alias_error
+        raise
+
+
+# --------------------------------------------------------------------------------------------
+# S3: publishing a version, reading it back
+
+
+def publish(
+    client: Any,
+    files: dict[str, Path],
+    *,
+    s3_uri: str,
+    model_name: str,
+    version: int,
+    manifest: dict[str, Any],
+) -> Publication:
+    """Upload and verify a model version, then make it current by writing its manifest last.
+
+    Objects go to ``<prefix>/<model_name>/v<version>/<name>``; objects already there with the
+    same SHA-256 are reused, not re-uploaded. Every object is then verified (size and SHA-256
+    on the server), and only then is ``<prefix>/<model_name>/current.json`` written: the given
+    ``manifest`` plus ``name``, ``version``, ``files`` and ``promoted_at`` (these four override
+    keys of the same name in ``manifest``).
+
+    If the manifest already names this version with the same files and they check out, nothing
+    is written. On any failure the objects this call uploaded are deleted (best effort), the
+    previous manifest is left as it was, and a :class:`StorageError` is raised.
+
+    Args:
+        client: An S3 client (see :func:`switchprune.storage.make_client`).
+        files: Object name (one path segment) to local file.
+        s3_uri: ``s3://bucket[/prefix]``; the bucket is created if missing.
+        model_name: Model name (one path segment).
+        version: Model version (>= 1).
+        manifest: Extra JSON-serialisable fields of the manifest (metrics, run ids, ...).
+
+    Returns:
+        What was written, and the manifest now current.
+
+    Raises:
+        StorageError: If an argument is invalid, a file is unreadable, the version is already
+            current with different files, or any S3 operation or check fails.
+    """
+    target = _Version(storage.parse_s3_uri(s3_uri), _checked_name(model_name, "model"), version)
+    entries = _entries(target, files, manifest)
+    bucket = target.loc.bucket
+    storage.ensure_bucket(client, bucket)
+    previous = storage.get_bytes(client, bucket, target.manifest_key)
+    current = None if previous is None else _parse_manifest(previous, bucket, target.manifest_key)
+    if current is not None and current["version"] == version:
+        if _fingerprint(current["files"]) != _fingerprint(entries):
+            raise StorageError(
+                f"{target.uri} is already current with different files (see "
+                f"s3://{bucket}/{target.manifest_key}); promote the change as a new version"
+            )
+        if all(_stored(client, bucket, e) for e in entries):
+            logger.info("%s v%d is already current; nothing written", model_name, version)
+            return Publication(
+                False, target.uri, target.manifest_key, entries, [], current, previous
+            )
+        # Some listed object is gone or altered: go on and repair the version.
+    uploaded, document = _write_version(client, target, entries, files, manifest, previous)
+    logger.info("promoted %s v%d: s3://%s/%s", model_name, version, bucket, target.manifest_key)
+    names = {e["key"]: e["name"] for e in entries}
+    uploaded_names = [names[k] for k in uploaded]
+    return Publication(
+        True, target.uri, target.manifest_key, entries, uploaded_names, document, previous
+    )
+
+
+def read_manifest(client: Any, s3_uri: str, model_name: str) -> dict[str, Any] | None:
+    """Read ``<prefix>/<model_name>/current.json``.
+
+    Args:
+        client: An S3 client.
+        s3_uri: ``s3://bucket[/prefix]``.
+        model_name: Model name.
+
+    Returns:
+        The manifest, or None if there is none (no such key or no such bucket).
+
+    Raises:
+        StorageError: If it cannot be read, is not JSON, or lacks ``version`` or ``files``.
+    """
+    loc = storage.parse_s3_uri(s3_uri)
+    key = loc.key(_checked_name(model_name, "model"), MANIFEST_NAME)
+    raw = storage.get_bytes(client, loc.bucket, key)
+    return None if raw is None else _parse_manifest(raw, loc.bucket, key)
+
+
+def download_promoted(client: Any, s3_uri: str, model_name: str, out_dir: Path) -> dict[str, Any]:
+    """Download the current version's files into ``out_dir``, verified against the manifest.
+
+    Files are downloaded into a temporary folder beside ``out_dir`` and checked (size and
+    SHA-256) before any of them is moved in, so a failure leaves ``out_dir`` as it was.
+    Other files already in ``out_dir`` are kept; listed ones are replaced.
+
+    Args:
+        client: An S3 client.
+        s3_uri: ``s3://bucket[/prefix]``.
+        model_name: Model name.
+        out_dir: Destination folder (created if missing).
+
+    Returns:
+        The manifest.
+
+    Raises:
+        StorageError: If there is no manifest, a file is missing or does not match it, or S3
+            cannot be reached.
+    """
+    loc = storage.parse_s3_uri(s3_uri)
+    document = read_manifest(client, s3_uri, model_name)
+    endpoint = storage.endpoint_name(client)
+    if document is None:
+        raise StorageError(
+            f"no promoted version of {model_name}: {loc.uri(model_name, MANIFEST_NAME)} "
+            f"not found at {endpoint}"
+        )
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    try:
+        for entry in document["files"]:
+            size, digest = storage.download_object(
+                client, loc.bucket, entry["key"], staging / entry["name"]
+            )
+            if size != entry["size"] or digest != entry["sha256"]:
+                raise StorageError(
+                    f"s3://{loc.bucket}/{entry['key']} at {endpoint} does not match its "
+                    f"manifest: got {size} bytes with sha256 {digest}, expected "
+                    f"{entry['size']} bytes with sha256 {entry['sha256']}"
+                )
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for entry in document["files"]:
+                os.replace(staging / entry["name"], out_dir / entry["name"])
+        except OSError as exc:
+            raise StorageError(f"cannot move downloaded files into {out_dir}: {exc}") from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("downloaded %s v%s into %s", model_name, document["version"], out_dir)
+    return document
+
+
+def remove_incomplete(
+    client: Any, s3_uri: str, model_name: str, *, older_than: float = 3600.0
+) -> list[str]:
+    """Delete version folders left by promotions that died before writing their manifest.
+
+    A folder is incomplete while it holds :data:`INCOMPLETE_MARKER`; only markers older than
+    ``older_than`` seconds count, so that a promotion still running elsewhere is left alone,
+    and the version the manifest names is never touched.
+
+    Returns:
+        The keys deleted.
+
+    Raises:
+        StorageError: If S3 cannot be listed or an object cannot be deleted.
+    """
+    loc = storage.parse_s3_uri(s3_uri)
+    prefix = loc.key(_checked_name(model_name, "model")) + "/"
+    current = read_manifest(client, s3_uri, model_name)
+    keep = f"{prefix}v{current['version']}/" if current else None
+    now = datetime.now(UTC)
+    objects = storage.list_objects(client, loc.bucket, prefix)
+    stale = {
+        o["Key"][: -len(INCOMPLETE_MARKER)]
+        for o in objects
+        if o["Key"].endswith("/" + INCOMPLETE_MARKER)
+        and (now - o["LastModified"]).total_seconds() >= older_than
+    }
+    deleted: list[str] = []
+    with storage.reporting(client, f"removing incomplete versions under {prefix}"):
+        for folder in sorted(stale - {keep}):
+            for o in objects:
+                if o["Key"].startswith(folder):
+                    client.delete_object(Bucket=loc.bucket, Key=o["Key"])
+                    deleted.append(o["Key"])
+    if deleted:
+        logger.info("removed %d object(s) of incomplete promotions of %s", len(deleted), model_name)
+    return deleted
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def _checked_name(name: object, what: str) -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise StorageError(
+            f"invalid {what} name {name!r}: use letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def _entries(
+    target: _Version, files: dict[str, Path], manifest: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """The manifest's file entries; every argument is checked before S3 is touched."""
+    version = target.number
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise StorageError(f"version must be an integer >= 1, got {version!r}")
+    if not files:
+        raise StorageError("nothing to promote: no files given")
+    if not isinstance(manifest, dict):
+        raise StorageError(f"manifest must be a mapping, got {type(manifest).__name__}")
+    try:
+        json.dumps(manifest)
+    except (TypeError, ValueError) as exc:
+        raise StorageError(f"manifest is not JSON-serialisable: {exc}") from exc
+    entries = []
+    for name in sorted(files):
+        path = Path(files[_checked_name(name, "file")])
+        if not path.is_file():
+            raise StorageError(f"cannot promote {name!r}: {path} is not a file")
+        size, digest = path.stat().st_size, storage.sha256_file(path)
+        entries.append({"name": name, "key": target.key(name), "size": size, "sha256": digest})
+    return entries
+
+
+def _write_version(
+    client: Any,
+    target: _Version,
+    entries: list[dict[str, Any]],
+    files: dict[str, Path],
+    extra: dict[str, Any],
+    previous: bytes | None,
+) -> tuple[list[str], dict[str, Any]]:
+    """Upload what is missing, verify everything, write the manifest; undo all on failure.
+
+    Returns:
+        The keys uploaded, and the manifest written.
+    """
+    bucket, marker = target.loc.bucket, target.key(INCOMPLETE_MARKER)
+    uploaded: list[str] = []
+    stage = "uploading"
+    try:
+        checksum = storage.put_object(client, bucket, marker, b"", sha256=_sha256(b""))
+        uploaded.append(marker)
+        for entry in entries:
+            if _stored(client, bucket, entry):
+                continue
+            with open(files[entry["name"]], "rb") as fh:
+                checksum = storage.put_object(
+                    client, bucket, entry["key"], fh, sha256=entry["sha256"], checksum=checksum
+                )
+            uploaded.append(entry["key"])
+            logger.info("uploaded s3://%s/%s (%d bytes)", bucket, entry["key"], entry["size"])
+        stage = "verifying"
+        for entry in entries:
+            storage.verify_object(
+                client, bucket, entry["key"], size=entry["size"], sha256=entry["sha256"]
+            )
+        stage = _WRITING_MANIFEST
+        document = {
+            **extra,
+            "name": target.model,
+            "version": target.number,
+            "files": entries,
+            "promoted_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        }
+        body = (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()
+        storage.put_object(
+            client,
+            bucket,
+            target.manifest_key,
+            body,
+            sha256=_sha256(body),
+            content_type="application/json",
+            checksum=checksum,
+        )
+        uploaded.remove(marker)
+        _delete_quietly(client, bucket, marker)
+    except BaseException as exc:
+        notes, _ = _roll_back(
+            client, target, previous, uploaded, manifest_written=stage == _WRITING_MANIFEST
+        )
+        if not isinstance(exc, Exception):
+            raise  # KeyboardInterrupt and friends: clean up, but do not disguise them
+        raise StorageError(
+            f"promoting {target.model} v{target.number} to {target.uri} failed while {stage}: "
+            f"{storage.describe(client, exc)}; {notes}"
+        ) from exc
+    return uploaded, document
+
+
+def _roll_back(
+    client: Any,
+    target: _Version,
+    previous: bytes | None,
+    uploaded: list[str],
+    *,
+    manifest_written: bool,
+) -> tuple[str, bool]:
+    """Best-effort undo of a promotion: the previous manifest back, then no uploaded objects.
+
+    Args:
+        client: The S3 client.
+        target: The version being promoted.
+        previous: The manifest's bytes before the promotion (None: there was none).
+        uploaded: Keys the promotion uploaded.
+        manifest_written: Whether the new manifest may have reached the server (even a PUT
+            that failed may have).
+
+    Returns:
+        A note for the error message, and whether everything was undone. Objects are kept
+        while the manifest may still name them; the marker among them lets a later promotion
+        sweep them once the manifest no longer does.
+    """
+    bucket, key = target.loc.bucket, target.manifest_key
+    notes = []
+    if manifest_written:
+        try:
+            if storage.get_bytes(client, bucket, key) != previous:
+                if previous is None:
+                    client.delete_object(Bucket=bucket, Key=key)
+                else:
+                    storage.put_object(
+                        client,
+                        bucket,
+                        key,
+                        previous,
+                        sha256=_sha256(previous),
+                        content_type="application/json",
+                    )
+                notes.append("previous manifest restored")
+        except Exception as exc:
+            reason = storage.describe(client, exc)
+            kept = f"kept {len(uploaded)} uploaded object(s), which it may name"
+            return f"could not restore s3://{bucket}/{key}: {reason}; {kept}", False
+    left = []
+    for stale in uploaded:
+        try:
+            client.delete_object(Bucket=bucket, Key=stale)
+        except Exception:
+            left.append(stale)
+    notes.append(f"removed {len(uploaded) - len(left)} uploaded object(s)")
+    if left:
+        notes.append(f"could not remove {', '.join(left)}")
+    return ", ".join(notes), not left
+
+
+def _stored(client: Any, bucket: str, entry: dict[str, Any]) -> bool:
+    return storage.object_matches(
+        client, bucket, entry["key"], size=entry["size"], sha256=entry["sha256"]
+    )
+
+
+def _delete_quietly(client: Any, bucket: str, key: str) -> None:
+    """Best effort: a marker that cannot be deleted is swept by :func:`remove_incomplete`."""
+    try:
+        client.delete_object(Bucket=bucket, Key=key)
+    except Exception:
+        logger.warning("could not remove s3://%s/%s", bucket, key)
+
+
+def _fingerprint(entries: list[dict[str, Any]]) -> dict[str, tuple[int, str]]:
+    return {e["name"]: (e["size"], e["sha256"]) for e in entries}
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _parse_manifest(raw: bytes, bucket: str, key: str) -> dict[str, Any]:
+    """Decode and check a manifest; the checks keep downloads inside the output folder."""
+    uri = f"s3://{bucket}/{key}"
+    try:
+        document = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StorageError(f"{uri} is not valid JSON ({exc})") from exc
+    if not isinstance(document, dict):
+        raise StorageError(f"{uri} must hold a JSON object, found {type(document).__name__}")
+    version = document.get("version")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise StorageError(f"{uri} has no integer 'version'")
+    files = document.get("files")
+    if not isinstance(files, list) or not files:
+        raise StorageError(f"{uri} has no 'files' list")
+    for entry in files:
+        ok = (
+            isinstance(entry, dict)
+            and isinstance(entry.get("name"), str)
+            and bool(_NAME_RE.match(entry["name"]))
+            and isinstance(entry.get("key"), str)
+            and isinstance(entry.get("size"), int)
+            and isinstance(entry.get("sha256"), str)
+            and bool(re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]))
+        )
+        if not ok:
+            raise StorageError(f"{uri} has an invalid file entry: {entry!r}")
+    if len({e["name"] for e in files}) != len(files):
+        raise StorageError(f"{uri} lists a file name twice")
+    return document
+
+
+__all__ = [
+    "INCOMPLETE_MARKER",
+    "MANIFEST_NAME",
+    "Publication",
+    "check_gate",
+    "download_promoted",
+    "promote",
+    "publish",
+    "read_manifest",
+    "reconcile_alias",
+    "remove_incomplete",
+]
