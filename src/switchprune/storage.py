@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import boto3
 from botocore.config import Config
@@ -38,7 +38,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
-from switchprune.errors import ServiceFailure
+from switchprune.errors import ServiceFailure, redact_uri
 from switchprune.io import file_digest
 
 logger = logging.getLogger(__name__)
@@ -513,15 +513,8 @@ def _code(exc: ClientError) -> str:
 
 
 def _safe_endpoint(endpoint: str | None) -> str:
-    """The endpoint without any ``user:password@`` part."""
-    if not endpoint:
-        return "the default AWS endpoint"
-    parts = urlsplit(endpoint)
-    if parts.username is None and parts.password is None:
-        return endpoint
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    """The endpoint fit for a message: no ``user:password@`` part, or what the default is."""
+    return redact_uri(endpoint) if endpoint else "the default AWS endpoint"
 
 
 def _secrets(client: Any) -> list[str]:
