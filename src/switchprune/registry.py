@@ -220,7 +220,8 @@ def _is_http(uri: str) -> bool:
 
 def _short(exc: BaseException) -> str:
     """One line describing ``exc`` (MLflow messages can span many lines)."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    # MLflow's messages repeat the URI they called, credentials included.
+    text = redact_uri(" ".join(str(exc).split())) or type(exc).__name__
     if len(text) > 400:
         text = text[:400] + "..."
     return f"{type(exc).__name__}: {text}"
@@ -393,6 +394,11 @@ def _health_request(tracking_uri: str) -> urllib.request.Request:
     return urllib.request.Request(urllib.parse.urlunsplit(parts), headers=headers)
 
 
+# When each tracking server last answered its health check (time.monotonic()).
+_ANSWERED: dict[str, float] = {}
+RECHECK_S = 30.0
+
+
 def check_reachable(tracking_uri: str, timeout: float = 5.0) -> None:
     """Fail early, with a readable message, if the tracking store cannot be used.
 
@@ -409,6 +415,9 @@ def check_reachable(tracking_uri: str, timeout: float = 5.0) -> None:
     """
     shown = redact_uri(tracking_uri)
     if _is_http(tracking_uri):
+        # A stage's calls follow each other within seconds: one health check serves them all.
+        if time.monotonic() - _ANSWERED.get(tracking_uri, -math.inf) < RECHECK_S:
+            return
         request = _health_request(tracking_uri)
         try:
             with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310
@@ -425,6 +434,7 @@ def check_reachable(tracking_uri: str, timeout: float = 5.0) -> None:
             raise RegistryError(
                 f"MLflow tracking server at {shown} is unreachable: /health answered {status}"
             )
+        _ANSWERED[tracking_uri] = time.monotonic()
         return
     if tracking_uri.startswith("sqlite:"):
         db = _sqlite_path(tracking_uri)

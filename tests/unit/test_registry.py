@@ -612,7 +612,44 @@ def test_artifacts_named_like_model_files_are_refused(store: Store, tmp_path: Pa
         ("http://mlflow.example:5000", "http://mlflow.example:5000"),
         ("sqlite:////data/mlflow.db", "sqlite:////data/mlflow.db"),
         ("http://host/path@v2", "http://host/path@v2"),
+        (
+            "API request to http://a:b@h:1/api failed (https://c:d@e/x)",
+            "API request to http://h:1/api failed (https://e/x)",
+        ),
     ],
 )
 def test_redact_uri_drops_credentials_only(uri: str, shown: str) -> None:
     assert redact_uri(uri) == shown
+
+
+def test_a_server_that_answered_is_not_asked_again_within_a_stage() -> None:
+    import http.server
+    import threading
+
+    hits: list[str] = []
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            hits.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        uri = f"http://127.0.0.1:{server.server_address[1]}"
+        for _ in range(3):
+            registry.check_reachable(uri)
+        assert hits == ["/health"]
+    finally:
+        server.shutdown()
+        server.server_close()
+    # A server that never answered is asked every time, and refused every time.
+    dead = f"http://127.0.0.1:{free_port()}"
+    for _ in range(2):
+        with pytest.raises(RegistryError, match="unreachable"):
+            registry.check_reachable(dead)
