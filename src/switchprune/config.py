@@ -15,6 +15,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 from pydantic import ConfigDict, Field, ValidationError, field_validator
 from pydantic.dataclasses import dataclass
 
+from switchprune import names
 from switchprune.errors import InputError
 
 T = TypeVar("T")
@@ -47,14 +48,12 @@ class _Section:
 
 
 # Patterns of string fields, with what a mismatch message says (``{!r}``: the value).
-_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
-_ALIAS = r"^[A-Za-z][A-Za-z0-9_-]{0,99}$"
-_S3_URI = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$"
+_NAME, _ALIAS, _S3_URI = names.NAME, names.ALIAS, names.S3_URI
 _QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$"
 _SECRET = r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$"
 _PATTERN_MESSAGES = {
     _NAME: "must be 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit",
-    _ALIAS: "must be letters, digits, '_' or '-' (an MLflow alias)",
+    _ALIAS: f"must be an MLflow alias: {names.ALIAS_RULE}",
     _S3_URI: "must be s3://bucket[/prefix] with a valid bucket name, got {!r}",
     _QUANTITY: "is not a Kubernetes quantity",
     _SECRET: "must be a Kubernetes secret name",
@@ -377,7 +376,8 @@ class RegisterConfig(_Section):
     alias: str = Field("candidate", pattern=_ALIAS)
 
     def __post_init__(self) -> None:
-        """Keep ``champion`` for promotion."""
+        """Keep ``champion`` for promotion, and MLflow's reserved aliases for MLflow."""
+        _check(names.is_alias(self.alias), f"[register] alias {names.ALIAS_RULE}")
         _check(
             self.alias != "champion", "[register] alias must not be 'champion' (promote sets it)"
         )
@@ -411,6 +411,12 @@ class PromoteConfig(_Section):
     max_logit_diff: float = 1e-4
     remove_incomplete_after: float = Field(3600.0, ge=0)
     not_worse_than_champion: bool = True
+
+    def __post_init__(self) -> None:
+        """Rules the field patterns cannot express: reserved aliases, '..' in a bucket."""
+        _check(names.is_alias(self.alias), f"[promote] alias {names.ALIAS_RULE}")
+        bucket = self.s3_uri.removeprefix("s3://").split("/", 1)[0]
+        _check(names.is_bucket(bucket), f"[promote] s3_uri has an invalid bucket {bucket!r}")
 
 
 @dataclass(frozen=True)
@@ -550,11 +556,11 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, section: str | None = N
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"[{section}] must be a mapping, got {type(data).__name__}")
-    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
-    unknown = sorted((k for k in data if k not in names), key=str)
+    known = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    unknown = sorted((k for k in data if k not in known), key=str)
     if unknown:
         raise ConfigError(
-            f"[{section}] unknown key {unknown[0]!r} (known keys: {', '.join(names)})"
+            f"[{section}] unknown key {unknown[0]!r} (known keys: {', '.join(known)})"
         )
     try:
         return cls(**data)

@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from switchprune import storage
+from switchprune import names, storage
 from switchprune.config import PromoteConfig
 from switchprune.storage import S3Location, StorageError
 
@@ -35,7 +35,6 @@ MANIFEST_NAME = "current.json"
 # Present in a version folder from its first upload until its manifest is written.
 INCOMPLETE_MARKER = ".incomplete"
 # Model and file names become single path segments of keys and of local file names.
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 _RECONCILE_ROUNDS = 10
 _WRITING_MANIFEST = "writing the manifest"
 
@@ -478,11 +477,8 @@ def remove_incomplete(
 
 
 def _checked_name(name: object, what: str) -> str:
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise StorageError(
-            f"invalid {what} name {name!r}: use letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
-        )
+    if not names.is_name(name):
+        raise StorageError(f"invalid {what} name {name!r}: {names.NAME_RULE}")
     return name
 
 
@@ -674,7 +670,7 @@ def _parse_manifest(raw: bytes, bucket: str, key: str) -> dict[str, Any]:
         ok = (
             isinstance(entry, dict)
             and isinstance(entry.get("name"), str)
-            and bool(_NAME_RE.match(entry["name"]))
+            and names.is_name(entry["name"])
             and isinstance(entry.get("key"), str)
             and isinstance(entry.get("size"), int)
             and isinstance(entry.get("sha256"), str)

@@ -56,6 +56,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
+from switchprune import names
 from switchprune.errors import InputError, ServiceFailure, redact_uri
 from switchprune.io import ArtifactError, file_digest, model_digest
 from switchprune.serving import ServedModel, package_dir, serving_requirements
@@ -79,8 +80,6 @@ FAIL_FAST_ENV = {
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-_ALIAS_RE = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
 _REF_RE = re.compile(r"^(?P<name>[^@:/\s]+)(?:@(?P<alias>[^@:/\s]+)|:(?P<version>[^@:/\s]+))?$")
 _URI_REF_RE = re.compile(r"^models:/(?P<name>[^@/\s]+)(?:@(?P<alias>[^@/\s]+)|/(?P<version>\S+))$")
 _NOT_FOUND = "RESOURCE_DOES_NOT_EXIST"
@@ -198,20 +197,13 @@ class Registration:
 
 
 def _check_name(name: str) -> None:
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise RegistryInputError(
-            f"invalid model name {name!r}: use 1-100 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
-        )
+    if not names.is_name(name):
+        raise RegistryInputError(f"invalid model name {name!r}: {names.NAME_RULE}")
 
 
 def _check_alias(alias: str) -> None:
-    if not isinstance(alias, str) or not _ALIAS_RE.match(alias):
-        raise RegistryInputError(
-            f"invalid alias {alias!r}: MLflow aliases are 1-255 letters, digits, '_' or '-'"
-        )
-    if alias.lower() == "latest" or re.match(r"^[vV]\d+$", alias):
-        raise RegistryInputError(f"invalid alias {alias!r}: 'latest' and 'v<number>' are reserved")
+    if not names.is_alias(alias):
+        raise RegistryInputError(f"invalid alias {alias!r}: {names.ALIAS_RULE}")
 
 
 def _is_http(uri: str) -> bool:

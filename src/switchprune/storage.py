@@ -38,6 +38,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
+from switchprune import names
 from switchprune.errors import ServiceFailure, redact_uri
 from switchprune.io import file_digest
 
@@ -51,7 +52,6 @@ _CHUNK = 1 << 20
 _SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 # S3 bucket naming rules (the subset every implementation accepts; no dots next to each other).
-_BUCKET_RE = re.compile(r"^(?!.*\.\.)[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _MISSING_CODES = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
 _NO_CHECKSUM_CODES = {"NotImplemented", "InvalidArgument", "InvalidRequest"}
 # The session each client of :func:`make_client` came from, so that messages can be scrubbed of
@@ -95,7 +95,7 @@ def parse_s3_uri(uri: str) -> S3Location:
     if not isinstance(uri, str) or not uri.startswith("s3://"):
         raise StorageError(f"not an S3 URI (expected s3://bucket[/prefix]): {uri!r}")
     bucket, _, prefix = uri[len("s3://") :].partition("/")
-    if not _BUCKET_RE.match(bucket):
+    if not names.is_bucket(bucket):
         raise StorageError(
             f"invalid bucket name {bucket!r} in {uri!r}: use 3-63 lowercase letters, digits, "
             "'.' or '-', starting and ending with a letter or digit"
