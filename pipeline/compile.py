@@ -10,7 +10,6 @@ specs (two YAML documents) with ``kfp.compiler.Compiler``.
 from __future__ import annotations
 
 import argparse
-import configparser
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,34 +19,14 @@ ROOT = Path(__file__).resolve().parents[1]
 # ``pipeline`` package: the project root goes first.
 sys.path.insert(0, str(ROOT))
 
-import yaml  # noqa: E402
 from kfp import compiler  # noqa: E402
 
 from pipeline.pipeline import build_pipeline  # noqa: E402
-from switchprune.config import ConfigError, DataConfig, load_params  # noqa: E402
+from switchprune import dvcfiles  # noqa: E402
+from switchprune.config import DataConfig, load_params  # noqa: E402
 from switchprune.data import BUNDLED, source_dir  # noqa: E402
+from switchprune.errors import InputError  # noqa: E402
 from switchprune.stages.register import git_state  # noqa: E402
-
-
-def dvc_remote_url(root: Path = ROOT) -> str:
-    """The ``url`` of the default DVC remote named in ``<root>/.dvc/config``.
-
-    Raises:
-        ConfigError: If there is no default remote or it has no ``url``.
-    """
-    path = root / ".dvc" / "config"
-    parser = configparser.ConfigParser(interpolation=None)
-    try:
-        parser.read_string(path.read_text(encoding="utf-8"))
-    except (OSError, configparser.Error) as exc:
-        raise ConfigError(f"cannot read the DVC config {path}: {exc}") from exc
-    name = parser.get("core", "remote", fallback="").strip()
-    # DVC writes section names as ['remote "storage"'] (configobj quoting).
-    sections = {s.strip().removeprefix("'").removesuffix("'"): s for s in parser.sections()}
-    section = sections.get(f'remote "{name}"')
-    if not name or section is None or not parser.get(section, "url", fallback=""):
-        raise ConfigError(f"{path}: no default DVC remote with a url ('dvc remote add -d')")
-    return parser.get(section, "url").strip()
 
 
 def data_version(data: DataConfig, root: Path = ROOT) -> tuple[Path, str]:
@@ -57,16 +36,10 @@ def data_version(data: DataConfig, root: Path = ROOT) -> tuple[Path, str]:
         ``(path, md5)``; ``md5`` is empty when the dataset is not tracked by DVC.
 
     Raises:
-        ConfigError: If the ``.dvc`` file exists but records no hash.
+        InputError: If the ``.dvc`` file exists but records no hash.
     """
     path = root / source_dir(data, Path(data.raw_dir)).with_suffix(".dvc")
-    if not path.is_file():
-        return path, ""
-    try:
-        md5 = str(yaml.safe_load(path.read_text(encoding="utf-8"))["outs"][0]["md5"])
-    except (yaml.YAMLError, KeyError, IndexError, TypeError) as exc:
-        raise ConfigError(f"{path}: no 'outs[0].md5' in this DVC file") from exc
-    return path, md5
+    return path, dvcfiles.recorded_md5(path)
 
 
 def compile_pipeline(params_path: Path, out_path: Path, root: Path = ROOT) -> Path:
@@ -81,7 +54,7 @@ def compile_pipeline(params_path: Path, out_path: Path, root: Path = ROOT) -> Pa
         ``out_path``.
 
     Raises:
-        ConfigError: If a parameter, the DVC config or the data's ``.dvc`` file is invalid.
+        InputError: If a parameter, the DVC config or the data's ``.dvc`` file is invalid.
     """
     params = load_params(params_path)
     dvc_file, md5 = data_version(params["data"], root)
@@ -93,7 +66,7 @@ def compile_pipeline(params_path: Path, out_path: Path, root: Path = ROOT) -> Pa
         )
     commit = git_state(root)["git_commit"]
     pipeline_func = build_pipeline(
-        params, dvc_remote=dvc_remote_url(root), data_md5=md5, git_commit=commit
+        params, dvc_remote=dvcfiles.default_remote(root)[1], data_md5=md5, git_commit=commit
     )
     out_path.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(pipeline_func, package_path=str(out_path))
@@ -110,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         out = compile_pipeline(Path(args.params), Path(args.out))
-    except ConfigError as exc:
+    except InputError as exc:
         print(f"compile: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     print(f"compiled the pipeline into {out}")

@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 
-from switchprune import storage
+from switchprune import dvcfiles, storage
 from switchprune.config import load_params
 from switchprune.errors import UserError
 
@@ -42,7 +42,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: the project's ``pipeline`` package first
 from pipeline.servers import S3Server, s3_environment  # noqa: E402
 
-REMOTE = "storage"
 LOCK = ROOT / ".switchprune-run.lock"
 
 
@@ -128,23 +127,6 @@ def _end_group(proc: subprocess.Popen[str]) -> None:
         return
 
 
-def remote_bucket() -> str:
-    """The bucket of the default DVC remote (``.dvc/config``)."""
-    exe = Path(sys.executable).parent / "dvc"
-    out = subprocess.run(
-        [str(exe) if exe.exists() else "dvc", "remote", "list"],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    for line in out.splitlines():
-        fields = line.split()
-        if len(fields) >= 2 and fields[0] == REMOTE:
-            return storage.parse_s3_uri(fields[1]).bucket
-    raise SystemExit(f"no DVC remote named {REMOTE!r} in .dvc/config")
-
-
 def main(argv: list[str] | None = None) -> int:
     """One run per folder; stop cleanly on SIGTERM or Ctrl-C."""
     release_only = "--release" in (sys.argv[1:] if argv is None else argv)
@@ -190,6 +172,7 @@ def run(release_only: bool = False) -> int:
     try:
         # Every section is checked before anything starts: a bad file is one line, no server.
         params = load_params(ROOT / "params.yaml")
+        remote, remote_url = dvcfiles.default_remote(ROOT)
     except UserError as exc:
         print("make run: " + " ".join(str(exc).split()), file=sys.stderr)
         return exc.exit_code
@@ -205,9 +188,12 @@ def run(release_only: bool = False) -> int:
         os.environ.update(server.environment)
         print(f"embedded S3 server at {endpoint} (objects under .s3/data)", flush=True)
     try:
-        dvc("remote", "modify", "--local", REMOTE, "endpointurl", endpoint)
+        dvc("remote", "modify", "--local", remote, "endpointurl", endpoint)
         client = storage.make_client(endpoint)
-        for bucket in {remote_bucket(), storage.parse_s3_uri(promote_uri).bucket}:
+        for bucket in {
+            storage.parse_s3_uri(remote_url).bucket,
+            storage.parse_s3_uri(promote_uri).bucket,
+        }:
             storage.ensure_bucket(client, bucket)
         if release_only:
             check_released_outputs_are_current()
@@ -229,7 +215,7 @@ def run(release_only: bool = False) -> int:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, signal.SIG_IGN)
             try:
-                dvc("remote", "modify", "--local", "--unset", REMOTE, "endpointurl", check=False)
+                dvc("remote", "modify", "--local", "--unset", remote, "endpointurl", check=False)
             finally:
                 server.stop()
     return 0

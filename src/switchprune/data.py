@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
-import hashlib
 import json
 import math
 import re
@@ -46,8 +45,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from switchprune.config import DataConfig
+from switchprune.dvcfiles import dvc_md5
 from switchprune.errors import InputError
-from switchprune.io import atomic_write_bytes, file_digest
+from switchprune.io import atomic_write_bytes
 
 DATASETS: tuple[str, ...] = (
     "digits",
@@ -666,26 +666,6 @@ def source_dir(cfg: DataConfig, raw_dir: Path) -> Path:
     if cfg.dataset in _TORCHVISION:
         return Path(raw_dir) / _TORCHVISION[cfg.dataset]
     return Path(raw_dir) / cfg.dataset
-
-
-def dvc_md5(path: Path) -> str:
-    """The hash DVC 3 records for a file or directory (``dvc add``, ``dvc.lock``).
-
-    A file's hash is the md5 of its bytes. A directory's is the md5 of the JSON list of its
-    files' ``{"md5", "relpath"}`` sorted by path, with ``.dir`` appended.
-    """
-    path = Path(path)
-    if path.is_file():
-        return file_digest(path, "md5")
-    if not path.is_dir():
-        raise DataError(f"cannot hash {path}: no such file or directory")
-    entries = [
-        {"md5": file_digest(f, "md5"), "relpath": f.relative_to(path).as_posix()}
-        for f in path.rglob("*")
-        if f.is_file()
-    ]
-    entries.sort(key=lambda e: e["relpath"])
-    return hashlib.md5(json.dumps(entries, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"
 
 
 def _prepare_idx_dir(cfg: DataConfig, idx_dir: Path) -> _Prepared:

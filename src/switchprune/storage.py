@@ -11,12 +11,9 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -338,70 +335,6 @@ def list_objects(client: Any, bucket: str, prefix: str) -> list[dict[str, Any]]:
     return out
 
 
-def download_dvc_version(client: Any, remote_url: str, md5: str, out_dir: Path) -> Path:
-    """Materialise one DVC-tracked file or directory from a DVC 3 remote on S3, by its hash.
-
-    DVC stores content by md5 under ``<remote>/files/md5/<2 chars>/<rest>``; a directory's entry
-    (``<md5>.dir``) lists its files. Each file is checked against its md5, so ``out_dir`` holds
-    exactly the version named by ``md5`` (the value in ``<name>.dvc`` and in the evaluation
-    report) or nothing new at all.
-
-    Args:
-        client: A boto3 S3 client for the remote's endpoint.
-        remote_url: The DVC remote, ``s3://bucket[/prefix]`` (``url`` in ``.dvc/config``).
-        md5: The DVC hash, ``<32 hex>`` for a file or ``<32 hex>.dir`` for a directory.
-        out_dir: Where the directory's files (or the single file, under its hash) go.
-
-    Returns:
-        ``out_dir``.
-
-    Raises:
-        StorageError: Unknown hash, unreachable remote, or content that does not match.
-    """
-    if not re.fullmatch(r"[0-9a-f]{32}(\.dir)?", md5):
-        raise StorageError(f"{md5!r} is not a DVC md5 hash (32 hex digits, '.dir' for folders)")
-    loc = parse_s3_uri(remote_url)
-
-    def key(digest: str) -> str:
-        return loc.key("files", "md5", digest[:2], digest[2:])
-
-    if md5.endswith(".dir"):
-        raw = get_bytes(client, loc.bucket, key(md5))
-        if raw is None:
-            raise StorageError(f"{_uri(loc.bucket, key(md5))}: no such version on the DVC remote")
-        try:
-            entries = json.loads(raw)
-            files = [(str(e["relpath"]), str(e["md5"])) for e in entries]
-        except (ValueError, TypeError, KeyError) as exc:
-            raise StorageError(
-                f"{_uri(loc.bucket, key(md5))}: not a DVC directory listing"
-            ) from exc
-    else:
-        files = [(md5, md5)]
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        for relpath, digest in files:
-            target = (tmp / relpath).resolve()
-            if not target.is_relative_to(tmp.resolve()) or not re.fullmatch(
-                r"[0-9a-f]{32}", digest
-            ):
-                raise StorageError(f"DVC listing {md5} has an unsafe entry {relpath!r}")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            download_object(client, loc.bucket, key(digest), target)
-            got = file_digest(target, "md5")
-            if got != digest:
-                raise StorageError(f"{_uri(loc.bucket, key(digest))}: md5 {got}, expected {digest}")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return out_dir
-
-
 def endpoint_name(client: Any) -> str:
     """The client's endpoint, fit for a message (no ``user:password@`` part)."""
     return _safe_endpoint(getattr(client.meta, "endpoint_url", None))
@@ -602,7 +535,6 @@ __all__: list[str] = [
     "StorageError",
     "as_storage_error",
     "describe",
-    "download_dvc_version",
     "download_object",
     "endpoint_name",
     "ensure_bucket",

@@ -17,7 +17,8 @@ import pytest
 import yaml
 from pipeline.servers import S3Server
 
-from switchprune.data import dvc_md5, export_digits
+from switchprune.data import export_digits
+from switchprune.dvcfiles import dvc_md5
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

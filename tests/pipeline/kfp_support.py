@@ -16,7 +16,7 @@ import yaml
 from pipeline.servers import S3Server
 
 from switchprune import storage
-from switchprune.data import dvc_md5
+from switchprune.dvcfiles import dvc_md5
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -15,11 +15,13 @@ import pytest
 import yaml
 from components.image import IMAGE
 from kfp_support import ROOT
-from pipeline.compile import compile_pipeline, data_version, dvc_remote_url
+from pipeline.compile import compile_pipeline, data_version
 from pipeline.pipeline import SECTIONS
 
 from switchprune.config import SECTIONS as CONFIGS
-from switchprune.config import ConfigError, KubeflowConfig, from_struct, load_params
+from switchprune.config import KubeflowConfig, from_struct, load_params
+from switchprune.dvcfiles import default_remote
+from switchprune.errors import InputError
 
 VERBS = ("preprocess", "train", "prune", "evaluate", "register", "promote")
 S3_KEYS = ["SWITCHPRUNE_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]
@@ -246,8 +248,8 @@ def test_a_dvc_config_without_a_default_remote_is_refused(
 ) -> None:
     (tmp_path / ".dvc").mkdir()
     (tmp_path / ".dvc" / "config").write_text(config)
-    with pytest.raises(ConfigError, match=message):
-        dvc_remote_url(tmp_path)
+    with pytest.raises(InputError, match=message):
+        default_remote(tmp_path)
 
 
 def test_data_tracked_with_dvc_add_is_fetched_by_its_recorded_hash(tmp_path: Path) -> None:
@@ -266,7 +268,7 @@ def test_data_tracked_with_dvc_add_is_fetched_by_its_recorded_hash(tmp_path: Pat
     # Untracked data has no version: the pod prepares it from its source.
     assert data_version(DataConfig(dataset="mnist"), tmp_path)[1] == ""
     (raw / "mnist.dvc").write_text("outs: []\n")
-    with pytest.raises(ConfigError, match="no 'outs\\[0\\].md5'"):
+    with pytest.raises(InputError, match="no 'outs\\[0\\].md5'"):
         data_version(idx, tmp_path)
 
 
@@ -289,7 +291,7 @@ def test_the_default_remote_is_read_from_the_dvc_config(tmp_path: Path) -> None:
         "[core]\n    remote = mine\n['remote \"other\"']\n    url = s3://other/x\n"
         "['remote \"mine\"']\n    url = s3://mine/cache\n    endpointurl = http://x:9000\n"
     )
-    assert dvc_remote_url(tmp_path) == "s3://mine/cache"
+    assert default_remote(tmp_path) == ("mine", "s3://mine/cache")
 
 
 def test_a_folder_datasets_keys_pass_through_as_a_pipeline_parameter() -> None:

@@ -163,7 +163,7 @@ def test_image_folder_with_resnet18_streamed_then_released(project: Path) -> Non
     from pipeline.servers import S3Server
 
     from folder_support import write_digits_folder
-    from switchprune.data import dvc_md5
+    from switchprune.dvcfiles import dvc_md5
 
     folder = write_digits_folder(
         project / "data" / "folder", per_class=15, splits=("train", "test")

@@ -23,7 +23,6 @@ from switchprune.data import (
     DataMeta,
     augment_batch,
     augmentation,
-    dvc_md5,
     iter_batches,
     load_meta,
     load_split,
@@ -32,6 +31,7 @@ from switchprune.data import (
     source_dir,
     use_streaming,
 )
+from switchprune.dvcfiles import dvc_md5
 from switchprune.models import ModelSpec
 from switchprune.training import FitResult, fit
 

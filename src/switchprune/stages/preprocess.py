@@ -38,12 +38,12 @@ def run(
         DataError: If the prepared data's hash is not the requested one.
     """
     if data_md5:
-        from switchprune import storage
+        from switchprune import dvcfiles, storage
 
         if not dvc_remote:
             raise DataError("data_md5 was given without the DVC remote to fetch it from")
         client = s3_client if s3_client is not None else storage.make_client()
-        storage.download_dvc_version(client, dvc_remote, data_md5, source_dir(cfg, raw_dir))
+        dvcfiles.download_version(client, dvc_remote, data_md5, source_dir(cfg, raw_dir))
     metrics = prepare_data(cfg, raw_dir=raw_dir, out_dir=prepared_dir)
     if data_md5 and load_meta(prepared_dir).source_md5 != data_md5:
         raise DataError(
