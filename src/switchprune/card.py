@@ -316,16 +316,3 @@ def write_card(out_dir: Path, card: CardInputs) -> dict[str, Path]:
     if card.history:
         files[CURVES_PLOT] = plot_history(card.history, out_dir / CURVES_PLOT)
     return files
-
-
-__all__ = [
-    "CARD_FILE",
-    "CURVES_PLOT",
-    "CardInputs",
-    "WIDTHS_PLOT",
-    "format_number",
-    "plot_history",
-    "plot_widths",
-    "render_card",
-    "write_card",
-]

@@ -700,22 +700,3 @@ def _unique_key_loader() -> type:
 
 
 _UniqueKeyLoader = _unique_key_loader()
-
-
-__all__ = [
-    "ConfigError",
-    "DataConfig",
-    "ModelConfig",
-    "TrainConfig",
-    "PruneConfig",
-    "EvaluateConfig",
-    "RegisterConfig",
-    "PromoteConfig",
-    "KubeflowConfig",
-    "SECTIONS",
-    "from_dict",
-    "from_struct",
-    "sections_from_struct",
-    "to_dict",
-    "load_params",
-]

@@ -1096,25 +1096,3 @@ def _channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...
     # A constant channel would divide by zero; leaving it unscaled is harmless.
     std = torch.where(std > 1e-8, std, torch.ones_like(std))
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
-
-
-__all__ = [
-    "DATASETS",
-    "FLIP_SAFE",
-    "MEMORY_LOADER_MAX_BYTES",
-    "Augmentation",
-    "DataError",
-    "DataMeta",
-    "PreparedSplit",
-    "augment_batch",
-    "augmentation",
-    "batch_loader",
-    "iter_batches",
-    "load_meta",
-    "load_split",
-    "open_split",
-    "prepare_data",
-    "raw_images",
-    "read_idx",
-    "use_streaming",
-]

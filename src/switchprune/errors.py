@@ -46,6 +46,3 @@ def redact_uri(text: str) -> str:
 
 # From "://" up to the authority's last "@": the authority ends at "/" or white space.
 _USERINFO = re.compile(r"(?<=://)[^/\s]*@")
-
-
-__all__ = ["InputError", "ServiceFailure", "UserError", "redact_uri"]

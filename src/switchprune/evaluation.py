@@ -196,15 +196,3 @@ def measure_latency_ms(
             torch.cuda.synchronize(device)
         times.append((time.perf_counter() - start) * 1000.0)
     return statistics.median(times)
-
-
-__all__ = [
-    "accuracy_from_logits",
-    "count_macs",
-    "count_params",
-    "measure_latency_ms",
-    "predict_logits",
-    "retain_freed_memory",
-    "size_metrics",
-    "state_dict_bytes",
-]

@@ -70,6 +70,3 @@ def load_model(uri: str | Path, *, tracking_uri: str | None = None) -> TaskNet:
     if not path.is_file():
         raise ArtifactError(f"{text}: no model found (expected {COMPACT_FILE} in a folder)")
     return load_model_file(path)[0]
-
-
-__all__ = ["load_model", "pull"]

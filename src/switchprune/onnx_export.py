@@ -187,17 +187,3 @@ def export_temporary(model: torch.nn.Module, in_shape: tuple[int, ...]) -> bytes
         path = Path(tmp) / ONNX_FILE
         export_checked(model, in_shape, path)
         return path.read_bytes()
-
-
-__all__ = [
-    "MAX_ABS_DIFF",
-    "ONNX_FILE",
-    "OPSET",
-    "OnnxExportError",
-    "export_bytes",
-    "export_checked",
-    "export_temporary",
-    "latency_ms",
-    "max_abs_diff",
-    "session",
-]

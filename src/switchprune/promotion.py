@@ -681,17 +681,3 @@ def _parse_manifest(raw: bytes, bucket: str, key: str) -> dict[str, Any]:
     if len({e["name"] for e in files}) != len(files):
         raise StorageError(f"{uri} lists a file name twice")
     return document
-
-
-__all__ = [
-    "INCOMPLETE_MARKER",
-    "MANIFEST_NAME",
-    "Publication",
-    "check_gate",
-    "download_promoted",
-    "promote",
-    "publish",
-    "read_manifest",
-    "reconcile_alias",
-    "remove_incomplete",
-]

@@ -993,20 +993,3 @@ def log_and_register(tracking_uri: str, registration: Registration) -> dict[str,
         with _translated(f"finishing run {run_id}", tracking_uri):
             _end_run("FINISHED", strict=True)
     return _result(registration.model_name, run_id, version, changed=True)
-
-
-__all__ = [
-    "DEFAULT_ARTIFACT_ROOT",
-    "ModelRef",
-    "Registration",
-    "RegistryError",
-    "check_reachable",
-    "download_model_version",
-    "get_alias_version",
-    "log_and_register",
-    "mlflow_session",
-    "parse_model_ref",
-    "resolve_tracking_uri",
-    "set_alias",
-    "version_info",
-]

@@ -57,6 +57,3 @@ def build_scorer(spec: SwitcherSpec, model: TaskNet, seed: int = 0) -> UnitScore
     if spec.scorer == "random":
         return RandomScorer(spec, model.group_sizes(), seed)
     raise ValueError(f"unknown scorer {spec.scorer!r} (known: {', '.join(SCORERS)})")
-
-
-__all__ = ["SCORERS", "MagnitudeScorer", "RandomScorer", "build_scorer"]

@@ -68,6 +68,3 @@ def serving_requirements() -> list[str]:
 def package_dir() -> Path:
     """The folder of the installed ``switchprune`` package (shipped as the model's code)."""
     return Path(__file__).resolve().parent
-
-
-__all__ = ["SERVING_DISTRIBUTIONS", "ServedModel", "package_dir", "serving_requirements"]

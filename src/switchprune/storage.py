@@ -527,24 +527,3 @@ def _probe_forbidden(client: Any, bucket: str, action: str) -> None:
     raise StorageError(
         _redact(f"{action}: {endpoint_name(client)} denied HEAD on the bucket (HTTP 403)", client)
     )
-
-
-__all__: list[str] = [
-    "ENDPOINT_ENV",
-    "S3Location",
-    "StorageError",
-    "as_storage_error",
-    "describe",
-    "download_object",
-    "endpoint_name",
-    "ensure_bucket",
-    "get_bytes",
-    "list_objects",
-    "make_client",
-    "object_matches",
-    "parse_s3_uri",
-    "put_object",
-    "reporting",
-    "sha256_file",
-    "verify_object",
-]

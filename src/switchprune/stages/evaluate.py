@@ -164,6 +164,3 @@ def _onnx_latencies(
                 threads=cfg.threads or None,
             )
     return out
-
-
-__all__ = ["run"]

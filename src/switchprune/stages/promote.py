@@ -55,6 +55,3 @@ def read_registration(path: Path) -> tuple[str, int]:
     ):
         raise ArtifactError(f"{path}: 'version' must be a positive integer, got {version!r}")
     return name, int(version)
-
-
-__all__ = ["read_registration", "run"]

@@ -49,6 +49,3 @@ def run(cfg: PruneConfig, *, trained_dir: Path, model_dir: Path) -> dict[str, fl
         model_dir / WIDTHS_FILE,
     )
     return metrics
-
-
-__all__ = ["run"]

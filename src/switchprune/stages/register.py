@@ -172,6 +172,3 @@ def git_state(cwd: Path | None = None) -> dict[str, str]:
     except (OSError, subprocess.SubprocessError):
         return {"git_commit": "unknown"}
     return {"git_commit": commit, "git_dirty": str(bool(dirty)).lower()}
-
-
-__all__ = ["EVALUATE_FILE", "git_state", "run"]

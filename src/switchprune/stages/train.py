@@ -125,6 +125,3 @@ def history_records(
             row = by_epoch.setdefault(epoch, {"epoch": epoch})
             row.update({f"{prefix}{k}": float(v) for k, v in record.items() if k != "epoch"})
     return [by_epoch[e] for e in sorted(by_epoch)]
-
-
-__all__ = ["history_records", "run"]
