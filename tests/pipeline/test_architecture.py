@@ -113,20 +113,7 @@ def test_every_component_is_a_thin_wrapper_over_its_stage(verb: str) -> None:
     }
     assert module_imports <= {"kfp", "kfp.dsl", "components.image"}
 
-    body = func.body
-    assert isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)  # docstring
-    statements = _statements(body[1:])
-    assert len(statements) <= 15, f"{verb}: {len(statements)} statements"
-    kinds = {type(s).__name__ for s in statements}
-    assert kinds <= {"Import", "ImportFrom", "Assign", "Expr", "For", "If"}, kinds
-    # The one loop logs metrics; the one `if` filters them.
-    loops = [s for s in statements if isinstance(s, ast.For)]
-    ifs = [s for s in statements if isinstance(s, ast.If)]
-    assert len(loops) == 1 and len(ifs) == 1
-    (loop,), (cond,) = loops, ifs
-    assert loop.body == [cond] and not cond.orelse
-    assert ast.unparse(cond.body[0]).startswith("metrics.log_metric(")
-    assert "isinstance" in ast.unparse(cond.test)
+    statements = _statements(func.body)
     # Imports inside the body: the stdlib for paths, the library for everything else.
     inner = {
         (s.module if isinstance(s, ast.ImportFrom) else s.names[0].name).split(".")[0]
@@ -147,6 +134,19 @@ def test_every_component_is_a_thin_wrapper_over_its_stage(verb: str) -> None:
         ast.unparse(n.func) for s in statements for n in ast.walk(s) if isinstance(n, ast.Call)
     ]
     assert calls.count(f"{stage_alias[0]}.run") == 1
+
+
+def test_no_function_is_longer_than_80_lines() -> None:
+    """Long functions are split into named steps, in the library and everything around it."""
+    too_long = []
+    for folder in ("src/switchprune", "pipeline", "components", "bench"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                    length = node.end_lineno - node.lineno + 1  # type: ignore[operator]
+                    if length > 80:
+                        too_long.append(f"{path.relative_to(ROOT)}:{node.name} {length}")
+    assert not too_long
 
 
 @pytest.mark.parametrize("verb", VERBS)
