@@ -39,8 +39,7 @@ def test_default_recipe_learns(digits, model_cfg: ModelConfig, epochs: int) -> N
     meta = load_meta(prepared)
     torch.manual_seed(0)
     spec = spec_from_config(model_cfg, meta.in_shape, meta.num_classes)
-    cfg = TrainConfig(epochs=epochs, batch_size=32, device="cpu", baseline=False)
-    assert cfg.tnn_lr == "auto"
+    cfg = TrainConfig(epochs=epochs, batch_size=32, device="cpu", baseline=False, tnn_lr="auto")
     result = fit(spec, train, val, cfg, switched=True, progress=False)
     losses = [r["loss"] for r in result.history]
     assert all(torch.isfinite(torch.tensor(losses)))
