@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 MANIFEST_NAME = "current.json"
 # Present in a version folder from its first upload until its manifest is written.
 INCOMPLETE_MARKER = ".incomplete"
-# Model and file names become single path segments of keys and of local file names.
+# How often an alias that moves under us is re-read before giving up.
 _RECONCILE_ROUNDS = 10
 _WRITING_MANIFEST = "writing the manifest"
 
