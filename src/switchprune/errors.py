@@ -8,7 +8,9 @@ credentials: every URI in one goes through :func:`redact_uri`.
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Callable, Iterator
 
 
 class UserError(Exception):
@@ -46,3 +48,19 @@ def redact_uri(text: str) -> str:
 
 # From "://" up to the authority's last "@": the authority ends at "/" or white space.
 _USERINFO = re.compile(r"(?<=://)[^/\s]*@")
+
+
+@contextlib.contextmanager
+def reraised_as(
+    kind: type[UserError], translate: Callable[[Exception], UserError]
+) -> Iterator[None]:
+    """Let ``kind`` through; turn any other exception inside the block into ``translate(exc)``.
+
+    How a module (the registry, S3) reports whatever its libraries raise as one readable error.
+    """
+    try:
+        yield
+    except kind:
+        raise
+    except Exception as exc:
+        raise translate(exc) from exc

@@ -57,7 +57,7 @@ from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 from switchprune import names
-from switchprune.errors import InputError, ServiceFailure, redact_uri
+from switchprune.errors import InputError, ServiceFailure, redact_uri, reraised_as
 from switchprune.io import ArtifactError, file_digest, model_digest
 from switchprune.serving import ServedModel, package_dir, serving_requirements
 
@@ -538,15 +538,15 @@ def _info(client: MlflowClient, mv: ModelVersion, alias: str | None) -> dict[str
     }
 
 
-@contextlib.contextmanager
-def _translated(what: str, tracking_uri: str) -> Iterator[None]:
-    """Turn any non-registry failure inside the block into one readable :class:`RegistryError`."""
-    try:
-        yield
-    except RegistryError:
-        raise
-    except Exception as exc:  # MLflow, requests, boto3 and OS errors alike
-        raise RegistryError(f"{what} at {redact_uri(tracking_uri)} failed: {_short(exc)}") from exc
+def _translated(what: str, tracking_uri: str) -> contextlib.AbstractContextManager[None]:
+    """Turn any non-registry failure inside the block into one readable :class:`RegistryError`.
+
+    MLflow, requests, boto3 and OS errors alike.
+    """
+    shown = redact_uri(tracking_uri)
+    return reraised_as(
+        RegistryError, lambda exc: RegistryError(f"{what} at {shown} failed: {_short(exc)}")
+    )
 
 
 def check_store_exists(tracking_uri: str) -> None:

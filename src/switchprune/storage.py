@@ -36,7 +36,7 @@ from botocore.exceptions import (
 )
 
 from switchprune import names
-from switchprune.errors import ServiceFailure, redact_uri
+from switchprune.errors import ServiceFailure, redact_uri, reraised_as
 from switchprune.io import file_digest
 
 logger = logging.getLogger(__name__)
@@ -360,15 +360,9 @@ def as_storage_error(client: Any, action: str, exc: BaseException) -> StorageErr
     return StorageError(_redact(f"{action}: {_reason(client, exc)}", client))
 
 
-@contextlib.contextmanager
-def reporting(client: Any, action: str) -> Iterator[None]:
+def reporting(client: Any, action: str) -> contextlib.AbstractContextManager[None]:
     """Turn any failure inside the block into one :class:`StorageError` about ``action``."""
-    try:
-        yield
-    except StorageError:
-        raise
-    except Exception as exc:
-        raise as_storage_error(client, action, exc) from exc
+    return reraised_as(StorageError, lambda exc: as_storage_error(client, action, exc))
 
 
 # --------------------------------------------------------------------------------------------
