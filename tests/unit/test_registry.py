@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -491,35 +494,44 @@ def test_embedded_store_is_the_projects_wherever_the_stage_runs(
     assert registry.project_root() == outside.resolve()
 
 
-def test_check_reachable_sends_credentials_held_in_the_uri() -> None:
-    """A server behind Basic auth, addressed as http://user:pass@host: reachable, not refused."""
-    import base64
+@contextlib.contextmanager
+def _health_server(status: Callable[[str, str | None], int]) -> Iterator[tuple[int, list[str]]]:
+    """A local HTTP server answering ``status(path, authorization)``; yields port and paths."""
     import http.server
     import threading
 
-    expected = "Basic " + base64.b64encode(b"alice:s3cr%t").decode()
+    paths: list[str] = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802
-            ok = self.path == "/health" and self.headers.get("Authorization") == expected
-            self.send_response(200 if ok else 401)
+            paths.append(self.path)
+            self.send_response(status(self.path, self.headers.get("Authorization")))
             self.end_headers()
 
         def log_message(self, *args: object) -> None:
             pass
 
     server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        port = server.server_address[1]
+        yield server.server_address[1], paths
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_check_reachable_sends_credentials_held_in_the_uri() -> None:
+    """A server behind Basic auth, addressed as http://user:pass@host: reachable, not refused."""
+    expected = "Basic " + base64.b64encode(b"alice:s3cr%t").decode()
+
+    def status(path: str, auth: str | None) -> int:
+        return 200 if path == "/health" and auth == expected else 401
+
+    with _health_server(status) as (port, _paths):
         registry.check_reachable(f"http://alice:s3cr%25t@127.0.0.1:{port}")
         with pytest.raises(registry.RegistryError, match="answered 401") as info:
             registry.check_reachable(f"http://alice:wrong@127.0.0.1:{port}")
         assert "wrong" not in str(info.value)  # the password is never shown
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 HISTORY = [
@@ -623,31 +635,10 @@ def test_redact_uri_drops_credentials_only(uri: str, shown: str) -> None:
 
 
 def test_a_server_that_answered_is_not_asked_again_within_a_stage() -> None:
-    import http.server
-    import threading
-
-    hits: list[str] = []
-
-    class Health(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
-            hits.append(self.path)
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Health)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        uri = f"http://127.0.0.1:{server.server_address[1]}"
+    with _health_server(lambda _path, _auth: 200) as (port, paths):
         for _ in range(3):
-            registry.check_reachable(uri)
-        assert hits == ["/health"]
-    finally:
-        server.shutdown()
-        server.server_close()
+            registry.check_reachable(f"http://127.0.0.1:{port}")
+        assert paths == ["/health"]
     # A server that never answered is asked every time, and refused every time.
     dead = f"http://127.0.0.1:{free_port()}"
     for _ in range(2):
