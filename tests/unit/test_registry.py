@@ -351,13 +351,19 @@ def test_failure_after_run_start_marks_run_failed_and_registers_nothing(
     assert mlflow.active_run() is None
 
 
+def _break(monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+    """Make one MlflowClient method fail as a lost connection would."""
+
+    def broken(self: MlflowClient, *args: Any, **kwargs: Any) -> None:
+        raise ConnectionError(f"{method} lost")
+
+    monkeypatch.setattr(MlflowClient, method, broken)
+
+
 def test_alias_failure_removes_the_new_version(
     store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def broken(self: MlflowClient, *args: Any, **kwargs: Any) -> None:
-        raise ConnectionError("alias lost")
-
-    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", broken)
+    _break(monkeypatch, "set_registered_model_alias")
     model = tiny_model(8)
     with pytest.raises(RegistryError, match="while setting alias 'candidate' on version 1"):
         store.register(model, model_files(tmp_path, model), model_name="noalias", experiment="na")
@@ -588,10 +594,7 @@ def test_a_long_history_is_logged_in_several_batches(store: Store, tmp_path: Pat
 def test_description_failure_removes_the_new_version(
     store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def broken(self: MlflowClient, *args: Any, **kwargs: Any) -> None:
-        raise ConnectionError("description lost")
-
-    monkeypatch.setattr(MlflowClient, "update_model_version", broken)
+    _break(monkeypatch, "update_model_version")
     model = tiny_model(13)
     with pytest.raises(RegistryError, match="while setting the description of version 1"):
         store.register(
