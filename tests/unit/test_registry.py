@@ -360,6 +360,13 @@ def _break(monkeypatch: pytest.MonkeyPatch, method: str) -> None:
     monkeypatch.setattr(MlflowClient, method, broken)
 
 
+def _assert_rolled_back(client: MlflowClient, model_name: str, experiment: str) -> None:
+    """No version of ``model_name`` is left, and the experiment's one run is marked failed."""
+    assert client.search_model_versions(f"name='{model_name}'") == []
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+
+
 def test_alias_failure_removes_the_new_version(
     store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -368,9 +375,7 @@ def test_alias_failure_removes_the_new_version(
     with pytest.raises(RegistryError, match="while setting alias 'candidate' on version 1"):
         store.register(model, model_files(tmp_path, model), model_name="noalias", experiment="na")
     client = store.client()
-    assert client.search_model_versions("name='noalias'") == []
-    runs = client.search_runs([client.get_experiment_by_name("na").experiment_id])
-    assert [r.info.status for r in runs] == ["FAILED"]
+    _assert_rolled_back(client, "noalias", "na")
     monkeypatch.undo()
     # Nothing is left that a retry could wrongly reuse: it logs and registers afresh.
     again = store.register(
@@ -605,9 +610,7 @@ def test_description_failure_removes_the_new_version(
             description="# card",
         )
     client = store.client()
-    assert client.search_model_versions("name='nodesc'") == []
-    runs = client.search_runs([client.get_experiment_by_name("nd").experiment_id])
-    assert [r.info.status for r in runs] == ["FAILED"]
+    _assert_rolled_back(client, "nodesc", "nd")
 
 
 def test_artifacts_named_like_model_files_are_refused(store: Store, tmp_path: Path) -> None:
