@@ -5,7 +5,7 @@ the same against an embedded SQLite store and an ``mlflow server``. For the dura
 call MLflow's tracking and registry URIs are pointed at that URI, and its HTTP client is made to
 fail fast (few retries, short timeout) unless the caller set those variables already, so an
 unreachable server is reported within seconds instead of retried for minutes. The previous
-global MLflow state is restored afterwards. These functions are not thread-safe.
+global MLflow state is restored afterwards. Threads take turns: one session at a time.
 
 A registered version carries:
 
@@ -36,6 +36,7 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -263,6 +264,10 @@ def _quiet(*loggers: str) -> Iterator[None]:
             logger.setLevel(level)
 
 
+# Held for the whole of an MLflow session (re-entrant: a session may call another).
+_SESSION_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def mlflow_session(tracking_uri: str) -> Iterator[MlflowClient]:
     """Point MLflow at ``tracking_uri`` (tracking and registry) and make HTTP fail fast.
@@ -283,25 +288,28 @@ def mlflow_session(tracking_uri: str) -> Iterator[MlflowClient]:
     from mlflow.tracking._model_registry import utils as registry_utils
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
-    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", *FAIL_FAST_ENV)
-    saved_env = {name: os.environ.get(name) for name in names}
-    saved_tracking = getattr(tracking_utils, "_tracking_uri", None)
-    saved_registry = getattr(registry_utils, "_registry_uri", None)
-    for name, value in FAIL_FAST_ENV.items():
-        os.environ.setdefault(name, value)
-    try:
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
-        yield MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    finally:
-        # None unsets either URI; the environment they touch is put back just below.
-        mlflow.set_tracking_uri(saved_tracking)  # type: ignore[arg-type]
-        mlflow.set_registry_uri(saved_registry)  # type: ignore[arg-type]
-        for name, value in saved_env.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    # That state is process-wide: sessions of different threads take turns, or one thread's
+    # restore would point another's calls at the wrong store.
+    with _SESSION_LOCK:
+        names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", *FAIL_FAST_ENV)
+        saved_env = {name: os.environ.get(name) for name in names}
+        saved_tracking = getattr(tracking_utils, "_tracking_uri", None)
+        saved_registry = getattr(registry_utils, "_registry_uri", None)
+        for name, value in FAIL_FAST_ENV.items():
+            os.environ.setdefault(name, value)
+        try:
+            mlflow.set_tracking_uri(tracking_uri)
+            mlflow.set_registry_uri(tracking_uri)
+            yield MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        finally:
+            # None unsets either URI; the environment they touch is put back just below.
+            mlflow.set_tracking_uri(saved_tracking)  # type: ignore[arg-type]
+            mlflow.set_registry_uri(saved_registry)  # type: ignore[arg-type]
+            for name, value in saved_env.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
 
 # --------------------------------------------------------------------------------------------
