@@ -30,13 +30,14 @@ def preprocess(
     from switchprune.config import DataConfig, from_struct
     from switchprune.stages import preprocess as stage
 
-    out = stage.run(
-        from_struct(DataConfig, data),
-        raw_dir=Path(tempfile.mkdtemp(prefix="switchprune-raw-")),
-        prepared_dir=Path(prepared.path),
-        dvc_remote=dvc_remote,
-        data_md5=data_md5,
-    )
+    with tempfile.TemporaryDirectory(prefix="switchprune-raw-") as raw_dir:
+        out = stage.run(
+            from_struct(DataConfig, data),
+            raw_dir=Path(raw_dir),
+            prepared_dir=Path(prepared.path),
+            dvc_remote=dvc_remote,
+            data_md5=data_md5,
+        )
     for key, value in out.items():
         if isinstance(value, int | float) and not isinstance(value, bool):
             metrics.log_metric(key, value)

@@ -35,17 +35,18 @@ def train(
     from switchprune.stages import train as stage
 
     configure_logging()  # one INFO line per epoch in the task's log (no progress bar there)
-    out = stage.run(
-        from_struct(TrainConfig, train),
-        model_cfg=from_struct(ModelConfig, model),
-        data_cfg=from_struct(DataConfig, data),
-        prepared_dir=Path(prepared.path),
-        trained_dir=Path(trained.path),
-        checkpoint_dir=Path(tempfile.mkdtemp(prefix="switchprune-checkpoints-")),
-        progress=False,
-        log_epochs=True,
-        history_path=Path(history.path),
-    )
+    with tempfile.TemporaryDirectory(prefix="switchprune-checkpoints-") as checkpoint_dir:
+        out = stage.run(
+            from_struct(TrainConfig, train),
+            model_cfg=from_struct(ModelConfig, model),
+            data_cfg=from_struct(DataConfig, data),
+            prepared_dir=Path(prepared.path),
+            trained_dir=Path(trained.path),
+            checkpoint_dir=Path(checkpoint_dir),
+            progress=False,
+            log_epochs=True,
+            history_path=Path(history.path),
+        )
     for key, value in out.items():
         if isinstance(value, int | float) and not isinstance(value, bool):
             metrics.log_metric(key, value)

@@ -130,9 +130,7 @@ def test_every_component_is_a_thin_wrapper_over_its_stage(verb: str) -> None:
         if alias.name == verb
     ]
     assert len(stage_alias) == 1
-    calls = [
-        ast.unparse(n.func) for s in statements for n in ast.walk(s) if isinstance(n, ast.Call)
-    ]
+    calls = [ast.unparse(n.func) for n in ast.walk(func) if isinstance(n, ast.Call)]
     assert calls.count(f"{stage_alias[0]}.run") == 1
 
 

@@ -82,8 +82,11 @@ def kfp_run(
         env=dvc_remote.server.environment,
         log_path=work / "mlflow.log",
     )
+    scratch = work / "tmp"
+    scratch.mkdir()
     with server, pytest.MonkeyPatch.context() as mp:
         mp.chdir(work)
+        mp.setenv("TMPDIR", str(scratch))  # the tasks' scratch space, checked after the run
         mp.setenv("MLFLOW_TRACKING_URI", server.uri)
         kfp.local.init(
             runner=kfp.local.SubprocessRunner(use_venv=False),
@@ -91,6 +94,11 @@ def kfp_run(
         )
         pipeline_func()
         yield Run(work, work / "pipeline_root", server.uri)
+
+
+def test_the_tasks_leave_no_scratch_folders_behind(kfp_run: Run) -> None:
+    # A node runs many pipelines: raw data and checkpoints must not pile up in its /tmp.
+    assert list((kfp_run.work / "tmp").glob("switchprune-*")) == []
 
 
 def test_the_pipeline_ends_with_a_champion_and_a_manifest_in_s3(
