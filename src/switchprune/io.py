@@ -71,8 +71,15 @@ def atomic_write_bytes(path: Path, write: Any) -> None:
             os.unlink(tmp)
         if not isinstance(exc, Exception):
             raise  # an interrupt stays an interrupt
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC or _disk_full(path.parent):
-            # torch.save reports a full disk as "unexpected pos ...": say what it is.
+        if (
+            isinstance(exc, OSError)
+            and exc.errno == errno.ENOSPC
+            or (
+                # torch.save reports a full disk as RuntimeError("unexpected pos ..."): say what it
+                # is. Other errors (a bad value to write) stay what they are, even on a full disk.
+                isinstance(exc, OSError | RuntimeError) and _disk_full(path.parent)
+            )
+        ):
             raise WriteError(f"cannot write {path}: no space left on device") from exc
         if isinstance(exc, OSError) and not isinstance(exc, WriteError):
             raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from exc

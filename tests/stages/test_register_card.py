@@ -50,8 +50,10 @@ def registered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     )
     (root / "reports" / "evaluate.json").write_text(json.dumps(report))
     uri = f"sqlite:///{root}/mlflow.db"
+    (root / "params.yaml").write_text("{}\n")  # marks the project's root
+    (root / "sub").mkdir()
     with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)  # mlruns/ lands here
+        mp.chdir(root / "sub")  # mlruns/ lands in the project's root all the same
         out = register.run(
             RegisterConfig(model_name="card-test", experiment="card"),
             prepared_dir=prepared,

@@ -123,6 +123,24 @@ def test_a_full_disk_is_named_and_leaves_no_partial_file(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_error_of_the_writer_is_not_blamed_on_a_full_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+    from collections import namedtuple
+
+    from switchprune import io
+
+    def bad_value(fh: object) -> None:
+        raise ValueError("factors must be finite")
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _path: usage(100, 100, 0))
+    with pytest.raises(ValueError, match="factors must be finite"):
+        io.atomic_write_bytes(tmp_path / "model.pt", bad_value)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_saved_bytes_do_not_depend_on_which_string_objects_hold_the_keys(tmp_path: Path) -> None:
     from switchprune.io import save_torch
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from model_support import IN_SHAPES, TEST_ARCHS
+from switchprune import onnx_export
 from switchprune.onnx_export import (
     MAX_ABS_DIFF,
     ONNX_FILE,
@@ -63,3 +64,14 @@ def test_latency_is_measured_at_both_batch_sizes(tiny_net, tmp_path: Path) -> No
     for batch in (1, 256):
         ms = latency_ms(path, IN_SHAPES["lenet5"], batch, warmup=1, repeats=3, threads=1)
         assert 0.0 < ms < 10_000.0
+
+
+def test_the_file_names_no_path_of_this_machine(tiny_net, tmp_path: Path) -> None:
+    # The exporter records each node's stack trace, with absolute source paths: dropped, so
+    # the same model gives the same bytes in any checkout.
+    import switchprune
+
+    data = onnx_export.export_bytes(tiny_net("lenet5"), IN_SHAPES["lenet5"])
+    source_root = str(Path(switchprune.__file__).resolve().parents[1]).encode()
+    assert source_root not in data and onnx_export.STACK_TRACE_KEY.encode() not in data
+    assert b"pkg.torch.onnx.class_hierarchy" in data  # the rest of the metadata stays

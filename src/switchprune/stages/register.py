@@ -79,7 +79,6 @@ def run(
         tags={"data_md5": data_md5, **_git_tags(git_commit)},
         normalization=(meta.mean, meta.std),
         history=_read_history(Path(history_path)) if history_path is not None else [],
-        artifact_location=None if uri.startswith("http") else registry.DEFAULT_ARTIFACT_ROOT,
     )
     card = CardInputs(
         model_name=cfg.model_name,
