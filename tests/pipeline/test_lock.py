@@ -76,6 +76,12 @@ def test_committed_lock_matches_committed_code_and_params(clone: Path) -> None:
     )
 
 
+def _outs(project: Path, stage: str) -> dict[str, str]:
+    """The md5 of each output of ``stage`` as ``dvc.lock`` in ``project`` records it."""
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    return {o["path"]: o["md5"] for o in lock["stages"][stage]["outs"]}
+
+
 def test_a_fresh_clone_reproduces_offline_then_has_nothing_to_do(clone: Path) -> None:
     # As after `make setup`: the environment in .venv, not activated (PATH does not name it).
     (clone / ".venv").symlink_to(BIN.parent, target_is_directory=True)
@@ -90,14 +96,16 @@ def test_a_fresh_clone_reproduces_offline_then_has_nothing_to_do(clone: Path) ->
     first = _dvc(clone, "repro", "evaluate", **offline)
     assert first.returncode == 0, first.stdout + first.stderr
     ran = {line.split("'")[1] for line in first.stdout.splitlines() if "Running stage" in line}
-    assert ran == {"preprocess", "train", "prune", "evaluate"}, first.stdout
+    assert {"preprocess", "train", "prune"} <= ran, first.stdout
+    if "evaluate" not in ran:
+        # Training and compaction gave the very bytes the commit records (deterministic on
+        # this kind of CPU), so the committed report is this model's and DVC keeps it.
+        assert "Stage 'evaluate' didn't change" in first.stdout, first.stdout
+        assert _outs(clone, "prune") == _outs(ROOT, "prune")
     report = json.loads((clone / "reports" / "evaluate.json").read_text())
     assert report["test_accuracy"] > 0.9
     # The bundled digits are prepared to the very bytes the committed lock records.
-    lock = yaml.safe_load((ROOT / "dvc.lock").read_text())
-    recorded = {o["path"]: o["md5"] for o in lock["stages"]["preprocess"]["outs"]}
-    redone = yaml.safe_load((clone / "dvc.lock").read_text())["stages"]["preprocess"]["outs"]
-    assert {o["path"]: o["md5"] for o in redone} == recorded
+    assert _outs(clone, "preprocess") == _outs(ROOT, "preprocess")
     assert not (clone / "data" / "raw" / "digits").exists()  # the stage never writes its input
 
     second = _dvc(clone, "repro", "evaluate", **offline)
