@@ -71,15 +71,10 @@ def atomic_write_bytes(path: Path, write: Any) -> None:
             os.unlink(tmp)
         if not isinstance(exc, Exception):
             raise  # an interrupt stays an interrupt
-        if (
-            isinstance(exc, OSError)
-            and exc.errno == errno.ENOSPC
-            or (
-                # torch.save reports a full disk as RuntimeError("unexpected pos ..."): say what it
-                # is. Other errors (a bad value to write) stay what they are, even on a full disk.
-                isinstance(exc, OSError | RuntimeError) and _disk_full(path.parent)
-            )
-        ):
+        full = isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+        # torch.save reports a full disk as RuntimeError("unexpected pos ..."). Other errors
+        # (a bad value to write) stay what they are, even on a full disk.
+        if full or isinstance(exc, OSError | RuntimeError) and _disk_full(path.parent):
             raise WriteError(f"cannot write {path}: no space left on device") from exc
         if isinstance(exc, OSError) and not isinstance(exc, WriteError):
             raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from exc

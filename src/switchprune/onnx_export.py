@@ -60,44 +60,24 @@ def export_bytes(model: torch.nn.Module, in_shape: tuple[int, ...]) -> bytes:
                 external_data=False,
                 verbose=False,
             )
+            _drop_stack_traces(program.model)
             program.save(buffer, external_data=False)
     except Exception as exc:
         raise OnnxExportError(
             f"ONNX export of {type(model).__name__} failed: {type(exc).__name__}: {exc}"
         ) from exc
-    return _without_stack_traces(buffer.getvalue())
+    return buffer.getvalue()
 
 
-def _without_stack_traces(data: bytes) -> bytes:
-    """``data`` without the Python stack trace the exporter records on every node.
+def _drop_stack_traces(model: object) -> None:
+    """Remove the Python stack trace the exporter records on every node of ``model``.
 
     The traces name this machine's absolute source paths: a shipped model should not carry
     them, and without them the same model gives the same bytes wherever it is exported.
     """
-    import onnx
-
-    proto = onnx.load_from_string(data)
-    items = [node for function in proto.functions for node in function.node]
-    pending = [proto.graph]
-    while pending:
-        graph = pending.pop()
-        items.extend([*graph.node, *graph.input, *graph.output, *graph.value_info])
-        for node in graph.node:
-            for attr in node.attribute:  # subgraphs of If / Loop / Scan
-                if attr.HasField("g"):
-                    pending.append(attr.g)
-                pending.extend(attr.graphs)
-    for item in items:
-        _drop_stack_trace(item)
-    return proto.SerializeToString()
-
-
-def _drop_stack_trace(item: object) -> None:
-    props = item.metadata_props  # type: ignore[attr-defined]
-    kept = [p for p in props if p.key != STACK_TRACE_KEY]
-    if len(kept) != len(props):
-        del props[:]
-        props.extend(kept)
+    for graph in (*model.graphs(), *model.functions.values()):  # type: ignore[attr-defined]
+        for node in graph:
+            node.metadata_props.pop(STACK_TRACE_KEY, None)
 
 
 def session(onnx_model: bytes | Path, threads: int | None = None) -> object:
