@@ -12,7 +12,6 @@ import hashlib
 import json
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import yaml
 
 from switchprune import storage
 from switchprune.errors import InputError
-from switchprune.io import file_digest
+from switchprune.io import file_digest, staging_dir
 from switchprune.storage import StorageError
 
 
@@ -120,9 +119,7 @@ def download_version(client: Any, remote_url: str, md5: str, out_dir: Path) -> P
     else:
         files = [(md5, md5)]
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staging_dir(out_dir) as tmp:
         for relpath, digest in files:
             target = (tmp / relpath).resolve()
             if not target.is_relative_to(tmp.resolve()) or not re.fullmatch(
@@ -134,12 +131,10 @@ def download_version(client: Any, remote_url: str, md5: str, out_dir: Path) -> P
             got = file_digest(target, "md5")
             if got != digest:
                 raise StorageError(f"{_uri(loc.bucket, key(digest))}: md5 {got}, expected {digest}")
+        # The folder holds exactly this version: no file of an earlier one stays.
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out_dir
 
 

@@ -16,6 +16,8 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +81,29 @@ def atomic_write_bytes(path: Path, write: Any) -> None:
         if isinstance(exc, OSError) and not isinstance(exc, WriteError):
             raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from exc
         raise
+
+
+@contextmanager
+def staging_dir(out_dir: Path) -> Iterator[Path]:
+    """A new empty folder beside ``out_dir``, removed on exit whatever happens.
+
+    Files downloaded or written there are moved into ``out_dir`` only once all are complete
+    (:func:`move_into`); being on the same filesystem, each move is an atomic rename.
+    """
+    out_dir = Path(out_dir).absolute()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def move_into(staging: Path, out_dir: Path, names: Iterable[str]) -> None:
+    """Move the files ``names`` of ``staging`` into ``out_dir``, replacing files of those names."""
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    for name in names:
+        os.replace(Path(staging) / name, Path(out_dir) / name)
 
 
 def _remove_orphans(path: Path) -> None:

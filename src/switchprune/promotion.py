@@ -16,9 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
-import shutil
 import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,6 +25,7 @@ from typing import Any
 
 from switchprune import names, storage
 from switchprune.config import PromoteConfig
+from switchprune.io import move_into, staging_dir
 from switchprune.storage import S3Location, StorageError
 
 logger = logging.getLogger(__name__)
@@ -407,10 +406,7 @@ def download_promoted(client: Any, s3_uri: str, model_name: str, out_dir: Path) 
             f"no promoted version of {model_name}: {loc.uri(model_name, MANIFEST_NAME)} "
             f"not found at {endpoint}"
         )
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
-    try:
+    with staging_dir(out_dir) as staging:
         for entry in document["files"]:
             size, digest = storage.download_object(
                 client, loc.bucket, entry["key"], staging / entry["name"]
@@ -422,13 +418,9 @@ def download_promoted(client: Any, s3_uri: str, model_name: str, out_dir: Path) 
                     f"{entry['size']} bytes with sha256 {entry['sha256']}"
                 )
         try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            for entry in document["files"]:
-                os.replace(staging / entry["name"], out_dir / entry["name"])
+            move_into(staging, out_dir, [entry["name"] for entry in document["files"]])
         except OSError as exc:
             raise StorageError(f"cannot move downloaded files into {out_dir}: {exc}") from exc
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     logger.info("downloaded %s v%s into %s", model_name, document["version"], out_dir)
     return document
 

@@ -59,7 +59,7 @@ from mlflow.tracking import MlflowClient
 
 from switchprune import names
 from switchprune.errors import InputError, ServiceFailure, redact_uri, reraised_as
-from switchprune.io import ArtifactError, file_digest, model_digest
+from switchprune.io import ArtifactError, file_digest, model_digest, move_into, staging_dir
 from switchprune.serving import ServedModel, package_dir, serving_requirements
 
 DEFAULT_ARTIFACT_ROOT = "mlruns"
@@ -664,9 +664,7 @@ def download_model_version(tracking_uri: str, ref: ModelRef, out_dir: Path) -> d
     with mlflow_session(tracking_uri) as client, _translated(f"pulling {ref.uri}", tracking_uri):
         mv = _resolve(client, ref, redact_uri(tracking_uri))
         info = _info(client, mv, ref.effective_alias)
-        out_dir.absolute().parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out_dir.absolute().parent, prefix=f".{out_dir.name}."))
-        try:
+        with staging_dir(out_dir) as tmp:
             got = Path(
                 mlflow.artifacts.download_artifacts(
                     artifact_uri=f"{info['model_uri']}/{EXTRA_FILES_DIR}", dst_path=str(tmp)
@@ -684,13 +682,7 @@ def download_model_version(tracking_uri: str, ref: ModelRef, out_dir: Path) -> d
                     f"version {info['version']} of {ref.name!r}: downloaded {MODEL_FILE} does "
                     f"not match its {SHA_TAG} tag"
                 )
-            if not out_dir.exists():
-                os.rename(got, out_dir)
-            else:
-                for name in files:
-                    os.replace(got / name, out_dir / name)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            move_into(got, out_dir, files)
         return {**info, "files": files}
 
 
@@ -906,9 +898,9 @@ def _log_and_register_run(
 def _log_run(client: MlflowClient, registration: Registration, attempt: _Attempt) -> Any:
     """Params, metrics, tags, history and files to the run, then the served model; its info."""
     run_id = attempt.run_id
-    with tempfile.TemporaryDirectory(prefix="switchprune-register-") as staging_dir:
+    with tempfile.TemporaryDirectory(prefix="switchprune-register-") as scratch:
         # Every file under the name it gets, so that one upload names them all.
-        staging = Path(staging_dir)
+        staging = Path(scratch)
         for name, path in {**registration.files, **registration.artifacts}.items():
             shutil.copyfile(path, staging / name)
         now = int(time.time() * 1000)

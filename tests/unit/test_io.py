@@ -212,3 +212,22 @@ def test_compacted_kept_indices_must_match_the_widths(tmp_path: Path) -> None:
         load_compacted(tmp_path)
     with pytest.raises(ArtifactError, match="file not found"):
         load_compacted(tmp_path / "absent")
+
+
+def test_a_staged_folder_is_removed_and_only_complete_files_are_moved_in(tmp_path: Path) -> None:
+    from switchprune import io
+
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    (out / "model.pt").write_text("old")
+    with pytest.raises(RuntimeError), io.staging_dir(out) as staging:
+        (staging / "model.pt").write_text("half")
+        raise RuntimeError("download broke")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no staging left
+    assert (out / "model.pt").read_text() == "old"
+    with io.staging_dir(out) as staging:
+        (staging / "model.pt").write_text("new")
+        io.move_into(staging, out, ["model.pt"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert {p.name: p.read_text() for p in out.iterdir()} == {"keep.txt": "old", "model.pt": "new"}
