@@ -15,6 +15,8 @@ def evaluate(
     compact: Input[Model],
     report: Output[Artifact],
     metrics: Output[Metrics],
+    arch_source: str = "",
+    arch_sha256: str = "",
 ) -> None:
     """Measure the models on the test split.
 
@@ -26,13 +28,19 @@ def evaluate(
         compact: Output of ``prune``.
         report: Output: the whole evaluation report as JSON (``evaluate.json``).
         metrics: Output: the report's numbers.
+        arch_source: The text of the user's network file (``model.arch`` ``file.py:build``),
+            which the image does not hold; empty for any other arch.
+        arch_sha256: Its SHA-256, checked before the text runs.
     """
     from pathlib import Path
 
     from switchprune.config import DataConfig, EvaluateConfig, from_struct
     from switchprune.io import write_json
+    from switchprune.models import provide_source
     from switchprune.stages import evaluate as stage
 
+    if arch_source:
+        provide_source(arch_source, arch_sha256)
     out = stage.run(
         from_struct(EvaluateConfig, evaluate),
         prepared_dir=Path(prepared.path),

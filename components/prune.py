@@ -12,6 +12,8 @@ def prune(
     trained: Input[Model],
     compact: Output[Model],
     metrics: Output[Metrics],
+    arch_source: str = "",
+    arch_sha256: str = "",
 ) -> None:
     """Remove the switched-off units and fold the surviving factors into the weights.
 
@@ -20,12 +22,18 @@ def prune(
         trained: Output of ``train``.
         compact: Output: ``model.pt`` (spec, kept indices, weights) and ``widths.json``.
         metrics: Output: parameters and MACs before and after, and their ratios.
+        arch_source: The text of the user's network file (``model.arch`` ``file.py:build``),
+            which the image does not hold; empty for any other arch.
+        arch_sha256: Its SHA-256, checked before the text runs.
     """
     from pathlib import Path
 
     from switchprune.config import PruneConfig, from_struct
+    from switchprune.models import provide_source
     from switchprune.stages import prune as stage
 
+    if arch_source:
+        provide_source(arch_source, arch_sha256)
     out = stage.run(
         from_struct(PruneConfig, prune),
         trained_dir=Path(trained.path),

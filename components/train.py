@@ -15,6 +15,8 @@ def train(
     trained: Output[Model],
     history: Output[Artifact],
     metrics: Output[Metrics],
+    arch_source: str = "",
+    arch_sha256: str = "",
 ) -> None:
     """Train the switched task network and, with ``train.baseline``, the plain one.
 
@@ -26,14 +28,20 @@ def train(
         trained: Output: ``switched.pt`` and ``baseline.pt``.
         history: Output: per-epoch records (``train_history.json``), for the model card.
         metrics: Output: validation accuracy, reached compression, time per epoch.
+        arch_source: The text of the user's network file (``model.arch`` ``file.py:build``),
+            which the image does not hold; empty for any other arch.
+        arch_sha256: Its SHA-256, checked before the text runs.
     """
     import tempfile
     from pathlib import Path
 
     from switchprune.cli import configure_logging
     from switchprune.config import DataConfig, ModelConfig, TrainConfig, from_struct
+    from switchprune.models import provide_source
     from switchprune.stages import train as stage
 
+    if arch_source:
+        provide_source(arch_source, arch_sha256, model.get("arch"))
     configure_logging()  # one INFO line per epoch in the task's log (no progress bar there)
     with tempfile.TemporaryDirectory(prefix="switchprune-checkpoints-") as checkpoint_dir:
         out = stage.run(

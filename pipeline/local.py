@@ -14,6 +14,9 @@
    with ``--release``) releases the workspace's result after checking that ``dvc status`` is
    clean, i.e. that the outputs are the ones ``dvc.lock`` records.
 
+Exit status: 0 when the model was promoted or nothing had to change, 3 when the promotion gate
+refused it (``reports/promote.json`` says why), 2 for bad input, 1 when a step failed.
+
 MLflow: ``MLFLOW_TRACKING_URI`` when set, else the embedded SQLite store (``mlflow.db``).
 
 One run per folder: a second run while one is going is refused before it touches anything.
@@ -35,6 +38,7 @@ from pathlib import Path
 from types import FrameType
 
 from switchprune import dvcfiles, storage
+from switchprune.cli import EXIT_REFUSED
 from switchprune.config import load_params
 from switchprune.errors import UserError
 
@@ -160,10 +164,28 @@ def check_released_outputs_are_current() -> None:
         )
 
 
-def release() -> None:
-    """Register the evaluated model, then promote it: the only steps that touch the services."""
-    for verb in ("register", "promote"):
-        in_group([sys.executable, "-m", "switchprune", verb])
+def release() -> int:
+    """Register the evaluated model, then promote it: the only steps that touch the services.
+
+    Returns:
+        0 when promoted or already the champion, :data:`EXIT_REFUSED` when the gate refused.
+
+    Raises:
+        subprocess.CalledProcessError: When either command failed.
+    """
+    in_group([sys.executable, "-m", "switchprune", "register"])
+    promote = [sys.executable, "-m", "switchprune", "promote"]
+    done = in_group(promote, check=False)
+    if done.returncode == EXIT_REFUSED:
+        print(
+            "make run: the promotion gate refused the model (reasons above and in "
+            "reports/promote.json); the champion and S3 are unchanged",
+            file=sys.stderr,
+        )
+        return EXIT_REFUSED
+    if done.returncode != 0:
+        raise subprocess.CalledProcessError(done.returncode, promote)
+    return 0
 
 
 def run(release_only: bool = False) -> int:
@@ -200,7 +222,7 @@ def run(release_only: bool = False) -> int:
         else:
             dvc("repro")
             dvc("push")
-        release()
+        return release()
     except subprocess.CalledProcessError as exc:
         what = " ".join(str(a) for a in exc.cmd[1:4] if not str(a).startswith("-"))
         print(f"make run: {what} failed (exit {exc.returncode})", file=sys.stderr)
@@ -218,7 +240,6 @@ def run(release_only: bool = False) -> int:
                 dvc("remote", "modify", "--local", "--unset", remote, "endpointurl", check=False)
             finally:
                 server.stop()
-    return 0
 
 
 if __name__ == "__main__":

@@ -82,7 +82,13 @@ def _gpu(task: dsl.PipelineTask, kube: KubeflowConfig) -> None:
 
 
 def build_pipeline(
-    params: Mapping[str, Any], *, dvc_remote: str, data_md5: str, git_commit: str = "unknown"
+    params: Mapping[str, Any],
+    *,
+    dvc_remote: str,
+    data_md5: str,
+    git_commit: str = "unknown",
+    arch_source: str = "",
+    arch_sha256: str = "",
 ) -> Callable[..., Any]:
     """The pipeline function for validated parameters.
 
@@ -92,6 +98,9 @@ def build_pipeline(
         dvc_remote: Default of the ``dvc_remote`` parameter: the DVC remote holding the raw data.
         data_md5: Default of the ``data_md5`` parameter: the DVC hash of the raw data version.
         git_commit: Default of the ``git_commit`` parameter, tagged on the MLflow run.
+        arch_source: The text of the user's network file (``model.arch`` ``file.py:build``),
+            given to the tasks that build the network; empty for any other arch.
+        arch_sha256: Its SHA-256, checked in the pod before the text runs.
 
     Returns:
         The ``@dsl.pipeline`` function, to compile or to run with ``kfp.local``.
@@ -125,14 +134,22 @@ def build_pipeline(
             "register": register,
             "promote": promote,
         }
-        stages = _stage_tasks(kube, sections, dvc_remote=dvc_remote, data_md5=data_md5)
+        network = {"arch_source": arch_source, "arch_sha256": arch_sha256}
+        stages = _stage_tasks(
+            kube, sections, dvc_remote=dvc_remote, data_md5=data_md5, network=network
+        )
         _release_tasks(kube, sections, stages, git_commit=git_commit)
 
     return switchprune
 
 
 def _stage_tasks(
-    kube: KubeflowConfig, sections: Mapping[str, Any], *, dvc_remote: Any, data_md5: Any
+    kube: KubeflowConfig,
+    sections: Mapping[str, Any],
+    *,
+    dvc_remote: Any,
+    data_md5: Any,
+    network: Mapping[str, str],
 ) -> dict[str, dsl.PipelineTask]:
     """The tasks of the ``dvc.yaml`` stages, by stage name: cached, their outputs are files.
 
@@ -141,6 +158,8 @@ def _stage_tasks(
         sections: The pipeline's section parameters, by section name.
         dvc_remote: The ``dvc_remote`` pipeline parameter.
         data_md5: The ``data_md5`` pipeline parameter.
+        network: ``arch_source`` and ``arch_sha256``: the user's network file, as constant
+            inputs of the tasks that build the network.
     """
     data = sections["data"]
     prepared = preprocess_op(data=data, dvc_remote=dvc_remote, data_md5=data_md5)
@@ -152,11 +171,12 @@ def _stage_tasks(
         model=sections["model"],
         train=sections["train"],
         prepared=prepared.outputs["prepared"],
+        **network,
     )
     trained.set_caching_options(True)
     _gpu(trained, kube)
 
-    compacted = prune_op(prune=sections["prune"], trained=trained.outputs["trained"])
+    compacted = prune_op(prune=sections["prune"], trained=trained.outputs["trained"], **network)
     compacted.set_caching_options(True)
 
     evaluated = evaluate_op(
@@ -165,6 +185,7 @@ def _stage_tasks(
         prepared=prepared.outputs["prepared"],
         trained=trained.outputs["trained"],
         compact=compacted.outputs["compact"],
+        **network,
     )
     evaluated.set_caching_options(True)
 

@@ -1,12 +1,13 @@
-"""Local services on 127.0.0.1: an S3 server (``rclone serve s3``) and an ``mlflow server``.
+"""Local services on 127.0.0.1: S3 (``rclone serve s3``), MLflow, and a served model.
 
-Both run as child processes in their own process group, so stopping them also ends anything
-they spawned. They are what ``make run`` uses when no endpoint is configured, and what the
-integration tests run against.
+The S3 server and ``mlflow server`` are what ``make run`` uses when no endpoint is configured;
+tests also serve registered models with ``mlflow models serve``. All run as child processes in
+their own process group, so stopping them also ends anything they spawned.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -66,11 +67,14 @@ class _Process:
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def _spawn(self, args: list[str], env: dict[str, str] | None = None) -> None:
+    def _spawn(
+        self, args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 args,
+                cwd=cwd,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -230,9 +234,65 @@ class MlflowServer(_Process):
         return self.start()
 
 
+class ModelServer(_Process):
+    """``mlflow models serve`` of a registered model on 127.0.0.1, in the current environment."""
+
+    def __init__(
+        self,
+        model_uri: str,
+        *,
+        env: dict[str, str],
+        cwd: Path,
+        log_path: Path,
+        port: int | None = None,
+    ) -> None:
+        super().__init__("mlflow models serve", log_path)
+        self.model_uri = model_uri
+        self.env = env
+        self.cwd = cwd
+        self.port = port or free_port()
+
+    @property
+    def url(self) -> str:
+        """The server's base URL."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/ping", timeout=1) as resp:
+                return bool(resp.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def start(self, timeout: float = 180.0) -> ModelServer:
+        """Start serving and wait until ``/ping`` answers."""
+        args = [_tool("mlflow"), "models", "serve", "-m", self.model_uri]
+        args += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(self.port)]
+        self._spawn(args, self.env, cwd=self.cwd)
+        self._wait_until(self._healthy, timeout)
+        return self
+
+    def invoke(self, payload: object) -> tuple[int, object]:
+        """POST a JSON payload to ``/invocations``; the HTTP status and the decoded answer."""
+        request = urllib.request.Request(
+            f"{self.url}/invocations",
+            data=json.dumps(payload).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=120) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"null")
+
+    def __enter__(self) -> ModelServer:
+        return self.start()
+
+
 __all__ = [
     "ENDPOINT_ENV",
     "MlflowServer",
+    "ModelServer",
     "S3Server",
     "ServiceError",
     "free_port",

@@ -1,10 +1,11 @@
 """The model card of a registered version: Markdown text and its two pictures.
 
-The card says what the model is (architecture, spec options), which data it was trained on
-(``data_md5``), the kept width of every gate group, accuracy, size, MACs and latency before and
-after compaction (the evaluation report), the training settings, how to load it and how to
-normalise its input. The numbers are copied from the reports, never recomputed, so the card
-and ``reports/evaluate.json`` cannot disagree.
+The card says what the model is (the architecture settings that apply to it), which data it
+was trained on (``data_md5``), its classes in logit order, the kept width of every layer in
+network order and why the layers left whole were not pruned, accuracy, size, MACs and latency
+(median and spread) before and after compaction, the training settings, the input every
+shipped form takes, and how to load it from a clean folder. The numbers are copied from the
+reports, never recomputed, so the card and ``reports/evaluate.json`` cannot disagree.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from switchprune import __version__
+from switchprune.config import OWN_ARCHS, TORCHVISION_ARCHS
+
 CARD_FILE = "model_card.md"
 WIDTHS_PLOT = "widths.png"
 CURVES_PLOT = "training_curves.png"
@@ -25,9 +29,8 @@ _BEFORE_AFTER = (
     ("params_before", "params_after", "parameters"),
     ("macs_before", "macs_after", "MACs per sample"),
     ("bytes_before", "bytes_after", "size (bytes)"),
-    ("latency_ms_before_b1", "latency_ms_after_b1", "latency, batch 1 (ms)"),
-    ("latency_ms_before_b256", "latency_ms_after_b256", "latency, batch 256 (ms)"),
 )
+_LATENCY_BATCHES = (1, 256)
 _ACCURACY = (
     ("test_accuracy", "test accuracy of the compacted model"),
     ("gated_accuracy", "test accuracy of the gated full-width model"),
@@ -64,21 +67,78 @@ class CardInputs:
     Attributes:
         model_name: Registered model name (used in the loading snippet).
         spec: The compacted model's spec (``ModelSpec.to_dict()``).
-        widths: ``widths.json``: ``{group: {"kept": k, "full": f}}``.
+        widths: ``widths.json``: per gate group or ungated layer, ``kept`` and ``full``, with
+            ``index`` (network order), ``label``, ``gated`` and, when not gated, ``why``
+            (see :func:`switchprune.pruning.compaction.layer_widths`). Entries without them
+            are shown as gate groups, in the order given.
         report: ``evaluate.json``.
         meta: The prepared data's ``meta.json`` (``mean``, ``std``, ``in_shape`` ...).
         params: Parameter sections (``model``, ``train``, ...), as logged.
         history: Per-epoch training records (``train_history.json``): the last epoch's line
             and the curves picture (neither when empty).
+        class_names: The name of every class, by logit index (``DataMeta.labels``); empty:
+            ``meta.json``'s ``class_names``, else the indices.
     """
 
     model_name: str
     spec: Mapping[str, Any]
-    widths: Mapping[str, Mapping[str, int]]
+    widths: Mapping[str, Mapping[str, Any]]
     report: Mapping[str, Any]
     meta: Mapping[str, Any]
     params: Mapping[str, Any]
     history: Sequence[Mapping[str, Any]] = ()
+    class_names: Sequence[str] = ()
+
+    @property
+    def labels(self) -> list[str]:
+        """The class names in logit order."""
+        names = list(self.class_names) or [str(c) for c in self.meta.get("class_names", ())]
+        count = int(self.spec.get("num_classes", self.meta.get("num_classes", len(names))))
+        return names if names else [str(i) for i in range(count)]
+
+
+@dataclass(frozen=True)
+class LayerWidth:
+    """One row of the widths table: a gate group or a layer left whole.
+
+    Attributes:
+        key: The group name (``width_<key>`` in MLflow) or, when not gated, the module path.
+        label: Readable layer name, e.g. ``features.3 (conv 3×3)``.
+        full: Units before compaction.
+        kept: Units after.
+        gated: Whether the layer carries a gate (and could lose units).
+        why: For a layer left whole, why.
+    """
+
+    key: str
+    label: str
+    full: int
+    kept: int
+    gated: bool
+    why: str = ""
+
+
+def layer_rows(widths: Mapping[str, Mapping[str, Any]]) -> list[LayerWidth]:
+    """The entries of ``widths.json`` in network order.
+
+    Args:
+        widths: ``widths.json`` (see :class:`CardInputs`).
+
+    Returns:
+        One row per entry, ordered by ``index`` (entries without one keep their place).
+    """
+    keyed = sorted(enumerate(widths.items()), key=lambda e: (e[1][1].get("index", e[0]), e[0]))
+    return [
+        LayerWidth(
+            key=str(key),
+            label=str(w.get("label", key)),
+            full=int(w["full"]),
+            kept=int(w["kept"]),
+            gated=bool(w.get("gated", True)),
+            why=str(w.get("why", "")),
+        )
+        for _, (key, w) in keyed
+    ]
 
 
 def render_card(card: CardInputs) -> str:
@@ -92,6 +152,7 @@ def render_card(card: CardInputs) -> str:
     """
     sections = (
         _summary_section,
+        _classes_section,
         _widths_section,
         _evaluation_section,
         _training_section,
@@ -104,41 +165,83 @@ def render_card(card: CardInputs) -> str:
 def _summary_section(card: CardInputs) -> list[str]:
     """Title, what the model is, and which data it was trained on."""
     spec, meta = card.spec, card.meta
+    arch = str(spec.get("arch", "?"))
     lines = [
         f"# {card.model_name}",
         "",
-        f"A `{spec.get('arch', '?')}` task network for {spec.get('num_classes', '?')} classes, "
-        "trained with one factor per unit, then compacted: switched-off units were removed and "
-        "the kept factors folded into the weights.",
+        f"A `{arch}` task network for {len(card.labels)} classes, trained with one factor per "
+        "unit, then compacted: switched-off units were removed and the kept factors folded "
+        "into the weights.",
         "",
-        f"- architecture: `{spec.get('arch', '?')}`",
+        *_architecture_lines(card),
         f"- input shape (C, H, W): `{list(spec.get('in_shape', meta.get('in_shape', [])))}`",
-        f"- classes: {spec.get('num_classes', '?')}",
+        f"- classes: {len(card.labels)} (see [Classes](#classes))",
+        f"- data (`data_md5`): `{card.report.get('data_md5', '')}`",
     ]
-    if spec.get("options"):
-        lines.append(f"- spec options: `{json.dumps(spec['options'], sort_keys=True)}`")
-    model_section = card.params.get("model")
-    if isinstance(model_section, Mapping):
-        lines.append(f"- `model` section: `{json.dumps(model_section, default=str)}`")
-    lines.append(f"- data (`data_md5`): `{card.report.get('data_md5', '')}`")
     if meta.get("dataset"):
         lines.append(f"- dataset: `{meta['dataset']}`")
     return [*lines, ""]
 
 
+def _architecture_lines(card: CardInputs) -> list[str]:
+    """The architecture and only the ``model`` settings that shape it."""
+    spec = card.spec
+    arch = str(spec.get("arch", "?"))
+    options = spec.get("options") or {}
+    section = card.params.get("model")
+    model = section if isinstance(section, Mapping) else {}
+    if arch in TORCHVISION_ARCHS:
+        kind = "torchvision"
+    elif arch in OWN_ARCHS:
+        kind = "switchprune"
+    else:
+        kind = "your own builder"
+    lines = [f"- architecture: `{arch}` ({kind})"]
+    if arch == "mlp":
+        hidden = model.get("hidden")
+        if hidden is None:  # the full widths of the hidden layers, as pruned
+            hidden = [w.full for w in layer_rows(card.widths) if w.gated]
+        lines.append(f"- `hidden`: `{json.dumps(list(hidden))}`")
+    if arch.startswith(("vgg", "resnet")) and arch in OWN_ARCHS:
+        lines.append(f"- `width_multiplier`: {format_number(model.get('width_multiplier', 1.0))}")
+    elif "width_multiplier" in options:  # torchvision and user networks: only when set
+        lines.append(f"- `width_multiplier`: {format_number(options['width_multiplier'])}")
+    if arch in TORCHVISION_ARCHS and "small_input" in options:
+        lines.append(f"- `small_input`: {json.dumps(bool(options['small_input']))}")
+    if spec.get("source_sha256"):
+        lines.append(f"- network source SHA-256: `{spec['source_sha256']}` (stored beside it)")
+    if spec.get("source_package"):
+        lines.append(f"- network package: `{spec['source_package']}`")
+    return lines
+
+
+def _classes_section(card: CardInputs) -> list[str]:
+    """The class of every logit, in index order."""
+    lines = ["## Classes", "", "Logit `i` scores class `i`:", "", "| index | class |", "|---|---|"]
+    lines += [f"| {i} | {name} |" for i, name in enumerate(card.labels)]
+    return [*lines, ""]
+
+
 def _widths_section(card: CardInputs) -> list[str]:
-    """Full and kept width of every gate group, and the picture of them."""
+    """Full and kept width of every layer in network order, the layers left whole and why."""
+    rows = layer_rows(card.widths)
     lines = [
-        "## Widths per gate group",
+        "## Widths per layer",
         "",
-        "| group | before | after | kept |",
-        "|---|---|---|---|",
+        "In network order; `group` is the name of its `width_<group>` metric.",
+        "",
+        "| group | layer | before | after | kept |",
+        "|---|---|---|---|---|",
     ]
-    for group, w in card.widths.items():
-        full, kept = int(w["full"]), int(w["kept"])
-        share = f"{kept / full:.1%}" if full else "-"
-        lines.append(f"| `{group}` | {full} | {kept} | {share} |")
-    return [*lines, "", f"![kept width per layer]({WIDTHS_PLOT})", ""]
+    for w in rows:
+        share = (f"{w.kept / w.full:.1%}" if w.full else "-") if w.gated else "not pruned"
+        lines.append(f"| `{w.key}` | {w.label} | {w.full} | {w.kept} | {share} |")
+    lines += ["", f"![kept width per layer]({WIDTHS_PLOT})", ""]
+    whole = [w for w in rows if not w.gated]
+    if whole:
+        lines += ["### Layers not pruned", "", "These layers carry no gate and keep every unit:"]
+        lines += ["", *(f"- {w.label}: {w.why or 'not gated'}" for w in whole), ""]
+    return lines
 
 
 def _evaluation_section(card: CardInputs) -> list[str]:
@@ -148,11 +251,43 @@ def _evaluation_section(card: CardInputs) -> list[str]:
     for before, after, label in _BEFORE_AFTER:
         if before in report and after in report:
             lines.append(f"| {label} | {fmt(report[before])} | {fmt(report[after])} |")
+    timed = [b for b in _LATENCY_BATCHES if f"latency_ms_before_b{b}" in report]
+    for batch in timed:
+        shown = [_latency(report, tag, batch) for tag in ("before", "after")]
+        lines.append(f"| latency, batch {batch} (ms) | {shown[0]} | {shown[1]} |")
     lines += ["", "| metric | value |", "|---|---|"]
     for key, label in _ACCURACY:
         if key in report:
             lines.append(f"| {label} (`{key}`) | {fmt(report[key])} |")
-    return [*lines, ""]
+    lines.append("")
+    if timed:
+        lines += [_latency_note(card), ""]
+    return lines
+
+
+def _latency(report: Mapping[str, Any], tag: str, batch: int) -> str:
+    """A median forward time, with its interquartile range when the report has it."""
+    median = format_number(report.get(f"latency_ms_{tag}_b{batch}", "-"))
+    iqr = report.get(f"latency_iqr_ms_{tag}_b{batch}")
+    return median if iqr is None else f"{median} (IQR {format_number(iqr)})"
+
+
+def _latency_note(card: CardInputs) -> str:
+    """How the latencies were measured, and how little one run of them says."""
+    section = card.params.get("evaluate")
+    evaluate = section if isinstance(section, Mapping) else {}
+    repeats = evaluate.get("latency_repeats")
+    warmup = evaluate.get("latency_warmup")
+    passes = f"{repeats} timed forward passes" if repeats is not None else "the timed passes"
+    after = f" after {warmup} warm-up passes" if warmup is not None else " after warm-up"
+    device = evaluate.get("device", "auto")
+    return (
+        f"Latency: the median of {passes}{after}, with their interquartile range (IQR) in "
+        f"brackets; PyTorch, float32, one `evaluate` run on one machine's CPU (`evaluate."
+        f"device`: `{device}`; `auto` uses a GPU when there is one). It is a single "
+        "measurement of that machine, not a benchmark: compare before with after, not "
+        "absolute times across machines."
+    )
 
 
 def _training_section(card: CardInputs) -> list[str]:
@@ -177,44 +312,83 @@ def _training_section(card: CardInputs) -> list[str]:
 
 
 def _input_section(card: CardInputs) -> list[str]:
-    """The input's shape and the per-channel normalisation."""
+    """The input contract of every shipped form, and the normalisation they apply."""
     meta = card.meta
     mean = [float(v) for v in meta.get("mean", [])]
     std = [float(v) for v in meta.get("std", [])]
     in_shape = list(meta.get("in_shape", card.spec.get("in_shape", [])))
+    shape = f"`[N, {', '.join(str(d) for d in in_shape)}]`"
+    logits = f"float32 logits `[N, {len(card.labels)}]`"
     lines = [
         "## Input",
         "",
-        f"A float32 batch of shape `[N, {', '.join(str(d) for d in in_shape)}]`: pixels scaled "
-        "to [0, 1] (uint8 / 255), then normalised per channel, `(x - mean) / std`, with",
+        f"Every form of this model takes the same input: raw pixels, `uint8` 0..255, shape "
+        f"{shape} (N×C×H×W, as stored in the prepared data), and normalises them itself. A "
+        "floating-point batch is refused with an error, never cast.",
+        "",
+        "| form | load it with | input | output |",
+        "|---|---|---|---|",
+        f"| PyTorch module | `switchprune.load_model(uri)` | `torch.uint8` tensor {shape} "
+        f"| {logits} |",
+        f"| MLflow pyfunc | `mlflow.pyfunc.load_model(uri)`, `mlflow models serve` | "
+        f"`numpy.uint8` array {shape} | {logits} |",
+        f"| ONNX | `model.onnx` in onnxruntime | `uint8` array {shape} | {logits} |",
+        "",
+        "Logit `i` scores class `i` (see [Classes](#classes)). "
+        "`switchprune.load_model(uri, raw=False)` gives the bare network instead: it takes "
+        "float32 input normalised per channel, pixels / 255, then `(x - mean) / std`, with",
         "",
         "| channel | mean | std |",
         "|---|---|---|",
     ]
     for c, (m, s) in enumerate(zip(mean, std, strict=False)):
         lines.append(f"| {c} | {format_number(m)} | {format_number(s)} |")
-    return [*lines, "", "The output is one logit per class.", ""]
+    return [*lines, ""]
+
+
+def loading_snippet(card: CardInputs) -> str:
+    """Python that loads the champion of ``card``'s model and classifies one raw image.
+
+    It runs as it is in a clean folder with the package installed and ``MLFLOW_TRACKING_URI``
+    naming the registry; with ``"champion/"`` for the URI it loads a pulled folder.
+    """
+    in_shape = ", ".join(str(int(d)) for d in card.meta.get("in_shape", card.spec["in_shape"]))
+    return "\n".join(
+        [
+            "import torch",
+            "",
+            "import switchprune",
+            "",
+            f'model = switchprune.load_model("models:/{card.model_name}@champion")',
+            f"classes = {json.dumps(card.labels, ensure_ascii=False)}",
+            "",
+            f"images = torch.zeros((1, {in_shape}), dtype=torch.uint8)  # raw pixels 0..255",
+            "with torch.no_grad():",
+            "    logits = model(images)",
+            "print(classes[int(logits.argmax(1)[0])])",
+        ]
+    )
 
 
 def _loading_section(card: CardInputs) -> list[str]:
-    """How to load the model, by weights only or as the MLflow flavour."""
-    uri = f"models:/{card.model_name}@champion"
+    """How to load the model in a clean folder, by registry URI or from a pulled folder."""
+    name = card.model_name
     return [
         "## Loading",
         "",
+        f"Needs the `switchprune` package (`pip install switchprune=={__version__}`, or "
+        "`pip install .` in its repository) and, for a `models:/` URI, `MLFLOW_TRACKING_URI` "
+        "naming the registry:",
+        "",
         "```python",
-        "import switchprune",
-        "",
-        f'model = switchprune.load_model("{uri}")  # weights only',
-        "",
-        "import mlflow  # the MLflow flavour (needs switchprune importable)",
-        "",
-        f'model = mlflow.pytorch.load_model("{uri}")',
+        loading_snippet(card),
         "```",
         "",
-        "`switchprune.load_model` rebuilds the network from its spec and reads the weights with "
-        "`torch.load(weights_only=True)`; the `meta.json` that travels with the model holds the "
-        "normalisation above.",
+        f"A folder pulled with `switchprune pull {name}@champion --out champion/` loads the "
+        'same way, offline: `switchprune.load_model("champion/")`. '
+        f'`mlflow.pytorch.load_model("models:/{name}@champion")` gives the same module. '
+        "Weights are read with `torch.load(weights_only=True)` and the network is rebuilt "
+        "from its spec; the normalisation above is inside the loaded model.",
         "",
     ]
 
@@ -229,26 +403,31 @@ def _pyplot() -> Any:
     return plt
 
 
-def plot_widths(widths: Mapping[str, Mapping[str, int]], path: Path) -> Path:
-    """A bar chart of full and kept width per gate group, written as PNG.
+def plot_widths(widths: Mapping[str, Mapping[str, Any]], path: Path) -> Path:
+    """A bar chart of full and kept width per layer, in network order, written as PNG.
+
+    Layers left whole (``gated`` false) are drawn in their own colour.
 
     Args:
-        widths: ``widths.json``: ``{group: {"kept": k, "full": f}}``.
+        widths: ``widths.json`` (see :class:`CardInputs`).
         path: The PNG file to write.
 
     Returns:
         ``path``.
     """
     plt = _pyplot()
-    groups = list(widths)
-    full = [int(widths[g]["full"]) for g in groups]
-    kept = [int(widths[g]["kept"]) for g in groups]
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * len(groups) + 2.0), 3.5))
+    rows = layer_rows(widths)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * len(rows) + 2.0), 4.5))
     try:
-        xs = range(len(groups))
-        ax.bar(xs, full, color="#d0d0d0", label="before")
-        ax.bar(xs, kept, color="#1f77b4", label="after")
-        ax.set_xticks(list(xs), groups, rotation=90 if len(groups) > 6 else 0, fontsize=8)
+        xs = list(range(len(rows)))
+        ax.bar(xs, [w.full for w in rows], color="#d0d0d0", label="before")
+        gated = [i for i, w in enumerate(rows) if w.gated]
+        whole = [i for i, w in enumerate(rows) if not w.gated]
+        ax.bar(gated, [rows[i].kept for i in gated], color="#1f77b4", label="after")
+        if whole:
+            ax.bar(whole, [rows[i].kept for i in whole], color="#ff7f0e", label="not pruned")
+        labels = [w.label for w in rows]
+        ax.set_xticks(xs, labels, rotation=90 if len(rows) > 4 else 0, fontsize=8)
         ax.set_ylabel("units")
         ax.set_title("kept width per layer")
         ax.legend()

@@ -2,6 +2,10 @@
 
 Each subcommand reads its sections of ``params.yaml`` (validated before any work starts), calls
 the stage with explicit paths and writes the returned metrics to ``reports/<verb>.json``.
+
+Exit status: 0 when the command did its work (``promote``: promoted, or nothing to change),
+1 when the environment failed (a server, the disk), 2 for bad input (parameters, files, a
+name), and :data:`EXIT_REFUSED` (3) when ``promote``'s gate refused the version.
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ from switchprune.errors import UserError
 from switchprune.io import HISTORY_FILE, write_json
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+# ``promote``: the gate refused the version; nothing moved (``reports/promote.json`` says why).
+EXIT_REFUSED = 3
 
 DEFAULTS = {
     "raw_dir": "data/raw",
@@ -117,7 +124,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], dict[str, Any]], str, l
     ),
     "promote": (
         _promote,
-        "gate the registered version, copy it to S3 with a manifest, move the champion alias",
+        "gate the registered version, copy it to S3 with a manifest, move the champion alias "
+        "(exit status 3: the gate refused it)",
         ["reports_dir"],
     ),
 }
@@ -206,7 +214,11 @@ def configure_logging(level: int = logging.INFO) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; a user-facing error is one line and exit status 2 (bad input) or 1."""
+    """Run one command; a user-facing error is one line and exit status 2 (bad input) or 1.
+
+    Returns:
+        The exit status: 0, 1, 2, or :data:`EXIT_REFUSED` for a refused promotion.
+    """
     args = build_parser().parse_args(argv)
     configure_logging()
     try:
@@ -232,6 +244,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         value = metrics[key]
         shown = f"{value:.6g}" if isinstance(value, float) else str(value)
         print(f"{key:<{width}}  {shown}")
+    if args.command == "promote" and metrics.get("promoted") is False:
+        # A refusal is not a success: scripts and CI must be able to tell it apart.
+        print(f"switchprune promote: {metrics.get('reason', 'refused')}", file=sys.stderr)
+        return EXIT_REFUSED
     return 0
 
 

@@ -144,6 +144,11 @@ class DataMeta:
     class_names: tuple[str, ...] = ()
     storage: str = "pt"
 
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The name of every class by index: ``class_names``, else the index as text."""
+        return self.class_names or tuple(str(i) for i in range(self.num_classes))
+
 
 # --------------------------------------------------------------------------------------------
 # Public API
@@ -734,13 +739,14 @@ def _prepare_torchvision(cfg: DataConfig, raw_dir: Path) -> _Prepared:
 
     (x_trainval, y_trainval), (x_test, y_test) = parts
     train_idx, val_idx = _stratified_split(y_trainval.numpy(), cfg.val_fraction, cfg.split_seed)
+    test_idx = shuffled(np.arange(y_test.shape[0], dtype=np.int64), cfg.split_seed)
     return (
         _take(x_trainval, train_idx),
         _take(y_trainval, train_idx),
         _take(x_trainval, val_idx),
         _take(y_trainval, val_idx),
-        x_test,
-        y_test,
+        _take(x_test, test_idx),
+        _take(y_test, test_idx),
         num_classes,
     )
 
@@ -913,6 +919,10 @@ def _folder_splits(
     splits: dict[str, tuple[list[Path], np.ndarray]] = {}
     for name, part in (("train", idx), ("val", val_idx), ("test", test_idx)):
         splits[name] = given.get(name) or ([files[i] for i in part], labels[part])
+    # Files are listed class by class: the test split must not stay in that order.
+    test_files, test_labels = splits["test"]
+    order = shuffled(np.arange(len(test_files), dtype=np.int64), cfg.split_seed)
+    splits["test"] = ([test_files[i] for i in order], test_labels[order])
     return splits
 
 
@@ -1039,6 +1049,7 @@ def _split_three(
     """Split into train/val/test: test first, then val as a share of the remainder."""
     labels = y.numpy()
     rest_idx, test_idx = _stratified_split(labels, cfg.test_fraction, cfg.split_seed)
+    test_idx = shuffled(test_idx, cfg.split_seed)
     train_rel, val_rel = _stratified_split(labels[rest_idx], cfg.val_fraction, cfg.split_seed)
     train_idx, val_idx = rest_idx[train_rel], rest_idx[val_rel]
     return (
@@ -1073,6 +1084,15 @@ def _stratified_split(
         warnings.warn(f"split is not stratified: {strat_exc}", stacklevel=3)
     # Sorted indices keep the source order inside each split.
     return np.sort(keep), np.sort(held)
+
+
+def shuffled(idx: np.ndarray, seed: int) -> np.ndarray:
+    """``idx`` in a random order fixed by ``seed`` (``data.split_seed``).
+
+    The test split is stored in this order, never sorted by class, whatever the source: the
+    first rows of a split (examples, a quick check on a prefix) are then a fair sample.
+    """
+    return np.random.default_rng(seed).permutation(np.asarray(idx, dtype=np.int64))
 
 
 def _take(t: torch.Tensor, idx: np.ndarray) -> torch.Tensor:

@@ -12,6 +12,7 @@ import ctypes.util
 import io
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -162,8 +163,22 @@ def retain_freed_memory() -> bool:
     return bool(mallopt(m_mmap_threshold, limit)) and bool(mallopt(m_trim_threshold, limit))
 
 
+@dataclass(frozen=True)
+class Latency:
+    """Forward times of one model over the timed repeats, in milliseconds.
+
+    Attributes:
+        median_ms: Median of the repeats.
+        iqr_ms: Interquartile range (75th minus 25th percentile) of the repeats: their spread
+            in this one run (0 with a single repeat).
+    """
+
+    median_ms: float
+    iqr_ms: float
+
+
 @torch.no_grad()
-def measure_latency_ms(
+def measure_latency(
     model: nn.Module,
     in_shape: tuple[int, ...],
     batch_size: int,
@@ -171,8 +186,8 @@ def measure_latency_ms(
     *,
     warmup: int = 5,
     repeats: int = 20,
-) -> float:
-    """Median wall time of one forward pass, in milliseconds, after untimed warm-up passes.
+) -> Latency:
+    """Median and interquartile range of one forward pass's wall time, after warm-up passes.
 
     Args:
         model: The network (put in eval mode).
@@ -180,7 +195,10 @@ def measure_latency_ms(
         batch_size: Inputs per forward pass.
         device: Where to run.
         warmup: Untimed passes first (allocator, kernels, caches).
-        repeats: Timed passes; the median is returned.
+        repeats: Timed passes.
+
+    Returns:
+        The median and the interquartile range of the timed passes, in milliseconds.
     """
     model = model.to(device).eval()
     x = torch.randn(batch_size, *in_shape, generator=torch.Generator().manual_seed(0)).to(device)
@@ -195,4 +213,32 @@ def measure_latency_ms(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(times)
+    if len(times) < 2:
+        return Latency(median_ms=statistics.median(times), iqr_ms=0.0)
+    # "inclusive": the quartiles of the measured times themselves, not of a population.
+    q1, _q2, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return Latency(median_ms=statistics.median(times), iqr_ms=q3 - q1)
+
+
+def measure_latency_ms(
+    model: nn.Module,
+    in_shape: tuple[int, ...],
+    batch_size: int,
+    device: torch.device,
+    *,
+    warmup: int = 5,
+    repeats: int = 20,
+) -> float:
+    """Median wall time of one forward pass, in milliseconds (see :func:`measure_latency`).
+
+    Args:
+        model: The network (put in eval mode).
+        in_shape: Shape of one input, without the batch dimension.
+        batch_size: Inputs per forward pass.
+        device: Where to run.
+        warmup: Untimed passes first (allocator, kernels, caches).
+        repeats: Timed passes; the median is returned.
+    """
+    return measure_latency(
+        model, in_shape, batch_size, device, warmup=warmup, repeats=repeats
+    ).median_ms

@@ -24,7 +24,16 @@ from typing import Any
 import torch
 
 from switchprune.errors import InputError, ServiceFailure
-from switchprune.models import ModelSpec, TaskNet, build_model
+from switchprune.models import (
+    SOURCE_FILE,
+    GraphError,
+    ModelSpec,
+    TaskNet,
+    build_model,
+    is_file_arch,
+    provide_source_file,
+    source_bytes,
+)
 
 # Written by ``train``: the full-width switched network with its factors and switcher, and the
 # plainly trained baseline.
@@ -51,6 +60,16 @@ def file_digest(path: Path, algorithm: str = "sha256") -> str:
         return hashlib.file_digest(fh, algorithm).hexdigest()
 
 
+def _new_file_mode() -> int:
+    """The mode ``open()`` gives a new file: 0666 less the process's umask (0644 usually)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_NEW_FILE_MODE = _new_file_mode()
+
+
 def atomic_write_bytes(path: Path, write: Any) -> None:
     """Create ``path`` via ``write(fileobj)`` on a temporary file, then rename it into place."""
     path = Path(path)
@@ -63,6 +82,8 @@ def atomic_write_bytes(path: Path, write: Any) -> None:
     except OSError as exc:
         raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from exc
     try:
+        # mkstemp creates the file 0600: give it the mode any other new file gets here.
+        os.fchmod(fd, _NEW_FILE_MODE)
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
@@ -229,8 +250,21 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def save_model(model: TaskNet, path: Path, **extra: Any) -> None:
-    """Save a task network as ``{spec, state_dict}`` plus any ``weights_only``-safe extras."""
-    save_torch({"spec": model.spec.to_dict(), "state_dict": model.state_dict(), **extra}, path)
+    """Save a task network as ``{spec, state_dict}`` plus any ``weights_only``-safe extras.
+
+    A network built from the user's own file gets a copy of that file beside it
+    (:data:`~switchprune.models.SOURCE_FILE`), so the folder loads anywhere.
+    """
+    path = Path(path)
+    spec = model.spec
+    if is_file_arch(spec.arch):
+        source = source_bytes(spec.source_sha256)
+        if source is None:
+            raise ArtifactError(f"{spec.arch}: the network's source is not loaded; cannot save it")
+        copy = path.parent / SOURCE_FILE
+        if not (copy.is_file() and file_digest(copy) == spec.source_sha256):
+            atomic_write_bytes(copy, lambda fh: fh.write(source))
+    save_torch({"spec": spec.to_dict(), "state_dict": model.state_dict(), **extra}, path)
 
 
 def load_model_file(path: Path) -> tuple[TaskNet, dict[str, Any]]:
@@ -242,6 +276,7 @@ def load_model_file(path: Path) -> tuple[TaskNet, dict[str, Any]]:
     blob = load_torch(path)
     try:
         spec = ModelSpec.from_dict(blob["spec"])
+        _provide_stored_source(spec, Path(path).parent)
         state = blob["state_dict"]
         # The spec is checked against the weights on the meta device first: a spec that asks
         # for absurd widths would otherwise allocate them before anything is compared.
@@ -256,11 +291,21 @@ def load_model_file(path: Path) -> tuple[TaskNet, dict[str, Any]]:
             )
         model = build_model(spec)
         model.load_state_dict(state, strict=True)
+    except GraphError as exc:
+        # The network's own code (its source missing, changed or failing), not the file.
+        raise ArtifactError(f"cannot build the network of {path}: {exc}") from exc
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
         if isinstance(exc, ArtifactError):
             raise
         raise ArtifactError(f"{path}: does not hold a valid model ({exc})") from exc
     return model.eval(), blob
+
+
+def _provide_stored_source(spec: ModelSpec, folder: Path) -> None:
+    """Build a user-file network from the copy stored beside its model, when there is one."""
+    copy = folder / SOURCE_FILE
+    if is_file_arch(spec.arch) and spec.source_sha256 and copy.is_file():
+        provide_source_file(copy, spec.source_sha256)
 
 
 def load_switched(trained_dir: Path) -> tuple[TaskNet, dict[str, torch.Tensor], dict[str, Any]]:

@@ -86,6 +86,9 @@ def check_gate(
 ) -> tuple[bool, str]:
     """Whether a version's metrics pass the gate, and why (or why not).
 
+    Every condition is checked, so a refusal names all the ones that failed, not only the
+    first: one retraining can then address them all.
+
     Args:
         cfg: The ``promote`` section.
         metrics: The version's run metrics (``test_accuracy``, ``baseline_accuracy``,
@@ -94,40 +97,49 @@ def check_gate(
         version: The candidate version.
 
     Returns:
-        ``(passed, reason)``.
+        ``(passed, reason)``: ``"passed the gate"``, or every failed condition joined by
+        ``"; "``.
     """
-    missing = [k for k in ("test_accuracy", "params_ratio") if k not in metrics]
-    if missing:
-        return False, f"the run of version {version} has no metric {missing[0]!r}"
-    acc = metrics["test_accuracy"]
-    if acc < cfg.min_accuracy:
-        return False, f"test_accuracy {acc:.4f} < min_accuracy {cfg.min_accuracy:.4f}"
-    if "baseline_accuracy" in metrics:
-        drop = metrics["baseline_accuracy"] - acc
-        if drop > cfg.max_accuracy_drop:
+    reasons = [
+        f"the run of version {version} has no metric {key!r}"
+        for key in ("test_accuracy", "params_ratio", "max_abs_logit_diff_f64")
+        if key not in metrics
+    ]
+    acc = metrics.get("test_accuracy")
+    if acc is not None:
+        if not acc >= cfg.min_accuracy:
+            reasons.append(f"test_accuracy {acc:.4f} < min_accuracy {cfg.min_accuracy:.4f}")
+        if "baseline_accuracy" in metrics:
             base = metrics["baseline_accuracy"]
-            return False, (
-                f"accuracy drop {drop:.4f} against baseline_accuracy {base:.4f} "
-                f"> max_accuracy_drop {cfg.max_accuracy_drop:.4f}"
-            )
+            drop = base - acc
+            if not drop <= cfg.max_accuracy_drop:
+                reasons.append(
+                    f"accuracy drop {drop:.4f} against baseline_accuracy {base:.4f} "
+                    f"> max_accuracy_drop {cfg.max_accuracy_drop:.4f}"
+                )
     diff = metrics.get("max_abs_logit_diff_f64")
-    if diff is None or not diff <= cfg.max_logit_diff:
-        return False, (
+    if diff is not None and not diff <= cfg.max_logit_diff:
+        reasons.append(
             f"max_abs_logit_diff_f64 {diff} > max_logit_diff {cfg.max_logit_diff:g}: the "
             "compacted model does not compute what the trained model computes"
-            if diff is not None
-            else f"the run of version {version} has no metric 'max_abs_logit_diff_f64'"
         )
-    ratio = metrics["params_ratio"]
-    if ratio > cfg.max_params_ratio:
-        return False, f"params_ratio {ratio:.4f} > max_params_ratio {cfg.max_params_ratio:.4f}"
-    if champion is not None and cfg.not_worse_than_champion and champion["version"] != version:
+    ratio = metrics.get("params_ratio")
+    if ratio is not None and not ratio <= cfg.max_params_ratio:
+        reasons.append(f"params_ratio {ratio:.4f} > max_params_ratio {cfg.max_params_ratio:.4f}")
+    if (
+        acc is not None
+        and champion is not None
+        and cfg.not_worse_than_champion
+        and champion["version"] != version
+    ):
         best = champion["metrics"].get("test_accuracy")
         if best is not None and acc < best:
-            return False, (
+            reasons.append(
                 f"test_accuracy {acc:.4f} is worse than champion version {champion['version']} "
                 f"({best:.4f})"
             )
+    if reasons:
+        return False, "; ".join(reasons)
     return True, "passed the gate"
 
 

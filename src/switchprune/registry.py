@@ -10,9 +10,11 @@ global MLflow state is restored afterwards. Threads take turns: one session at a
 A registered version carries:
 
 * the served model (``mlflow.pytorch``, pickle format: a
-  :class:`~switchprune.serving.ServedModel` that takes raw images and normalises them itself),
-  with the ``switchprune`` package as its code, so ``mlflow models predict/serve`` and
-  ``mlflow.pytorch.load_model("models:/NAME@ALIAS")`` need only its pinned requirements;
+  :class:`~switchprune.serving.ServedModel` that takes raw ``uint8`` images and normalises them
+  itself), with the ``switchprune`` package as its code, so ``mlflow models predict/serve`` and
+  ``mlflow.pytorch.load_model("models:/NAME@ALIAS")`` need only its pinned requirements. Its
+  pyfunc is :mod:`switchprune.serving`'s, which refuses anything but ``uint8`` pixels (see
+  there why it has no tensor signature); the input contract is in the model's metadata;
 * the plain files (``model.pt``, ``widths.json``, ...) as the model's extra files, which
   :func:`download_model_version` fetches without unpickling anything;
 * the tags ``model_sha256`` (of ``model.pt``'s bytes), ``model_content_sha256`` (of its
@@ -44,23 +46,39 @@ import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import mlflow
 import mlflow.artifacts
+import mlflow.pyfunc
 import mlflow.pytorch
 import numpy
 import torch
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
-from mlflow.models import infer_signature
+from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
 from switchprune import names
 from switchprune.errors import InputError, ServiceFailure, redact_uri, reraised_as
-from switchprune.io import ArtifactError, file_digest, model_digest, move_into, staging_dir
-from switchprune.serving import ServedModel, package_dir, serving_requirements
+from switchprune.io import (
+    ArtifactError,
+    file_digest,
+    load_torch,
+    model_digest,
+    move_into,
+    staging_dir,
+)
+from switchprune.serving import (
+    INPUT_KEY,
+    InputContract,
+    ServedModel,
+    contract_of,
+    package_dir,
+    serving_requirements,
+)
 
 DEFAULT_ARTIFACT_ROOT = "mlruns"
 DEFAULT_ALIAS = "champion"
@@ -159,15 +177,16 @@ class Registration:
         model: The network (logged in eval mode; its train/eval mode is restored).
         files: Files to attach to the run and the model, by the name they get (must include
             ``model.pt``).
-        input_example: A small batch of raw images (numpy ``N×C×H×W``: ``uint8`` 0..255, or
-            floats in ``[0, 1]``), for the signature and the example.
+        input_example: A small batch of raw images (numpy ``uint8`` ``N×C×H×W``, 0..255), the
+            served model's input example.
         params: Parameters, possibly nested by section; logged as ``section.key`` (lists as
             JSON text).
         metrics: Metrics, possibly nested, flattened the same way (text and booleans are left
             out).
         tags: Tags for the run and the version (e.g. ``data_md5``, ``git_commit``).
         normalization: Per-channel ``(mean, std)`` of ``[0, 1]`` pixels that the served model
-            applies to its raw input (default: none, i.e. mean 0 and std 1).
+            applies to its raw input, for a ``model.pt`` without an input contract (default:
+            none, i.e. mean 0 and std 1); with a contract, it must agree with it.
         description: The version's description (Markdown: the model card).
         artifacts: More files for the run only (the card and its pictures), by the name they
             get.
@@ -718,36 +737,107 @@ def _experiment_id(client: MlflowClient, name: str, artifact_location: str | Non
     return experiment.experiment_id
 
 
+def _served_contract(
+    model: torch.nn.Module,
+    model_file: Path,
+    example: numpy.ndarray,
+    normalization: tuple[Sequence[float], Sequence[float]] | None,
+) -> InputContract:
+    """The served model's input contract: ``model.pt``'s own, else one built from its spec.
+
+    A file without a contract (written before it was stored there) gets the given
+    ``normalization`` and the class indices as names.
+
+    Raises:
+        RegistryInputError: The stored contract is malformed or disagrees with
+            ``normalization``.
+    """
+    try:
+        stored = contract_of(load_torch(model_file), model_file)
+    except (ArtifactError, ValueError) as exc:
+        raise RegistryInputError(str(exc)) from exc
+    if stored is not None:
+        if normalization is not None and (
+            tuple(float(v) for v in normalization[0]) != stored.mean
+            or tuple(float(v) for v in normalization[1]) != stored.std
+        ):
+            raise RegistryInputError(
+                f"normalization {normalization} disagrees with the input contract of "
+                f"{model_file} (mean {list(stored.mean)}, std {list(stored.std)})"
+            )
+        return stored
+    spec = getattr(model, "spec", None)
+    shape = tuple(spec.in_shape) if spec is not None else tuple(int(d) for d in example.shape[1:])
+    channels = shape[0]
+    mean, std = normalization if normalization is not None else ([0.0] * channels, [1.0] * channels)
+    if spec is not None:
+        classes = spec.num_classes
+    else:
+        with torch.no_grad():
+            classes = int(model(torch.zeros(1, *shape)).shape[-1])
+    try:
+        return InputContract(
+            shape=shape,  # type: ignore[arg-type]
+            mean=tuple(float(v) for v in mean),
+            std=tuple(float(v) for v in std),
+            classes=tuple(str(i) for i in range(classes)),
+        )
+    except ValueError as exc:
+        raise RegistryInputError(f"{model_file}: {exc}") from exc
+
+
+def _save_served_model(path: str, mlflow_model: Any, **kwargs: Any) -> None:
+    """``mlflow.pytorch.save_model``, with :mod:`switchprune.serving` as the pyfunc's loader.
+
+    The files and the ``pytorch`` flavour stay MLflow's own (``mlflow.pytorch.load_model``
+    gives the :class:`~switchprune.serving.ServedModel`); only ``mlflow.pyfunc`` (``mlflow
+    models predict/serve``) goes through the loader that checks every request.
+    """
+    from mlflow.models.model import MLMODEL_FILE_NAME
+
+    mlflow.pytorch.save_model(path=path, mlflow_model=mlflow_model, **kwargs)
+    mlflow_model.flavors[mlflow.pyfunc.FLAVOR_NAME][mlflow.pyfunc.MAIN] = "switchprune.serving"
+    mlflow_model.save(str(Path(path) / MLMODEL_FILE_NAME))
+
+
+# What ``Model.log`` calls to write the model's files (a flavour module's interface).
+_SERVED_FLAVOR = SimpleNamespace(save_model=_save_served_model)
+
+
 def _log_model(
     model: torch.nn.Module,
     example: numpy.ndarray,
     extra_files: list[str],
-    normalization: tuple[Sequence[float], Sequence[float]] | None,
+    contract: InputContract,
 ) -> Any:
-    """``mlflow.pytorch.log_model`` of the served form: normalisation inside, package shipped.
+    """Log the served form: raw ``uint8`` in, normalisation inside, package shipped.
 
-    The network is wrapped in :class:`~switchprune.serving.ServedModel` (raw images in), logged
-    in pickle format in eval mode with a signature inferred from ``example``, and the
-    ``switchprune`` package goes along as the model's code, so ``mlflow models predict/serve``
-    need nothing but the model's own (pinned, public) requirements.
+    The network is wrapped in :class:`~switchprune.serving.ServedModel` and logged with
+    ``mlflow.pytorch``'s files in pickle format, in eval mode, with the ``switchprune`` package
+    as the model's code, so ``mlflow models predict/serve`` need nothing but the model's own
+    (pinned, public) requirements. It has no tensor signature on purpose: MLflow would cast a
+    JSON float batch to the signature's ``uint8`` before the model could refuse it (see
+    :mod:`switchprune.serving`). The contract is the MLflow model's ``metadata["input"]``
+    instead, and ``example`` its input example.
     """
-    channels = int(example.shape[1]) if example.ndim >= 2 else 1
-    mean, std = normalization if normalization is not None else ([0.0] * channels, [1.0] * channels)
-    served = ServedModel(model, mean, std)
+    served = ServedModel(model, contract)
     was_training = model.training
     served.eval()
     try:
         with torch.no_grad():
-            output = served(torch.as_tensor(example))
-        signature = infer_signature(example, output.detach().cpu().numpy())
+            served(torch.as_tensor(example))  # the example must satisfy the contract
         # We chose pickle deliberately (pt2 loads back as a GraphModule, not our class).
         with _quiet("mlflow.pytorch"):
-            return mlflow.pytorch.log_model(
-                served,
+            return Model.log(
+                artifact_path=None,
                 name=MODEL_ARTIFACT,
+                flavor=_SERVED_FLAVOR,
+                flavor_name=mlflow.pytorch.__name__,
+                pytorch_model=served,
                 serialization_format="pickle",
-                signature=signature,
+                signature=False,
                 input_example=example,
+                metadata={INPUT_KEY: contract.to_dict()},
                 pip_requirements=serving_requirements(),
                 extra_files=extra_files,
                 code_paths=[str(package_dir())],
@@ -820,6 +910,12 @@ def _check(registration: Registration) -> None:
     if not registration.experiment or not isinstance(registration.experiment, str):
         raise RegistryInputError(f"invalid experiment name {registration.experiment!r}")
     files, artifacts = registration.files, registration.artifacts
+    example = numpy.asarray(registration.input_example)
+    if example.dtype != numpy.uint8 or example.ndim != 4:
+        raise RegistryInputError(
+            "input_example must be raw uint8 pixels N×C×H×W, as the served model takes them; "
+            f"got {example.dtype} of shape {example.shape}"
+        )
     if MODEL_FILE not in files:
         raise RegistryInputError(f"files must include {MODEL_FILE!r} (got {sorted(files)})")
     if set(artifacts) & set(files):
@@ -922,9 +1018,13 @@ def _log_run(client: MlflowClient, registration: Registration, attempt: _Attempt
         client.log_artifacts(run_id, str(staging))
         attempt.step = "logging the model"
         extra = [str(staging / name) for name in sorted(registration.files)]
-        return _log_model(
-            registration.model, registration.input_example, extra, registration.normalization
+        contract = _served_contract(
+            registration.model,
+            Path(registration.files[MODEL_FILE]),
+            numpy.asarray(registration.input_example),
+            registration.normalization,
         )
+        return _log_model(registration.model, registration.input_example, extra, contract)
 
 
 def _roll_back(client: MlflowClient, model_name: str, attempt: _Attempt) -> str:
@@ -943,11 +1043,11 @@ def log_and_register(tracking_uri: str, registration: Registration) -> dict[str,
 
     The run gets the params, the numeric metrics, the tags plus ``model_sha256``, the files,
     the artifacts and the history. The model is logged as a
-    :class:`~switchprune.serving.ServedModel` (raw images in, normalised inside) in pickle
-    format, with the ``switchprune`` package as its code, pinned public requirements, a
-    signature inferred from the input example and the model's output, and the files as extra
-    files, so they travel with the version. The version gets the run's tags and the
-    description.
+    :class:`~switchprune.serving.ServedModel` (raw ``uint8`` images in, normalised inside) in
+    pickle format, with the ``switchprune`` package as its code, pinned public requirements,
+    the input example, the input contract (``model.pt``'s) as its metadata, a pyfunc that
+    refuses any other input, and the files as extra files, so they travel with the version.
+    The version gets the run's tags and the description.
 
     Idempotent: when a version already carries the same ``model_content_sha256`` (spec, kept
     indices and tensor values, whatever the file's bytes), nothing is logged; the alias is

@@ -144,14 +144,14 @@ def test_champion_loads_in_a_fresh_process(project: Path, first_run: str) -> Non
 import json, mlflow, switchprune
 from switchprune.data import load_split, raw_images
 x, y = load_split("data/prepared", "test").tensors
-model = switchprune.load_model("models:/{MODEL}@champion")
-acc = float((model(x).argmax(1) == y).float().mean())
-# The MLflow flavour is the served model: raw uint8 images in, normalised inside.
-flavour = mlflow.pytorch.load_model("models:/{MODEL}@champion")
 raw = raw_images("data/prepared", "test", range(len(y)))
+# Every form takes raw uint8 images and normalises them itself.
+model = switchprune.load_model("models:/{MODEL}@champion")
+acc = float((model(raw).argmax(1) == y).float().mean())
+flavour = mlflow.pytorch.load_model("models:/{MODEL}@champion")
 same = float((flavour(raw).argmax(1) == y).float().mean())
 s3 = switchprune.load_model("s3://switchprune-models/{MODEL}")
-from_s3 = float((s3(x).argmax(1) == y).float().mean())
+from_s3 = float((s3(raw).argmax(1) == y).float().mean())
 print(json.dumps({{"acc": acc, "flavour": same, "s3": from_s3}}))
 """
     with S3Server(project / ".s3" / "data", log_path=project / ".s3" / "test.log") as s3:
@@ -308,3 +308,39 @@ def test_an_experiment_registers_and_promotes_nothing(project: Path, first_run: 
     assert "target_ratio" in shown
     assert sorted(v.version for v in client.search_model_versions(f"name='{MODEL}'")) == versions
     assert (manifest.read_bytes(), manifest.stat().st_mtime_ns) == before
+
+
+def test_a_release_the_gate_refuses_exits_3_naming_every_reason(
+    project: Path, first_run: str
+) -> None:
+    """A refusal is exit status 3 (not 0, not a failure's 1), and every failed rule is named."""
+    manifest = project / ".s3/data/switchprune-models" / MODEL / "current.json"
+    before = manifest.read_bytes()
+    params_path = project / "params.yaml"
+    original = params_path.read_text()
+    params = yaml.safe_load(original)
+    # Two failing rules; the champion comparison is left out, as the workspace's model may be
+    # another test's experiment.
+    params["promote"].update(
+        min_accuracy=0.999, max_params_ratio=0.01, not_worse_than_champion=False
+    )
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        proc = subprocess.run(
+            [sys.executable, "pipeline/local.py", "--release"],
+            cwd=project,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    finally:
+        params_path.write_text(original)
+    assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
+    promote = json.loads((project / "reports" / "promote.json").read_text())
+    assert promote["promoted"] is False
+    reasons = promote["reason"].removeprefix("refused: ").split("; ")
+    assert len(reasons) == 2, promote["reason"]
+    assert "min_accuracy" in reasons[0] and "max_params_ratio" in reasons[1]
+    assert "promotion gate refused" in proc.stderr
+    assert manifest.read_bytes() == before

@@ -29,7 +29,7 @@ from switchprune.config import (
     RegisterConfig,
     TrainConfig,
 )
-from switchprune.data import load_split
+from switchprune.data import load_split, raw_images
 from switchprune.io import write_json
 from switchprune.stages import evaluate, preprocess, promote, prune, register, train
 
@@ -260,11 +260,13 @@ def test_pull_by_alias_and_load_from_registry_and_s3(
         p.name for p in (tmp_path / "pulled").iterdir()
     }
     x, y = load_split(stack.work / "prepared", "test").tensors
+    pixels = raw_images(stack.work / "prepared", "test", range(len(y)))
     expected = json.loads((stack.work / "reports-0.0" / "evaluate.json").read_text())
     for source in (tmp_path / "pulled", f"models:/{NAME}@champion", f"{S3_URI}/{NAME}"):
-        model = load_model(source)
-        acc = float((model(x).argmax(1) == y).float().mean())
-        assert acc == pytest.approx(expected["test_accuracy"], abs=1e-6), source
+        # Raw uint8 pixels in, as every shipped form takes them; raw=False: the bare network.
+        for model, inputs in ((load_model(source), pixels), (load_model(source, raw=False), x)):
+            acc = float((model(inputs).argmax(1) == y).float().mean())
+            assert acc == pytest.approx(expected["test_accuracy"], abs=1e-6), source
 
 
 @pytest.mark.parametrize("ref", [f"{NAME}@no-such-alias", "no-such-model@champion", f"{NAME}:99"])

@@ -33,7 +33,9 @@ BUCKET = "mlflow-bucket"
 PREFIX = "artifacts"
 NAME = "tiny-served"
 SPEC = ModelSpec("mlp", (1, 8, 8), 10, {"fc1": 8, "fc2": 4})
-EXAMPLE = np.linspace(-1.0, 1.0, 2 * 64, dtype=np.float32).reshape(2, 1, 8, 8)
+# Served models take raw uint8 pixels; the bare network inside takes normalised floats (X).
+EXAMPLE = np.arange(2 * 64, dtype=np.uint8).reshape(2, 1, 8, 8)
+X = np.linspace(-1.0, 1.0, 2 * 64, dtype=np.float32).reshape(2, 1, 8, 8)
 
 
 @dataclass
@@ -141,7 +143,7 @@ def test_download_by_alias(stack: Stack, registered: dict[str, Any], tmp_path: P
 
 def test_load_model_in_a_fresh_process(stack: Stack, registered: dict[str, Any]) -> None:
     with torch.no_grad():
-        expected = registered["model"](torch.from_numpy(EXAMPLE)).tolist()
+        expected = registered["model"](torch.from_numpy(X)).tolist()
     code = (
         "import json, mlflow.pytorch, numpy as np, torch\n"
         f"m = mlflow.pytorch.load_model('models:/{NAME}@candidate')\n"

@@ -1,4 +1,9 @@
-"""A registered model served by MLflow's own tools: raw images in, the same classes out."""
+"""One input contract for every shipped form: raw uint8 pixels in, floats refused, same logits.
+
+The registered model runs under MLflow's own tools (``mlflow models predict`` and a real
+``mlflow models serve`` on 127.0.0.1), from a folder without the project and with an
+unimportable ``switchprune`` first on the path, so only the copy shipped with the model runs.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,11 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,9 +29,11 @@ import switchprune
 from switchprune import registry
 from switchprune.io import save_model
 from switchprune.models import ModelSpec, TaskNet, build_model
+from switchprune.onnx_export import ATOL, ONNX_FILE, RTOL, export_checked, session
+from switchprune.serving import INPUT_KEY, InputContract, ServedModel
 
 SPEC = ModelSpec("mlp", (1, 8, 8), 10, {"fc1": 16, "fc2": 8})
-MEAN, STD = (0.3,), (0.2,)
+CONTRACT = InputContract((1, 8, 8), (0.3,), (0.2,), tuple(f"digit-{i}" for i in range(10)))
 NAME = "served-tiny"
 
 
@@ -33,8 +43,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> dict:
     uri = f"sqlite:///{root}/mlflow.db"
     torch.manual_seed(0)
     model = build_model(SPEC).eval()
-    save_model(model, root / "model.pt")
-    (root / "meta.json").write_text(json.dumps({"mean": MEAN, "std": STD}))
+    save_model(model, root / "model.pt", **{INPUT_KEY: CONTRACT.to_dict()})
+    export_checked(model, CONTRACT, root / ONNX_FILE)
     images = np.random.default_rng(0).integers(0, 256, size=(6, 1, 8, 8), dtype=np.uint8)
     registry.log_and_register(
         uri,
@@ -43,10 +53,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> dict:
             model_name=NAME,
             alias="champion",
             model=model,
-            files={"model.pt": root / "model.pt", "meta.json": root / "meta.json"},
+            files={"model.pt": root / "model.pt", ONNX_FILE: root / ONNX_FILE},
             input_example=images[:2],
             artifact_location=str(root / "artifacts"),
-            normalization=(MEAN, STD),
         ),
     )
     # A package named switchprune that cannot be imported, ahead of the installed one: the
@@ -63,22 +72,35 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> dict:
         # `mlflow models serve` runs `uvicorn` by name: the interpreter's scripts come first.
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
-    return {"uri": uri, "images": images, "root": root, "env": env}
+    work = root / "elsewhere"  # no params.yaml, no src/: not the project
+    work.mkdir()
+    return {"uri": uri, "images": images, "root": root, "work": work, "env": env}
 
 
-def expected_classes(served: dict) -> np.ndarray:
-    net = switchprune.load_model(f"models:/{NAME}@champion", tracking_uri=served["uri"])
-    assert isinstance(net, TaskNet)  # load_model still gives the task network itself
-    x = torch.from_numpy(served["images"]).float() / 255.0
-    x = (x - torch.tensor(MEAN).view(-1, 1, 1)) / torch.tensor(STD).view(-1, 1, 1)
+def loaded(served: dict) -> ServedModel:
+    model = switchprune.load_model(f"models:/{NAME}@champion", tracking_uri=served["uri"])
+    assert isinstance(model, ServedModel)
+    return model
+
+
+def expected_logits(served: dict) -> np.ndarray:
     with torch.no_grad():
-        return net(x).argmax(1).numpy()
+        return loaded(served)(torch.from_numpy(served["images"])).numpy()
 
 
-def classes(predictions: object) -> np.ndarray:
+def onnx_logits(served: dict) -> np.ndarray:
+    return session(served["root"] / ONNX_FILE).run(None, {"input": served["images"]})[0]
+
+
+def logits_of(predictions: Any) -> np.ndarray:
     if isinstance(predictions, dict):
         predictions = predictions["predictions"]
-    return np.asarray(predictions, dtype=np.float64).argmax(1)
+    return np.asarray(predictions, dtype=np.float32)
+
+
+def assert_same_logits(got: np.ndarray, expected: np.ndarray) -> None:
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_requirements_name_no_unpublished_package(served: dict) -> None:
@@ -90,85 +112,79 @@ def test_requirements_name_no_unpublished_package(served: dict) -> None:
     assert (model_dir / "code" / "switchprune" / "serving.py").is_file()
 
 
-def test_mlflow_models_predict_returns_load_model_classes(served: dict) -> None:
-    tmp = served["root"]
-    (tmp / "input.json").write_text(json.dumps({"inputs": served["images"].tolist()}))
-    out = tmp / "predictions.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "models",
-            "predict",
-            "-m",
-            f"models:/{NAME}@champion",
-            "--env-manager",
-            "local",
-            "-i",
-            str(tmp / "input.json"),
-            "-t",
-            "json",
-            "-o",
-            str(out),
-        ],
-        env=served["env"],
-        cwd=tmp,
-        capture_output=True,
-        text=True,
-        timeout=300,
+def test_load_model_takes_uint8_and_refuses_floats(served: dict) -> None:
+    model = loaded(served)
+    assert model.contract == CONTRACT
+    x = torch.from_numpy(served["images"])
+    with pytest.raises(TypeError, match=r"uint8 pixels 0\.\.255 of shape N×1×8×8"):
+        model(x.float() / 255.0)
+    with pytest.raises(ValueError, match="uint8.*got shape"):
+        model(x[:, :, :4])
+    net = switchprune.load_model(f"models:/{NAME}@champion", tracking_uri=served["uri"], raw=False)
+    assert isinstance(net, TaskNet)  # raw=False: the bare network, normalised inputs
+    with torch.no_grad():
+        bare = net((x.float() / 255.0 - 0.3) / 0.2).numpy()
+    assert_same_logits(expected_logits(served), bare)
+    got = onnx_logits(served)
+    assert np.abs(got - bare).max() <= ATOL + RTOL * np.abs(bare).max()
+
+
+def predict_cli(served: dict, payload: dict, name: str) -> subprocess.CompletedProcess:
+    work = served["work"]
+    (work / f"{name}.json").write_text(json.dumps(payload))
+    (work / f"{name}.out").unlink(missing_ok=True)
+    command = [sys.executable, "-m", "mlflow", "models", "predict"]
+    command += ["-m", f"models:/{NAME}@champion", "--env-manager", "local"]
+    command += ["-i", str(work / f"{name}.json"), "-t", "json", "-o", str(work / f"{name}.out")]
+    return subprocess.run(
+        command, env=served["env"], cwd=work, capture_output=True, text=True, timeout=300
     )
+
+
+def test_mlflow_models_predict_answers_uint8_and_refuses_floats(served: dict) -> None:
+    proc = predict_cli(served, {"inputs": served["images"].tolist()}, "pixels")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    got = classes(json.loads(out.read_text()))
-    assert got.tolist() == expected_classes(served).tolist()
+    got = logits_of(json.loads((served["work"] / "pixels.out").read_text()))
+    assert_same_logits(got, expected_logits(served))
+
+    floats = (served["images"] / 255.0).tolist()
+    proc = predict_cli(served, {"inputs": floats}, "floats")
+    assert proc.returncode != 0
+    assert "expected uint8 pixels 0..255 of shape N×1×8×8" in proc.stderr, proc.stderr[-3000:]
+    assert not (served["work"] / "floats.out").exists()
 
 
-def test_mlflow_models_serve_answers_invocations(served: dict) -> None:
+@pytest.fixture(scope="module")
+def server(served: dict) -> Iterator[str]:
+    """A real ``mlflow models serve`` of the champion; its base URL."""
     port = free_port()
-    log = (served["root"] / "serve.log").open("w")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "models",
-            "serve",
-            "-m",
-            f"models:/{NAME}@champion",
-            "--env-manager",
-            "local",
-            "-p",
-            str(port),
-            "-h",
-            "127.0.0.1",
-        ],
-        env=served["env"],
-        cwd=served["root"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    log_path = served["root"] / "serve.log"
+    command = [sys.executable, "-m", "mlflow", "models", "serve"]
+    command += ["-m", f"models:/{NAME}@champion", "--env-manager", "local"]
+    command += ["-p", str(port), "-h", "127.0.0.1"]
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            command,
+            env=served["env"],
+            cwd=served["work"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
         while True:
-            assert proc.poll() is None, (served["root"] / "serve.log").read_text()[-3000:]
+            assert proc.poll() is None, log_path.read_text()[-3000:]
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
+                with urllib.request.urlopen(f"{url}/ping", timeout=2) as r:
                     if r.status == 200:
                         break
             except OSError:
                 pass
             assert time.monotonic() < deadline, "mlflow models serve did not come up"
             time.sleep(0.5)
-        body = json.dumps({"inputs": served["images"].tolist()}).encode()
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations",
-            data=body,
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=60) as r:
-            got = classes(json.loads(r.read()))
-        assert got.tolist() == expected_classes(served).tolist()
+        yield url
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
@@ -177,4 +193,67 @@ def test_mlflow_models_serve_answers_invocations(served: dict) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        log.close()
+
+
+def invoke(url: str, payload: dict) -> tuple[int, Any]:
+    request = urllib.request.Request(
+        f"{url}/invocations",
+        data=json.dumps(payload).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def payloads(images: np.ndarray) -> dict[str, dict]:
+    """The same batch in every JSON form MLflow's scoring server parses."""
+    flat = images.reshape(len(images), -1)
+    return {
+        "inputs": {"inputs": images.tolist()},
+        "instances": {"instances": images.tolist()},
+        "dataframe_split": {
+            "dataframe_split": {
+                "columns": [f"p{i}" for i in range(flat.shape[1])],
+                "data": flat.tolist(),
+            }
+        },
+    }
+
+
+@pytest.mark.parametrize("form", ["inputs", "instances", "dataframe_split"])
+def test_serve_answers_uint8_pixels_with_the_models_logits(
+    served: dict, server: str, form: str
+) -> None:
+    status, body = invoke(server, payloads(served["images"])[form])
+    assert status == 200, body
+    got = logits_of(body)
+    assert_same_logits(got, expected_logits(served))  # what load_model computes
+    onnx = onnx_logits(served)
+    assert np.abs(got - onnx).max() <= ATOL + RTOL * np.abs(onnx).max()
+
+
+@pytest.mark.parametrize("form", ["inputs", "instances", "dataframe_split"])
+@pytest.mark.parametrize("kind", ["unit", "normalised", "whole"])
+def test_serve_refuses_a_float_batch_naming_uint8(
+    served: dict, server: str, form: str, kind: str
+) -> None:
+    # Pixels scaled to [0, 1] (cast to uint8, a black image), normalised pixels, and floats
+    # with whole values (cast, the right image): every float batch is refused alike.
+    images = served["images"].astype(np.float64)
+    floats = {"unit": images / 255.0, "normalised": (images / 255.0 - 0.3) / 0.2}
+    floats["whole"] = images
+    status, body = invoke(server, payloads(floats[kind])[form])
+    assert status == 400, body
+    assert body["error_code"] == "INVALID_PARAMETER_VALUE"
+    assert "expected uint8 pixels 0..255 of shape N×1×8×8 (NCHW), got float64" in body["message"]
+
+
+def test_serve_refuses_out_of_range_pixels_and_another_shape(served: dict, server: str) -> None:
+    images = served["images"].astype(np.int64)
+    status, body = invoke(server, {"inputs": (images + 256).tolist()})
+    assert status == 400 and "uint8 pixels 0..255" in body["message"], body
+    status, body = invoke(server, {"inputs": images[:, :, :4].tolist()})
+    assert status == 400 and "got shape (6, 1, 4, 8)" in body["message"], body

@@ -92,3 +92,29 @@ def build_no_classifier(num_classes: int, in_channels: int) -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(in_channels, num_classes, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()
     )
+
+
+class Mixed(nn.Module):
+    """Two branches concatenated, a grouped conv in a residual block, a hidden Linear."""
+
+    def __init__(self, num_classes: int, in_channels: int) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(in_channels, 8, 3, padding=1)
+        self.bn_a = nn.BatchNorm2d(8)
+        self.b = nn.Conv2d(in_channels, 8, 1)
+        self.bn_b = nn.BatchNorm2d(8)
+        self.grouped = nn.Conv2d(16, 16, 3, padding=1, groups=4, bias=False)
+        self.bn_g = nn.BatchNorm2d(16)
+        self.head = nn.Linear(16 * 2 * 2, 32)
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([torch.relu(self.bn_a(self.a(x))), torch.relu(self.bn_b(self.b(x)))], 1)
+        x = torch.relu(x + self.bn_g(self.grouped(x)))
+        x = nn.functional.adaptive_avg_pool2d(x, 2).flatten(1)
+        return self.fc(torch.relu(self.head(x)))
+
+
+def build_mixed(num_classes: int, in_channels: int) -> nn.Module:
+    """Concatenation + grouped conv + residual: the shapes a user's own network has."""
+    return Mixed(num_classes, in_channels)

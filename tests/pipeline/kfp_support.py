@@ -19,6 +19,8 @@ from switchprune import storage
 from switchprune.dvcfiles import dvc_md5
 
 ROOT = Path(__file__).resolve().parents[2]
+# A network of the user's own: concatenation, grouped conv, residual (``build_mixed``).
+USER_FILE = ROOT / "tests" / "models" / "user_net.py"
 
 DVC_REMOTE = "s3://switchprune-dvc/cache"
 PROMOTE_URI = "s3://kfp-models/team"

@@ -6,6 +6,8 @@ parameters) and the Kubernetes platform spec (node selectors, tolerations, secre
 
 from __future__ import annotations
 
+import hashlib
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 from components.image import IMAGE
-from kfp_support import ROOT
+from kfp_support import ROOT, USER_FILE
 from pipeline.compile import compile_pipeline, data_version
 from pipeline.pipeline import SECTIONS
 
@@ -320,3 +322,67 @@ def test_a_folder_datasets_keys_pass_through_as_a_pipeline_parameter() -> None:
     # The cluster downloads the DVC-tracked folder to where preprocess reads it.
     assert source_dir(cfg, Path("/tmp/raw")) == Path("data/raw/flowers")
     assert "image_size" not in section_parameter(DataConfig())  # null: left out, the default
+
+
+def _task_constant(out: Compiled, verb: str, name: str) -> Any:
+    value = out.tasks[verb]["inputs"]["parameters"].get(name, {})
+    return value.get("runtimeValue", {}).get("constant")
+
+
+def test_a_user_file_network_travels_in_the_compiled_pipeline(tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    (project / ".dvc").mkdir(parents=True)
+    shutil.copy(ROOT / ".dvc" / "config", project / ".dvc" / "config")
+    (project / "mynets").mkdir()
+    shutil.copy(USER_FILE, project / "mynets" / "net.py")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["model"]["arch"] = "mynets/net.py:build_mixed"
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    out = Compiled(compile_pipeline(project / "params.yaml", tmp_path / "p.yaml", project))
+    text = (project / "mynets" / "net.py").read_text()
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    for verb in ("train", "prune", "evaluate"):
+        assert _task_constant(out, verb, "arch_source") == text
+        assert _task_constant(out, verb, "arch_sha256") == digest
+    for verb in ("preprocess", "register", "promote"):
+        assert "arch_source" not in out.tasks[verb]["inputs"].get("parameters", {})
+
+
+def test_a_built_in_network_carries_no_source(compiled: Compiled) -> None:
+    for verb in ("train", "prune", "evaluate"):
+        assert not _task_constant(compiled, verb, "arch_source")
+
+
+@pytest.mark.parametrize(
+    ("arch", "message"),
+    [
+        ("no/such/net.py:build", "no/such/net.py is not a file; the cluster could not build"),
+        ("_pytest.python:build", "_pytest is not installed in the project image"),
+    ],
+)
+def test_make_compile_refuses_an_arch_the_cluster_could_not_build(
+    tmp_path: Path, arch: str, message: str
+) -> None:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["model"]["arch"] = arch
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = tmp_path / "pipeline.yaml"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "pipeline" / "compile.py"), "--params", "params.yaml"]
+        + ["--out", str(out)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert not out.exists()
+
+
+def test_a_module_the_image_installs_compiles(tmp_path: Path) -> None:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["model"]["arch"] = "torchvision.models:resnet18"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = _compile(tmp_path, tmp_path / "params.yaml")
+    assert not _task_constant(out, "train", "arch_source")

@@ -22,7 +22,8 @@ from typing import Any
 import kfp.local
 import pytest
 import yaml
-from kfp_support import MODEL_NAME, ROOT, DvcRemote, tiny_params
+from kfp_support import MODEL_NAME, ROOT, USER_FILE, DvcRemote, tiny_params
+from pipeline.compile import network_source
 from pipeline.pipeline import build_pipeline
 from pipeline.servers import MlflowServer
 
@@ -40,6 +41,7 @@ pytestmark = [
 BIN = Path(sys.executable).parent
 COMMIT = "kfp-local-test-commit"
 SAME = ("test_accuracy", "gated_accuracy", "params_after", "macs_after")
+USER_ARCH = "mynets/net.py:build_mixed"
 
 
 @dataclass
@@ -57,8 +59,16 @@ class Run:
 
 @pytest.fixture(scope="module")
 def params_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("params") / "params.yaml"
-    path.write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    """Tiny parameters with a network of the user's own, in a project folder of its own."""
+    project = tmp_path_factory.mktemp("project")
+    (project / "mynets").mkdir()
+    shutil.copy(USER_FILE, project / "mynets" / "net.py")
+    params = tiny_params()
+    params["model"]["arch"] = USER_ARCH
+    # A BatchNorm network: the recipe of the BatchNorm families, as for any of them.
+    params["train"]["tnn_lr"] = 0.05
+    path = project / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
 
 
@@ -69,12 +79,17 @@ def kfp_run(
     params_file: Path,
 ) -> Iterator[Run]:
     work = tmp_path_factory.mktemp("kfp")
+    source, sha256 = network_source(USER_ARCH, params_file.parent)
     pipeline_func = build_pipeline(
         load_params(params_file),
         dvc_remote=dvc_remote.url,
         data_md5=dvc_remote.md5,
         git_commit=COMMIT,
+        arch_source=source,
+        arch_sha256=sha256,
     )
+    # The tasks run in a folder without the network's file, as pods of the project image do.
+    assert not (work / "mynets").exists()
     storage.ensure_bucket(storage.make_client(dvc_remote.server.endpoint), "mlflow-artifacts")
     server = MlflowServer(
         f"sqlite:///{work / 'mlflow.db'}",
@@ -117,6 +132,12 @@ def test_the_pipeline_ends_with_a_champion_and_a_manifest_in_s3(
     manifest_path = dvc_remote.root / "kfp-models" / "team" / MODEL_NAME / "current.json"
     manifest = json.loads(manifest_path.read_text())
     assert manifest["version"] == version and manifest["data_md5"] == dvc_remote.md5
+    # The user's network file travels with the model, listed and verified like the others.
+    listed = {entry["name"]: entry for entry in manifest["files"]}
+    assert (manifest_path.parent / f"v{version}" / "network.py").read_bytes() == (
+        USER_FILE.read_bytes()
+    )
+    assert "network.py" in listed and "model.pt" in listed
     for entry in manifest["files"]:
         assert (manifest_path.parent / f"v{version}" / entry["name"]).stat().st_size == entry[
             "size"
@@ -146,6 +167,7 @@ def dvc_report(tmp_path_factory: pytest.TempPathFactory, params_file: Path) -> d
     for name in ("dvc.yaml", ".dvcignore"):
         shutil.copy(ROOT / name, dst / name)
     shutil.copy(params_file, dst / "params.yaml")
+    shutil.copytree(params_file.parent / "mynets", dst / "mynets")
     (dst / ".dvc").mkdir()
     shutil.copy(ROOT / ".dvc" / "config", dst / ".dvc" / "config")
     shutil.copytree(

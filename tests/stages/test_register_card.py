@@ -7,7 +7,10 @@ run holds the card, its pictures and the training history as stepped metrics.
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -93,7 +96,10 @@ def test_the_description_is_the_card_with_the_reports_numbers(
     assert shown and float(shown.group(1)) == pytest.approx(report["test_accuracy"], rel=1e-5)
     widths = json.loads((root / "compact" / "widths.json").read_text())
     for group, w in widths.items():
-        assert f"| `{group}` | {w['full']} | {w['kept']} |" in card
+        assert f"| `{group}` | {w['label']} | {w['full']} | {w['kept']} |" in card
+    for tag in ("before", "after"):
+        iqr = format_number(report[f"latency_iqr_ms_{tag}_b1"])
+        assert f"{format_number(report[f'latency_ms_{tag}_b1'])} (IQR {iqr})" in card
     meta = json.loads((root / "prepared" / "meta.json").read_text())
     assert f"| 0 | {format_number(meta['mean'][0])} | {format_number(meta['std'][0])} |" in card
     assert "| `epochs` | 3 |" in card
@@ -119,3 +125,71 @@ def test_the_run_holds_the_card_pictures_and_curves(registered: dict[str, object
         (r["epoch"], pytest.approx(r["val_accuracy"])) for r in history
     ]
     assert [r["epoch"] for r in history] == [1, 2, 3]
+
+
+def test_widths_json_and_the_card_show_the_ungated_classifier_and_the_classes(
+    registered: dict[str, object],
+) -> None:
+    out = registered["out"]
+    root = Path(str(registered["root"]))
+    assert isinstance(out, dict)
+    widths = json.loads((root / "compact" / "widths.json").read_text())
+    order = sorted(widths, key=lambda k: widths[k]["index"])
+    assert order == ["fc1", "fc2", "classifier"]
+    classifier = widths["classifier"]
+    assert classifier["gated"] is False and classifier["kept"] == classifier["full"] == 10
+    assert "classifier" in classifier["why"]
+    assert all(widths[g]["gated"] and widths[g]["kept"] < widths[g]["full"] for g in order[:2])
+    card = _client(registered).get_model_version("card-test", str(out["version"])).description
+    assert f"- classifier (linear): {classifier['why']}" in card
+    assert all(f"| {i} | {i} |" in card for i in range(10))  # digits: the index is the name
+    assert "- `hidden`: `[32, 16]`" in card
+    assert "small_input" not in card and "width_multiplier" not in card
+    # The run logs the gate groups' widths only: the classifier never had a gate.
+    run = _client(registered).get_run(str(out["run_id"]))
+    assert {k for k in run.data.metrics if k.startswith("width_")} == {"width_fc1", "width_fc2"}
+    assert {k for k in run.data.params if k.startswith("widths.")} == {"widths.fc1", "widths.fc2"}
+
+
+def _snippet(card: str) -> str:
+    """The Python block of the card's Loading section."""
+    loading = card.split("## Loading", 1)[1]
+    return loading.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_cards_loading_snippet_runs_in_a_clean_folder(
+    registered: dict[str, object], tmp_path: Path
+) -> None:
+    """The snippet as printed, against the registry and against a pulled folder."""
+    out = registered["out"]
+    assert isinstance(out, dict)
+    client = _client(registered)
+    client.set_registered_model_alias("card-test", "champion", str(out["version"]))
+    code = _snippet(client.get_model_version("card-test", str(out["version"])).description)
+    assert 'switchprune.load_model("models:/card-test@champion")' in code
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "SWITCHPRUNE_"))}
+    env["MLFLOW_TRACKING_URI"] = str(registered["uri"])
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    (clean / "snippet.py").write_text(code)
+    done = subprocess.run(
+        [sys.executable, "snippet.py"], cwd=clean, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() in {str(i) for i in range(10)}
+    # A pulled folder, offline: no tracking URI at all.
+    pulled = subprocess.run(
+        [sys.executable, "-m", "switchprune", "pull", "card-test@champion", "--out", "champion"],
+        cwd=clean,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert pulled.returncode == 0, pulled.stderr[-3000:]
+    (clean / "folder.py").write_text(code.replace("models:/card-test@champion", "champion/"))
+    del env["MLFLOW_TRACKING_URI"]
+    again = subprocess.run(
+        [sys.executable, "folder.py"], cwd=clean, env=env, capture_output=True, text=True
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.strip() == done.stdout.strip()

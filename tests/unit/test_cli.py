@@ -360,3 +360,45 @@ def test_a_tracking_uri_that_is_not_a_uri_is_one_line(
     assert code == 2 and out == ""
     assert len(err.splitlines()) == 1 and "is not a URI" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_promote_exits_3_when_the_gate_refuses_and_0_when_promoted_or_unchanged(
+    pipeline: tuple[Path, dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Against a real S3 server and an embedded MLflow store, through ``main``."""
+    from pipeline.servers import S3Server
+
+    from switchprune import storage
+
+    root, _results = pipeline
+    monkeypatch.chdir(root)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    strict = {"min_accuracy": 0.999, "max_accuracy_drop": 0.0, "max_params_ratio": 0.01}
+    loose = {"min_accuracy": 0.0, "max_accuracy_drop": 1.0, "max_params_ratio": 1.0}
+    try:
+        with S3Server(tmp_path / "s3", log_path=tmp_path / "s3.log") as s3:
+            for key, value in s3.environment.items():
+                monkeypatch.setenv(key, value)
+            storage.ensure_bucket(storage.make_client(), "switchprune-models")
+            write_params(root, {**GOOD_PARAMS, "promote": strict})
+            assert call(["register"])[0] == 0
+            code, out, err = call(["promote"])
+            assert code == cli.EXIT_REFUSED == 3
+            refused = json.loads((root / "reports" / "promote.json").read_text())
+            assert refused["promoted"] is False and "\npromoted " in out
+            # Every failed rule, not only the first, in the report and on stderr.
+            for rule in ("min_accuracy", "max_params_ratio"):
+                assert rule in refused["reason"] and rule in err
+            assert refused["reason"].count("; ") >= 1
+            assert not list((tmp_path / "s3" / "switchprune-models").rglob("current.json"))
+            write_params(root, {**GOOD_PARAMS, "promote": loose})
+            code, _out, err = call(["promote"])
+            assert code == 0, err
+            promoted = json.loads((root / "reports" / "promote.json").read_text())
+            assert (promoted["promoted"], promoted["changed"]) == (True, True)
+            code, _out, err = call(["promote"])  # the champion again: nothing to change
+            assert code == 0, err
+            again = json.loads((root / "reports" / "promote.json").read_text())
+            assert (again["promoted"], again["changed"]) == (True, False)
+    finally:
+        write_params(root, GOOD_PARAMS)

@@ -195,6 +195,27 @@ def test_digits_split_is_deterministic_per_seed(tmp_path: Path, digits_dir: Path
     assert load_meta(digits_dir).mean != load_meta(other).mean
 
 
+def test_the_test_split_of_class_sorted_data_is_stored_shuffled(tmp_path: Path):
+    """IDX files sorted by class give a test split in no class order, fixed by split_seed."""
+    idx_dir = tmp_path / "idx"
+    idx_dir.mkdir()
+    x, _ = make_images(200, seed=11, size=8)
+    y = np.repeat(np.arange(10, dtype=np.uint8), 20)  # 0, 0, ..., 9, 9
+    write_pair(idx_dir, "train-", x, y, gz=False)
+    tests = []
+    for seed, out in ((0, "a"), (0, "b"), (1, "c")):
+        cfg = DataConfig(dataset="idx", idx_dir=str(idx_dir), split_seed=seed)
+        prepare_data(cfg, raw_dir=tmp_path, out_dir=tmp_path / out)
+        tests.append(raw_split(tmp_path / out, "test"))
+    y_test = tests[0][1]
+    assert len(y_test) == 40 and torch.bincount(y_test).tolist() == [4] * 10
+    assert not torch.equal(y_test, y_test.sort().values)  # not grouped by class
+    # Classes are mixed from the very first rows on.
+    assert len(set(y_test[:10].tolist())) >= 4
+    assert torch.equal(tests[0][0], tests[1][0]) and torch.equal(y_test, tests[1][1])
+    assert not torch.equal(y_test, tests[2][1])
+
+
 def test_load_split_normalises_with_train_statistics(digits_dir: Path):
     meta = load_meta(digits_dir)
     train = load_split(digits_dir, "train")
@@ -475,10 +496,14 @@ def test_mnist_from_raw_files_without_download(tmp_path: Path):
     assert metrics == {"n_train": 90, "n_val": 30, "n_test": 40, "num_classes": 10}
     meta = load_meta(out)
     assert meta.in_shape == (1, 28, 28)
-    # The official test split is kept as is, in its original order.
+    # The official test split, every image with its label, stored in a seeded shuffled order.
     x_test, y_test = raw_split(out, "test")
-    assert torch.equal(x_test, torch.from_numpy(x_te).unsqueeze(1))
-    assert torch.equal(y_test, torch.from_numpy(y_te).long())
+    official_x = torch.from_numpy(x_te).unsqueeze(1)
+    rows = [next(j for j in range(40) if torch.equal(x, official_x[j])) for x in x_test]
+    assert sorted(rows) == list(range(40)) and rows != list(range(40))
+    assert torch.equal(y_test, torch.from_numpy(y_te).long()[rows])
+    prepare_data(cfg, raw_dir=raw, out_dir=tmp_path / "again")
+    assert torch.equal(raw_split(tmp_path / "again", "test")[0], x_test)
     # Train and val together are exactly the official training set.
     x_trval = torch.cat([raw_split(out, "train")[0], raw_split(out, "val")[0]])
     expected = torch.from_numpy(x_tr).unsqueeze(1)

@@ -120,6 +120,23 @@ def test_split_depends_on_the_seed_only(folder: Path, prepared: Path, tmp_path: 
     assert not np.array_equal(same, np.load(tmp_path / "other" / "test_x.npy"))
 
 
+def test_the_test_split_is_stored_shuffled_not_class_by_class(
+    folder: Path, prepared: Path, tmp_path: Path
+) -> None:
+    """Image files are listed class by class; the stored test split is not in that order."""
+    held_out = np.load(prepared / "test_y.npy")  # a share of train/
+    given_folder = write_digits_folder(tmp_path / "f", per_class=6, splits=("train", "test"))
+    prepare(given_folder, tmp_path / "out")
+    given = np.load(tmp_path / "out" / "test_y.npy")  # the folder's own test/
+    for labels in (held_out, given):
+        assert not np.array_equal(labels, np.sort(labels)), labels
+        assert len(set(labels[:10].tolist())) >= 4, labels  # classes mixed from the start
+    prepare(given_folder, tmp_path / "again")
+    assert np.array_equal(
+        np.load(tmp_path / "again" / "test_x.npy"), np.load(tmp_path / "out" / "test_x.npy")
+    )
+
+
 def test_val_and_test_folders_are_used_as_they_are(tmp_path: Path) -> None:
     folder = write_digits_folder(
         tmp_path / "f", per_class=6, splits=("train", "val", "test"), per_split={"test": 2}

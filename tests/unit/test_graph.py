@@ -138,19 +138,77 @@ def test_concatenation_and_flatten_are_exact(tmp_path):
     assert rebuilt.group_sizes() == {"net.a": 2, "net.b": 3, "net.mix": 6}
 
 
-def test_user_file_hash_is_recorded_and_a_changed_file_is_refused(tmp_path):
+_LOAD_ELSEWHERE = """
+import sys, torch
+from switchprune.io import load_model_file
+torch.set_num_threads(1)
+model, _ = load_model_file(sys.argv[1])
+x = torch.load(sys.argv[2], weights_only=True)
+with torch.no_grad():
+    torch.save(model(x), sys.argv[3])
+print(type(model.net).__module__)
+"""
+
+
+def _load_in_fresh_process(model_path, x, tmp_path):
+    """Load ``model_path`` in a new process whose working directory holds nothing else."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(exist_ok=True)
+    torch.save(x, elsewhere / "x.pt")
+    done = subprocess.run(
+        [sys.executable, "-c", _LOAD_ELSEWHERE, str(model_path), "x.pt", "y.pt"],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = torch.load(elsewhere / "y.pt", weights_only=True) if done.returncode == 0 else None
+    return done, out
+
+
+def test_a_user_network_travels_with_its_file_and_loads_from_the_copy_anywhere(tmp_path):
+    source = tmp_path / "mynets" / "net.py"
+    source.parent.mkdir()
+    shutil.copy(USER_FILE, source)
+    spec = spec_from_config(ModelConfig(arch=f"{source}:build"), (3, 16, 16), 5)
+    assert len(spec.source_sha256) == 64
+    model = build_model(spec).eval()
+    save_model(model, tmp_path / "model" / "model.pt")
+    copy = tmp_path / "model" / "network.py"
+    assert copy.read_bytes() == source.read_bytes()
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(x)
+    # The original file is gone: the model still loads from its copy, in another folder and
+    # process, under a private module name.
+    shutil.rmtree(source.parent)
+    done, out = _load_in_fresh_process(tmp_path / "model" / "model.pt", x, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert torch.equal(out, expected)
+    assert done.stdout.strip().startswith("switchprune_user_")
+
+
+def test_a_changed_copy_or_a_changed_file_is_refused_before_it_runs(tmp_path):
     source = tmp_path / "mynet.py"
     shutil.copy(USER_FILE, source)
-    arch = f"{source}:build"
-    spec = spec_from_config(ModelConfig(arch=arch), (3, 16, 16), 5)
-    assert len(spec.source_sha256) == 64
-    model = build_model(spec)
-    save_model(model, tmp_path / "model.pt")
-    loaded, _ = load_model_file(tmp_path / "model.pt")
-    assert loaded.spec == spec
-    source.write_text(source.read_text() + "\n# edited\n")
-    with pytest.raises((GraphError, ArtifactError), match="changed since this model was saved"):
-        load_model_file(tmp_path / "model.pt")
+    model = build_model(spec_from_config(ModelConfig(arch=f"{source}:build"), (3, 16, 16), 5))
+    save_model(model, tmp_path / "model" / "model.pt")
+    copy = tmp_path / "model" / "network.py"
+    marker = tmp_path / "ran"
+    copy.write_text(copy.read_text() + f"\nopen({str(marker)!r}, 'w').close()\n")
+    with pytest.raises(ArtifactError, match="network.py: .*does not match its recorded SHA-256"):
+        load_model_file(tmp_path / "model" / "model.pt")
+    assert not marker.exists()
+    # No copy, and the file at the arch's path edited: refused in a process that never ran it.
+    copy.unlink()
+    source.write_text(source.read_text() + f"\nopen({str(marker)!r}, 'w').close()\n")
+    done, _ = _load_in_fresh_process(tmp_path / "model" / "model.pt", torch.zeros(1), tmp_path)
+    assert done.returncode != 0
+    assert "changed since this model was saved" in done.stderr
+    assert not marker.exists()
+    source.unlink()
+    done, _ = _load_in_fresh_process(tmp_path / "model" / "model.pt", torch.zeros(1), tmp_path)
+    assert "the network's source" in done.stderr and "no stored copy (network.py)" in done.stderr
 
 
 def test_package_module_builder(tmp_path, monkeypatch):
@@ -162,6 +220,37 @@ def test_package_module_builder(tmp_path, monkeypatch):
     spec = spec_from_config(ModelConfig(arch="my_models.nets:build"), (1, 8, 8), 3)
     assert spec.source_sha256 and spec.num_classes == 3
     assert build_model(spec)(torch.zeros(2, 1, 8, 8)).shape == (2, 3)
+
+
+def test_a_module_network_names_the_distribution_to_install_where_it_is_missing(tmp_path):
+    site = tmp_path / "site"
+    (site / "dist_models").mkdir(parents=True)
+    (site / "dist_models" / "__init__.py").write_text("")
+    shutil.copy(USER_FILE, site / "dist_models" / "nets.py")
+    info = site / "dist_models-1.2.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: dist-models\nVersion: 1.2.0\n")
+    (info / "top_level.txt").write_text("dist_models\n")
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "from switchprune.config import ModelConfig\n"
+        "from switchprune.io import save_model\n"
+        "from switchprune.models import build_model, spec_from_config\n"
+        "spec = spec_from_config(ModelConfig(arch='dist_models.nets:build'), (1, 8, 8), 3)\n"
+        "print(spec.source_package)\n"
+        "save_model(build_model(spec), sys.argv[2])\n"
+    )
+    model_path = tmp_path / "model" / "model.pt"
+    run = [sys.executable, "-c", script, str(site), str(model_path)]
+    done = subprocess.run(run, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "dist-models==1.2.0"
+    assert not (model_path.parent / "network.py").exists()  # a module is installed, not copied
+    # Where the package is not installed, the error says what to install.
+    with pytest.raises(
+        ArtifactError, match=r"cannot import dist_models.nets.*dist-models==1\.2\.0"
+    ):
+        load_model_file(model_path)
 
 
 @pytest.mark.parametrize(

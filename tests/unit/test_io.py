@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -231,3 +234,17 @@ def test_a_staged_folder_is_removed_and_only_complete_files_are_moved_in(tmp_pat
         io.move_into(staging, out, ["model.pt"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     assert {p.name: p.read_text() for p in out.iterdir()} == {"keep.txt": "old", "model.pt": "new"}
+
+
+def test_written_files_get_the_mode_of_any_new_file(tmp_path: Path) -> None:
+    # Model files are shared: readable by the group and others, as umask 022 makes other files.
+    old = os.umask(0o022)
+    try:
+        code = (
+            "import sys; from pathlib import Path; from switchprune.io import write_json;"
+            "write_json({'a': 1}, Path(sys.argv[1]))"
+        )
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / "r.json")], check=True)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o644

@@ -1,77 +1,128 @@
-"""ONNX export of every architecture, checked against PyTorch with onnxruntime."""
+"""ONNX export of every architecture behind its input contract, checked with onnxruntime."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
 from model_support import IN_SHAPES, TEST_ARCHS
 from switchprune import onnx_export
 from switchprune.onnx_export import (
-    MAX_ABS_DIFF,
+    ATOL,
     ONNX_FILE,
+    RTOL,
     OnnxExportError,
+    compare,
     export_checked,
     latency_ms,
+    random_pixels,
+    read_contract,
     session,
 )
+from switchprune.serving import InputContract, ServedModel
 
 
-def logits_of_order_one(model: torch.nn.Module, in_shape: tuple[int, ...]) -> torch.nn.Module:
-    """Scale the classifier so logits are O(1), as a trained net's are: float32 rounding alone
-    differs by ~1e-4 between two correct engines at the logits of 60 some random nets reach."""
-    with torch.no_grad():
-        scale = model.eval()(torch.randn(8, *in_shape)).abs().max().item()
-        if scale > 1.0:
-            classifier = dict(model.named_modules())[model.classifier_name]
-            classifier.weight.mul_(1.0 / scale)
-            if classifier.bias is not None:
-                classifier.bias.mul_(1.0 / scale)
-    return model
+def contract_for(model: torch.nn.Module, mean: float = 0.4) -> InputContract:
+    channels = model.spec.in_shape[0]
+    return InputContract(
+        shape=tuple(model.spec.in_shape),
+        mean=(mean,) * channels,
+        std=(0.25,) * channels,
+        classes=tuple(f"class-{i}" for i in range(model.spec.num_classes)),
+    )
 
 
 @pytest.mark.parametrize("arch", TEST_ARCHS)
 def test_every_arch_exports_and_matches_pytorch(arch: str, tiny_net, tmp_path: Path) -> None:
-    model = logits_of_order_one(tiny_net(arch), IN_SHAPES[arch])
+    # Random full-width nets, logits unscaled: deep ones reach large logits, where float32
+    # rounding alone exceeds an absolute 1e-4; the tolerance follows their scale.
+    model = tiny_net(arch)
+    contract = contract_for(model)
     path = tmp_path / ONNX_FILE
-    diff = export_checked(model, IN_SHAPES[arch], path)
-    assert diff <= MAX_ABS_DIFF
-    # A fresh session on the file, at a batch size the export never saw (dynamic batch axis).
-    x = torch.randn(5, *IN_SHAPES[arch], generator=torch.Generator().manual_seed(7))
+    export_checked(model, contract, path)
+    # A fresh session on the file, raw pixels at a batch size the export never saw.
+    x = random_pixels(5, IN_SHAPES[arch], seed=7)
     got = session(path).run(None, {"input": x.numpy()})[0]
     with torch.no_grad():
-        expected = model.eval()(x).numpy()
+        expected = ServedModel(model, contract).eval()(x).numpy()
+        # The same as the bare network on the prepared data's normalisation.
+        normalised = (x.float() / 255.0 - 0.4) / 0.25
+        assert np.array_equal(expected, model.eval()(normalised).numpy())
     assert got.shape == expected.shape == (5, expected.shape[1])
-    assert np.abs(got - expected).max() <= MAX_ABS_DIFF
+    assert np.abs(got - expected).max() <= ATOL + RTOL * np.abs(expected).max()
     assert (got.argmax(1) == expected.argmax(1)).all()
+
+
+def test_the_graph_takes_uint8_and_refuses_floats(tiny_net, tmp_path: Path) -> None:
+    model = tiny_net("lenet5")
+    path = tmp_path / ONNX_FILE
+    export_checked(model, contract_for(model), path)
+    sess = session(path)
+    (declared,) = sess.get_inputs()
+    assert declared.type == "tensor(uint8)" and declared.shape[1:] == [1, 8, 8]
+    floats = np.random.default_rng(0).random((2, 1, 8, 8), dtype=np.float32)
+    with pytest.raises(Exception, match="(?i)type"):
+        sess.run(None, {"input": floats})
+
+
+def test_the_file_carries_the_contract(tiny_net, tmp_path: Path) -> None:
+    model = tiny_net("mlp")
+    contract = contract_for(model)
+    path = tmp_path / ONNX_FILE
+    export_checked(model, contract, path)
+    props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert json.loads(props["classes"]) == [f"class-{i}" for i in range(model.spec.num_classes)]
+    assert json.loads(props["input_dtype"]) == "uint8"
+    assert json.loads(props["input_layout"]) == "NCHW"
+    assert json.loads(props["input_shape"]) == [1, 8, 8]
+    assert json.loads(props["mean"]) == [0.4] and json.loads(props["std"]) == [0.25]
+    assert read_contract(path) == contract
 
 
 def test_a_mismatch_is_refused_and_leaves_no_file(tiny_net, tmp_path: Path) -> None:
     path = tmp_path / ONNX_FILE
     path.write_bytes(b"stale copy of an older model")
+    model = tiny_net("mlp")
     with pytest.raises(OnnxExportError, match="does not match PyTorch"):
-        export_checked(tiny_net("mlp"), IN_SHAPES["mlp"], path, tolerance=-1.0)
+        export_checked(model, contract_for(model), path, atol=-1.0, rtol=0.0)
     assert not path.exists()
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("arch", ["mlp", "resnet18"])
+def test_the_tolerance_catches_a_wrong_normalisation(arch: str, tiny_net) -> None:
+    # A graph that normalises with another mean (here by 0.02, a few grey levels) is not the
+    # model: the relative tolerance still tells it apart, on a shallow and on a deep network.
+    model = tiny_net(arch)
+    data = onnx_export.export_bytes(model, contract_for(model, mean=0.42))
+    x = random_pixels(3, IN_SHAPES[arch])
+    diff, scale = compare(model, contract_for(model), data, x)
+    assert diff > ATOL + RTOL * scale
+    same, scale = compare(model, contract_for(model, mean=0.42), data, x)
+    assert same <= ATOL + RTOL * scale
+
+
 def test_latency_is_measured_at_both_batch_sizes(tiny_net, tmp_path: Path) -> None:
+    model = tiny_net("lenet5")
     path = tmp_path / ONNX_FILE
-    export_checked(tiny_net("lenet5"), IN_SHAPES["lenet5"], path)
+    export_checked(model, contract_for(model), path)
     for batch in (1, 256):
         ms = latency_ms(path, IN_SHAPES["lenet5"], batch, warmup=1, repeats=3, threads=1)
         assert 0.0 < ms < 10_000.0
 
 
-def test_the_file_names_no_path_of_this_machine(tiny_net, tmp_path: Path) -> None:
+def test_the_file_names_no_path_of_this_machine(tiny_net) -> None:
     # The exporter records each node's stack trace, with absolute source paths: dropped, so
     # the same model gives the same bytes in any checkout.
     import switchprune
 
-    data = onnx_export.export_bytes(tiny_net("lenet5"), IN_SHAPES["lenet5"])
+    model = tiny_net("lenet5")
+    data = onnx_export.export_bytes(model, contract_for(model))
     source_root = str(Path(switchprune.__file__).resolve().parents[1]).encode()
     assert source_root not in data and onnx_export.STACK_TRACE_KEY.encode() not in data
     assert b"pkg.torch.onnx.class_hierarchy" in data  # the rest of the metadata stays

@@ -35,6 +35,41 @@ def test_each_threshold_refuses(change: dict, needle: str) -> None:
     assert not ok and needle in reason
 
 
+def test_a_refusal_lists_every_failing_condition() -> None:
+    bad = {
+        "test_accuracy": 0.85,
+        "baseline_accuracy": 0.99,
+        "params_ratio": 0.7,
+        "max_abs_logit_diff_f64": 0.5,
+    }
+    champion = {"version": 1, "metrics": {"test_accuracy": 0.97}}
+    ok, reason = check_gate(CFG, bad, champion, 2)
+    assert not ok
+    parts = reason.split("; ")
+    needles = (
+        "min_accuracy",
+        "max_accuracy_drop",
+        "max_logit_diff",
+        "max_params_ratio",
+        "champion version 1",
+    )
+    assert len(parts) == len(needles), reason
+    for part, needle in zip(parts, needles, strict=True):
+        assert needle in part, reason
+
+
+def test_a_single_failure_is_named_alone() -> None:
+    ok, reason = check_gate(CFG, {**GOOD, "params_ratio": 0.7}, None, 1)
+    assert not ok and "; " not in reason and reason.startswith("params_ratio 0.7000")
+
+
+def test_every_missing_metric_is_named() -> None:
+    ok, reason = check_gate(CFG, {"baseline_accuracy": 0.9}, None, 5)
+    assert not ok
+    for key in ("test_accuracy", "params_ratio", "max_abs_logit_diff_f64"):
+        assert f"the run of version 5 has no metric '{key}'" in reason
+
+
 def test_missing_metric_refuses() -> None:
     ok, reason = check_gate(CFG, {"test_accuracy": 0.95}, None, 3)
     assert not ok and "params_ratio" in reason and "version 3" in reason

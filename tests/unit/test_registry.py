@@ -27,7 +27,9 @@ from switchprune.models import ModelSpec, TaskNet, build_model
 from switchprune.registry import ModelRef, Registration, RegistryError, parse_model_ref
 
 SPEC = ModelSpec("mlp", (1, 8, 8), 10, {"fc1": 8, "fc2": 4})
-EXAMPLE = np.linspace(-1.0, 1.0, 2 * 64, dtype=np.float32).reshape(2, 1, 8, 8)
+# Served models take raw uint8 pixels; the bare network inside takes normalised floats (X).
+EXAMPLE = np.arange(2 * 64, dtype=np.uint8).reshape(2, 1, 8, 8)
+X = np.linspace(-1.0, 1.0, 2 * 64, dtype=np.float32).reshape(2, 1, 8, 8)
 
 PARAMS = {"train": {"epochs": 3, "lr": 0.1}, "model": {"hidden": [8, 4]}, "seed": 0}
 METRICS: dict[str, Any] = {"test_accuracy": 0.93, "params_ratio": 0.5, "kept": {"fc1": 6}}
@@ -303,7 +305,7 @@ def test_download_model_version_round_trip(
 def test_load_model_in_a_fresh_process(store: Store, registered: dict[str, Any]) -> None:
     model = registered["model"]
     with torch.no_grad():
-        expected = model(torch.from_numpy(EXAMPLE)).tolist()
+        expected = model(torch.from_numpy(X)).tolist()
     code = (
         "import json, sys, mlflow.pytorch, numpy as np, torch\n"
         "m = mlflow.pytorch.load_model('models:/tiny@candidate')\n"

@@ -6,7 +6,16 @@ from switchprune.config import OWN_ARCHS, TORCHVISION_ARCHS, ConfigError, ModelC
 from switchprune.models import lenet, mlp, resnet, vgg
 from switchprune.models.base import Gate, GateGroup, ModelSpec, TaskNet
 from switchprune.models.graph import GraphError, GraphNet
-from switchprune.models.zoo import build_graph_model, graph_spec, is_graph_arch
+from switchprune.models.zoo import (
+    SOURCE_FILE,
+    build_graph_model,
+    graph_spec,
+    is_file_arch,
+    is_graph_arch,
+    provide_source,
+    provide_source_file,
+    source_bytes,
+)
 
 ARCHS = OWN_ARCHS + TORCHVISION_ARCHS
 
@@ -56,6 +65,7 @@ def build_model(spec: ModelSpec) -> TaskNet:
 
 __all__ = [
     "ARCHS",
+    "SOURCE_FILE",
     "Gate",
     "GateGroup",
     "GraphError",
@@ -63,6 +73,10 @@ __all__ = [
     "ModelSpec",
     "TaskNet",
     "build_model",
+    "is_file_arch",
     "is_graph_arch",
+    "provide_source",
+    "provide_source_file",
+    "source_bytes",
     "spec_from_config",
 ]

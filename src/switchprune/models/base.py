@@ -23,6 +23,8 @@ class ModelSpec:
             full-width network. They are rebuilt full width, then cut to these units.
         source_sha256: For a network built by the user's own code, the SHA-256 of the file
             that defines it: a changed file is refused instead of loaded into.
+        source_package: For a ``package.module:build`` network, the distribution and version
+            that provided the module (``name==version``), named when it is missing.
     """
 
     arch: str
@@ -32,6 +34,7 @@ class ModelSpec:
     options: dict[str, Any] = field(default_factory=dict)
     kept: dict[str, tuple[int, ...]] = field(default_factory=dict)
     source_sha256: str = ""
+    source_package: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON/``weights_only``-safe mapping (optional fields only when set)."""
@@ -47,6 +50,8 @@ class ModelSpec:
             out["kept"] = {k: [int(i) for i in v] for k, v in self.kept.items()}
         if self.source_sha256:
             out["source_sha256"] = self.source_sha256
+        if self.source_package:
+            out["source_package"] = self.source_package
         return out
 
     @classmethod
@@ -60,6 +65,7 @@ class ModelSpec:
             options=dict(data.get("options", {})),
             kept={str(k): tuple(int(i) for i in v) for k, v in data.get("kept", {}).items()},
             source_sha256=str(data.get("source_sha256", "")),
+            source_package=str(data.get("source_package", "")),
         )
 
     def with_widths(
@@ -74,6 +80,7 @@ class ModelSpec:
             dict(self.options),
             dict(kept) if kept is not None else dict(self.kept),
             self.source_sha256,
+            self.source_package,
         )
 
 

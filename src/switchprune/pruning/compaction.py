@@ -9,6 +9,8 @@ what the loader will rebuild from ``{spec, state_dict}``.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -98,3 +100,97 @@ def compact(
     small = build_model(spec)
     small.load_state_dict(work.state_dict(), strict=True)
     return small.eval()
+
+
+def layer_widths(model: TaskNet, kept: Mapping[str, int]) -> dict[str, dict[str, Any]]:
+    """Full and kept width of every layer with units, in network order: ``widths.json``.
+
+    Each gate group is one entry under its name: ``index`` (its position in the network),
+    ``label`` (the layer's module path and kind, e.g. ``features.3 (conv 3×3)``), ``gated``
+    (true), ``full``, ``kept`` and ``layers`` (the modules whose output channels are its
+    units). Every ``Conv2d``/``Linear`` that writes no group is an entry under its module path
+    with ``gated`` false, ``kept`` equal to ``full`` and ``why`` it was left whole (the
+    classifier, a grouped convolution, ...). ``index`` gives the order; JSON files here are
+    written with sorted keys.
+
+    Args:
+        model: The full-width task network, with its groups.
+        kept: Kept width per group (``kept_widths``).
+
+    Returns:
+        The entries by group name or module path, in network order.
+    """
+    modules = dict(model.named_modules())
+    group_of = {w: g for g in model.groups for w in g.writers}
+    out: dict[str, dict[str, Any]] = {}
+    for name, module in modules.items():
+        if not isinstance(module, nn.Conv2d | nn.Linear):
+            continue
+        group = group_of.get(name)
+        if group is not None and group.name in out:
+            continue  # a further writer of a group already listed (residual stream)
+        entry: dict[str, Any] = {"index": len(out)}
+        if group is not None:
+            label = f"{_shown(name)} ({_kind(module)})"
+            tied = len(group.writers) - 1
+            if tied:
+                # Channels shared through additions (a residual stream) or a depthwise conv.
+                label += f" + {tied} tied layer{'s' if tied > 1 else ''}"
+                if group.name != name:
+                    label = f"{_shown(group.name)}: {label}"
+            entry |= {
+                "label": label,
+                "gated": True,
+                "full": int(group.size),
+                "kept": int(kept[group.name]),
+                "layers": [_shown(w) for w in group.writers],
+            }
+            out[group.name] = entry
+        else:
+            width = int(
+                module.out_features if isinstance(module, nn.Linear) else module.out_channels
+            )
+            entry |= {
+                "label": f"{_shown(name)} ({_kind(module)})",
+                "gated": False,
+                "full": width,
+                "kept": width,
+                "why": _why_ungated(model, name, module),
+            }
+            out[name] = entry
+    return out
+
+
+def _shown(name: str) -> str:
+    """A module path as the user's network names it (without the wrapper's ``net.``)."""
+    return name.removeprefix("net.")
+
+
+def _kind(module: nn.Module) -> str:
+    """What a layer is, briefly: ``linear``, ``conv 3×3``, ``depthwise conv 3×3, stride 2``."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    assert isinstance(module, nn.Conv2d)
+    kh, kw = module.kernel_size
+    text = f"conv {kh}×{kw}"
+    if module.groups > 1:
+        depthwise = module.groups == module.in_channels == module.out_channels
+        text = f"depthwise {text}" if depthwise else f"grouped {text}, {module.groups} groups"
+    sh, sw = module.stride
+    if (sh, sw) != (1, 1):
+        text += f", stride {sh}" if sh == sw else f", stride {sh}×{sw}"
+    return text
+
+
+def _why_ungated(model: TaskNet, name: str, module: nn.Module) -> str:
+    """Why a layer carries no gate."""
+    if name == model.classifier_name:
+        return "the classifier (one output per class)"
+    if isinstance(module, nn.Conv2d) and module.groups > 1:
+        if not module.groups == module.in_channels == module.out_channels:
+            return "a grouped convolution (its channel blocks must shrink together)"
+        return "a depthwise convolution tied to channels that cannot be cut exactly"
+    return (
+        "its output channels are tied to a layer that cannot be cut exactly "
+        "(a grouped convolution or the classifier)"
+    )

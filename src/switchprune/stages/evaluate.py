@@ -14,7 +14,7 @@ from switchprune.config import DataConfig, EvaluateConfig
 from switchprune.data import load_meta, load_split, open_split, use_streaming
 from switchprune.evaluation import (
     accuracy_from_logits,
-    measure_latency_ms,
+    measure_latency,
     predict_logits,
     retain_freed_memory,
     size_metrics,
@@ -22,7 +22,13 @@ from switchprune.evaluation import (
 )
 from switchprune.io import COMPACT_FILE, ArtifactError, load_baseline, load_compacted, load_switched
 from switchprune.models import TaskNet
-from switchprune.onnx_export import ONNX_FILE, export_temporary, latency_ms
+from switchprune.onnx_export import (
+    ONNX_FILE,
+    OnnxExportError,
+    export_temporary,
+    latency_ms,
+    read_contract,
+)
 from switchprune.pruning import masked_factors
 from switchprune.training import resolve_device
 
@@ -127,11 +133,11 @@ def _torch_latencies(
     in_shape: tuple[int, ...],
     device: torch.device,
 ) -> dict[str, float]:
-    """PyTorch forward times of the unpruned and the compacted model, and their ratio."""
+    """PyTorch forward times (median, IQR) of the unpruned and compacted model; their ratio."""
     out = {}
     for batch in (1, 256):
         for tag, model in (("before", full), ("after", small)):
-            out[f"latency_ms_{tag}_b{batch}"] = measure_latency_ms(
+            timed = measure_latency(
                 model,
                 in_shape,
                 batch,
@@ -139,6 +145,8 @@ def _torch_latencies(
                 warmup=cfg.latency_warmup,
                 repeats=cfg.latency_repeats,
             )
+            out[f"latency_ms_{tag}_b{batch}"] = timed.median_ms
+            out[f"latency_iqr_ms_{tag}_b{batch}"] = timed.iqr_ms
         out[f"latency_speedup_b{batch}"] = (
             out[f"latency_ms_before_b{batch}"] / out[f"latency_ms_after_b{batch}"]
         )
@@ -148,10 +156,18 @@ def _torch_latencies(
 def _onnx_latencies(
     cfg: EvaluateConfig, full: TaskNet, onnx_after: Path, in_shape: tuple[int, ...]
 ) -> dict[str, float]:
-    """CPU times under onnxruntime: the unpruned TNN exported as prune exports, and prune's copy."""
+    """CPU times under onnxruntime: the unpruned TNN exported as prune exports, and prune's copy.
+
+    Both take raw ``uint8`` pixels and normalise them inside, with the contract ``model.onnx``
+    records, so the two graphs differ only by the network.
+    """
     if not onnx_after.is_file():
         raise ArtifactError(f"{onnx_after} is missing (re-run prune)")
-    onnx_models = {"before": export_temporary(full, in_shape), "after": onnx_after}
+    try:
+        contract = read_contract(onnx_after)
+    except OnnxExportError as exc:
+        raise ArtifactError(f"{onnx_after}: {exc} (re-run prune)") from exc
+    onnx_models = {"before": export_temporary(full, contract), "after": onnx_after}
     out = {}
     for batch in (1, 256):
         for tag, onnx_model in onnx_models.items():

@@ -29,7 +29,8 @@ def run(
 
     Returns:
         ``promoted``, ``reason``, ``model_name``, ``version``, ``s3_uri``, ``changed``,
-        ``champion_before``.
+        ``champion_before``. A version the gate refuses is ``promoted: False``, with every
+        failed condition in ``reason`` (``switchprune promote`` then exits with status 3).
     """
     from switchprune import promotion
 

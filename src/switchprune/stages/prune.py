@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from switchprune.config import PruneConfig, to_dict
 from switchprune.evaluation import size_metrics
-from switchprune.io import COMPACT_FILE, WIDTHS_FILE, load_switched, save_model, write_json
+from switchprune.io import (
+    COMPACT_FILE,
+    SWITCHED_FILE,
+    WIDTHS_FILE,
+    ArtifactError,
+    load_switched,
+    save_model,
+    write_json,
+)
 from switchprune.onnx_export import ONNX_FILE, export_checked
 from switchprune.pruning import compact, kept_widths, threshold_factors
+from switchprune.pruning.compaction import layer_widths
+from switchprune.serving import INPUT_KEY, InputContract, contract_of
 
 
 def run(cfg: PruneConfig, *, trained_dir: Path, model_dir: Path) -> dict[str, float]:
@@ -18,17 +29,23 @@ def run(cfg: PruneConfig, *, trained_dir: Path, model_dir: Path) -> dict[str, fl
         cfg: The ``prune`` section.
         trained_dir: Output of ``train``.
         model_dir: Where the compacted model (``model.pt``: spec with the kept widths, kept
-            indices, ``state_dict``), its ONNX copy (``model.onnx``, checked against PyTorch
-            with onnxruntime) and ``widths.json`` (kept/full width per group) go.
+            indices, ``state_dict`` and the input contract ``"input"`` copied from
+            ``switched.pt``), its ONNX copy (``model.onnx``: raw ``uint8`` input, normalised
+            inside, contract in its metadata, checked against PyTorch with onnxruntime) and
+            ``widths.json`` (kept/full width per group) go.
 
     Raises:
+        switchprune.io.ArtifactError: ``switched.pt`` holds no input contract (written by
+            an older ``train``).
         switchprune.onnx_export.OnnxExportError: The ONNX copy does not match the compacted
-            model (max abs logit difference above 1e-4); no ``model.onnx`` is left.
+            model (max abs logit difference above ``1e-4 + 1e-4 * max|logit|``); no
+            ``model.onnx`` is left.
 
     Returns:
         Parameters and MACs before and after, and their ratios.
     """
-    model, factors, _blob = load_switched(trained_dir)
+    model, factors, blob = load_switched(trained_dir)
+    contract = _contract(blob, Path(trained_dir) / SWITCHED_FILE)
     kept = threshold_factors(factors, cfg)
     small = compact(model, factors, kept)
     in_shape = model.spec.in_shape
@@ -41,11 +58,22 @@ def run(cfg: PruneConfig, *, trained_dir: Path, model_dir: Path) -> dict[str, fl
         kept={k: v.clone() for k, v in kept.items()},
         full_widths=dict(model.group_sizes()),
         prune=to_dict(cfg),
+        **{INPUT_KEY: contract.to_dict()},
     )
-    export_checked(small, in_shape, model_dir / ONNX_FILE)
-    full = model.group_sizes()
-    write_json(
-        {g: {"kept": w, "full": full[g]} for g, w in kept_widths(kept).items()},
-        model_dir / WIDTHS_FILE,
-    )
+    export_checked(small, contract, model_dir / ONNX_FILE)
+    write_json(layer_widths(model, kept_widths(kept)), model_dir / WIDTHS_FILE)
     return metrics
+
+
+def _contract(blob: dict[str, Any], path: Path) -> InputContract:
+    """The input contract ``train`` stored with the switched network; refused when absent."""
+    try:
+        contract = contract_of(blob, path)
+    except ValueError as exc:
+        raise ArtifactError(str(exc)) from exc
+    if contract is None:
+        raise ArtifactError(
+            f"{path}: no input contract ({INPUT_KEY!r}: dtype, shape, mean/std, classes); "
+            "it was written by an older train: re-run train"
+        )
+    return contract

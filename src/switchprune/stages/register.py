@@ -13,6 +13,7 @@ from switchprune.config import RegisterConfig
 from switchprune.data import META_FILE, load_meta, open_split, raw_images
 from switchprune.errors import redact_uri
 from switchprune.io import COMPACT_FILE, WIDTHS_FILE, ArtifactError, load_compacted, read_json
+from switchprune.models import SOURCE_FILE
 from switchprune.onnx_export import ONNX_FILE
 
 if TYPE_CHECKING:
@@ -64,6 +65,9 @@ def run(
     model, _kept = load_compacted(model_dir)
     report = read_json(Path(evaluate_path))
     widths = read_json(Path(model_dir) / WIDTHS_FILE)
+    # Ungated layers (the classifier, ...) are listed for the card; the logged widths are the
+    # gate groups' (files without a "gated" flag list groups only).
+    gated = {g: w for g, w in widths.items() if w.get("gated", True)}
     data_md5 = str(report.get("data_md5", ""))
     files = _model_files(Path(prepared_dir), Path(model_dir), Path(evaluate_path))
     meta = load_meta(prepared_dir)
@@ -74,8 +78,8 @@ def run(
         model=model,
         files=files,
         input_example=_input_example(Path(prepared_dir)),
-        params={**params, "widths": {g: w["kept"] for g, w in widths.items()}},
-        metrics=_metrics(report, widths),
+        params={**params, "widths": {g: w["kept"] for g, w in gated.items()}},
+        metrics=_metrics(report, gated),
         tags={"data_md5": data_md5, **_git_tags(git_commit)},
         normalization=(meta.mean, meta.std),
         history=_read_history(Path(history_path)) if history_path is not None else [],
@@ -88,6 +92,7 @@ def run(
         meta=read_json(Path(prepared_dir) / META_FILE),
         params=params,
         history=registration.history,
+        class_names=meta.labels,
     )
     return {
         "model_name": cfg.model_name,
@@ -120,6 +125,8 @@ def _model_files(prepared_dir: Path, model_dir: Path, evaluate_path: Path) -> di
     }
     if not files[ONNX_FILE].is_file():
         raise ArtifactError(f"{files[ONNX_FILE]} is missing (re-run prune)")
+    if (model_dir / SOURCE_FILE).is_file():
+        files[SOURCE_FILE] = model_dir / SOURCE_FILE  # a user network's code travels with it
     return files
 
 

@@ -10,6 +10,7 @@ from switchprune.config import DataConfig, ModelConfig, TrainConfig, to_dict
 from switchprune.data import load_meta, load_split, open_split, use_streaming
 from switchprune.io import BASELINE_FILE, SWITCHED_FILE, save_model, write_json
 from switchprune.models import spec_from_config
+from switchprune.serving import INPUT_KEY, InputContract
 from switchprune.training import fit, resolve_device
 
 
@@ -32,7 +33,9 @@ def run(
         model_cfg: The ``model`` section (architecture and widths).
         prepared_dir: Output of ``preprocess``.
         trained_dir: Where ``switched.pt`` (full-width TNN, its factors, the switcher) and
-            ``baseline.pt`` are written.
+            ``baseline.pt`` are written, each with the input contract (``"input"``: raw
+            ``uint8`` shape, mean/std and class names of the prepared data, see
+            :class:`~switchprune.serving.InputContract`).
         checkpoint_dir: Where resumable per-epoch checkpoints live; a run interrupted after an
             epoch resumes from there with the same result as an uninterrupted run.
         progress: Show progress bars.
@@ -51,6 +54,8 @@ def run(
     read = open_split if data_cfg is not None and use_streaming(data_cfg, meta) else load_split
     train_set, val_set = read(prepared_dir, "train"), read(prepared_dir, "val")
     spec = spec_from_config(model_cfg, meta.in_shape, meta.num_classes)
+    # The model files carry their input contract: prune and every shipped form read it there.
+    contract = {INPUT_KEY: InputContract.from_meta(meta).to_dict()}
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     # The switched and the baseline run differ only in ``switched`` and their checkpoint.
     train_once = partial(
@@ -75,11 +80,12 @@ def run(
         switcher_spec=result.switcher.spec.to_dict(),
         switcher_state=result.switcher.state_dict(),
         train=to_dict(cfg),
+        **contract,
     )
     baseline_history: list[dict[str, float]] = []
     if cfg.baseline:
         base = train_once(switched=False, checkpoint_path=ckpt / "baseline.ckpt" if ckpt else None)
-        save_model(base.model, trained_dir / BASELINE_FILE, train=to_dict(cfg))
+        save_model(base.model, trained_dir / BASELINE_FILE, train=to_dict(cfg), **contract)
         metrics.update(_baseline_metrics(metrics, base.metrics))
         baseline_history = base.history
     else:
