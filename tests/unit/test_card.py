@@ -246,12 +246,12 @@ def test_a_grouped_convolution_is_listed_as_left_whole_and_why(tmp_path: Path) -
         "4 (conv 1×1)",
         "8 (linear)",
     ]
-    assert by_key["net.2"].why.startswith("a grouped convolution")
-    assert not by_key["net.0"].gated and "cannot be cut exactly" in by_key["net.0"].why
+    assert by_key["net.2"].why == "its channels pass through the grouped convolution '2'"
+    assert not by_key["net.0"].gated and "grouped convolution '2'" in by_key["net.0"].why
     assert by_key["net.4"].gated and by_key["net.4"].kept == 3
     assert "classifier" in by_key["net.8"].why
     text = render_card(dataclasses.replace(CARD, widths=_widths_of(f"{source}:build")))
-    assert "- 2 (grouped conv 3×3, 2 groups): a grouped convolution" in text
+    assert "- 2 (grouped conv 3×3, 2 groups): its channels pass through the grouped" in text
 
 
 def test_format_number() -> None:

@@ -19,6 +19,7 @@ from switchprune.evaluation import count_macs, count_params
 from switchprune.io import ArtifactError, load_model_file, save_model
 from switchprune.models import GraphError, build_model, spec_from_config
 from switchprune.pruning import compact
+from switchprune.pruning.compaction import layer_widths
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -308,3 +309,18 @@ def test_config_refuses_unknown_arch_and_widening_a_graph_network(tmp_path):
         path.write_text(json.dumps({"model": model}))
         with pytest.raises(ConfigError, match=message):
             load_params(path, ["model"])
+
+
+def test_layers_left_ungated_are_named_with_the_reason(caplog):
+    arch = USER_ARCH.replace(":build", ":build_mixed")
+    with caplog.at_level("WARNING", logger="switchprune"):
+        spec = spec_from_config(ModelConfig(arch=arch), (1, 8, 8), 4)
+    model = build_model(spec)
+    why = "its channels pass through the grouped convolution 'grouped'"
+    assert model.ungated == {f"net.{n}": why for n in ("a", "b", "grouped")}
+    logged = [r.getMessage() for r in caplog.records]
+    assert any("layer 'grouped' is left whole (not gated)" in m for m in logged), logged
+    widths = layer_widths(model, spec.widths)
+    assert widths["net.a"]["gated"] is False and widths["net.a"]["why"] == why
+    assert widths["net.head"]["gated"] is True
+    assert "classifier" in widths["net.fc"]["why"]

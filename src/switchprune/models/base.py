@@ -150,6 +150,8 @@ class TaskNet(nn.Module):
         super().__init__()
         self.spec = spec
         self.groups: list[GateGroup] = []
+        # Layers (other than the classifier) left without a gate, and why.
+        self.ungated: dict[str, str] = {}
 
     def gates(self) -> list[Gate]:
         """All gate modules, in forward order."""

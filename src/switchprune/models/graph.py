@@ -83,7 +83,9 @@ def _is_grouped(m: nn.Module) -> bool:
     )
 
 
-def analyse(net: nn.Module, in_shape: tuple[int, ...], classifier: str) -> list[GateGroup]:
+def analyse(
+    net: nn.Module, in_shape: tuple[int, ...], classifier: str
+) -> tuple[list[GateGroup], dict[str, str]]:
     """The gate groups of ``net``, named after their first writer (module names inside ``net``).
 
     Args:
@@ -92,7 +94,8 @@ def analyse(net: nn.Module, in_shape: tuple[int, ...], classifier: str) -> list[
         classifier: Name of the classifier layer (its outputs are not gated).
 
     Returns:
-        One group per set of tied output channels, in the order the graph finds them.
+        One group per set of tied output channels, in network order; and the layers (other
+        than the classifier) whose channels could not be gated, with the reason.
 
     Raises:
         GraphError: If the graph cannot be traced.
@@ -111,19 +114,37 @@ def analyse(net: nn.Module, in_shape: tuple[int, ...], classifier: str) -> list[
     finally:
         net.train(was_training)
     groups: list[GateGroup] = []
+    ungated: dict[str, str] = {}
     for group in graph.get_all_groups(
         ignored_layers=[modules[classifier]], root_module_types=(nn.Conv2d, nn.Linear)
     ):
         parsed = _parse(group, names, graph)
-        if parsed is not None:
+        if isinstance(parsed, GateGroup):
             groups.append(parsed)
+        else:
+            for name in _out_layers(group, names, graph):
+                ungated.setdefault(name, parsed)
     # Forward (definition) order, so that a group's position in the list means its depth.
     order = {n: i for i, n in enumerate(modules)}
-    return sorted(groups, key=lambda g: order[g.writers[0]])
+    gated = {w for g in groups for w in g.writers}
+    ungated = {n: ungated[n] for n in sorted(ungated, key=order.__getitem__) if n not in gated}
+    ungated.pop(classifier, None)
+    return sorted(groups, key=lambda g: order[g.writers[0]]), ungated
 
 
-def _parse(group: Any, names: dict[nn.Module, str], graph: Any) -> GateGroup | None:
-    """One pruning group as a :class:`GateGroup`, or ``None`` when it must stay ungated."""
+def _out_layers(group: Any, names: dict[nn.Module, str], graph: Any) -> list[str]:
+    """The convolutions and Linear layers whose output channels a pruning group holds."""
+    return [
+        names[dep.target.module]
+        for dep, _ in group
+        if dep.target.module in names
+        and isinstance(dep.target.module, nn.Conv2d | nn.Linear)
+        and graph.is_out_channel_pruning_fn(dep.handler)
+    ]
+
+
+def _parse(group: Any, names: dict[nn.Module, str], graph: Any) -> GateGroup | str:
+    """One pruning group as a :class:`GateGroup`, or why it must stay ungated."""
     writers: list[nn.Module] = []
     norms: list[nn.Module] = []
     readers: dict[str, list[int]] = {}
@@ -133,13 +154,14 @@ def _parse(group: Any, names: dict[nn.Module, str], graph: Any) -> GateGroup | N
         if m not in names:
             continue  # functional nodes (additions, reshapes) carry no parameters
         if _is_grouped(m):
-            return None
+            return f"its channels pass through the grouped convolution {names[m]!r}"
         out = graph.is_out_channel_pruning_fn(dep.handler)
         if out and isinstance(m, nn.Conv2d | nn.Linear):
             if size is None:
                 size = len(idxs)
             if sorted(idxs) != list(range(size)):
-                return None  # a writer whose channels are permuted: not a plain tie
+                # Not a plain tie: e.g. a layer called twice, on channels of other layers.
+                return f"layer {names[m]!r} writes the channels out of order (used twice?)"
             if m not in writers:
                 writers.append(m)
         elif out and isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
@@ -148,7 +170,7 @@ def _parse(group: Any, names: dict[nn.Module, str], graph: Any) -> GateGroup | N
         elif not out and isinstance(m, nn.Conv2d | nn.Linear):
             readers.setdefault(names[m], list(idxs))
     if size is None or not writers:
-        return None
+        return "no layer writes its channels"
     order = {m: i for i, m in enumerate(names)}
     writers.sort(key=order.__getitem__)
     paired: dict[nn.Module, nn.Module] = {}
@@ -212,7 +234,9 @@ class GraphNet(TaskNet):
         self.__dict__.pop("_gates", None)
         if "gate_list" in self._modules:
             del self._modules["gate_list"]
-        groups = analyse(self.net, self.spec.in_shape, self._classifier)
+        groups, ungated = analyse(self.net, self.spec.in_shape, self._classifier)
+        # Layers left whole and why, by their name in this module (reported, never silent).
+        self.ungated = {f"net.{name}": why for name, why in ungated.items()}
         modules = dict(self.net.named_modules())
         gates = []
         self.groups = []

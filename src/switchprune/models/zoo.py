@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import logging
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -30,6 +31,7 @@ from switchprune.models.graph import (
     remove_units,
 )
 
+logger = logging.getLogger(__name__)
 TORCHVISION = TORCHVISION_ARCHS
 # The stored copy of a user's network file that travels with its models.
 SOURCE_FILE = "network.py"
@@ -107,7 +109,10 @@ def graph_spec(
     if is_user_arch(arch):
         package = "" if is_file_arch(arch) else module_distribution(arch.rpartition(":")[0])
         spec = ModelSpec(arch, in_shape, num_classes, {}, options, {}, digest, package)
-    return build_graph_model(spec).spec
+    model = build_graph_model(spec)
+    for name, why in model.ungated.items():
+        logger.warning("%s: layer %r is left whole (not gated): %s", arch, name[4:], why)
+    return model.spec
 
 
 def _changed(where: str, digest: str, recorded: str) -> GraphError:

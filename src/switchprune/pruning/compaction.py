@@ -155,7 +155,7 @@ def layer_widths(model: TaskNet, kept: Mapping[str, int]) -> dict[str, dict[str,
                 "gated": False,
                 "full": width,
                 "kept": width,
-                "why": _why_ungated(model, name, module),
+                "why": model.ungated.get(name) or _why_ungated(model, name, module),
             }
             out[name] = entry
     return out
