@@ -2,11 +2,17 @@
 
 The S3 server and ``mlflow server`` are what ``make run`` uses when no endpoint is configured;
 tests also serve registered models with ``mlflow models serve``. All run as child processes in
-their own process group, so stopping them also ends anything they spawned.
+their own process group, so stopping them also ends anything they spawned, and (on Linux) they
+are sent SIGTERM when the process that started them dies, however it dies.
+
+Run as a script (``python pipeline/servers.py supervise -- CMD…``), this file is the small
+supervisor :func:`supervised` describes; it imports only the standard library, so it starts
+in milliseconds.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import secrets
@@ -18,10 +24,13 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
+from types import FrameType, TracebackType
 
-from switchprune.storage import ENDPOINT_ENV
+# Linux prctl(2) options.
+_PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
 
 
 class ServiceError(RuntimeError):
@@ -41,6 +50,9 @@ def s3_environment(endpoint: str) -> dict[str, str]:
     The endpoint is named once (``SWITCHPRUNE_S3_ENDPOINT``); MLflow reads
     ``MLFLOW_S3_ENDPOINT_URL`` and botocore ``AWS_ENDPOINT_URL_S3``.
     """
+    # Imported here: the supervisor (this file run as a script) must not load the package.
+    from switchprune.storage import ENDPOINT_ENV
+
     return {
         ENDPOINT_ENV: endpoint,
         "MLFLOW_S3_ENDPOINT_URL": endpoint,
@@ -59,6 +71,110 @@ def _tool(name: str) -> str:
     return found
 
 
+def _prctl() -> Callable[..., int] | None:
+    """``prctl(2)`` from the C library, or None where there is none (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
+
+
+def dies_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the child sent ``sig`` when its parent dies, even by SIGKILL.
+
+    Linux only (``PR_SET_PDEATHSIG``); elsewhere None, i.e. no ``preexec_fn``: the child is then
+    stopped by its parent's clean-up or by the next run's dead-run clean-up instead. The signal
+    follows the death of the *thread* that started the child: start children from the main
+    thread.
+
+    Args:
+        sig: The signal the child gets: SIGTERM lets it clean up, SIGKILL does not wait.
+    """
+    prctl = _prctl()  # looked up before the fork: the child only makes the call
+    if prctl is None:
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the call: nobody will signal us
+            os.kill(os.getpid(), sig)
+
+    return preexec
+
+
+class _Stop(Exception):
+    """The supervisor was told to stop."""
+
+
+def _raise_stop(signum: int, _frame: FrameType | None) -> None:
+    raise _Stop(signum)
+
+
+def supervise(cmd: list[str], grace: float = 10.0) -> int:
+    """Run ``cmd`` and, when told to stop, end everything in this process group.
+
+    The caller starts this process as the leader of a new process group that ``cmd`` and all
+    it spawns (DVC and the stage it runs) share, with :func:`dies_with_parent`. When the caller
+    dies (SIGKILL included), SIGTERM, SIGHUP or SIGINT arrives here, and this sends SIGTERM to
+    the group, reaps it for up to ``grace`` seconds, then SIGKILLs what is left. A direct child
+    alone could not do that: the parent-death signal reaches only the caller's own children, not
+    the stage DVC starts. On Linux this process is also the group's subreaper, so orphaned
+    grandchildren come back to it and can be waited for.
+
+    Args:
+        cmd: The command line to run.
+        grace: Seconds between SIGTERM and SIGKILL.
+
+    Returns:
+        ``cmd``'s exit status (128 + N when it died of signal N), or 128 + the signal that
+        stopped the group.
+    """
+    prctl = _prctl()
+    if prctl is not None:
+        prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, _raise_stop)
+    try:
+        # SIGKILL: should this supervisor itself be SIGKILLed, DVC goes with it.
+        child = subprocess.Popen(cmd, preexec_fn=dies_with_parent(signal.SIGKILL))  # noqa: PLW1509
+        code = child.wait()
+        return 128 - code if code < 0 else code
+    except _Stop as exc:
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+        _end_own_group(grace, reaps_orphans=prctl is not None)
+        return 128 + int(exc.args[0])
+
+
+def _end_own_group(grace: float, *, reaps_orphans: bool) -> None:
+    """SIGTERM this process group, wait for its members, then SIGKILL it (this process too)."""
+    os.killpg(os.getpgrp(), signal.SIGTERM)  # ignored here, by now
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            if reaps_orphans:  # every member is a descendant, reparented here: none is left
+                return
+            break
+        if pid == 0:
+            time.sleep(0.05)
+    # Stragglers, or no way to know there are none: this ends them, and this process.
+    os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
+def supervised(cmd: list[str]) -> list[str]:
+    """``cmd`` run under :func:`supervise`.
+
+    Start the result with ``start_new_session=True`` and ``preexec_fn=dies_with_parent()``, so
+    that whatever ends the caller ends all of it.
+    """
+    return [sys.executable, str(Path(__file__).resolve()), "supervise", "--", *cmd]
+
+
 class _Process:
     """A child process in its own process group, ended with its whole group."""
 
@@ -66,6 +182,11 @@ class _Process:
         self.name = name
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The process id (also its process group id), once started."""
+        return None if self.proc is None else self.proc.pid
 
     def _spawn(
         self, args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None
@@ -80,6 +201,8 @@ class _Process:
                 stdin=subprocess.DEVNULL,
                 env=env,
                 start_new_session=True,
+                # The server does not outlive whoever started it (make run, a test).
+                preexec_fn=dies_with_parent(signal.SIGTERM),  # noqa: PLW1509
             )
 
     def _wait_until(self, ready: object, timeout: float) -> None:
@@ -290,11 +413,19 @@ class ModelServer(_Process):
 
 
 __all__ = [
-    "ENDPOINT_ENV",
     "MlflowServer",
     "ModelServer",
     "S3Server",
     "ServiceError",
+    "dies_with_parent",
     "free_port",
     "s3_environment",
+    "supervise",
+    "supervised",
 ]
+
+
+if __name__ == "__main__":
+    if sys.argv[1:3] != ["supervise", "--"] or len(sys.argv) < 4:
+        sys.exit("usage: servers.py supervise -- CMD [ARG…]")
+    sys.exit(supervise(sys.argv[3:]))

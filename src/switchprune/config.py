@@ -106,6 +106,9 @@ class DataConfig(_Section):
             ``folder``. Class indices follow the sorted class folder names.
         image_size: ``folder``: resize every image to ``image_size`` × ``image_size`` pixels;
             ``None`` keeps the images' own size, which they must then all share.
+        max_image_pixels: ``folder``: refuse an image with more pixels (width × height, read
+            from its header before anything is decoded). The default is PIL's own warning
+            threshold (about 9,459 × 9,459).
         raw_dir: Where torchvision datasets are downloaded to when absent.
         download: Allow torchvision to download a missing dataset.
         val_fraction: Share of the training data held out for validation (when the dataset has
@@ -129,6 +132,7 @@ class DataConfig(_Section):
     idx_dir: str | None = None
     folder_dir: str | None = None
     image_size: int | None = None
+    max_image_pixels: int = Field(89_478_485, ge=1)
     raw_dir: str = "data/raw"
     download: bool = True
     val_fraction: float = Field(0.1, ge=0, lt=0.5)

@@ -3,16 +3,16 @@
 :func:`prepare_data` turns one of the supported datasets into three splits plus ``meta.json``
 describing them (:class:`DataMeta`). On disk, in the prepared directory:
 
-- ``meta.json``: the description; written last, so a directory without it is incomplete (a
-  failed run removes it first and never writes it).
+- ``meta.json``: the description; written last, so a directory without it is incomplete.
 - ``storage: pt`` (``digits``, ``idx`` and the torchvision datasets): ``train.pt``, ``val.pt``,
   ``test.pt``, each ``{"x": uint8 [N, C, H, W], "y": int64 [N]}`` saved by ``torch.save``.
 - ``storage: npy`` (``folder``): ``<split>_x.npy`` (uint8 ``[N, C, H, W]``) and
   ``<split>_y.npy`` (int64 ``[N]``), plain NumPy files. The pixels are decoded and written one
   image at a time, so preparing a folder never holds a whole split in memory.
 
-Every file is written under a temporary name and renamed into place when complete
-(:func:`~switchprune.io.atomic_write_bytes`).
+The whole directory is written in a staging folder beside it and swapped in only once every
+split and ``meta.json`` are complete (:func:`~switchprune.io.replacing_dir`): a run that fails,
+on a corrupt image or anything else, leaves the previous prepared data as it was.
 
 Two ways to read a split back, both normalised with the training statistics and giving the
 same values: :func:`load_split` (all of it as one float tensor: fast for small data) and
@@ -21,8 +21,9 @@ read-only memory map of the file, so memory does not grow with the dataset; batc
 through a ``DataLoader``, see :func:`iter_batches`). :func:`use_streaming` chooses between them
 for ``data.loader``. :func:`augment_batch` is the training-time augmentation.
 
-Every failure caused by the data itself (missing files, a corrupt IDX file or image, a failed
-download) is reported as a single :class:`DataError`.
+Every failure caused by the data itself (missing files, a corrupt IDX file or image, an image
+above ``data.max_image_pixels``, a class too small for the splits, a failed download) is
+reported as a single :class:`DataError` with a one-line message.
 """
 
 from __future__ import annotations
@@ -30,12 +31,14 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+import logging
 import math
 import re
 import tempfile
 import warnings
 import zlib
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -47,7 +50,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from switchprune.config import DataConfig
 from switchprune.dvcfiles import dvc_md5
 from switchprune.errors import InputError
-from switchprune.io import atomic_write_bytes
+from switchprune.io import aside_dir, atomic_write_bytes, replacing_dir
 
 DATASETS: tuple[str, ...] = (
     "digits",
@@ -65,6 +68,13 @@ BUNDLED: frozenset[str] = frozenset({"digits"})
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 META_FILE = "meta.json"
+# Every file a prepared directory holds (either storage format); preprocess replaces the
+# directory whole and refuses one that holds anything else.
+PREPARED_FILES: tuple[str, ...] = (
+    META_FILE,
+    *(f"{s}.pt" for s in SPLITS),
+    *(f"{s}_{a}.npy" for s in SPLITS for a in ("x", "y")),
+)
 # Datasets whose labels survive a horizontal mirror image. Digits do not (a mirrored 2 or 7 is
 # no digit, and a mirrored digit set teaches shapes that never occur); image folders are
 # assumed to hold natural images, like CIFAR.
@@ -106,6 +116,8 @@ _IDX_DTYPES: dict[int, str] = {
 _GZIP_MAGIC = b"\x1f\x8b"
 _IMAGES_RE = re.compile(r"^(?P<prefix>.*)images-idx3-ubyte(?P<gz>\.gz)?$")
 _LABELS_RE = re.compile(r"^(?P<prefix>.*)labels-idx1-ubyte(?P<gz>\.gz)?$")
+
+_log = logging.getLogger(__name__)
 
 
 class DataError(InputError, RuntimeError):
@@ -155,38 +167,43 @@ class DataMeta:
 # --------------------------------------------------------------------------------------------
 
 
-def prepare_data(cfg: DataConfig, *, raw_dir: Path, out_dir: Path) -> dict[str, float]:
-    """Materialise the dataset as train/val/test tensors under ``out_dir``.
+def prepare_data(
+    cfg: DataConfig, *, raw_dir: Path, out_dir: Path, expected_md5: str | None = None
+) -> dict[str, float]:
+    """Materialise the dataset as train/val/test splits under ``out_dir``, whole or not at all.
+
+    Everything is written into a staging folder beside ``out_dir``, which replaces it only once
+    every split and ``meta.json`` are complete (:func:`~switchprune.io.replacing_dir`): when
+    anything fails, ``out_dir`` keeps its previous content, byte for byte.
 
     Args:
         cfg: Which dataset to use and how to split it.
         raw_dir: Where torchvision datasets live (and are downloaded to if allowed).
-        out_dir: Output directory; created if missing. Existing splits are replaced.
+        out_dir: Output directory; created if missing, replaced whole if present (it may hold
+            only the files of a prepared directory, :data:`PREPARED_FILES`).
+        expected_md5: When given, the DVC hash the raw data must have; anything else is
+            refused before ``out_dir`` is replaced.
 
     Returns:
         Flat metrics ``{"n_train", "n_val", "n_test", "num_classes"}``.
 
     Raises:
-        DataError: If the dataset is unknown, missing, corrupt or cannot be downloaded.
+        DataError: If the dataset is unknown, missing, corrupt, cannot be downloaded or has a
+            class too small for the splits.
+        switchprune.io.ArtifactError: ``out_dir`` holds files of another kind.
     """
     raw_dir = Path(raw_dir)
     out_dir = Path(out_dir)
     source = source_dir(cfg, raw_dir)
-    if cfg.dataset == "folder":
-        meta = _write_folder(cfg, source, out_dir)
-    else:
-        meta = _write_tensors(cfg, source, raw_dir, out_dir)
-    # The other format's files of an earlier run would only mislead a reader of the directory.
-    for name in SPLITS:
-        stale = (
-            [out_dir / f"{name}.pt"]
-            if meta.storage == "npy"
-            else [out_dir / f"{name}_x.npy", out_dir / f"{name}_y.npy"]
-        )
-        for path in stale:
-            path.unlink(missing_ok=True)
-    meta_text = json.dumps(dataclasses.asdict(meta), indent=2) + "\n"
-    atomic_write_bytes(out_dir / META_FILE, lambda fh: fh.write(meta_text.encode("utf-8")))
+    with replacing_dir(out_dir, PREPARED_FILES, "preprocess") as staged:
+        if cfg.dataset == "folder":
+            meta = _write_folder(cfg, source, staged.dir)
+        else:
+            meta = _write_tensors(cfg, source, raw_dir, staged.dir)
+        if expected_md5 and meta.source_md5 != expected_md5:
+            raise DataError(f"prepared data has hash {meta.source_md5}, not {expected_md5}")
+        meta_text = json.dumps(dataclasses.asdict(meta), indent=2) + "\n"
+        atomic_write_bytes(staged.dir / META_FILE, lambda fh: fh.write(meta_text.encode("utf-8")))
 
     return {
         "n_train": meta.n_train,
@@ -232,9 +249,6 @@ def _write_tensors(cfg: DataConfig, source: Path, raw_dir: Path, out_dir: Path) 
         source_md5=source_md5 or dvc_md5(source),
     )
     splits = {"train": (x_train, y_train), "val": (x_val, y_val), "test": (x_test, y_test)}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # Drop the old meta first so a half-rewritten directory never looks complete.
-    (out_dir / META_FILE).unlink(missing_ok=True)
     for name, (x, y) in splits.items():
         payload = {"x": x.contiguous(), "y": y.contiguous()}
         atomic_write_bytes(out_dir / f"{name}.pt", lambda fh, p=payload: torch.save(p, fh))
@@ -257,7 +271,14 @@ def load_meta(data_dir: Path) -> DataMeta:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
-        raise DataError(f"prepared data not found: {path} is missing") from exc
+        aside = aside_dir(Path(data_dir))
+        hint = (
+            f" (a run was killed while replacing it: the previous data is in {aside}; the next"
+            " preprocess run puts it back)"
+            if aside.is_dir() and not Path(data_dir).exists()
+            else ""
+        )
+        raise DataError(f"prepared data not found: {path} is missing{hint}") from exc
     except (OSError, json.JSONDecodeError) as exc:
         raise DataError(f"cannot read {path}: {exc}") from exc
     fields = [f.name for f in dataclasses.fields(DataMeta)]
@@ -677,8 +698,9 @@ def _prepare_idx_dir(cfg: DataConfig, idx_dir: Path) -> _Prepared:
     x, y = _read_idx_dir(idx_dir)
     num_classes = int(y.max().item()) + 1
     files = sorted(p.name for p in _find_by_prefix(idx_dir, _LABELS_RE).values())
-    check_labels(y, num_classes, f"labels file(s) {', '.join(files)} in {idx_dir}")
-    return (*_split_three(x, y, cfg), num_classes)
+    source = f"labels file(s) {', '.join(files)} in {idx_dir}"
+    check_labels(y, num_classes, source)
+    return (*_split_three(x, y, cfg, source), num_classes)
 
 
 def check_labels(y: torch.Tensor, num_classes: int, source: str) -> None:
@@ -738,7 +760,13 @@ def _prepare_torchvision(cfg: DataConfig, raw_dir: Path) -> _Prepared:
         check_labels(parts[-1][1], num_classes, f"dataset {cfg.dataset!r} in {raw_dir}")
 
     (x_trainval, y_trainval), (x_test, y_test) = parts
-    train_idx, val_idx = _stratified_split(y_trainval.numpy(), cfg.val_fraction, cfg.split_seed)
+    if cfg.val_fraction > 0:
+        check_class_sizes(
+            y_trainval.numpy(), ("val",), f"the training set of {cfg.dataset!r} in {raw_dir}"
+        )
+    train_idx, val_idx = _stratified_split(
+        y_trainval.numpy(), cfg.val_fraction, cfg.split_seed, "val"
+    )
     test_idx = shuffled(np.arange(y_test.shape[0], dtype=np.int64), cfg.split_seed)
     return (
         _take(x_trainval, train_idx),
@@ -844,15 +872,14 @@ def _write_folder(cfg: DataConfig, folder: Path, out_dir: Path) -> DataMeta:
     classes = _folder_classes(folder)
     splits = _folder_splits(cfg, folder, classes)
     every = [f for split_files, _ in splits.values() for f in split_files]
-    channels, size = _image_geometry(every, cfg.image_size)
+    channels, size = _image_geometry(every, cfg.image_size, cfg.max_image_pixels)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # Drop the old meta first so a half-rewritten directory never looks complete.
-    (out_dir / META_FILE).unlink(missing_ok=True)
     sums = np.zeros((2, channels), dtype=np.float64)
     for name, (split_files, split_labels) in splits.items():
         train = sums if name == "train" else None
-        _write_images(out_dir / f"{name}_x.npy", split_files, channels, size, train)
+        _write_images(
+            out_dir / f"{name}_x.npy", split_files, channels, size, cfg.max_image_pixels, train
+        )
         y = np.ascontiguousarray(split_labels, dtype=np.int64)
         atomic_write_bytes(out_dir / f"{name}_y.npy", lambda fh, a=y: np.save(fh, a))
 
@@ -908,13 +935,21 @@ def _folder_splits(
         if not split_files:
             raise DataError(f"{folder / name} holds no class folders (<class>/<image>)")
     # Splits the folder lacks are stratified shares of train/, as for the other datasets.
+    drawn = tuple(
+        name
+        for name in ("test", "val")
+        if name not in given and (name == "test" or cfg.val_fraction > 0)
+    )
+    check_class_sizes(labels, drawn, f"{folder / 'train'}", classes)
     idx = np.arange(len(files), dtype=np.int64)
     test_idx = val_idx = np.empty(0, dtype=np.int64)
-    if "test" not in given:
-        keep, held = _stratified_split(labels[idx], cfg.test_fraction, cfg.split_seed)
+    if "test" in drawn:
+        keep, held = _stratified_split(
+            labels[idx], cfg.test_fraction, cfg.split_seed, "test", keep_each=len(drawn)
+        )
         idx, test_idx = idx[keep], idx[held]
-    if "val" not in given:
-        keep, held = _stratified_split(labels[idx], cfg.val_fraction, cfg.split_seed)
+    if "val" in drawn:
+        keep, held = _stratified_split(labels[idx], cfg.val_fraction, cfg.split_seed, "val")
         idx, val_idx = idx[keep], idx[held]
     splits: dict[str, tuple[list[Path], np.ndarray]] = {}
     for name, part in (("train", idx), ("val", val_idx), ("test", test_idx)):
@@ -931,6 +966,7 @@ def _write_images(
     files: list[Path],
     channels: int,
     size: tuple[int, int],
+    max_pixels: int,
     sums: np.ndarray | None = None,
 ) -> None:
     """Write the images as one uint8 ``[N, C, H, W]`` NumPy file, decoding one at a time.
@@ -940,6 +976,7 @@ def _write_images(
         files: The images, in order.
         channels: 1 or 3.
         size: ``(width, height)`` of every stored image.
+        max_pixels: ``data.max_image_pixels``.
         sums: When given, per-channel sums of the pixels and of their squares (in ``[0, 1]``
             units) are added to its two rows.
     """
@@ -952,7 +989,7 @@ def _write_images(
     def write(fh: IO[bytes]) -> None:
         np.lib.format.write_array_header_1_0(fh, header)
         for path in files:
-            img = _read_image(path, channels, size)
+            img = _read_image(path, channels, size, max_pixels)
             fh.write(img.tobytes())  # C order, as the header says
             if sums is not None:
                 pixels = img.reshape(channels, -1).astype(np.float64) / 255.0
@@ -992,21 +1029,20 @@ def _scan_folder(split_dir: Path, classes: list[str]) -> tuple[list[Path], np.nd
     return files, np.asarray(labels, dtype=np.int64)
 
 
-def _image_geometry(files: list[Path], image_size: int | None) -> tuple[int, tuple[int, int]]:
+def _image_geometry(
+    files: list[Path], image_size: int | None, max_pixels: int
+) -> tuple[int, tuple[int, int]]:
     """Channels (1 if every image is grayscale, else 3) and the ``(width, height)`` to store.
 
-    Reads only the image headers. Without ``image_size`` every image must have the first's size.
+    Reads only the image headers, so an image too large (above ``max_pixels``) or not an image
+    at all is refused before anything is decoded. Without ``image_size`` every image must have
+    the first's size.
     """
-    from PIL import Image
-
     gray = True
     first: tuple[Path, tuple[int, int]] | None = None
     for path in files:
-        try:
-            with Image.open(path) as im:
-                mode, size = im.mode, im.size
-        except Exception as exc:  # PIL raises many types for unreadable files
-            raise DataError(f"cannot read image {path}: {exc}") from exc
+        with _open_image(path, max_pixels) as im:
+            mode, size = im.mode, im.size
         gray = gray and mode in _GRAY_MODES
         if first is None:
             first = (path, size)
@@ -1022,20 +1058,63 @@ def _image_geometry(files: list[Path], image_size: int | None) -> tuple[int, tup
     return (1 if gray else 3), size
 
 
-def _read_image(path: Path, channels: int, size: tuple[int, int]) -> np.ndarray:
+def _read_image(path: Path, channels: int, size: tuple[int, int], max_pixels: int) -> np.ndarray:
     """Decode one image as uint8 ``[C, H, W]`` at ``size`` (width, height)."""
     from PIL import Image
 
-    try:
-        with Image.open(path) as im:
+    with _open_image(path, max_pixels) as im:
+        try:
             im.load()  # decode now: a corrupt or truncated file fails here
             img = im.convert("L" if channels == 1 else "RGB")
             if img.size != size:
                 img = img.resize(size, Image.Resampling.BILINEAR)
             arr = np.asarray(img, dtype=np.uint8)
-    except Exception as exc:  # PIL raises many types for corrupt files
-        raise DataError(f"cannot read image {path}: {exc}") from exc
+        except Exception as exc:  # PIL raises many types for corrupt files
+            raise DataError(_unreadable(path, exc)) from exc
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+@contextmanager
+def _open_image(path: Path, max_pixels: int) -> Iterator[Any]:
+    """``PIL.Image.open(path)``, its size checked from the header, PIL's warnings silenced.
+
+    PIL opens lazily: the size is known before a pixel is decoded, so an image above
+    ``data.max_image_pixels`` is refused without decoding it. PIL's own check (a
+    ``DecompressionBombWarning`` of two lines on stderr, an error at twice its limit) is off
+    meanwhile: this one replaces it, in one line naming the setting. Other PIL warnings (a
+    corrupt EXIF block, say) are dropped: the image either decodes or is refused.
+
+    Raises:
+        DataError: The file is not a readable image, or is too large.
+    """
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                im = Image.open(path)
+            except Exception as exc:  # PIL raises many types for unreadable files
+                raise DataError(_unreadable(path, exc)) from exc
+            with im:
+                width, height = im.size
+                if width * height > max_pixels:
+                    raise DataError(
+                        f"image {path} is {width}x{height} ({width * height:,} pixels), above "
+                        f"data.max_image_pixels ({max_pixels:,}): shrink it or raise the "
+                        "setting"
+                    )
+                yield im
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def _unreadable(path: Path, exc: BaseException) -> str:
+    """One line saying why ``path`` cannot be read as an image."""
+    reason = " ".join(str(exc).split()) or type(exc).__name__
+    return f"cannot read image {path}: {reason}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -1044,13 +1123,19 @@ def _read_image(path: Path, channels: int, size: tuple[int, int]) -> np.ndarray:
 
 
 def _split_three(
-    x: torch.Tensor, y: torch.Tensor, cfg: DataConfig
+    x: torch.Tensor, y: torch.Tensor, cfg: DataConfig, source: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split into train/val/test: test first, then val as a share of the remainder."""
     labels = y.numpy()
-    rest_idx, test_idx = _stratified_split(labels, cfg.test_fraction, cfg.split_seed)
+    drawn = ("test", "val") if cfg.val_fraction > 0 else ("test",)
+    check_class_sizes(labels, drawn, source)
+    rest_idx, test_idx = _stratified_split(
+        labels, cfg.test_fraction, cfg.split_seed, "test", keep_each=len(drawn)
+    )
     test_idx = shuffled(test_idx, cfg.split_seed)
-    train_rel, val_rel = _stratified_split(labels[rest_idx], cfg.val_fraction, cfg.split_seed)
+    train_rel, val_rel = _stratified_split(
+        labels[rest_idx], cfg.val_fraction, cfg.split_seed, "val"
+    )
     train_idx, val_idx = rest_idx[train_rel], rest_idx[val_rel]
     return (
         _take(x, train_idx),
@@ -1062,28 +1147,108 @@ def _split_three(
     )
 
 
+def check_class_sizes(
+    labels: np.ndarray,
+    drawn: Sequence[str],
+    source: str,
+    names: Sequence[str] | None = None,
+) -> None:
+    """Refuse a class with fewer samples than the splits drawn from ``labels`` need.
+
+    Every class needs one sample in the training split and one in each split drawn from the
+    same data (``drawn``: ``test`` and/or ``val``); with fewer it would be missing from one of
+    them while ``num_classes`` counts it.
+
+    Args:
+        labels: Class index of every sample the splits are drawn from.
+        drawn: The splits drawn from them besides ``train``.
+        source: Where the samples come from, for the message.
+        names: Class names by index (default: the index).
+
+    Raises:
+        DataError: Naming the first such class, its count and what the splits need.
+    """
+    need = 1 + len(drawn)
+    counts = np.bincount(labels, minlength=len(names) if names else 0)
+    noun = "image" if names is not None else "sample"
+    for label, count in enumerate(counts.tolist()):
+        if count < need:
+            name = names[label] if names is not None else str(label)
+            raise DataError(
+                f"class {name!r} has {count} {noun}{'' if count == 1 else 's'} in {source}, "
+                f"but the splits need at least {need} of each class (one each in "
+                f"{', '.join(('train', *drawn))}): add {noun}s of it"
+                + (
+                    f" or give the folder{'s' if len(drawn) > 1 else ''} "
+                    + " and ".join(f"{d}/" for d in drawn)
+                    if names is not None
+                    else ""
+                )
+            )
+
+
 def _stratified_split(
-    labels: np.ndarray, fraction: float, seed: int
+    labels: np.ndarray, fraction: float, seed: int, name: str, *, keep_each: int = 1
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Return sorted ``(keep, held_out)`` indices with ``fraction`` held out, stratified."""
+    """Return sorted ``(keep, held_out)`` indices with ``fraction`` held out, stratified.
+
+    Every class keeps at least ``keep_each`` samples and, when anything is held out, has at
+    least one in the held-out split (:func:`check_class_sizes` has made sure it can).
+    scikit-learn's split is used when it gives that; data too small for it (fewer held-out
+    samples than classes, say) is split class by class instead, which holds out one sample
+    of a class even where ``fraction`` of it rounds to none.
+
+    Args:
+        labels: Class index of every sample.
+        fraction: Share held out (0: none).
+        seed: ``data.split_seed``.
+        name: The held-out split's name, for the log.
+        keep_each: Samples of each class the kept part must retain.
+    """
     from sklearn.model_selection import train_test_split
 
     idx = np.arange(labels.shape[0], dtype=np.int64)
     if fraction <= 0.0:
         return idx, np.empty(0, dtype=np.int64)
+    classes = np.unique(labels)
+
+    def has_each(part: np.ndarray, minimum: int) -> bool:
+        counts = np.bincount(labels[part], minlength=int(classes[-1]) + 1)
+        return bool((counts[classes] >= minimum).all())
+
     try:
         keep, held = train_test_split(idx, test_size=fraction, random_state=seed, stratify=labels)
-    except ValueError as strat_exc:
-        # Stratification needs >= 2 samples per class; tiny or very skewed data cannot have it.
-        try:
-            keep, held = train_test_split(idx, test_size=fraction, random_state=seed)
-        except ValueError as exc:
-            raise DataError(
-                f"cannot hold out {fraction:g} of {labels.shape[0]} samples: {exc}"
-            ) from exc
-        warnings.warn(f"split is not stratified: {strat_exc}", stacklevel=3)
+    except ValueError:
+        keep = held = None
+    if keep is None or not (has_each(held, 1) and has_each(keep, keep_each)):
+        keep, held = _split_each_class(labels, fraction, seed, keep_each)
+        _log.info(
+            "%s split: %d of %d samples (not %g of them), so that it holds every one of the "
+            "%d classes",
+            name,
+            len(held),
+            len(labels),
+            fraction,
+            len(classes),
+        )
     # Sorted indices keep the source order inside each split.
     return np.sort(keep), np.sort(held)
+
+
+def _split_each_class(
+    labels: np.ndarray, fraction: float, seed: int, keep_each: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out ``round(fraction * n)`` of each class's ``n`` samples, at least 1, at random."""
+    rng = np.random.default_rng(seed)
+    keep: list[np.ndarray] = []
+    held: list[np.ndarray] = []
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        n = len(members)
+        n_held = min(max(1, round(fraction * n)), n - keep_each)
+        held.append(members[:n_held])
+        keep.append(members[n_held:])
+    return np.concatenate(keep).astype(np.int64), np.concatenate(held).astype(np.int64)
 
 
 def shuffled(idx: np.ndarray, seed: int) -> np.ndarray:

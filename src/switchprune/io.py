@@ -4,6 +4,8 @@ The files one stage hands to the next are named and read here, so no stage impor
 
 Everything is written atomically (temporary file in the same directory, then ``os.replace``)
 so an interrupted run never leaves a half-written file, and read with ``weights_only=True``.
+A stage's output folder is rebuilt beside itself and swapped in whole (:func:`replacing_dir`),
+so a failed run leaves the previous outputs as they were.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import glob
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import sys
 import tempfile
@@ -60,14 +63,16 @@ def file_digest(path: Path, algorithm: str = "sha256") -> str:
         return hashlib.file_digest(fh, algorithm).hexdigest()
 
 
-def _new_file_mode() -> int:
-    """The mode ``open()`` gives a new file: 0666 less the process's umask (0644 usually)."""
+def _umask() -> int:
+    """The process's umask (read by setting it, then putting it back)."""
     mask = os.umask(0o022)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
 
 
-_NEW_FILE_MODE = _new_file_mode()
+_UMASK = _umask()
+# The mode ``open()`` gives a new file: 0666 less the process's umask (0644 usually).
+_NEW_FILE_MODE = 0o666 & ~_UMASK
 
 
 def atomic_write_bytes(path: Path, write: Any) -> None:
@@ -125,6 +130,184 @@ def move_into(staging: Path, out_dir: Path, names: Iterable[str]) -> None:
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     for name in names:
         os.replace(Path(staging) / name, Path(out_dir) / name)
+
+
+class StagedOutput:
+    """A stage's output folder being rebuilt beside itself (see :func:`replacing_dir`).
+
+    Attributes:
+        dir: The staging folder: write the folder's complete new content here.
+    """
+
+    def __init__(self, staging: Path) -> None:
+        self.dir = staging
+        self._files: dict[Path, Path] = {}
+
+    def file(self, path: Path) -> Path:
+        """A temporary path for a file outside the folder, renamed to ``path`` after the swap.
+
+        For a file the stage writes elsewhere (a report) that must change with the folder:
+        it is written whole beforehand, so only two renames separate the two.
+        """
+        path = Path(path).absolute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # The name atomic_write_bytes gives its temporaries: one left by a killed run is
+        # removed by the next write of ``path``.
+        tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        self._files[path] = tmp
+        return tmp
+
+
+def aside_dir(out_dir: Path) -> Path:
+    """Where :func:`replacing_dir` keeps ``out_dir``'s previous content during the swap."""
+    out_dir = Path(out_dir).absolute()
+    return out_dir.with_name(f".{out_dir.name}.old")
+
+
+def recover_dir(out_dir: Path) -> None:
+    """Finish or undo a swap of ``out_dir`` that a killed process left half done.
+
+    Killed between its two renames, :func:`replacing_dir` leaves no ``out_dir`` and the previous
+    content, complete, in :func:`aside_dir`: it is renamed back. Killed after them, the aside
+    copy is a leftover and is removed, as are staging folders whose process is gone.
+    """
+    out_dir = _real_dir(out_dir)
+    aside = aside_dir(out_dir)
+    if aside.is_dir():
+        if not out_dir.exists():
+            os.replace(aside, out_dir)
+            _fsync_dir(out_dir.parent)
+        else:
+            shutil.rmtree(aside, ignore_errors=True)
+    for stale in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.*.new"):
+        pid = stale.name[len(out_dir.name) + 2 :].split(".", 1)[0]
+        if stale.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def check_replaceable(out_dir: Path, names: Iterable[str], stage: str) -> None:
+    """Refuse to replace a folder that holds anything but the files ``stage`` writes there.
+
+    :func:`replacing_dir` replaces the whole folder; a file of the user's own in it would be
+    deleted with the old outputs.
+
+    Raises:
+        ArtifactError: ``out_dir`` is a file, or holds an entry not in ``names`` (hidden
+            temporary files of killed writers excepted).
+    """
+    out_dir = _real_dir(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ArtifactError(f"{out_dir} is a file; {stage} writes a folder there")
+    if not out_dir.is_dir():
+        return
+    known = set(names)
+    foreign = sorted(
+        p.name
+        for p in out_dir.iterdir()
+        if p.name not in known and not (p.name.startswith(".") and p.name.endswith(".tmp"))
+    )
+    if foreign:
+        raise ArtifactError(
+            f"{out_dir} holds {foreign[0]!r}, which {stage} does not write: {stage} replaces "
+            "the whole folder, so move that file elsewhere or choose another output folder"
+        )
+
+
+@contextmanager
+def replacing_dir(out_dir: Path, names: Iterable[str], stage: str) -> Iterator[StagedOutput]:
+    """Rebuild ``out_dir`` in a staging folder beside it; swap it in when the block succeeds.
+
+    The stage writes the folder's complete new content into ``staged.dir``. When the block
+    returns, the previous folder is renamed aside (:func:`aside_dir`), the staging folder
+    renamed to ``out_dir``, the previous folder removed, then the files of
+    :meth:`StagedOutput.file` renamed into place. When the block raises, nothing outside the
+    staging folder has changed and it is removed. Each rename is atomic on one filesystem, so
+    a process killed at any point leaves the previous or the new folder complete; between the
+    two renames the previous one is in :func:`aside_dir`, and :func:`recover_dir` (run first
+    here, so by the stage's next run) renames it back.
+
+    Args:
+        out_dir: The output folder (created if missing; a symbolic link is followed).
+        names: Every file name the stage writes there (see :func:`check_replaceable`).
+        stage: The stage's name, for messages.
+
+    Raises:
+        ArtifactError: ``out_dir`` holds files the stage does not write.
+        WriteError: The staging folder cannot be created or renamed.
+    """
+    names = tuple(names)
+    out_dir = _real_dir(out_dir)
+    try:
+        recover_dir(out_dir)
+        check_replaceable(out_dir, names, stage)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(
+            tempfile.mkdtemp(
+                dir=out_dir.parent, prefix=f".{out_dir.name}.{os.getpid()}.", suffix=".new"
+            )
+        )
+        os.chmod(staging, 0o777 & ~_UMASK)  # mkdtemp gives 0700; a folder gets the usual mode
+    except OSError as exc:
+        raise WriteError(f"cannot write {out_dir}: {exc.strerror or exc}") from exc
+    staged = StagedOutput(staging)
+    try:
+        yield staged
+        try:
+            for path in staged._files:
+                if path.is_dir():
+                    raise WriteError(f"cannot write {path}: it is a folder")
+            check_replaceable(out_dir, names, stage)  # nothing of the user's appeared meanwhile
+            _swap_dir(staging, out_dir)
+            for path, tmp in staged._files.items():
+                os.replace(tmp, path)
+        except OSError as exc:
+            if isinstance(exc, WriteError):
+                raise
+            raise WriteError(f"cannot write {out_dir}: {exc.strerror or exc}") from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        for tmp in staged._files.values():
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+
+
+def _swap_dir(staging: Path, out_dir: Path) -> None:
+    """Rename ``out_dir`` aside, ``staging`` to ``out_dir``, then remove the aside copy."""
+    aside = aside_dir(out_dir)
+    _fsync_dir(staging)  # the new folder's entries are on disk before it replaces the old one
+    if out_dir.exists():
+        if aside.exists():
+            shutil.rmtree(aside)  # a leftover (recover_dir ran): out_dir is the complete one
+        os.replace(out_dir, aside)
+        try:
+            os.replace(staging, out_dir)
+        except BaseException:
+            os.replace(aside, out_dir)  # the rename failed: the previous folder stays
+            raise
+    else:
+        os.replace(staging, out_dir)
+    _fsync_dir(out_dir.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _real_dir(out_dir: Path) -> Path:
+    """``out_dir`` made absolute, a symbolic link resolved (the link itself stays)."""
+    out_dir = Path(out_dir).absolute()
+    return out_dir.resolve() if out_dir.is_symlink() else out_dir
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the renames inside ``folder`` durable (no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _remove_orphans(path: Path) -> None:

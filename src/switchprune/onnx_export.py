@@ -67,11 +67,14 @@ def read_contract(onnx_model: bytes | Path) -> InputContract:
     """
     import onnx
 
-    proto = (
-        onnx.load_model_from_string(onnx_model)
-        if isinstance(onnx_model, bytes)
-        else onnx.load(str(onnx_model), load_external_data=False)
-    )
+    try:
+        proto = (
+            onnx.load_model_from_string(onnx_model)
+            if isinstance(onnx_model, bytes)
+            else onnx.load(str(onnx_model), load_external_data=False)
+        )
+    except Exception as exc:  # protobuf's DecodeError, or OSError, for a damaged file
+        raise OnnxExportError(f"not a readable ONNX model ({type(exc).__name__})") from exc
     props = {p.key: p.value for p in proto.metadata_props}
     try:
         values = {key: json.loads(props[key]) for key in METADATA_KEYS}

@@ -349,6 +349,13 @@ def publish(
     storage.ensure_bucket(client, bucket)
     previous = storage.get_bytes(client, bucket, target.manifest_key)
     current = None if previous is None else _parse_manifest(previous, bucket, target.manifest_key)
+    if current is not None:
+        # A promotion killed between its manifest and its marker's removal leaves the marker in
+        # the folder now current; once another version is current, remove_incomplete would
+        # sweep that whole (promoted) folder. The manifest naming it proves it complete.
+        marker = _Version(target.loc, target.model, current["version"]).key(INCOMPLETE_MARKER)
+        if storage.get_bytes(client, bucket, marker) is not None:
+            _delete_quietly(client, bucket, marker)
     if current is not None and current["version"] == version:
         if _fingerprint(current["files"]) != _fingerprint(entries):
             raise StorageError(

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -119,7 +121,7 @@ class Interrupt(Exception):
     pass
 
 
-def test_interrupted_prepare_keeps_every_file_whole_and_the_directory_incomplete(
+def test_interrupted_prepare_leaves_the_previous_directory_byte_identical(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     out = tmp_path / "out"
@@ -139,14 +141,11 @@ def test_interrupted_prepare_keeps_every_file_whole_and_the_directory_incomplete
     with pytest.raises(Interrupt):
         prepare_data(DataConfig(dataset="digits", split_seed=1), raw_dir=tmp_path, out_dir=out)
     monkeypatch.setattr(torch, "save", real_save)
-    # No temporary file is left, and without meta.json the directory does not look complete.
-    assert sorted(p.name for p in out.iterdir()) == ["test.pt", "train.pt", "val.pt"]
-    with pytest.raises(DataError, match="prepared data not found"):
-        load_split(out, "train")
-    # The split being written when it failed is the old one, whole; the one before it is new.
-    assert (out / "val.pt").read_bytes() == before["val.pt"]
-    assert (out / "train.pt").read_bytes() != before["train.pt"]
-    assert set(torch.load(out / "train.pt", weights_only=True)) == {"x", "y"}
+    # The new splits were staged beside the directory: it is the previous one, whole, and
+    # nothing of the failed run is left next to it.
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert len(load_split(out, "train")) == load_meta(out).n_train
 
 
 def test_digits_splits_partition_the_dataset(digits_dir: Path):
@@ -414,14 +413,53 @@ def test_idx_dataset_prefers_plain_copy_over_gzip_duplicate(tmp_path: Path):
     assert metrics["n_train"] + metrics["n_val"] + metrics["n_test"] == 200
 
 
-def test_idx_dataset_too_small_to_stratify_falls_back_with_warning(tmp_path: Path):
+def test_data_too_small_for_the_fractions_still_has_every_class_in_every_split(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """3 images of each of 10 classes: 0.2 of them is 6 test images, too few for 10 classes.
+
+    Each class gives one image to test and one to val instead, said in one log line, with no
+    warning.
+    """
     idx_dir = tmp_path / "idx"
     idx_dir.mkdir()
     write_pair(idx_dir, "", *make_images(30, seed=11), gz=False)
-    with pytest.warns(UserWarning, match="not stratified"):
-        metrics = prepare_data(idx_cfg(idx_dir), raw_dir=tmp_path, out_dir=tmp_path / "out")
-    assert metrics["n_train"] + metrics["n_val"] + metrics["n_test"] == 30
-    assert metrics["n_test"] == 6 and metrics["n_val"] == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with caplog.at_level(logging.INFO, logger="switchprune.data"):
+            metrics = prepare_data(idx_cfg(idx_dir), raw_dir=tmp_path, out_dir=tmp_path / "out")
+    assert (metrics["n_train"], metrics["n_val"], metrics["n_test"]) == (10, 10, 10)
+    for split in ("train", "val", "test"):
+        assert sorted(raw_split(tmp_path / "out", split)[1].tolist()) == list(range(10))
+    assert any("so that it holds every one of the 10 classes" in m for m in caplog.messages)
+    again = prepare_data(idx_cfg(idx_dir), raw_dir=tmp_path, out_dir=tmp_path / "again")
+    assert again == metrics
+    assert (tmp_path / "again" / "test.pt").read_bytes() == (
+        tmp_path / "out" / "test.pt"
+    ).read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("count", "val_fraction", "need", "splits"),
+    [(1, 0.1, 3, "train, test, val"), (2, 0.1, 3, "train, test, val"), (1, 0.0, 2, "train, test")],
+)
+def test_a_class_too_small_for_the_splits_is_refused_naming_it_and_its_count(
+    tmp_path: Path, count: int, val_fraction: float, need: int, splits: str
+):
+    idx_dir = tmp_path / "idx"
+    idx_dir.mkdir()
+    x, y = make_images(200, seed=3)
+    y = np.where(y == 7, 3, y).astype(np.uint8)  # no 7 left: class 7 gets `count` images
+    y[np.flatnonzero(y == 3)[:count]] = 7
+    write_pair(idx_dir, "", x, y, gz=False)
+    out = tmp_path / "out"
+    with pytest.raises(DataError) as info:
+        prepare_data(idx_cfg(idx_dir, val_fraction=val_fraction), raw_dir=tmp_path, out_dir=out)
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"class '7' has {count} sample{'s' if count > 1 else ''} in labels file(s)" in message
+    assert f"need at least {need} of each class (one each in {splits})" in message
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
 
 
 def test_idx_dataset_truncated_file_names_the_file(tmp_path: Path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +35,6 @@ from switchprune.data import (
 from switchprune.dvcfiles import dvc_md5
 from switchprune.models import ModelSpec
 from switchprune.training import FitResult, fit
-
-# Tiny folders cannot stratify every split; the warning says so and is beside the point here.
-pytestmark = pytest.mark.filterwarnings("ignore:split is not stratified")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -198,7 +196,7 @@ def test_colour_folder_keeps_its_channels(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
-def test_corrupt_image_names_the_file_and_leaves_no_complete_looking_split(
+def test_corrupt_image_names_the_file_and_leaves_the_previous_splits_whole(
     folder: Path, tmp_path: Path, damage: str
 ) -> None:
     import shutil
@@ -211,19 +209,106 @@ def test_corrupt_image_names_the_file_and_leaves_no_complete_looking_split(
     blob = bad.read_bytes()
     bad.write_bytes(b"not a png at all" if damage == "garbage" else blob[: len(blob) // 2])
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    with pytest.raises(DataError, match=r"cannot read image .*seven/003\.png") as info:
+    with pytest.raises(DataError, match=r"^cannot read image .*seven/003\.png: ") as info:
         prepare(copy, out)
     assert "\n" not in str(info.value)
-    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
-    if damage == "garbage":
-        # Found while reading the headers, before anything is written: the last good splits
-        # stay, whole.
-        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    else:
-        # Found while decoding, after writing began: the splits no longer look complete.
-        assert not (out / "meta.json").exists()
-        with pytest.raises(DataError, match="prepared data not found"):
-            load_split(out, "train")
+    # Found in the headers (garbage) or while decoding into the staging folder (truncated):
+    # either way the last good splits stay, whole and loadable, and nothing is left beside them.
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(os.listdir(tmp_path)) == ["f", "out"]
+    assert len(load_split(out, "train")) == load_meta(out).n_train
+
+
+def png_claiming_size(path: Path, width: int, height: int) -> Path:
+    """A real 1x1 PNG whose header (IHDR) says ``width`` x ``height``: huge to PIL, 70 bytes."""
+    import io
+    import struct
+    import zlib
+
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, format="PNG")
+    blob = bytearray(buffer.getvalue())
+    start = blob.index(b"IHDR")
+    blob[start + 4 : start + 12] = struct.pack(">II", width, height)
+    blob[start + 17 : start + 21] = struct.pack(">I", zlib.crc32(bytes(blob[start : start + 17])))
+    path.write_bytes(bytes(blob))
+    return path
+
+
+@pytest.mark.parametrize("side", [10_000, 20_000], ids=["pil-warns", "pil-refuses"])
+def test_image_above_max_image_pixels_is_refused_from_its_header_in_one_line(
+    tmp_path: Path, side: int
+) -> None:
+    """PIL alone would warn (two lines) above ~89.5 M pixels and refuse above twice that."""
+    folder = write_digits_folder(tmp_path / "f", per_class=4)
+    big = png_claiming_size(folder / "train" / "three" / "big.png", side, side)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning, PIL's DecompressionBombWarning too, fails
+        with pytest.raises(DataError) as info:
+            prepare(folder, tmp_path / "out")
+    message = str(info.value)
+    assert message == (
+        f"image {big} is {side}x{side} ({side * side:,} pixels), above data.max_image_pixels "
+        "(89,478,485): shrink it or raise the setting"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_max_image_pixels_is_a_setting(tmp_path: Path) -> None:
+    folder = write_digits_folder(tmp_path / "f", per_class=4, sizes=((8, 8), (12, 10)))
+    with pytest.raises(
+        DataError, match=r"is 12x10 \(120 pixels\), above data.max_image_pixels \(100\)"
+    ):
+        prepare(folder, tmp_path / "out", image_size=8, max_image_pixels=100)
+    assert prepare(folder, tmp_path / "out", image_size=8, max_image_pixels=120).n_train > 0
+    with pytest.raises(ConfigError, match="max_image_pixels"):
+        from_dict(DataConfig, {"max_image_pixels": 0})
+
+
+@pytest.mark.parametrize(
+    ("splits", "count", "need", "message"),
+    [
+        (
+            ("train",),
+            1,
+            3,
+            "one each in train, test, val): add images of it or give the folders test/ and val/",
+        ),
+        (("train",), 2, 3, "one each in train, test, val)"),
+        (
+            ("train", "test"),
+            1,
+            2,
+            "one each in train, val): add images of it or give the folder val/",
+        ),
+    ],
+)
+def test_a_class_with_too_few_images_for_the_splits_is_refused(
+    tmp_path: Path, splits: tuple[str, ...], count: int, need: int, message: str
+) -> None:
+    folder = write_digits_folder(tmp_path / "f", per_class=12, splits=splits)
+    for extra in sorted((folder / "train" / "four").iterdir())[count:]:
+        extra.unlink()
+    with pytest.raises(DataError) as info:
+        prepare(folder, tmp_path / "out")
+    text = str(info.value)
+    assert "\n" not in text
+    assert text.startswith(
+        f"class 'four' has {count} image{'s' if count > 1 else ''} in {folder / 'train'}, "
+        f"but the splits need at least {need} of each class ("
+    )
+    assert message in text
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_class_with_one_image_each_for_the_splits_is_in_every_split(tmp_path: Path) -> None:
+    folder = write_digits_folder(tmp_path / "f", per_class=12)
+    for extra in sorted((folder / "train" / "four").iterdir())[3:]:
+        extra.unlink()
+    meta = prepare(folder, tmp_path / "out")
+    four = meta.class_names.index("four")
+    for split in ("train", "val", "test"):
+        assert four in np.load(tmp_path / "out" / f"{split}_y.npy").tolist()
 
 
 def test_class_folder_that_train_lacks_is_refused(tmp_path: Path) -> None:

@@ -58,7 +58,9 @@ def run(
 
     Returns:
         The flat evaluation report (see the README for every key): numbers, plus ``data_md5``,
-        the DVC hash of the raw data the model was trained on.
+        the DVC hash of the raw data the model was trained on. Nothing is written here: the
+        caller (the command line, the component) writes the report once it is complete, so a
+        failed evaluation leaves the last report as it was.
     """
     device = resolve_device(cfg.device)
     if cfg.threads:

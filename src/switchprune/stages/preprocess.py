@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from switchprune.config import DataConfig
-from switchprune.data import DataError, load_meta, prepare_data, source_dir
+from switchprune.data import DataError, prepare_data, source_dir
 
 
 def run(
@@ -26,7 +26,8 @@ def run(
     Args:
         cfg: The ``data`` section.
         raw_dir: Where raw data lives (downloaded there when absent and allowed).
-        prepared_dir: Output directory of the splits and ``meta.json``.
+        prepared_dir: Output directory of the splits and ``meta.json``: replaced whole once
+            everything is written, left as it was when anything fails.
         dvc_remote: A DVC remote on S3 (``s3://bucket/prefix``).
         data_md5: The DVC hash of the raw data (from ``data/raw/<name>.dvc``).
         s3_client: A boto3 S3 client for the remote (default: the configured endpoint).
@@ -35,7 +36,7 @@ def run(
         Sample counts per split and the class count.
 
     Raises:
-        DataError: If the prepared data's hash is not the requested one.
+        DataError: If the data is unusable, or its hash is not the requested one.
     """
     if data_md5:
         from switchprune import dvcfiles, storage
@@ -44,9 +45,8 @@ def run(
             raise DataError("data_md5 was given without the DVC remote to fetch it from")
         client = s3_client if s3_client is not None else storage.make_client()
         dvcfiles.download_version(client, dvc_remote, data_md5, source_dir(cfg, raw_dir))
-    metrics = prepare_data(cfg, raw_dir=raw_dir, out_dir=prepared_dir)
-    if data_md5 and load_meta(prepared_dir).source_md5 != data_md5:
-        raise DataError(
-            f"prepared data has hash {load_meta(prepared_dir).source_md5}, not {data_md5}"
-        )
+    # The hash is checked before the new splits replace the old ones.
+    metrics = prepare_data(
+        cfg, raw_dir=raw_dir, out_dir=prepared_dir, expected_md5=data_md5 or None
+    )
     return {k: float(v) for k, v in metrics.items()}

@@ -13,13 +13,19 @@ from switchprune.io import (
     WIDTHS_FILE,
     ArtifactError,
     load_switched,
+    replacing_dir,
     save_model,
     write_json,
 )
+from switchprune.models import SOURCE_FILE
 from switchprune.onnx_export import ONNX_FILE, export_checked
 from switchprune.pruning import compact, kept_widths, threshold_factors
 from switchprune.pruning.compaction import layer_widths
 from switchprune.serving import INPUT_KEY, InputContract, contract_of
+
+# Every file prune writes in model_dir: the folder is replaced whole (the user's network
+# source copy is saved beside its model).
+COMPACT_FILES: tuple[str, ...] = (COMPACT_FILE, ONNX_FILE, WIDTHS_FILE, SOURCE_FILE)
 
 
 def run(cfg: PruneConfig, *, trained_dir: Path, model_dir: Path) -> dict[str, float]:
@@ -32,14 +38,15 @@ def run(cfg: PruneConfig, *, trained_dir: Path, model_dir: Path) -> dict[str, fl
             indices, ``state_dict`` and the input contract ``"input"`` copied from
             ``switched.pt``), its ONNX copy (``model.onnx``: raw ``uint8`` input, normalised
             inside, contract in its metadata, checked against PyTorch with onnxruntime) and
-            ``widths.json`` (kept/full width per group) go.
+            ``widths.json`` (kept/full width per group) go, with ``network.py`` for a
+            network of the user's own file. The folder is replaced whole once every file is
+            written; when anything fails (the ONNX check, say) it stays as it was.
 
     Raises:
         switchprune.io.ArtifactError: ``switched.pt`` holds no input contract (written by
-            an older ``train``).
+            an older ``train``), or ``model_dir`` holds files prune does not write.
         switchprune.onnx_export.OnnxExportError: The ONNX copy does not match the compacted
-            model (max abs logit difference above ``1e-4 + 1e-4 * max|logit|``); no
-            ``model.onnx`` is left.
+            model (max abs logit difference above ``1e-4 + 1e-4 * max|logit|``).
 
     Returns:
         Parameters and MACs before and after, and their ratios.
@@ -51,17 +58,17 @@ def run(cfg: PruneConfig, *, trained_dir: Path, model_dir: Path) -> dict[str, fl
     in_shape = model.spec.in_shape
     model.set_factors(None)
     metrics = size_metrics(model, small, in_shape)
-    model_dir = Path(model_dir)
-    save_model(
-        small,
-        model_dir / COMPACT_FILE,
-        kept={k: v.clone() for k, v in kept.items()},
-        full_widths=dict(model.group_sizes()),
-        prune=to_dict(cfg),
-        **{INPUT_KEY: contract.to_dict()},
-    )
-    export_checked(small, contract, model_dir / ONNX_FILE)
-    write_json(layer_widths(model, kept_widths(kept)), model_dir / WIDTHS_FILE)
+    with replacing_dir(Path(model_dir), COMPACT_FILES, "prune") as staged:
+        save_model(
+            small,
+            staged.dir / COMPACT_FILE,
+            kept={k: v.clone() for k, v in kept.items()},
+            full_widths=dict(model.group_sizes()),
+            prune=to_dict(cfg),
+            **{INPUT_KEY: contract.to_dict()},
+        )
+        export_checked(small, contract, staged.dir / ONNX_FILE)
+        write_json(layer_widths(model, kept_widths(kept)), staged.dir / WIDTHS_FILE)
     return metrics
 
 

@@ -5,13 +5,25 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from switchprune.config import DataConfig, ModelConfig, TrainConfig, to_dict
 from switchprune.data import load_meta, load_split, open_split, use_streaming
-from switchprune.io import BASELINE_FILE, SWITCHED_FILE, save_model, write_json
-from switchprune.models import spec_from_config
+from switchprune.io import (
+    BASELINE_FILE,
+    SWITCHED_FILE,
+    check_replaceable,
+    replacing_dir,
+    save_model,
+    write_json,
+)
+from switchprune.models import SOURCE_FILE, spec_from_config
 from switchprune.serving import INPUT_KEY, InputContract
-from switchprune.training import fit, resolve_device
+from switchprune.training import FitResult, fit, resolve_device
+
+# Every file train writes in trained_dir: the folder is replaced whole (the user's network
+# source copy is saved beside its model).
+TRAINED_FILES: tuple[str, ...] = (SWITCHED_FILE, BASELINE_FILE, SOURCE_FILE)
 
 
 def run(
@@ -35,7 +47,9 @@ def run(
         trained_dir: Where ``switched.pt`` (full-width TNN, its factors, the switcher) and
             ``baseline.pt`` are written, each with the input contract (``"input"``: raw
             ``uint8`` shape, mean/std and class names of the prepared data, see
-            :class:`~switchprune.serving.InputContract`).
+            :class:`~switchprune.serving.InputContract`), and ``network.py`` for a network of
+            the user's own file. The folder is replaced whole after both runs, together with
+            ``history_path``; when anything fails both stay as they were.
         checkpoint_dir: Where resumable per-epoch checkpoints live; a run interrupted after an
             epoch resumes from there with the same result as an uninterrupted run.
         progress: Show progress bars.
@@ -47,8 +61,13 @@ def run(
 
     Returns:
         Validation accuracy, reached compression and time per epoch of both runs.
+
+    Raises:
+        switchprune.io.ArtifactError: ``trained_dir`` holds files train does not write
+            (refused before training).
     """
     prepared_dir, trained_dir = Path(prepared_dir), Path(trained_dir)
+    check_replaceable(trained_dir, TRAINED_FILES, "train")
     device = resolve_device(cfg.device)
     meta = load_meta(prepared_dir)
     read = open_split if data_cfg is not None and use_streaming(data_cfg, meta) else load_split
@@ -73,27 +92,43 @@ def run(
     result = train_once(switched=True, checkpoint_path=ckpt / "switched.ckpt" if ckpt else None)
     assert result.switcher is not None and result.factors is not None
     metrics = {k: float(v) for k, v in result.metrics.items()}
-    save_model(
-        result.model,
-        trained_dir / SWITCHED_FILE,
-        factors=result.factors,
-        switcher_spec=result.switcher.spec.to_dict(),
-        switcher_state=result.switcher.state_dict(),
-        train=to_dict(cfg),
-        **contract,
-    )
-    baseline_history: list[dict[str, float]] = []
+    base = None
     if cfg.baseline:
         base = train_once(switched=False, checkpoint_path=ckpt / "baseline.ckpt" if ckpt else None)
-        save_model(base.model, trained_dir / BASELINE_FILE, train=to_dict(cfg), **contract)
         metrics.update(_baseline_metrics(metrics, base.metrics))
-        baseline_history = base.history
-    else:
-        # A stale baseline from other settings must not be evaluated as this run's.
-        (trained_dir / BASELINE_FILE).unlink(missing_ok=True)
-    if history_path is not None:
-        write_json(history_records(result.history, baseline_history), Path(history_path))
+    # Written only now, both runs done: a failure in either leaves the last outputs whole. A
+    # baseline from other settings does not survive the swap, so it is never evaluated as
+    # this run's.
+    _write_outputs(cfg, result, base, contract, trained_dir=trained_dir, history_path=history_path)
     return metrics
+
+
+def _write_outputs(
+    cfg: TrainConfig,
+    result: FitResult,
+    base: FitResult | None,
+    contract: dict[str, Any],
+    *,
+    trained_dir: Path,
+    history_path: Path | None,
+) -> None:
+    """Replace ``trained_dir`` (and the history file) with both runs' models, whole."""
+    assert result.switcher is not None
+    with replacing_dir(trained_dir, TRAINED_FILES, "train") as staged:
+        save_model(
+            result.model,
+            staged.dir / SWITCHED_FILE,
+            factors=result.factors,
+            switcher_spec=result.switcher.spec.to_dict(),
+            switcher_state=result.switcher.state_dict(),
+            train=to_dict(cfg),
+            **contract,
+        )
+        if base is not None:
+            save_model(base.model, staged.dir / BASELINE_FILE, train=to_dict(cfg), **contract)
+        if history_path is not None:
+            records = history_records(result.history, base.history if base is not None else [])
+            write_json(records, staged.file(Path(history_path)))
 
 
 def _baseline_metrics(
