@@ -354,7 +354,7 @@ def publish(
         # the folder now current; once another version is current, remove_incomplete would
         # sweep that whole (promoted) folder. The manifest naming it proves it complete.
         marker = _Version(target.loc, target.model, current["version"]).key(INCOMPLETE_MARKER)
-        if storage.get_bytes(client, bucket, marker) is not None:
+        if storage.object_exists(client, bucket, marker):
             _delete_quietly(client, bucket, marker)
     if current is not None and current["version"] == version:
         if _fingerprint(current["files"]) != _fingerprint(entries):

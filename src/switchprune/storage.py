@@ -287,6 +287,11 @@ def verify_object(client: Any, bucket: str, key: str, *, size: int, sha256: str)
         raise StorageError(reason)
 
 
+def object_exists(client: Any, bucket: str, key: str) -> bool:
+    """Whether ``key`` exists (a HEAD request: nothing is downloaded)."""
+    return _head(client, bucket, key) is not None
+
+
 def get_bytes(client: Any, bucket: str, key: str) -> bytes | None:
     """The whole object, or None if it (or its bucket) does not exist.
 
