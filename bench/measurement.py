@@ -90,7 +90,7 @@ def measure(model: nn.Module, data: dict[str, Any], base: dict[str, float]) -> d
     }
 
 
-# switchprune.evaluation.measure_latency_ms times one model alone; ratios need the models in turns.
+# switchprune.evaluation.measure_latency times one model alone; ratios need the models in turns.
 @torch.no_grad()
 def interleaved_latency(
     models: dict[str, nn.Module], in_shape: tuple[int, ...], repeats: int

@@ -218,27 +218,3 @@ def measure_latency(
     # "inclusive": the quartiles of the measured times themselves, not of a population.
     q1, _q2, q3 = statistics.quantiles(times, n=4, method="inclusive")
     return Latency(median_ms=statistics.median(times), iqr_ms=q3 - q1)
-
-
-def measure_latency_ms(
-    model: nn.Module,
-    in_shape: tuple[int, ...],
-    batch_size: int,
-    device: torch.device,
-    *,
-    warmup: int = 5,
-    repeats: int = 20,
-) -> float:
-    """Median wall time of one forward pass, in milliseconds (see :func:`measure_latency`).
-
-    Args:
-        model: The network (put in eval mode).
-        in_shape: Shape of one input, without the batch dimension.
-        batch_size: Inputs per forward pass.
-        device: Where to run.
-        warmup: Untimed passes first (allocator, kernels, caches).
-        repeats: Timed passes; the median is returned.
-    """
-    return measure_latency(
-        model, in_shape, batch_size, device, warmup=warmup, repeats=repeats
-    ).median_ms

@@ -8,10 +8,6 @@ difference relative to the logits' magnitude and must pass, and the shipped file
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +17,7 @@ import torch
 import yaml
 
 import switchprune
-
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
+from project_support import BIN, copy_project, run_tool
 
 pytestmark = pytest.mark.slow
 
@@ -31,24 +25,14 @@ pytestmark = pytest.mark.slow
 def test_dvc_repro_of_resnet18_passes_evaluate_with_its_onnx_copy(
     tmp_path: Path, project_files: list[str]
 ) -> None:
-    for rel in project_files:
-        if rel.startswith(("reports/", "tests/", "bench/")) or rel == "dvc.lock":
-            continue
-        if (ROOT / rel).is_file():
-            (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, tmp_path / rel)
+    copy_project(tmp_path, project_files)
     params = yaml.safe_load((tmp_path / "params.yaml").read_text())
     params["model"]["arch"] = "resnet18"
     params["train"].update(epochs=1, batch_size=64, baseline=False)
     params["evaluate"].update(latency_warmup=0, latency_repeats=1)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
-    env.update(DVC_NO_ANALYTICS="1", PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
-    for args in (["git", "init", "-q"], [str(BIN / "dvc"), "repro", "evaluate", "--no-commit"]):
-        done = subprocess.run(
-            args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
-        )
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_tool(["git", "init", "-q"], tmp_path)
+    run_tool([str(BIN / "dvc"), "repro", "evaluate", "--no-commit"], tmp_path)
 
     report = json.loads((tmp_path / "reports" / "evaluate.json").read_text())
     assert report["test_accuracy"] == report["gated_accuracy"]

@@ -7,8 +7,6 @@ an MLflow SQLite store, and a fresh Python process loading the champion.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,48 +15,19 @@ import pytest
 import yaml
 from pipeline.servers import S3Server
 
+from project_support import BIN, commit_all, copy_project, run_tool, tool_env
 from switchprune.data import export_digits
 from switchprune.dvcfiles import dvc_md5
 
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 MODEL = "switchprune-test-mlp"
 
 pytestmark = pytest.mark.slow
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "SWITCHPRUNE_"))
-    }
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["DVC_NO_ANALYTICS"] = "1"
-    for key in ("AUTHOR", "COMMITTER"):
-        env[f"GIT_{key}_NAME"] = "test"
-        env[f"GIT_{key}_EMAIL"] = "test@example.invalid"
-    env.update(extra)
-    return env
-
-
-def _run(args: list[str], cwd: Path, **extra: str) -> str:
-    proc = subprocess.run(
-        args, cwd=cwd, env=_env(**extra), capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return proc.stdout + proc.stderr
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory, project_files: list[str]) -> Path:
     """A git repository with the project's files (as committed or staged) and tiny settings."""
-    dst = tmp_path_factory.mktemp("repo")
-    for rel in project_files:
-        if rel.startswith(("reports/", "tests/")) or rel == "dvc.lock":
-            continue
-        if not (ROOT / rel).is_file():
-            continue
-        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, dst / rel)
+    dst = copy_project(tmp_path_factory.mktemp("repo"), project_files)
     params = yaml.safe_load((dst / "params.yaml").read_text())
     params["model"]["hidden"] = [32, 16]
     params["train"].update(
@@ -68,9 +37,7 @@ def project(tmp_path_factory: pytest.TempPathFactory, project_files: list[str]) 
     params["register"]["model_name"] = MODEL
     params["promote"].update(min_accuracy=0.3, max_accuracy_drop=0.5, max_params_ratio=0.9)
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _run(["git", "init", "-q"], dst)
-    _run(["git", "add", "-A"], dst)
-    _run(["git", "commit", "-qm", "init"], dst)
+    commit_all(dst)
     return dst
 
 
@@ -79,7 +46,7 @@ def _attempt(project: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "pipeline/local.py"],
         cwd=project,
-        env=_env(),
+        env=tool_env(),
         capture_output=True,
         text=True,
         timeout=120,
@@ -88,7 +55,7 @@ def _attempt(project: Path) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def first_run(project: Path) -> str:
-    return _run([sys.executable, "pipeline/local.py"], project)
+    return run_tool([sys.executable, "pipeline/local.py"], project)
 
 
 def test_make_run_registers_and_promotes(project: Path, first_run: str, tmp_path: Path) -> None:
@@ -119,7 +86,7 @@ def test_make_run_registers_and_promotes(project: Path, first_run: str, tmp_path
 def test_second_run_changes_nothing(project: Path, first_run: str) -> None:
     manifest = project / ".s3/data/switchprune-models" / MODEL / "current.json"
     before = (manifest.read_bytes(), manifest.stat().st_mtime_ns)
-    out = _run([sys.executable, "pipeline/local.py"], project)
+    out = run_tool([sys.executable, "pipeline/local.py"], project)
     assert "Running stage" not in out, out
     assert (manifest.read_bytes(), manifest.stat().st_mtime_ns) == before
     assert not (project / ".s3/data/switchprune-models" / MODEL / "v2").exists()
@@ -132,7 +99,7 @@ def test_retraining_to_the_same_weights_keeps_the_promoted_version(
     models = project / ".s3/data/switchprune-models" / MODEL
     manifest = (models / "current.json").read_bytes()
     (project / "reports" / "train.json").unlink()
-    out = _run([sys.executable, "pipeline/local.py"], project)
+    out = run_tool([sys.executable, "pipeline/local.py"], project)
     assert "Running stage 'train'" in out, out
     assert json.loads((project / "reports" / "register.json").read_text())["version"] == 1
     assert (models / "current.json").read_bytes() == manifest
@@ -155,7 +122,7 @@ from_s3 = float((s3(raw).argmax(1) == y).float().mean())
 print(json.dumps({{"acc": acc, "flavour": same, "s3": from_s3}}))
 """
     with S3Server(project / ".s3" / "data", log_path=project / ".s3" / "test.log") as s3:
-        out = _run(
+        out = run_tool(
             [sys.executable, "-c", code],
             project,
             MLFLOW_TRACKING_URI=f"sqlite:///{project / 'mlflow.db'}",
@@ -169,14 +136,14 @@ print(json.dumps({{"acc": acc, "flavour": same, "s3": from_s3}}))
 
 
 def test_dvc_pull_into_a_clean_clone(project: Path, first_run: str, tmp_path: Path) -> None:
-    _run(["git", "add", "-A"], project)
-    _run(["git", "commit", "-qm", "run", "--allow-empty"], project)
+    run_tool(["git", "add", "-A"], project)
+    run_tool(["git", "commit", "-qm", "run", "--allow-empty"], project)
     clone = tmp_path / "clone"
-    _run(["git", "clone", "-q", str(project), str(clone)], tmp_path)
+    run_tool(["git", "clone", "-q", str(project), str(clone)], tmp_path)
     with S3Server(project / ".s3" / "data", log_path=tmp_path / "s3.log") as s3:
         dvc = str(BIN / "dvc")
-        _run([dvc, "remote", "modify", "--local", "storage", "endpointurl", s3.endpoint], clone)
-        _run([dvc, "pull"], clone, **s3.environment)
+        run_tool([dvc, "remote", "modify", "--local", "storage", "endpointurl", s3.endpoint], clone)
+        run_tool([dvc, "pull"], clone, **s3.environment)
     for split in ("train", "val", "test"):
         assert (clone / f"data/prepared/{split}.pt").read_bytes() == (
             project / f"data/prepared/{split}.pt"
@@ -190,7 +157,7 @@ def test_a_configured_endpoint_is_used_instead_of_the_embedded_server(
     project: Path, first_run: str, tmp_path: Path
 ) -> None:
     with S3Server(tmp_path / "theirs", log_path=tmp_path / "theirs.log") as theirs:
-        out = _run(
+        out = run_tool(
             [sys.executable, "pipeline/local.py"],
             project,
             SWITCHPRUNE_S3_ENDPOINT=theirs.endpoint,
@@ -236,7 +203,7 @@ def test_sigterm_stops_everything_the_run_started(project: Path, first_run: str)
         runner = subprocess.Popen(
             [sys.executable, "pipeline/local.py"],
             cwd=project,
-            env=_env(),
+            env=tool_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -268,7 +235,7 @@ def test_sigterm_stops_everything_the_run_started(project: Path, first_run: str)
     finally:
         params_path.write_text(original)
     # The next run succeeds (and, with the original settings, has nothing left to train).
-    _run([sys.executable, "pipeline/local.py"], project)
+    run_tool([sys.executable, "pipeline/local.py"], project)
 
 
 @pytest.mark.parametrize(
@@ -301,10 +268,10 @@ def test_an_experiment_registers_and_promotes_nothing(project: Path, first_run: 
     db = f"sqlite:///{project / 'mlflow.db'}"
     client = mlflow.MlflowClient(tracking_uri=db, registry_uri=db)
     versions = sorted(v.version for v in client.search_model_versions(f"name='{MODEL}'"))
-    out = _run([str(BIN / "dvc"), "exp", "run", "-S", "train.target_ratio=0.3"], project)
+    out = run_tool([str(BIN / "dvc"), "exp", "run", "-S", "train.target_ratio=0.3"], project)
     assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out, out
     assert "register" not in out and "promote" not in out, out
-    shown = _run([str(BIN / "dvc"), "exp", "show", "--json"], project)
+    shown = run_tool([str(BIN / "dvc"), "exp", "show", "--json"], project)
     assert "target_ratio" in shown
     assert sorted(v.version for v in client.search_model_versions(f"name='{MODEL}'")) == versions
     assert (manifest.read_bytes(), manifest.stat().st_mtime_ns) == before
@@ -329,7 +296,7 @@ def test_a_release_the_gate_refuses_exits_3_naming_every_reason(
         proc = subprocess.run(
             [sys.executable, "pipeline/local.py", "--release"],
             cwd=project,
-            env=_env(),
+            env=tool_env(),
             capture_output=True,
             text=True,
             timeout=600,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,29 +22,16 @@ import psutil
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
+from project_support import commit_all, copy_project, tool_env
 
 pytestmark = pytest.mark.slow
-
-
-def _env() -> dict[str, str]:
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "SWITCHPRUNE_"))
-    }
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["DVC_NO_ANALYTICS"] = "1"
-    for key in ("AUTHOR", "COMMITTER"):
-        env[f"GIT_{key}_NAME"] = "test"
-        env[f"GIT_{key}_EMAIL"] = "test@example.invalid"
-    return env
 
 
 def _run(project: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "pipeline/local.py"],
         cwd=project,
-        env=_env(),
+        env=tool_env(),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -55,13 +41,7 @@ def _run(project: Path, timeout: float = 120) -> subprocess.CompletedProcess[str
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory, project_files: list[str]) -> Path:
     """A git repository with the project's files, tiny settings, and one complete run done."""
-    dst = tmp_path_factory.mktemp("repo")
-    for rel in project_files:
-        if rel.startswith(("reports/", "tests/")) or rel == "dvc.lock":
-            continue
-        if (ROOT / rel).is_file():
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, dst / rel)
+    dst = copy_project(tmp_path_factory.mktemp("repo"), project_files)
     params = yaml.safe_load((dst / "params.yaml").read_text())
     params["model"]["hidden"] = [32, 16]
     params["train"].update(
@@ -71,8 +51,7 @@ def project(tmp_path_factory: pytest.TempPathFactory, project_files: list[str]) 
     params["register"]["model_name"] = "switchprune-test-faults"
     params["promote"].update(min_accuracy=0.3, max_accuracy_drop=0.5, max_params_ratio=0.9)
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
-        subprocess.run(cmd, cwd=dst, env=_env(), check=True, capture_output=True)
+    commit_all(dst)
     done = _run(dst, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return dst
@@ -144,7 +123,7 @@ def _start_a_long_run(
         runner = subprocess.Popen(
             [sys.executable, "pipeline/local.py"],
             cwd=project,
-            env=_env(),
+            env=tool_env(),
             stdout=out,
             stderr=subprocess.STDOUT,
             text=True,

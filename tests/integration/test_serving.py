@@ -7,15 +7,10 @@ unimportable ``switchprune`` first on the path, so only the copy shipped with th
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from pipeline.servers import free_port
+from pipeline.servers import ModelServer
 
 import switchprune
 from switchprune import registry
@@ -155,57 +150,15 @@ def test_mlflow_models_predict_answers_uint8_and_refuses_floats(served: dict) ->
 
 
 @pytest.fixture(scope="module")
-def server(served: dict) -> Iterator[str]:
-    """A real ``mlflow models serve`` of the champion; its base URL."""
-    port = free_port()
-    log_path = served["root"] / "serve.log"
-    command = [sys.executable, "-m", "mlflow", "models", "serve"]
-    command += ["-m", f"models:/{NAME}@champion", "--env-manager", "local"]
-    command += ["-p", str(port), "-h", "127.0.0.1"]
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            command,
-            env=served["env"],
-            cwd=served["work"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "mlflow models serve did not come up"
-            time.sleep(0.5)
-        yield url
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-def invoke(url: str, payload: dict) -> tuple[int, Any]:
-    request = urllib.request.Request(
-        f"{url}/invocations",
-        data=json.dumps(payload).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
+def server(served: dict) -> Iterator[ModelServer]:
+    """A real ``mlflow models serve`` of the champion."""
+    with ModelServer(
+        f"models:/{NAME}@champion",
+        env=served["env"],
+        cwd=served["work"],
+        log_path=served["root"] / "serve.log",
+    ) as running:
+        yield running
 
 
 def payloads(images: np.ndarray) -> dict[str, dict]:
@@ -225,9 +178,9 @@ def payloads(images: np.ndarray) -> dict[str, dict]:
 
 @pytest.mark.parametrize("form", ["inputs", "instances", "dataframe_split"])
 def test_serve_answers_uint8_pixels_with_the_models_logits(
-    served: dict, server: str, form: str
+    served: dict, server: ModelServer, form: str
 ) -> None:
-    status, body = invoke(server, payloads(served["images"])[form])
+    status, body = server.invoke(payloads(served["images"])[form])
     assert status == 200, body
     got = logits_of(body)
     assert_same_logits(got, expected_logits(served))  # what load_model computes
@@ -238,22 +191,24 @@ def test_serve_answers_uint8_pixels_with_the_models_logits(
 @pytest.mark.parametrize("form", ["inputs", "instances", "dataframe_split"])
 @pytest.mark.parametrize("kind", ["unit", "normalised", "whole"])
 def test_serve_refuses_a_float_batch_naming_uint8(
-    served: dict, server: str, form: str, kind: str
+    served: dict, server: ModelServer, form: str, kind: str
 ) -> None:
     # Pixels scaled to [0, 1] (cast to uint8, a black image), normalised pixels, and floats
     # with whole values (cast, the right image): every float batch is refused alike.
     images = served["images"].astype(np.float64)
     floats = {"unit": images / 255.0, "normalised": (images / 255.0 - 0.3) / 0.2}
     floats["whole"] = images
-    status, body = invoke(server, payloads(floats[kind])[form])
+    status, body = server.invoke(payloads(floats[kind])[form])
     assert status == 400, body
     assert body["error_code"] == "INVALID_PARAMETER_VALUE"
     assert "expected uint8 pixels 0..255 of shape N×1×8×8 (NCHW), got float64" in body["message"]
 
 
-def test_serve_refuses_out_of_range_pixels_and_another_shape(served: dict, server: str) -> None:
+def test_serve_refuses_out_of_range_pixels_and_another_shape(
+    served: dict, server: ModelServer
+) -> None:
     images = served["images"].astype(np.int64)
-    status, body = invoke(server, {"inputs": (images + 256).tolist()})
+    status, body = server.invoke({"inputs": (images + 256).tolist()})
     assert status == 400 and "uint8 pixels 0..255" in body["message"], body
-    status, body = invoke(server, {"inputs": images[:, :, :4].tolist()})
+    status, body = server.invoke({"inputs": images[:, :, :4].tolist()})
     assert status == 400 and "got shape (6, 1, 4, 8)" in body["message"], body

@@ -10,9 +10,7 @@ and ``serve``) and onnxruntime on the pulled ``model.onnx``.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,8 +20,8 @@ import pytest
 import yaml
 from pipeline.servers import ModelServer
 
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
+from project_support import BIN, ROOT, commit_all, copy_project, run_tool, tool_env
+
 MODEL = "switchprune-test-own-net"
 ARCH = "mynets/net.py:build_mixed"
 
@@ -45,38 +43,10 @@ print(json.dumps(type(model).__module__))
 """
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "SWITCHPRUNE_"))
-    }
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["DVC_NO_ANALYTICS"] = "1"
-    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
-    for key in ("AUTHOR", "COMMITTER"):
-        env[f"GIT_{key}_NAME"] = "test"
-        env[f"GIT_{key}_EMAIL"] = "test@example.invalid"
-    env.update(extra)
-    return env
-
-
-def _run(args: list[str], cwd: Path, **extra: str) -> str:
-    proc = subprocess.run(
-        args, cwd=cwd, env=_env(**extra), capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return proc.stdout + proc.stderr
-
-
 @pytest.fixture(scope="module")
 def released(tmp_path_factory: pytest.TempPathFactory, project_files: list[str]) -> Path:
     """A project whose own network went through ``dvc repro`` and ``make release``."""
-    dst = tmp_path_factory.mktemp("own-net-repo")
-    for rel in project_files:
-        if rel.startswith(("reports/", "tests/")) or rel == "dvc.lock":
-            continue
-        if (ROOT / rel).is_file():
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, dst / rel)
+    dst = copy_project(tmp_path_factory.mktemp("own-net-repo"), project_files)
     (dst / "mynets").mkdir()
     shutil.copy(ROOT / "tests" / "models" / "user_net.py", dst / "mynets" / "net.py")
     params = yaml.safe_load((dst / "params.yaml").read_text())
@@ -86,11 +56,9 @@ def released(tmp_path_factory: pytest.TempPathFactory, project_files: list[str])
     params["register"]["model_name"] = MODEL
     params["promote"].update(min_accuracy=0.2, max_accuracy_drop=0.6, max_params_ratio=0.95)
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _run(["git", "init", "-q"], dst)
-    _run(["git", "add", "-A"], dst)
-    _run(["git", "commit", "-qm", "init"], dst)
-    _run([str(BIN / "dvc"), "repro"], dst)
-    _run([sys.executable, "pipeline/local.py", "--release"], dst)
+    commit_all(dst)
+    run_tool([str(BIN / "dvc"), "repro"], dst)
+    run_tool([sys.executable, "pipeline/local.py", "--release"], dst)
     return dst
 
 
@@ -101,8 +69,12 @@ def elsewhere(tmp_path_factory: pytest.TempPathFactory, released: Path) -> dict[
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{released / 'mlflow.db'}"}
     batch = np.random.default_rng(0).integers(0, 256, size=(5, 1, 8, 8), dtype=np.uint8)
     np.save(work / "batch.npy", batch)
-    _run([str(BIN / "switchprune"), "pull", f"{MODEL}@champion", "--out", "champion"], work, **env)
-    out = _run([sys.executable, "-c", LOAD_EVERY_FORM, f"models:/{MODEL}@champion"], work, **env)
+    run_tool(
+        [str(BIN / "switchprune"), "pull", f"{MODEL}@champion", "--out", "champion"], work, **env
+    )
+    out = run_tool(
+        [sys.executable, "-c", LOAD_EVERY_FORM, f"models:/{MODEL}@champion"], work, **env
+    )
     return {"work": work, "env": env, "batch": batch, "stdout": out}
 
 
@@ -127,13 +99,13 @@ def test_every_form_gives_the_same_logits_in_a_folder_without_the_file(elsewhere
     (work / "input.json").write_text(json.dumps({"inputs": elsewhere["batch"].tolist()}))
     args = ["models", "predict", "-m", f"models:/{MODEL}@champion", "--env-manager", "local"]
     args += ["-i", "input.json", "-t", "json", "-o", "predicted.json"]
-    _run([sys.executable, "-m", "mlflow", *args], work, **elsewhere["env"])
+    run_tool([sys.executable, "-m", "mlflow", *args], work, **elsewhere["env"])
     predicted = json.loads((work / "predicted.json").read_text())
     np.testing.assert_allclose(_logits(predicted), reference, rtol=1e-5, atol=1e-6)
 
     server = ModelServer(
         f"models:/{MODEL}@champion",
-        env=_env(**elsewhere["env"]),
+        env=tool_env(**elsewhere["env"]),
         cwd=work,
         log_path=work / "serve.log",
     )

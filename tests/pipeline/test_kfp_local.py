@@ -10,9 +10,7 @@ throwaway copy of the project, and both must produce the same model.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +25,7 @@ from pipeline.compile import network_source
 from pipeline.pipeline import build_pipeline
 from pipeline.servers import MlflowServer
 
+from project_support import commit_all, run_tool
 from switchprune import registry, storage
 from switchprune.config import load_params
 from switchprune.data import export_digits
@@ -144,22 +143,6 @@ def test_the_pipeline_ends_with_a_champion_and_a_manifest_in_s3(
         ]
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["DVC_NO_ANALYTICS"] = "1"
-    for key in ("AUTHOR", "COMMITTER"):
-        env[f"GIT_{key}_NAME"] = "test"
-        env[f"GIT_{key}_EMAIL"] = "test@example.invalid"
-    return env
-
-
-def _run(args: list[str], cwd: Path) -> str:
-    proc = subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout + proc.stderr
-
-
 @pytest.fixture(scope="module")
 def dvc_report(tmp_path_factory: pytest.TempPathFactory, params_file: Path) -> dict[str, Any]:
     """``dvc repro evaluate`` on the same parameters, in a throwaway copy of the project."""
@@ -174,10 +157,8 @@ def dvc_report(tmp_path_factory: pytest.TempPathFactory, params_file: Path) -> d
         ROOT / "src", dst / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
     )
     export_digits(dst / "data" / "raw" / "digits")
-    _run(["git", "init", "-q"], dst)
-    _run(["git", "add", "-A"], dst)
-    _run(["git", "commit", "-qm", "init"], dst)
-    _run([str(BIN / "dvc"), "repro", "evaluate"], dst)
+    commit_all(dst)
+    run_tool([str(BIN / "dvc"), "repro", "evaluate"], dst)
     return json.loads((dst / "reports" / "evaluate.json").read_text())
 
 

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from switchprune.evaluation import measure_latency_ms, size_metrics
+from switchprune.evaluation import measure_latency, size_metrics
 from switchprune.models import ModelSpec, build_model
 
 # Resident memory after a 256 MiB tensor was allocated, touched and freed.
@@ -73,6 +73,16 @@ def test_latency_is_the_median_of_the_timed_passes_after_the_warm_up() -> None:
     # Two slow warm-up passes, then five timed ones of 10 ms with one outlier of 0.5 s: the
     # warm-up is not counted and the median ignores the outlier (the mean would be ~110 ms).
     model = _Sleeper([0.5, 0.5, 0.01, 0.01, 0.5, 0.01, 0.01])
-    ms = measure_latency_ms(model, (3,), 2, torch.device("cpu"), warmup=2, repeats=5)
+    timed = measure_latency(model, (3,), 2, torch.device("cpu"), warmup=2, repeats=5)
     assert model.calls == 7
-    assert 10.0 <= ms < 100.0
+    assert 10.0 <= timed.median_ms < 100.0
+    # The quartiles of 10, 10, 10, 10 and 500 ms: the spread of the typical passes.
+    assert 0.0 <= timed.iqr_ms < 50.0
+
+
+def test_the_latency_spread_is_the_interquartile_range_of_the_repeats() -> None:
+    # Timed passes of 10, 20, 30, 40 and 50 ms: quartiles 20 and 40 ms, IQR 20 ms.
+    model = _Sleeper([0.0, 0.01, 0.02, 0.03, 0.04, 0.05])
+    timed = measure_latency(model, (3,), 2, torch.device("cpu"), warmup=1, repeats=5)
+    assert 28.0 <= timed.median_ms < 45.0
+    assert 15.0 <= timed.iqr_ms < 35.0
