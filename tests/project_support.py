@@ -37,6 +37,18 @@ def run_tool(args: list[str], cwd: Path, **extra: str) -> str:
     return proc.stdout + proc.stderr
 
 
+def run_pipeline(project: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``make run``'s runner in ``project``: its result, whatever its status."""
+    return subprocess.run(
+        [sys.executable, "pipeline/local.py"],
+        cwd=project,
+        env=tool_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def copy_project(dst: Path, project_files: list[str]) -> Path:
     """The project's files (committed, staged or new) in ``dst``: no reports, tests or lock."""
     for rel in project_files:

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from pipeline.servers import S3Server
 
-from project_support import BIN, commit_all, copy_project, run_tool, tool_env
+from project_support import BIN, commit_all, copy_project, run_pipeline, run_tool, tool_env
 from switchprune.data import export_digits
 from switchprune.dvcfiles import dvc_md5
 
@@ -39,18 +39,6 @@ def project(tmp_path_factory: pytest.TempPathFactory, project_files: list[str]) 
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     commit_all(dst)
     return dst
-
-
-def _attempt(project: Path) -> subprocess.CompletedProcess[str]:
-    """``make run``'s runner, expected to stop early: its result, whatever its status."""
-    return subprocess.run(
-        [sys.executable, "pipeline/local.py"],
-        cwd=project,
-        env=tool_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +168,7 @@ def test_a_second_run_in_the_same_folder_is_refused_and_touches_nothing(
     before = config_local.read_text() if config_local.exists() else None
     with open(project / ".switchprune-run.lock", "a+") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a run in progress
-        proc = _attempt(project)
+        proc = run_pipeline(project)
     assert proc.returncode != 0
     assert "another run is in progress" in proc.stderr
     assert "dvc" not in proc.stdout  # refused before running anything
@@ -250,7 +238,7 @@ def test_make_run_with_a_bad_params_file_is_one_line_and_starts_nothing(
     original = params.read_text()
     params.write_text(text)
     try:
-        proc = _attempt(project)
+        proc = run_pipeline(project)
     finally:
         params.write_text(original)
     assert proc.returncode == 2

@@ -22,20 +22,9 @@ import psutil
 import pytest
 import yaml
 
-from project_support import commit_all, copy_project, tool_env
+from project_support import commit_all, copy_project, run_pipeline, tool_env
 
 pytestmark = pytest.mark.slow
-
-
-def _run(project: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "pipeline/local.py"],
-        cwd=project,
-        env=tool_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +41,7 @@ def project(tmp_path_factory: pytest.TempPathFactory, project_files: list[str]) 
     params["promote"].update(min_accuracy=0.3, max_accuracy_drop=0.5, max_params_ratio=0.9)
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     commit_all(dst)
-    done = _run(dst, timeout=300)
+    done = run_pipeline(dst, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return dst
 
@@ -180,7 +169,7 @@ def test_a_run_killed_with_sigkill_leaves_nothing_and_the_next_run_cleans_up(
         else:
             assert _wait_gone(family) == []
         params.write_text(params.read_text().replace("epochs: 500", "epochs: 3"))
-        second = _run(project)
+        second = run_pipeline(project)
         assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
         notices = [ln for ln in second.stderr.splitlines() if "cleaned up a dead run" in ln]
         assert len(notices) == 1, second.stderr[-3000:]
@@ -226,7 +215,7 @@ def test_a_run_hung_up_on_stops_everything_and_the_next_run_is_normal(
         assert not (project / ".switchprune-run.lock").read_text().strip()
         assert "endpointurl" not in (project / ".dvc" / "config.local").read_text()
         params.write_text(params.read_text().replace("epochs: 500", "epochs: 3"))
-        second = _run(project)
+        second = run_pipeline(project)
         assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
         assert "cleaned up a dead run" not in second.stderr
         assert _rclones_of(project) == []
@@ -253,7 +242,7 @@ def test_a_failing_stage_is_named_its_status_passed_on_and_its_outputs_restored(
     before = _digests(prepared)
     assert before
     _set(params, "data", dataset="idx", idx_dir="data/raw")
-    done = _run(project)
+    done = run_pipeline(project)
     assert done.returncode == 2, done.stdout[-3000:] + done.stderr[-3000:]
     lines = done.stderr.splitlines()
     assert "make run: stage 'preprocess' failed (exit 2)" in lines, done.stderr
