@@ -214,29 +214,19 @@ class TrainConfig(_Section):
         snn_lr: SGD learning rate of the switcher.
         snn_momentum: SGD momentum of the switcher.
         tnn_steps_per_snn_step: ``k``: TNN steps between two SNN steps.
-        alternation: ``batch`` alternates within an epoch; ``epoch`` alternates whole epochs.
         warmup_epochs: TNN-only epochs (factors fixed at their initial value) before switching.
         switch_epochs_fraction: Share of the epochs during which the SNN learns; afterwards its
             factors are frozen and the TNN fine-tunes under them.
-        detach_factors: Detach factors in TNN steps (no gradient from the SNN into the TNN).
-        snn_input: ``stats`` (fixed-length per-unit statistics) or ``rows`` (per-layer encoders
-            of the raw weight rows).
         snn_hidden: Hidden width of the switcher.
         scorer: Where unit scores come from: ``magnitude`` (L2 norm of incoming weights ÷
             layer mean, read as the TNN trains; the default, because the benchmark found no
             setting in which the learned switcher beats it), ``switcher`` (learned) or
             ``random`` (fixed seeded scores, a control). The fixed scorers need ``compression:
             target`` or ``auto``; the paper's ``penalty``/``none`` modes need the switcher.
-        snn_prior: ``target``/``auto`` modes: the switcher adds the log magnitude score to its
-            output, so it starts from the magnitude order and learns only what improves on it
-            (kept units unscaled).
-        snn_gates: ``target``/``auto`` modes: SNN steps through ``straight`` (deterministic
-            gates, straight-through for units that are off) or ``stochastic`` gates (units
-            near the line sampled on or off). ``penalty`` and ``none`` always use ``straight``.
-        gate_temperature: Width of the stochastic band around the line, in standard deviations
-            of the scores.
-        snn_holdout: Share of the training split reserved for SNN steps (the TNN never trains
-            on it); 0 uses the TNN's own batches.
+        gate_temperature: ``target``/``auto`` modes: SNN steps sample the gates of units near
+            the line (on or off); this is the width of that band, in standard deviations of the
+            scores. The switcher starts from the magnitude order (its prior) and learns only
+            what improves on it. ``penalty`` and ``none`` use straight-through gates.
         amp: Mixed precision of TNN steps on CUDA: ``auto`` (bfloat16 where supported, else
             float16 with loss scaling), ``bf16``, ``fp16`` or ``off``. Always off on the CPU.
         compression: ``target`` switches off the lowest-scored units until ``target_metric`` is
@@ -249,9 +239,10 @@ class TrainConfig(_Section):
             and otherwise returns to the last accepted ratio and stops shrinking.
         target_metric: ``params`` or ``macs``.
         target_ratio: Fraction of the metric to keep (0.4 keeps 40 %).
-        width_multiple: ``target`` mode keeps a multiple of this many units in every group
-            (rounded to the nearest, within the budget; a group narrower than it stays whole).
-            Widths such as 8 or 16 run faster on vectorised CPU and GPU kernels than odd ones.
+        width_multiple: Every group keeps a multiple of this many units (a group narrower than
+            it stays whole): ``target``/``auto`` modes round to the nearest multiple within the
+            budget; ``prune`` rounds the paper's modes up. Widths such as 8 or 16 run faster on
+            vectorised CPU and GPU kernels than odd ones.
         penalty: Pressure weight (``penalty`` mode).
         max_accuracy_drop: ``auto`` mode: largest validation accuracy drop (a fraction, 0.01 =
             one point) accepted against the unpruned reference.
@@ -272,17 +263,11 @@ class TrainConfig(_Section):
     snn_lr: float = Field(0.01, gt=0)
     snn_momentum: float = Field(0.9, ge=0, lt=1)
     tnn_steps_per_snn_step: int = Field(8, ge=1)
-    alternation: Literal["batch", "epoch"] = "batch"
     warmup_epochs: int = 0
     switch_epochs_fraction: float = Field(0.75, gt=0, le=1)
-    detach_factors: bool = True
-    snn_input: Literal["stats", "rows"] = "stats"
     snn_hidden: int = Field(32, ge=1)
     scorer: Literal["switcher", "magnitude", "random"] = "magnitude"
-    snn_prior: bool = True
-    snn_gates: Literal["straight", "stochastic"] = "stochastic"
     gate_temperature: float = Field(0.1, gt=0)
-    snn_holdout: float = Field(0.0, ge=0, lt=0.5)
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     compression: Literal["target", "auto", "penalty", "none"] = "target"
     target_metric: Literal["params", "macs"] = "params"
@@ -306,13 +291,6 @@ class TrainConfig(_Section):
             f"[train] scorer {self.scorer!r} needs compression: target or auto "
             "(it has no zeros of its own)",
         )
-        _check(
-            not self.snn_prior
-            or self.snn_gates == "stochastic"
-            or self.compression not in ("target", "auto"),
-            "[train] snn_prior needs snn_gates: stochastic (kept units are unscaled, so only "
-            "sampled gates carry the task loss to the switcher)",
-        )
 
 
 @dataclass(frozen=True)
@@ -323,13 +301,11 @@ class PruneConfig(_Section):
         threshold: Units whose factor is at or below this are removed (0 removes exact zeros).
         relative: Interpret ``threshold`` relative to each group's largest factor.
         min_units: Never keep fewer units than this in a group (a layer is never emptied).
-        round_to: Round kept widths up to a multiple of this (hardware-friendly widths).
     """
 
     threshold: float = Field(0.0, ge=0)
     relative: bool = False
     min_units: int = 1
-    round_to: int = Field(1, ge=1)
 
     def __post_init__(self) -> None:
         """Check the rules across fields."""
@@ -542,6 +518,18 @@ def _error(cls: type, section: str, exc: ValidationError) -> ConfigError:
     return ConfigError(f"{where}: {error['msg']}")  # pragma: no cover
 
 
+# Keys that are gone, with what replaced them: a params.yaml that still sets one is told so.
+REMOVED_KEYS: dict[tuple[str, str], str] = {
+    ("train", "alternation"): "SNN steps always follow every tnn_steps_per_snn_step TNN steps",
+    ("train", "detach_factors"): "TNN steps never take gradients through the switcher",
+    ("train", "snn_input"): "the switcher always reads per-unit statistics",
+    ("train", "snn_holdout"): "SNN steps always use the TNN's own training batches",
+    ("train", "snn_gates"): "target/auto modes always sample gates (train.gate_temperature)",
+    ("train", "snn_prior"): "in target/auto modes the switcher always starts from magnitude",
+    ("prune", "round_to"): "use train.width_multiple (kept widths are its multiples)",
+}
+
+
 def from_dict(cls: type[T], data: dict[str, Any] | None, section: str | None = None) -> T:
     """Build a config from a mapping, refusing unknown keys, wrong types and bad values.
 
@@ -561,6 +549,9 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, section: str | None = N
     if not isinstance(data, dict):
         raise ConfigError(f"[{section}] must be a mapping, got {type(data).__name__}")
     known = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    gone = [k for k in data if (section, k) in REMOVED_KEYS]
+    if gone:
+        raise ConfigError(f"[{section}] {gone[0]} was removed: {REMOVED_KEYS[section, gone[0]]}")
     unknown = sorted((k for k in data if k not in known), key=str)
     if unknown:
         raise ConfigError(

@@ -1,9 +1,10 @@
 """Alternating SNN/TNN training with a compression controller, checkpoints and resume.
 
-A TNN step computes the factors with the scorer frozen (detached by default) and takes an SGD
-step on the task network. An SNN step freezes the task network (no gradients, BatchNorm running
-statistics untouched) and takes an SGD step on the switcher under the same cross-entropy, plus a
-cost pressure in ``penalty`` mode. In ``target`` mode the budget line (an offset on the scores)
+A TNN step computes the factors with the scorer frozen (detached) and takes an SGD step on the
+task network; every ``tnn_steps_per_snn_step`` of them, an SNN step follows. An SNN step
+freezes the task network (no gradients, BatchNorm running statistics untouched) and takes an
+SGD step on the switcher under the same cross-entropy, plus a cost pressure in ``penalty``
+mode. In ``target`` mode the budget line (an offset on the scores)
 is placed at every SNN step so that the kept cost (params or MACs, counted exactly from the units
 that are on) meets a target that ramps down to ``target_ratio``. After
 ``switch_epochs_fraction`` of the epochs the factors are frozen and the task network fine-tunes
@@ -50,8 +51,13 @@ from switchprune.data import (
 from switchprune.errors import UserError
 from switchprune.io import load_torch, save_torch
 from switchprune.models import ModelSpec, TaskNet, build_model
-from switchprune.models.switcher import SwitcherSpec, UnitScorer, kept_count
-from switchprune.scoring import build_scorer
+from switchprune.scoring import (
+    SwitcherSpec,
+    UnitScorer,
+    build_scorer,
+    hard_widths,
+    ramped_target,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -111,26 +117,6 @@ def accuracy(
     return correct / len(data)
 
 
-def ramped_target(final: float, elapsed: float, ramp: float) -> float:
-    """Target ratio at a point of the switching phase: a cubic ramp from 1 down to ``final``.
-
-    Lowering the target gradually (as in gradual magnitude pruning) lets the task network
-    adapt while units switch off, instead of losing many at once and overshooting.
-
-    Args:
-        final: The ratio to reach.
-        elapsed: Share of the switching phase done, in [0, 1].
-        ramp: Share of the switching phase over which the target falls.
-    """
-    done = min(1.0, max(0.0, elapsed / ramp)) if ramp > 0 else 1.0
-    return final + (1.0 - final) * (1.0 - done) ** 3
-
-
-def hard_widths(factors: dict[str, torch.Tensor]) -> dict[str, int]:
-    """Units with a non-zero factor per group (at least one: a layer is never emptied)."""
-    return {k: max(1, int((v > 0).sum())) for k, v in factors.items()}
-
-
 class _FrozenTNN:
     """Context: no parameter gradients and no BatchNorm statistics updates in the task net."""
 
@@ -154,49 +140,90 @@ class _FrozenTNN:
         self.saved.clear()
 
 
+# Each random stream is reseeded from the run's seed per epoch or per step (``seed * a + index
+# + b``), so a resumed run draws exactly what an uninterrupted one would, with no generator
+# state in the checkpoint.
+_STREAMS = {
+    "order": (100_003, 0),  # per epoch: the order of the TNN's samples
+    "augment": (1_000_033, 1),  # per epoch: crops and flips
+    "snn_batch": (7_919, 0),  # per pass over the data: the order of SNN batches
+    "gates": (104_729, 0),  # per SNN step: sampled gates
+    "auto_val": (1, 11),  # once: the validation share ``auto`` holds out when there is none
+}
+
+
+def _stream(purpose: str, seed: int, index: int) -> torch.Generator:
+    """The CPU generator of ``purpose`` at ``index`` (an epoch or a step) of a run."""
+    a, b = _STREAMS[purpose]
+    return torch.Generator().manual_seed(seed * a + index + b)
+
+
 @dataclass
 class _Data:
-    """Training samples: tensors on the device (memory) or views of a split on disk (stream).
+    """Training samples: tensors on the device (memory) or views of a split on disk (stream)."""
 
-    ``snn`` holds the samples of SNN steps: a held-out share, or the TNN's own data.
-    """
-
-    y: torch.Tensor  # labels of the TNN's samples (their count drives the epoch)
+    y: torch.Tensor  # labels (their count drives the epoch)
     x: torch.Tensor | None = None
-    snn_x: torch.Tensor | None = None
-    snn_y: torch.Tensor | None = None
     stream: PreparedSplit | None = None
-    snn_stream: PreparedSplit | None = None
 
     @classmethod
     def of(cls, train: Split, device: torch.device) -> _Data:
-        """Every training sample for both networks: tensors moved to ``device``, or a stream."""
+        """Every training sample: tensors moved to ``device``, or a stream."""
         if isinstance(train, TensorDataset):
             x, y = (t.to(device) for t in train.tensors)
-            return cls(y=y, x=x, snn_x=x, snn_y=y)
-        return cls(y=train.labels, stream=train, snn_stream=train)
+            return cls(y=y, x=x)
+        return cls(y=train.labels, stream=train)
 
-    def hold_out(self, fraction: float, seed: int, snn: bool) -> Split:
-        """Take a seeded share away from the TNN's samples; it feeds SNN steps when ``snn``.
+    def hold_out(self, fraction: float, generator: torch.Generator) -> Split:
+        """Take a random ``fraction`` (at least one sample) away; the samples taken.
 
         Returns:
             The held-out samples (tensors on the CPU in memory mode).
         """
-        held, rest = _hold_out_order(len(self.y), fraction, seed)
+        order = torch.randperm(len(self.y), generator=generator)
+        count = max(1, round(fraction * len(self.y)))
+        held, rest = order[:count], order[count:]
         if self.stream is not None:
             taken = self.stream.subset(held)
             self.stream = self.stream.subset(rest)
             self.y = self.stream.labels
-            if snn:
-                self.snn_stream = taken
             return taken
         assert self.x is not None
         held, rest = held.to(self.x.device), rest.to(self.x.device)
         taken_x, taken_y = self.x[held], self.y[held]
         self.x, self.y = self.x[rest], self.y[rest]
-        if snn:
-            self.snn_x, self.snn_y = taken_x, taken_y
         return TensorDataset(taken_x.cpu(), taken_y.cpu())
+
+    def batch(self, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The samples at ``idx`` on ``device``."""
+        if self.stream is not None:
+            x, y = self.stream[idx.tolist()]
+            return x.to(device), y.to(device)
+        assert self.x is not None
+        idx = idx.to(self.x.device)
+        return self.x[idx], self.y[idx]
+
+
+@dataclass
+class _Auto:
+    """``auto`` compression: the reference accuracy, the ratio on trial, the last accepted."""
+
+    reference: float | None = None
+    trial: float = 1.0
+    accepted: float = 1.0
+    done: bool = False
+
+
+@dataclass
+class _State:
+    """What a checkpoint carries besides the networks and optimisers."""
+
+    epoch: int = 0  # epochs done
+    step: int = 0  # TNN steps over the whole run: SNN steps fall on every k-th
+    snn_step: int = 0  # SNN steps done (their batches and sampled gates)
+    frozen: dict[str, torch.Tensor] | None = None  # the fixed phase's factors
+    history: list[dict[str, float]] = field(default_factory=list)
+    auto: _Auto = field(default_factory=_Auto)
 
 
 @dataclass
@@ -208,30 +235,17 @@ class _Run:
     tnn: TaskNet
     scorer: UnitScorer | None
     opt_t: torch.optim.Optimizer
-    opt_s: torch.optim.Optimizer | None
+    opt_s: torch.optim.Optimizer | None  # None for the fixed scorers: nothing to learn
     costs: CostModel
-    data: _Data  # the TNN's batches, and those of SNN steps
-    switch_end: int
-    warmup: int
+    data: _Data
+    warmup: int  # epochs before switching starts
+    switch_end: int  # the first epoch of the fixed phase
     val: Split | None
     amp: torch.dtype | None = None  # autocast dtype of TNN steps (CUDA only)
     scaler: torch.amp.GradScaler | None = None  # float16 autocast needs loss scaling
     augment: Augmentation | None = None
     num_workers: int = 0
-    # ``step`` counts TNN steps over the whole run: it sets where SNN steps fall (every k-th),
-    # so a resumed run continues the count. ``snn_step`` numbers SNN steps (their batches and
-    # sampled gates).
-    state: dict[str, Any] = field(
-        default_factory=lambda: {
-            "epoch": 0,
-            "step": 0,
-            "snn_step": 0,
-            "frozen": None,
-            "history": [],
-            # ``auto`` compression: reference accuracy, the ratio on trial, the last accepted.
-            "auto": {"reference": None, "trial": 1.0, "accepted": 1.0, "done": False},
-        }
-    )
+    state: _State = field(default_factory=_State)
     loss_fn: nn.Module = field(default_factory=nn.CrossEntropyLoss)
 
     @property
@@ -239,10 +253,13 @@ class _Run:
         """The full network's params or MACs (``target_metric``)."""
         return float(self.costs.cost(self.cfg.target_metric))
 
-    @property
-    def learns(self) -> bool:
-        """Whether the scorer has parameters to train (the controls have none)."""
-        return self.opt_s is not None
+    def phase(self, epoch: int) -> str:
+        """``plain`` (no scorer), ``warmup``, ``switch`` (the scorer moves) or ``fixed``."""
+        if self.scorer is None:
+            return "plain"
+        if epoch < self.warmup:
+            return "warmup"
+        return "switch" if epoch < self.switch_end else "fixed"
 
 
 def fit(
@@ -289,25 +306,22 @@ def fit(
     fingerprint = _fingerprint(run, spec, switched, len(train))
     if checkpoint_path is not None and checkpoint_path.is_file():
         _resume(run, load_torch(checkpoint_path), fingerprint)
+    name = "train" if switched else "baseline"
     bar = tqdm(
-        range(run.state["epoch"], cfg.epochs),
-        initial=run.state["epoch"],
+        range(run.state.epoch, cfg.epochs),
+        initial=run.state.epoch,
         total=cfg.epochs,
-        desc="train" if switched else "baseline",
+        desc=name,
         disable=not progress,
         leave=True,  # the last state (epochs, loss, accuracy) stays on screen
     )
     for epoch in bar:
         record = _run_epoch(run, epoch)
-        bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k != "epoch"})
+        shown = {k: v for k, v in record.items() if k != "epoch"}
+        bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()})
         if log_epochs:
-            logger.info(
-                "%s epoch %d/%d: %s",
-                "train" if switched else "baseline",
-                epoch + 1,
-                cfg.epochs,
-                " ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"),
-            )
+            values = " ".join(f"{k}={v:.4g}" for k, v in shown.items())
+            logger.info("%s epoch %d/%d: %s", name, epoch + 1, cfg.epochs, values)
         if checkpoint_path is not None and (
             (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs
         ):
@@ -318,43 +332,6 @@ def fit(
     return _finish(run)
 
 
-def _fingerprint(run: _Run, spec: ModelSpec, switched: bool, n_train: int) -> dict[str, Any]:
-    """What a checkpoint must have been written with to be resumed by this run."""
-    fingerprint: dict[str, Any] = {
-        "train": to_dict(run.cfg),
-        "spec": spec.to_dict(),
-        "switched": switched,
-        "n_train": n_train,
-    }
-    if run.augment is not None:
-        # Other batches: a checkpoint made without (or with other) augmentation is not resumed.
-        fingerprint["augment"] = dataclasses.asdict(run.augment)
-    return fingerprint
-
-
-def _run_epoch(run: _Run, epoch: int) -> dict[str, float]:
-    """Train one epoch and add its record to the run's history.
-
-    Raises:
-        TrainingError: If the epoch's mean task loss is not finite.
-    """
-    started = time.perf_counter()
-    # Step losses stay on the device; one transfer per epoch (no sync per step on a GPU).
-    steps = _train_epoch(run, epoch)
-    losses = torch.stack(steps).cpu().tolist() if steps else []
-    if losses and not math.isfinite(statistics.fmean(losses)):
-        raise TrainingError(
-            f"training diverged at epoch {epoch + 1} (the task loss is not finite): "
-            "lower train.tnn_lr"
-        )
-    record = _epoch_record(run, epoch, losses, time.perf_counter() - started)
-    if run.cfg.compression == "auto" and run.scorer is not None:
-        _auto_step(run, epoch, record)
-    run.state["history"].append(record)
-    run.state["epoch"] = epoch + 1
-    return record
-
-
 def _start(
     spec: ModelSpec,
     train: Split,
@@ -363,7 +340,7 @@ def _start(
     switched: bool,
     device: torch.device,
 ) -> _Run:
-    """Build the networks, optimisers and data split of a run (seeded)."""
+    """Build the networks, optimisers and data of a run (seeded)."""
     # ``auto`` becomes the architecture's rate here, so the record says which rate was used.
     cfg = dataclasses.replace(cfg, tnn_lr=recipe_lr(cfg.tnn_lr, spec.arch))
     if switched and cfg.scorer != "switcher" and cfg.compression not in ("target", "auto"):
@@ -386,36 +363,30 @@ def _start(
     params = list(scorer.parameters()) if scorer is not None else []
     opt_s = torch.optim.SGD(params, lr=cfg.snn_lr, momentum=cfg.snn_momentum) if params else None
     data = _Data.of(train, device)
-    if switched and params and cfg.snn_holdout > 0:
-        # The switcher learns on a slice the task network never trains on, so that it keeps
-        # what generalises rather than what fits the training batches.
-        data.hold_out(cfg.snn_holdout, cfg.seed + 7, snn=True)
     warmup = cfg.warmup_epochs
     if switched and cfg.compression == "auto":
         # The unpruned reference needs an epoch of training and data to be measured on.
         warmup = max(1, warmup)
         if val is None or len(val) == 0:
-            val = data.hold_out(0.1, cfg.seed + 11, snn=False)
-    switch_end = max(warmup + 1, round(cfg.switch_epochs_fraction * cfg.epochs))
+            val = data.hold_out(0.1, _stream("auto_val", cfg.seed, 0))
     amp = resolve_amp(cfg.amp, device)
     if device.type == "cuda" and len(spec.in_shape) == 3:
         tnn = tnn.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
-    run = _Run(
-        cfg,
-        device,
-        tnn,
-        scorer,
-        opt_t,
-        opt_s,
-        CostModel(tnn),
-        data,
-        switch_end,
-        warmup,
-        val,
-        amp,
-        torch.amp.GradScaler("cuda") if amp == torch.float16 else None,
+    return _Run(
+        cfg=cfg,
+        device=device,
+        tnn=tnn,
+        scorer=scorer,
+        opt_t=opt_t,
+        opt_s=opt_s,
+        costs=CostModel(tnn),
+        data=data,
+        warmup=warmup,
+        switch_end=max(warmup + 1, round(cfg.switch_epochs_fraction * cfg.epochs)),
+        val=val,
+        amp=amp,
+        scaler=torch.amp.GradScaler("cuda") if amp == torch.float16 else None,
     )
-    return run
 
 
 def _build_scorer(tnn: TaskNet, cfg: TrainConfig, device: torch.device) -> UnitScorer:
@@ -423,23 +394,306 @@ def _build_scorer(tnn: TaskNet, cfg: TrainConfig, device: torch.device) -> UnitS
     budget = cfg.compression in ("target", "auto")
     # The prior and sampled gates act around a budget line; the paper's modes keep the
     # switcher's own ReLU zeros.
-    scorer_spec = SwitcherSpec.for_model(
-        tnn,
-        cfg.snn_input,
-        cfg.snn_hidden,
-        "budget" if budget else "relu",
-        cfg.width_multiple,
-        cfg.scorer,
-        cfg.snn_prior and budget,
+    spec = SwitcherSpec(
+        cfg.snn_hidden, "budget" if budget else "relu", cfg.width_multiple, cfg.scorer, budget
     )
-    return build_scorer(scorer_spec, tnn, cfg.seed).to(device)
+    return build_scorer(spec, tnn, cfg.seed).to(device)
 
 
-def _hold_out_order(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions of a seeded random ``fraction`` of ``n`` samples (at least one), and the rest."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    held = max(1, round(fraction * n))
-    return order[:held], order[held:]
+def _fingerprint(run: _Run, spec: ModelSpec, switched: bool, n_train: int) -> dict[str, Any]:
+    """What a checkpoint must have been written with to be resumed by this run."""
+    fingerprint: dict[str, Any] = {
+        "train": to_dict(run.cfg),
+        "spec": spec.to_dict(),
+        "switched": switched,
+        "n_train": n_train,
+    }
+    if run.augment is not None:
+        # Other batches: a checkpoint made without (or with other) augmentation is not resumed.
+        fingerprint["augment"] = dataclasses.asdict(run.augment)
+    return fingerprint
+
+
+def _resume(run: _Run, blob: dict[str, Any], fingerprint: dict[str, Any]) -> None:
+    """Continue from a checkpoint written with the same settings (others are ignored)."""
+    names = [f.name for f in dataclasses.fields(_State)]
+    if blob.get("fingerprint") != fingerprint or not set(names) <= set(blob):
+        return
+    run.tnn.load_state_dict(blob["tnn"])
+    run.opt_t.load_state_dict(blob["opt_tnn"])
+    if run.scorer is not None:
+        run.scorer.load_state_dict(blob["snn"])
+    if run.opt_s is not None:
+        run.opt_s.load_state_dict(blob["opt_snn"])
+    state = {k: blob[k] for k in names}
+    state["auto"] = _Auto(**state["auto"])
+    if state["frozen"] is not None:
+        state["frozen"] = {k: v.to(run.device) for k, v in state["frozen"].items()}
+    run.state = _State(**state)
+
+
+def _checkpoint(run: _Run, fingerprint: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "fingerprint": fingerprint,
+        "tnn": run.tnn.state_dict(),
+        "opt_tnn": run.opt_t.state_dict(),
+        "snn": run.scorer.state_dict() if run.scorer is not None else {},
+        "opt_snn": run.opt_s.state_dict() if run.opt_s is not None else {},
+        **dataclasses.asdict(run.state),
+    }
+
+
+# --- one epoch ------------------------------------------------------------------------------
+
+
+def _run_epoch(run: _Run, epoch: int) -> dict[str, float]:
+    """Train one epoch and add its record to the run's history.
+
+    Raises:
+        TrainingError: If the epoch's mean task loss is not finite.
+    """
+    started = time.perf_counter()
+    # Step losses stay on the device; one transfer per epoch (no sync per step on a GPU).
+    steps = _train_epoch(run, epoch)
+    losses = torch.stack(steps).cpu().tolist() if steps else []
+    if losses and not math.isfinite(statistics.fmean(losses)):
+        raise TrainingError(
+            f"training diverged at epoch {epoch + 1} (the task loss is not finite): "
+            "lower train.tnn_lr"
+        )
+    record = _epoch_record(run, epoch, losses, time.perf_counter() - started)
+    if run.cfg.compression == "auto" and run.scorer is not None:
+        _auto_step(run, epoch, record)
+    run.state.history.append(record)
+    run.state.epoch = epoch + 1
+    return record
+
+
+def _train_epoch(run: _Run, epoch: int) -> list[torch.Tensor]:
+    """One epoch of TNN steps with an SNN step (or a line placement) after every ``k``."""
+    cfg, state = run.cfg, run.state
+    # Cosine schedule, set per epoch so a resumed run sees the same rates.
+    for group in run.opt_t.param_groups:
+        group["lr"] = cfg.tnn_lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
+    phase = run.phase(epoch)
+    if phase == "fixed" and state.frozen is None:
+        _freeze(run)
+    n = len(run.data.y)
+    order = torch.randperm(n, generator=_stream("order", cfg.seed, epoch))
+    # Factors are fixed between two SNN steps: computed once, shared by the TNN steps between.
+    factors = _current_factors(run, phase)
+    losses: list[torch.Tensor] = []
+    run.tnn.train()
+    batches = _tnn_batches(run, order, epoch)
+    for i, (x, y) in zip(range(0, n, cfg.batch_size), batches, strict=False):
+        losses.append(_tnn_step(run, x, y, factors))
+        state.step += 1
+        if phase == "switch" and state.step % cfg.tnn_steps_per_snn_step == 0:
+            stats = _snn_step(run, _target(run, epoch, i / n))
+            assert run.scorer is not None
+            with torch.no_grad():
+                factors = run.scorer(run.tnn, stats=stats)
+    batches.close()  # stops the DataLoader's workers
+    return losses
+
+
+def _target(run: _Run, epoch: int, within: float) -> float:
+    """The ratio the budget line is placed at, ``within`` (0 to 1) an epoch of switching."""
+    if run.cfg.compression == "auto":
+        return run.state.auto.trial
+    elapsed = (epoch - run.warmup + within) / (run.switch_end - run.warmup)
+    return ramped_target(run.cfg.target_ratio, elapsed, run.cfg.ramp_fraction)
+
+
+def _tnn_batches(
+    run: _Run, order: torch.Tensor, epoch: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The epoch's TNN batches on the device, in ``order``, augmented when configured."""
+    size, data = run.cfg.batch_size, run.data
+    # Seeded per epoch, on the CPU: a resumed run draws the same crops and flips on any device.
+    g = _stream("augment", run.cfg.seed, epoch)
+    if data.stream is None:
+        assert data.x is not None
+        batches: Any = (
+            (data.x[idx], data.y[idx])
+            for i in range(0, len(order), size)
+            for idx in [order[i : i + size].to(run.device)]
+        )
+    else:
+        cuda = run.device.type == "cuda"
+        loader = batch_loader(
+            data.stream,
+            [order[i : i + size].tolist() for i in range(0, len(order), size)],
+            num_workers=run.num_workers,
+            pin_memory=cuda,
+        )
+        batches = (
+            (x.to(run.device, non_blocking=cuda), y.to(run.device, non_blocking=cuda))
+            for x, y in loader
+        )
+    for x, y in batches:
+        yield (augment_batch(x, run.augment, g) if run.augment is not None else x), y
+
+
+def _tnn_step(
+    run: _Run, x: torch.Tensor, y: torch.Tensor, factors: dict[str, torch.Tensor] | None
+) -> torch.Tensor:
+    """One SGD step of the task network under fixed ``factors``; its loss."""
+    run.tnn.set_factors(factors)
+    with _autocast(run):
+        loss = run.loss_fn(run.tnn(_layout(run, x)), y)
+    run.opt_t.zero_grad(set_to_none=True)
+    if run.scaler is not None:
+        run.scaler.scale(loss).backward()
+        run.scaler.step(run.opt_t)
+        run.scaler.update()
+    else:
+        loss.backward()
+        run.opt_t.step()
+    run.tnn.set_factors(None)
+    return loss.detach()
+
+
+def _snn_step(run: _Run, target: float) -> dict[str, torch.Tensor] | None:
+    """Place the budget line at ``target`` and, for the switcher, take one SGD step.
+
+    Returns:
+        The unit statistics the scorer read: still valid after the step, since the task
+        network did not change.
+    """
+    scorer, cfg, state = run.scorer, run.cfg, run.state
+    assert scorer is not None
+    with _FrozenTNN(run.tnn):
+        stats = scorer.statistics(run.tnn)
+        scores = scorer.scores(run.tnn, stats=stats)
+        if cfg.compression in ("target", "auto"):
+            scorer.place_line(scores, run.costs, cfg.target_metric, target * run.full_cost)
+        if run.opt_s is not None:
+            x, y = _snn_batch(run)
+            gates = _stream("gates", cfg.seed, state.snn_step)
+            run.tnn.set_factors(scorer.trainable_factors(scores, cfg.gate_temperature, gates))
+            loss = run.loss_fn(run.tnn(x), y)
+            if cfg.compression == "penalty":
+                # L1 on the factors, each unit weighted by what it costs at the current widths.
+                factors = scorer.factors(scores)
+                marginal = run.costs.marginal(cfg.target_metric, hard_widths(factors))
+                pressure = sum(marginal[k] * v.sum() for k, v in factors.items()) / run.full_cost
+                loss = loss + cfg.penalty * pressure
+            run.opt_s.zero_grad(set_to_none=True)
+            loss.backward()
+            run.opt_s.step()
+            run.tnn.set_factors(None)
+    state.snn_step += 1
+    return stats
+
+
+def _snn_batch(run: _Run) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next batch of SNN steps: the training data in a seeded order, pass after pass."""
+    n = len(run.data.y)
+    size = min(run.cfg.batch_size, n)
+    per_pass = max(1, n // size)
+    step = run.state.snn_step
+    start = (step % per_pass) * size
+    order = torch.randperm(n, generator=_stream("snn_batch", run.cfg.seed, step // per_pass))
+    return run.data.batch(order[start : start + size], run.device)
+
+
+def _current_factors(run: _Run, phase: str) -> dict[str, torch.Tensor] | None:
+    if run.scorer is None or phase == "warmup":
+        return None
+    if phase == "fixed":
+        return run.state.frozen
+    with torch.no_grad():
+        return run.scorer(run.tnn)
+
+
+def _freeze(run: _Run) -> None:
+    """Fix the factors for the rest of the run; in target mode exactly on budget."""
+    assert run.scorer is not None
+    with torch.no_grad():
+        if run.cfg.compression in ("target", "auto"):
+            budget = _final_ratio(run) * run.full_cost
+            scores = run.scorer.scores(run.tnn)
+            run.scorer.place_line(scores, run.costs, run.cfg.target_metric, budget)
+        run.state.frozen = {k: v.detach() for k, v in run.scorer(run.tnn).items()}
+
+
+def _final_ratio(run: _Run) -> float:
+    """The ratio the run ends at: the target, or in ``auto`` mode the last accepted one."""
+    if run.cfg.compression == "auto":
+        return run.state.auto.accepted
+    return run.cfg.target_ratio
+
+
+def _auto_step(run: _Run, epoch: int, record: dict[str, float]) -> None:
+    """``auto`` compression: measure the reference, then accept or reject the epoch's trial."""
+    auto, cfg = run.state.auto, run.cfg
+    phase = run.phase(epoch)
+    if phase == "warmup" and epoch == run.warmup - 1:
+        auto.reference = record["val_accuracy"]
+        auto.trial = cfg.auto_shrink
+    elif phase == "switch" and not auto.done:
+        assert auto.reference is not None
+        if record["val_accuracy"] >= auto.reference - cfg.max_accuracy_drop:
+            auto.accepted = auto.trial
+            auto.trial = auto.trial * cfg.auto_shrink
+        else:
+            auto.trial = auto.accepted
+            auto.done = True
+
+
+def _epoch_record(run: _Run, epoch: int, losses: list[float], seconds: float) -> dict[str, float]:
+    """Loss, validation accuracy under the current factors, and reached compression."""
+    record: dict[str, float] = {
+        "epoch": float(epoch),
+        "loss": statistics.fmean(losses) if losses else float("nan"),
+        "seconds": seconds,
+    }
+    factors = _current_factors(run, run.phase(epoch))
+    run.tnn.set_factors(factors)
+    if run.val is not None and len(run.val) > 0:
+        record["val_accuracy"] = accuracy(run.tnn, run.val, run.device, num_workers=run.num_workers)
+    if factors is not None:
+        widths = hard_widths(factors)
+        record["params_ratio"] = float(run.costs.params(widths)) / float(run.costs.params())
+        record["macs_ratio"] = float(run.costs.macs(widths)) / float(run.costs.macs())
+        record["offset"] = float(run.scorer.offset) if run.scorer is not None else 0.0
+    run.tnn.set_factors(None)
+    return record
+
+
+def _finish(run: _Run) -> FitResult:
+    """Final factors (on budget in target mode), summary metrics, everything on the CPU."""
+    scorer, history = run.scorer, run.state.history
+    final = None
+    if scorer is not None:
+        if run.state.frozen is None:
+            # No fixed phase (too few epochs): still end exactly on budget, since the TNN
+            # steps after the last SNN step move the scores across the line.
+            _freeze(run)
+        assert run.state.frozen is not None
+        final = {k: v.detach().cpu() for k, v in run.state.frozen.items()}
+    metrics: dict[str, float] = {
+        "epochs": float(run.cfg.epochs),
+        "epoch_seconds": statistics.median(r["seconds"] for r in history) if history else 0.0,
+    }
+    if history and "val_accuracy" in history[-1]:
+        metrics["val_accuracy"] = history[-1]["val_accuracy"]
+    if final is not None:
+        assert scorer is not None
+        widths = hard_widths(final)
+        metrics["train_params_ratio"] = float(run.costs.params(widths)) / float(run.costs.params())
+        metrics["train_macs_ratio"] = float(run.costs.macs(widths)) / float(run.costs.macs())
+        metrics["switch_offset"] = float(scorer.offset)
+        if run.cfg.compression == "auto":
+            metrics["auto_ratio"] = _final_ratio(run)
+            metrics["auto_reference_accuracy"] = float(run.state.auto.reference or 0.0)
+        scorer.cpu().eval()
+    run.tnn.cpu().eval()
+    return FitResult(run.tnn, scorer, final, history, metrics)
+
+
+# --- helpers --------------------------------------------------------------------------------
 
 
 def resolve_amp(
@@ -475,365 +729,3 @@ def _layout(run: _Run, x: torch.Tensor) -> torch.Tensor:
     if run.device.type == "cuda" and x.dim() == 4:
         return x.contiguous(memory_format=torch.channels_last)
     return x
-
-
-def _resume(run: _Run, blob: dict[str, Any], fingerprint: dict[str, Any]) -> None:
-    """Continue from a checkpoint written with the same settings (others are ignored)."""
-    if blob.get("fingerprint") != fingerprint or not set(run.state) <= set(blob):
-        return
-    run.tnn.load_state_dict(blob["tnn"])
-    run.opt_t.load_state_dict(blob["opt_tnn"])
-    if run.scorer is not None:
-        run.scorer.load_state_dict(blob["snn"])
-    if run.opt_s is not None:
-        run.opt_s.load_state_dict(blob["opt_snn"])
-    run.state = {k: blob[k] for k in run.state}
-    if run.state["frozen"] is not None:
-        run.state["frozen"] = {k: v.to(run.device) for k, v in run.state["frozen"].items()}
-
-
-def _checkpoint(run: _Run, fingerprint: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "fingerprint": fingerprint,
-        "tnn": run.tnn.state_dict(),
-        "opt_tnn": run.opt_t.state_dict(),
-        "snn": run.scorer.state_dict() if run.scorer is not None else {},
-        "opt_snn": run.opt_s.state_dict() if run.opt_s is not None else {},
-        **run.state,
-    }
-
-
-def _phase(run: _Run, epoch: int) -> str:
-    """``plain`` (no scorer), ``warmup``, ``switch`` (the scorer moves) or ``fixed``."""
-    if run.scorer is None:
-        return "plain"
-    if epoch < run.warmup:
-        return "warmup"
-    return "switch" if epoch < run.switch_end else "fixed"
-
-
-def _freeze(run: _Run) -> None:
-    """Fix the factors for the rest of the run; in target mode exactly on budget."""
-    assert run.scorer is not None
-    with torch.no_grad():
-        if run.cfg.compression in ("target", "auto"):
-            _place_line(run, _final_ratio(run), run.scorer.scores(run.tnn))
-        run.state["frozen"] = {k: v.detach() for k, v in run.scorer(run.tnn).items()}
-
-
-def _final_ratio(run: _Run) -> float:
-    """The ratio the run ends at: the target, or in ``auto`` mode the last accepted one."""
-    if run.cfg.compression == "auto":
-        return float(run.state["auto"]["accepted"])
-    return run.cfg.target_ratio
-
-
-def _auto_step(run: _Run, epoch: int, record: dict[str, float]) -> None:
-    """``auto`` compression: measure the reference, then accept or reject the epoch's trial."""
-    auto, cfg = run.state["auto"], run.cfg
-    phase = _phase(run, epoch)
-    if phase == "warmup" and epoch == run.warmup - 1:
-        auto["reference"] = record["val_accuracy"]
-        auto["trial"] = cfg.auto_shrink
-    elif phase == "switch" and not auto["done"]:
-        if record["val_accuracy"] >= auto["reference"] - cfg.max_accuracy_drop:
-            auto["accepted"] = auto["trial"]
-            auto["trial"] = auto["trial"] * cfg.auto_shrink
-        else:
-            auto["trial"] = auto["accepted"]
-            auto["done"] = True
-
-
-def _place_line(run: _Run, ratio: float, scores: dict[str, torch.Tensor]) -> None:
-    """Set the scorer's offset so that the units above it cost ``ratio`` of the full net."""
-    assert run.scorer is not None
-    budget = ratio * run.full_cost
-    offset = budget_offset(
-        scores, run.costs, run.cfg.target_metric, budget, run.scorer.spec.multiple
-    )
-    run.scorer.offset.fill_(offset)
-
-
-def _train_epoch(run: _Run, epoch: int) -> list[torch.Tensor]:
-    """One epoch of TNN steps with SNN steps (or line placements) every ``k`` of them."""
-    cfg = run.cfg
-    # Cosine schedule, set per epoch so a resumed run sees the same rates.
-    for group in run.opt_t.param_groups:
-        group["lr"] = cfg.tnn_lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
-    phase = _phase(run, epoch)
-    if phase == "fixed" and run.state["frozen"] is None:
-        _freeze(run)
-    snn_epoch = (
-        phase == "switch"
-        and cfg.alternation == "epoch"
-        and (epoch - run.warmup) % (cfg.tnn_steps_per_snn_step + 1) == cfg.tnn_steps_per_snn_step
-    )
-    n = len(run.data.y)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-    # Factors are fixed between two SNN steps: computed once, shared by the TNN steps between.
-    cached = _current_factors(run, phase) if phase != "switch" or cfg.detach_factors else None
-    losses: list[torch.Tensor] = []
-    run.tnn.train()
-    batches = None if snn_epoch else _tnn_batches(run, order, epoch)
-    for i in range(0, n, cfg.batch_size):
-        if batches is not None:
-            x, y = next(batches)
-            losses.append(_tnn_step(run, phase, x, y, cached))
-            run.state["step"] += 1
-        do_snn = phase == "switch" and (
-            snn_epoch
-            or (cfg.alternation == "batch" and run.state["step"] % cfg.tnn_steps_per_snn_step == 0)
-        )
-        if do_snn:
-            if cfg.compression == "auto":
-                target = float(run.state["auto"]["trial"])
-            else:
-                elapsed = (epoch - run.warmup + i / n) / (run.switch_end - run.warmup)
-                target = ramped_target(cfg.target_ratio, elapsed, cfg.ramp_fraction)
-            stats = _snn_step(run, target)
-            if cfg.detach_factors:
-                with torch.no_grad():
-                    assert run.scorer is not None
-                    cached = run.scorer(run.tnn, stats=stats)
-    if batches is not None:
-        batches.close()  # stops the DataLoader's workers
-    return losses
-
-
-def _tnn_batches(
-    run: _Run, order: torch.Tensor, epoch: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The epoch's TNN batches on the device, in ``order``, augmented when configured."""
-    size, data = run.cfg.batch_size, run.data
-    # Seeded per epoch, on the CPU: a resumed run draws the same crops and flips on any device.
-    g = torch.Generator().manual_seed(run.cfg.seed * 1_000_033 + epoch + 1)
-    if data.stream is None:
-        assert data.x is not None
-        batches: Any = (
-            (data.x[idx], data.y[idx])
-            for i in range(0, len(order), size)
-            for idx in [order[i : i + size].to(run.device)]
-        )
-    else:
-        cuda = run.device.type == "cuda"
-        loader = batch_loader(
-            data.stream,
-            [order[i : i + size].tolist() for i in range(0, len(order), size)],
-            num_workers=run.num_workers,
-            pin_memory=cuda,
-        )
-        batches = (
-            (x.to(run.device, non_blocking=cuda), y.to(run.device, non_blocking=cuda))
-            for x, y in loader
-        )
-    for x, y in batches:
-        yield (augment_batch(x, run.augment, g) if run.augment is not None else x), y
-
-
-def _current_factors(run: _Run, phase: str) -> dict[str, torch.Tensor] | None:
-    if run.scorer is None or phase == "warmup":
-        return None
-    if phase == "fixed":
-        return run.state["frozen"]
-    with torch.no_grad():
-        return run.scorer(run.tnn)
-
-
-def _tnn_step(
-    run: _Run,
-    phase: str,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    cached: dict[str, torch.Tensor] | None,
-) -> torch.Tensor:
-    """One SGD step of the task network under the current (frozen) factors; its loss."""
-    grad_through = phase == "switch" and not run.cfg.detach_factors
-    scorer_params = list(run.scorer.parameters()) if run.scorer is not None else []
-    if grad_through:
-        # Ablation: the task loss also reaches the TNN through the switcher's reading of it.
-        assert run.scorer is not None
-        for p in scorer_params:
-            p.requires_grad_(False)
-        run.tnn.set_factors(run.scorer(run.tnn, grad=True))
-    else:
-        run.tnn.set_factors(cached)
-    with _autocast(run):
-        loss = run.loss_fn(run.tnn(_layout(run, x)), y)
-    run.opt_t.zero_grad(set_to_none=True)
-    if run.scaler is not None:
-        run.scaler.scale(loss).backward()
-        run.scaler.step(run.opt_t)
-        run.scaler.update()
-    else:
-        loss.backward()
-        run.opt_t.step()
-    run.tnn.set_factors(None)
-    for p in scorer_params:
-        p.requires_grad_(True)
-    return loss.detach()
-
-
-def _snn_step(run: _Run, target: float) -> dict[str, torch.Tensor] | None:
-    """Place the budget line at ``target`` and, for the switcher, take one SGD step.
-
-    Returns:
-        The unit statistics the scorer read: still valid after the step, since the task
-        network did not change.
-    """
-    scorer, cfg = run.scorer, run.cfg
-    assert scorer is not None
-    with _FrozenTNN(run.tnn):
-        stats = scorer.statistics(run.tnn)
-        scores = scorer.scores(run.tnn, stats=stats)
-        if cfg.compression in ("target", "auto"):
-            _place_line(run, target, scores)
-        if run.opt_s is not None:
-            x, y = _snn_batch(run)
-            run.tnn.set_factors(_trainable_factors(run, scores))
-            loss = run.loss_fn(run.tnn(x), y)
-            if cfg.compression == "penalty":
-                # L1 on the factors, each unit weighted by what it costs at the current widths.
-                factors = scorer.factors(scores)
-                marginal = run.costs.marginal(cfg.target_metric, hard_widths(factors))
-                pressure = sum(marginal[k] * v.sum() for k, v in factors.items()) / run.full_cost
-                loss = loss + cfg.penalty * pressure
-            run.opt_s.zero_grad(set_to_none=True)
-            loss.backward()
-            run.opt_s.step()
-            run.tnn.set_factors(None)
-    run.state["snn_step"] += 1
-    return stats
-
-
-def _snn_batch(run: _Run) -> tuple[torch.Tensor, torch.Tensor]:
-    """The next batch of SNN steps, in a seeded order over their data."""
-    data = run.data
-    n = len(data.snn_stream) if data.snn_stream is not None else len(data.snn_y)  # type: ignore[arg-type]
-    size = min(run.cfg.batch_size, n)
-    per_pass = max(1, n // size)
-    step = run.state["snn_step"]
-    g = torch.Generator().manual_seed(run.cfg.seed * 7_919 + step // per_pass)
-    start = (step % per_pass) * size
-    idx = torch.randperm(n, generator=g)[start : start + size]
-    if data.snn_stream is not None:
-        x, y = data.snn_stream[idx.tolist()]
-        return x.to(run.device), y.to(run.device)
-    assert data.snn_x is not None and data.snn_y is not None
-    idx = idx.to(run.device)
-    return data.snn_x[idx], data.snn_y[idx]
-
-
-def _trainable_factors(run: _Run, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Factors of an SNN step, through which the task loss reaches the switcher.
-
-    ``straight``: the deterministic gate; units that are off pass their gradient straight
-    through, so the loss can raise a unit back above the line. ``stochastic``: each unit is on
-    with probability ``sigmoid((score - offset) / T)``, sampled (Gumbel-sigmoid, hard forward,
-    relaxed backward), so the switcher learns what dropping a unit near the line does to the
-    loss rather than what scaling it does.
-    """
-    scorer = run.scorer
-    assert scorer is not None
-    if run.cfg.snn_gates == "straight" or scorer.spec.mode != "budget":
-        out = {}
-        for k, v in scores.items():
-            f = scorer.gate(v)
-            out[k] = f + (v - v.detach()) * (f == 0)
-        return out
-    flat = torch.cat([v.detach() for v in scores.values()])
-    temperature = run.cfg.gate_temperature * float(flat.std()) + 1e-6
-    g = torch.Generator().manual_seed(run.cfg.seed * 104_729 + run.state["snn_step"])
-    out = {}
-    for k, v in scores.items():
-        u = torch.rand(v.shape, generator=g).clamp(1e-6, 1 - 1e-6).to(v.device)
-        soft = torch.sigmoid((v - scorer.offset) / temperature + torch.log(u) - torch.log1p(-u))
-        hard = soft > 0.5
-        if not bool(hard.any()):
-            hard[v.detach().argmax()] = True  # a sampled layer is never emptied either
-        kept = scorer.kept_factors(v, hard)
-        out[k] = (hard.to(v.dtype) + soft - soft.detach()) * kept
-    return out
-
-
-def _epoch_record(run: _Run, epoch: int, losses: list[float], seconds: float) -> dict[str, float]:
-    """Loss, validation accuracy under the current factors, and reached compression."""
-    record: dict[str, float] = {
-        "epoch": float(epoch),
-        "loss": statistics.fmean(losses) if losses else float("nan"),
-        "seconds": seconds,
-    }
-    factors = _current_factors(run, _phase(run, epoch))
-    run.tnn.set_factors(factors)
-    if run.val is not None and len(run.val) > 0:
-        record["val_accuracy"] = accuracy(run.tnn, run.val, run.device, num_workers=run.num_workers)
-    if factors is not None:
-        widths = hard_widths(factors)
-        record["params_ratio"] = float(run.costs.params(widths)) / float(run.costs.params())
-        record["macs_ratio"] = float(run.costs.macs(widths)) / float(run.costs.macs())
-        record["offset"] = float(run.scorer.offset) if run.scorer is not None else 0.0
-    run.tnn.set_factors(None)
-    return record
-
-
-def _finish(run: _Run) -> FitResult:
-    """Final factors (on budget in target mode), summary metrics, everything on the CPU."""
-    scorer, history = run.scorer, run.state["history"]
-    final = None
-    if scorer is not None:
-        if run.state["frozen"] is None:
-            # No fixed phase (too few epochs): still end exactly on budget, since the TNN
-            # steps after the last SNN step move the scores across the line.
-            _freeze(run)
-        final = {k: v.detach().cpu() for k, v in run.state["frozen"].items()}
-    metrics: dict[str, float] = {
-        "epochs": float(run.cfg.epochs),
-        "epoch_seconds": statistics.median(r["seconds"] for r in history) if history else 0.0,
-    }
-    if history and "val_accuracy" in history[-1]:
-        metrics["val_accuracy"] = history[-1]["val_accuracy"]
-    if final is not None:
-        assert scorer is not None
-        widths = hard_widths(final)
-        metrics["train_params_ratio"] = float(run.costs.params(widths)) / float(run.costs.params())
-        metrics["train_macs_ratio"] = float(run.costs.macs(widths)) / float(run.costs.macs())
-        metrics["switch_offset"] = float(scorer.offset)
-        if run.cfg.compression == "auto":
-            metrics["auto_ratio"] = _final_ratio(run)
-            metrics["auto_reference_accuracy"] = float(run.state["auto"]["reference"])
-        scorer.cpu().eval()
-    run.tnn.cpu().eval()
-    return FitResult(run.tnn, scorer, final, history, metrics)
-
-
-@torch.no_grad()
-def budget_offset(
-    scores: dict[str, torch.Tensor],
-    costs: CostModel,
-    metric: str,
-    budget: float,
-    multiple: int = 1,
-) -> float:
-    """The lowest offset at which the units with ``score > offset`` cost at most ``budget``.
-
-    Every group keeps at least one unit, and its width is rounded as :func:`kept_count` does
-    for ``multiple``. Found by bisection over the sorted scores.
-    """
-    flat = torch.cat([v.detach().flatten() for v in scores.values()]).sort().values
-
-    def fits(offset: float) -> bool:
-        widths = {
-            k: kept_count(int((v > offset).sum()), v.numel(), multiple) for k, v in scores.items()
-        }
-        return float(costs.cost(metric, widths)) <= budget
-
-    below_all = float(flat[0]) - 1.0
-    if fits(below_all):
-        return below_all
-    lo, hi = -1, len(flat) - 1  # flat[hi], the top score, keeps one unit per group
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if fits(float(flat[mid])):
-            hi = mid
-        else:
-            lo = mid
-    return float(flat[hi])

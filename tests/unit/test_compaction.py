@@ -119,7 +119,7 @@ def test_all_zero_group_keeps_min_units(min_units):
         assert int(idx.max()) < factors[name].numel()
 
 
-def test_round_to_rounds_up_without_exceeding_full_width():
+def test_width_multiple_rounds_up_without_exceeding_full_width():
     g = torch.Generator().manual_seed(0)
     factors = {
         "five_of_16": torch.zeros(16),
@@ -130,17 +130,17 @@ def test_round_to_rounds_up_without_exceeding_full_width():
     factors["five_of_16"][torch.randperm(16, generator=g)[:5]] = torch.rand(5, generator=g) + 0.1
     factors["eight_of_16"][:8] = 1.0
     factors["five_of_6"][1:] = torch.tensor([0.4, 0.3, 0.2, 0.9, 0.8])
-    kept = threshold_factors(factors, PruneConfig(round_to=4))
+    kept = threshold_factors(factors, PruneConfig(), multiple=4)
     widths = kept_widths(kept)
     assert widths == {"five_of_16": 8, "eight_of_16": 8, "five_of_6": 6, "none_of_10": 4}
     # The extra units are the next largest factors: every truly positive factor survives.
     for name, s in factors.items():
         positive = set(torch.nonzero(s > 0).flatten().tolist())
         assert positive <= set(kept[name].tolist()), name
-    # round_to combines with min_units: 3 rounds up to 4.
-    kept = threshold_factors({"z": torch.zeros(10)}, PruneConfig(min_units=3, round_to=4))
+    # The multiple combines with min_units: 3 rounds up to 4.
+    kept = threshold_factors({"z": torch.zeros(10)}, PruneConfig(min_units=3), multiple=4)
     assert kept_widths(kept) == {"z": 4}
-    kept = threshold_factors({"z": torch.zeros(3)}, PruneConfig(min_units=1, round_to=4))
+    kept = threshold_factors({"z": torch.zeros(3)}, PruneConfig(min_units=1), multiple=4)
     assert kept_widths(kept) == {"z": 3}
 
 
@@ -294,11 +294,11 @@ def test_all_zero_group_is_never_emptied(arch, min_units, tiny_net, random_facto
 
 
 @pytest.mark.parametrize("arch", ["mlp", "vgg11", "resnet20"])
-def test_round_to_compaction_keeps_multiples(arch, tiny_net, random_factors, in_shapes):
+def test_width_multiple_compaction_keeps_multiples(arch, tiny_net, random_factors, in_shapes):
     model = tiny_net(arch)
     factors = random_factors(model, seed=4)
     full = model.group_sizes()
-    kept = threshold_factors(factors, PruneConfig(round_to=4))
+    kept = threshold_factors(factors, PruneConfig(), multiple=4)
     widths = kept_widths(kept)
     for name, w in widths.items():
         assert w % 4 == 0 or w == full[name]

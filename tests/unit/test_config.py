@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from switchprune.config import (
+    REMOVED_KEYS,
     SECTIONS,
     ConfigError,
     DataConfig,
@@ -48,7 +49,7 @@ BAD = [
     pytest.param(TrainConfig, {"batch_size": 64.0}, "train", "batch_size", id="float-for-int"),
     pytest.param(TrainConfig, {"epochs": True}, "train", "epochs", id="bool-for-int"),
     pytest.param(DataConfig, {"download": 1}, "data", "download", id="int-for-bool"),
-    pytest.param(TrainConfig, {"detach_factors": "yes"}, "train", "detach_factors", id="str-bool"),
+    pytest.param(TrainConfig, {"baseline": "yes"}, "train", "baseline", id="str-bool"),
     pytest.param(TrainConfig, {"tnn_lr": "0.1"}, "train", "tnn_lr", id="str-for-float"),
     pytest.param(TrainConfig, {"tnn_lr": False}, "train", "tnn_lr", id="bool-for-float"),
     pytest.param(TrainConfig, {"compression": "l1"}, "train", "compression", id="bad-choice"),
@@ -282,3 +283,39 @@ def test_load_params_unreadable_files_are_one_error_naming_the_file(tmp_path: Pa
 def test_negative_split_seed_names_the_key() -> None:
     with pytest.raises(ConfigError, match=r"^\[data\] split_seed must be >= 0$"):
         from_dict(DataConfig, {"split_seed": -1}, "data")
+
+
+@pytest.mark.parametrize(
+    ("cls", "key", "replacement"),
+    [
+        (TrainConfig, "alternation", "tnn_steps_per_snn_step"),
+        (TrainConfig, "detach_factors", "never take gradients"),
+        (TrainConfig, "snn_input", "per-unit statistics"),
+        (TrainConfig, "snn_holdout", "own training batches"),
+        (TrainConfig, "snn_gates", "gate_temperature"),
+        (TrainConfig, "snn_prior", "starts from magnitude"),
+        (PruneConfig, "round_to", "train.width_multiple"),
+    ],
+)
+def test_a_removed_key_is_refused_naming_what_replaced_it(
+    cls: type, key: str, replacement: str
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        from_dict(cls, {key: 1})
+    message = str(err.value)
+    assert "\n" not in message and key in message and "was removed" in message
+    assert replacement in message
+
+
+def test_params_yaml_and_the_readme_name_every_key_and_no_other() -> None:
+    """``params.yaml`` sets every key of every section; the README documents each one."""
+    root = Path(__file__).resolve().parents[2]
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    readme = (root / "README.md").read_text()
+    for name, cls in SECTIONS.items():
+        known = {f.name for f in dataclasses.fields(cls)}
+        assert set(raw.get(name) or {}) == known, name
+        missing = sorted(k for k in known if f"`{k}`" not in readme and f"{name}.{k}" not in readme)
+        assert not missing, f"[{name}] keys the README does not document: {missing}"
+    for _section, key in REMOVED_KEYS:
+        assert f"`{key}`" in readme, key  # the README says what replaced it

@@ -490,7 +490,6 @@ def train_cfg(**overrides: Any) -> TrainConfig:
         "device": "cpu",
         "baseline": False,
         "scorer": "switcher",
-        "snn_holdout": 0.2,
         "switch_epochs_fraction": 0.7,
     }
     return TrainConfig(**{**base, **overrides})
@@ -518,8 +517,8 @@ def same_result(a: FitResult, b: FitResult) -> bool:
 
 @pytest.mark.parametrize(
     ("overrides", "val"),
-    [({}, True), ({"compression": "auto", "scorer": "magnitude", "snn_holdout": 0.0}, False)],
-    ids=["switcher-snn-holdout", "auto-val-held-out-of-train"],
+    [({}, True), ({"compression": "auto", "scorer": "magnitude"}, False)],
+    ids=["switcher", "auto-val-held-out-of-train"],
 )
 def test_streamed_training_equals_training_in_memory(
     prepared: Path, overrides: dict[str, Any], val: bool
@@ -578,7 +577,7 @@ def test_memory_and_stream_inputs_are_both_accepted_for_validation(prepared: Pat
     """A tensor dataset for training with a streamed validation split (and the reverse)."""
     meta = load_meta(prepared)
     spec = ModelSpec("mlp", meta.in_shape, meta.num_classes, {"fc1": 16, "fc2": 8})
-    cfg = train_cfg(epochs=1, scorer="magnitude", snn_holdout=0.0)
+    cfg = train_cfg(epochs=1, scorer="magnitude")
     a = fit(spec, load_split(prepared, "train"), open_split(prepared, "val"), cfg, progress=False)
     b = fit(spec, open_split(prepared, "train"), load_split(prepared, "val"), cfg, progress=False)
     assert same_result(a, b)

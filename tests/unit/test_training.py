@@ -18,15 +18,16 @@ from switchprune.config import TrainConfig
 from switchprune.cost import CostModel
 from switchprune.io import load_torch
 from switchprune.models import ModelSpec, build_model, vgg
-from switchprune.models.switcher import Switcher, SwitcherSpec
-from switchprune.training import (
-    FitResult,
+from switchprune.scoring import (
+    PRIOR_RANGE,
+    Switcher,
+    SwitcherSpec,
     budget_offset,
-    fit,
     hard_widths,
+    magnitude_scores,
     ramped_target,
-    resolve_amp,
 )
+from switchprune.training import FitResult, _snn_step, _start, _tnn_step, fit, resolve_amp
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -91,8 +92,7 @@ def assert_identical(a: FitResult, b: FitResult) -> None:
     for ra, rb in zip(a.history, b.history, strict=True):
         assert ra.keys() == rb.keys()
         for k in ra.keys() - {"seconds"}:
-            # ``loss`` is NaN in an SNN-only epoch (alternation "epoch"): NaN matches NaN.
-            assert ra[k] == rb[k] or (math.isnan(ra[k]) and math.isnan(rb[k])), k
+            assert ra[k] == rb[k], k
 
 
 def bn_stats(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -132,55 +132,49 @@ def fit_by_epoch(
     "overrides",
     [
         {"compression": "target"},
-        {"compression": "target", "detach_factors": False},
         {"compression": "penalty", "penalty": 1.0},
         {"compression": "none"},
-        {"compression": "target", "snn_gates": "straight", "snn_prior": False},
-        {"snn_prior": True, "snn_gates": "stochastic", "snn_holdout": 0.2},
+        {"compression": "target", "scorer": "magnitude"},
     ],
-    ids=["target", "grad-through-tnn", "penalty", "none", "straight", "prior-holdout"],
+    ids=["target", "penalty", "none", "magnitude"],
 )
-def test_snn_epochs_move_only_the_switcher_and_tnn_epochs_only_the_task_network(
-    tmp_path: Path, overrides: dict[str, Any]
+def test_snn_steps_move_only_the_switcher_and_tnn_steps_only_the_task_network(
+    overrides: dict[str, Any],
 ) -> None:
-    """Alternating whole epochs: each one's change is confined to the network it trains."""
-    cfg = make_cfg(
-        epochs=4,
-        alternation="epoch",
-        tnn_steps_per_snn_step=1,
-        switch_epochs_fraction=1.0,
-        snn_lr=0.5,
-        **overrides,
-    )
-    result, states = fit_by_epoch(tmp_path, cfg, VGG_SPEC)
-    assert result.switcher is not None
-    # One TNN epoch, then one SNN epoch: an epoch without TNN steps has no task loss.
-    snn_epochs = [e for e, r in enumerate(result.history) if math.isnan(r["loss"])]
-    assert snn_epochs == [1, 3]
-    for epoch in (1, 2, 3):
-        before, after = states[epoch - 1], states[epoch]
-        tnn_params = parameters(before["tnn"], result.model)
-        snn_params = parameters(before["snn"], result.switcher)
-        moved_tnn = changed(tnn_params, after["tnn"])
-        moved_snn = changed(snn_params, after["snn"])
-        if epoch in snn_epochs:
-            assert moved_tnn == set()
-            # BatchNorm running statistics stay put too: the SNN's batches do not update them.
-            assert changed(bn_stats(before["tnn"]), after["tnn"]) == set()
-            assert {"head.0.weight", "head.2.weight"} <= moved_snn
+    """Each step's change is confined to the network it trains, BatchNorm statistics included."""
+    cfg = make_cfg(snn_lr=0.5, tnn_lr=0.1, **overrides)
+    r = _start(VGG_SPEC, VGG_DATA, None, cfg, True, torch.device("cpu"))
+    assert r.scorer is not None
+    r.tnn.train()
+    for _ in range(2):
+        tnn_before = {k: v.clone() for k, v in r.tnn.state_dict().items()}
+        snn_before = {k: v.clone() for k, v in r.scorer.state_dict().items()}
+        _snn_step(r, 0.5)
+        assert changed(parameters(tnn_before, r.tnn), r.tnn.state_dict()) == set()
+        assert changed(bn_stats(tnn_before), r.tnn.state_dict()) == set()
+        moved = changed(parameters(snn_before, r.scorer), r.scorer.state_dict())
+        if r.opt_s is not None:
+            assert {"head.0.weight", "head.2.weight"} <= moved
         else:
-            assert moved_snn == set()
-            assert moved_tnn == set(tnn_params)  # every TNN parameter moved
-            assert changed(bn_stats(before["tnn"]), after["tnn"]) == set(bn_stats(before["tnn"]))
+            assert list(r.scorer.parameters()) == []  # a control has nothing to move
+        tnn_before = {k: v.clone() for k, v in r.tnn.state_dict().items()}
+        snn_before = {k: v.clone() for k, v in r.scorer.state_dict().items()}
+        with torch.no_grad():
+            factors = r.scorer(r.tnn)
+        x, y = VGG_DATA.tensors[0][:32], VGG_DATA.tensors[1][:32]
+        _tnn_step(r, x, y, factors)
+        assert changed(snn_before, r.scorer.state_dict()) == set()
+        tnn_params = parameters(tnn_before, r.tnn)
+        # Units that are off get no gradient; at this line most units are on.
+        assert len(changed(tnn_params, r.tnn.state_dict())) > len(tnn_params) // 2
+        assert changed(bn_stats(tnn_before), r.tnn.state_dict()) == set(bn_stats(tnn_before))
     # Whatever was frozen for a step is trainable again, with its usual BatchNorm momentum.
-    assert all(p.requires_grad for p in result.model.parameters())
-    assert all(p.requires_grad for p in result.switcher.parameters())
+    assert all(p.requires_grad for p in r.tnn.parameters())
+    assert all(p.requires_grad for p in r.scorer.parameters())
     assert all(
-        m.momentum == 0.1
-        for m in result.model.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        m.momentum == 0.1 for m in r.tnn.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
     )
-    assert all(g.factors is None for g in result.model.gates())
+    assert all(g.factors is None for g in r.tnn.gates())
 
 
 def test_fixed_phase_trains_the_task_network_under_unchanging_factors(tmp_path: Path) -> None:
@@ -215,8 +209,8 @@ def test_training_lowers_the_task_loss(overrides: dict[str, Any], switched: bool
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"alternation": "epoch", "compression": "penalty"}, {"snn_input": "rows"}],
-    ids=["target", "epoch-penalty", "rows"],
+    [{}, {"compression": "penalty"}, {"tnn_steps_per_snn_step": 3}],
+    ids=["target", "penalty", "k3"],
 )
 def test_same_seed_is_bit_identical_and_other_seed_differs(overrides: dict[str, Any]) -> None:
     a = run(make_cfg(**overrides))
@@ -256,10 +250,10 @@ def recorder(seen: list[int]) -> Callable[[int], None]:
 RESUME_CASES = [
     pytest.param(1, {}, True, id="batch"),
     pytest.param(0, {"tnn_steps_per_snn_step": 2}, True, id="k2-odd-steps"),
-    pytest.param(1, {"alternation": "epoch"}, True, id="epoch-alternation"),
+    pytest.param(1, {"compression": "penalty"}, True, id="penalty"),
     pytest.param(2, {}, True, id="freeze-after-resume"),
     pytest.param(3, {}, True, id="frozen-in-checkpoint"),
-    pytest.param(3, {"alternation": "epoch", "warmup_epochs": 1}, True, id="epoch-frozen"),
+    pytest.param(3, {"warmup_epochs": 1, "tnn_steps_per_snn_step": 3}, True, id="warmup-frozen"),
     pytest.param(2, {"checkpoint_every": 2}, True, id="redo-unsaved-epoch"),
     pytest.param(1, {}, False, id="baseline"),
 ]
@@ -367,8 +361,8 @@ def assert_no_group_empty(factors: dict[str, torch.Tensor], spec: ModelSpec) -> 
 
 @pytest.mark.parametrize(
     ("ratio", "overrides"),
-    [(0.4, {}), (0.2, {}), (0.3, {"switch_epochs_fraction": 1.0}), (0.3, {"alternation": "epoch"})],
-    ids=["0.4", "0.2", "no-fixed-phase", "epoch-alternation"],
+    [(0.4, {}), (0.2, {}), (0.3, {"switch_epochs_fraction": 1.0}), (0.3, {"warmup_epochs": 1})],
+    ids=["0.4", "0.2", "no-fixed-phase", "warmup"],
 )
 def test_target_mode_reaches_the_params_ratio(ratio: float, overrides: dict[str, Any]) -> None:
     result = run(make_cfg(target_ratio=ratio, **overrides))
@@ -431,7 +425,7 @@ def test_none_mode_trains_the_switcher_on_the_task_loss_only() -> None:
     assert float(result.switcher.offset) == 0.0
     assert_no_group_empty(result.factors, MLP_SPEC)
     torch.manual_seed(cfg.seed)
-    fresh = Switcher(SwitcherSpec.for_model(build_model(MLP_SPEC), "stats", cfg.snn_hidden))
+    fresh = Switcher(SwitcherSpec(cfg.snn_hidden))
     assert not equal_states(fresh.state_dict(), result.switcher.state_dict())
     assert result.metrics["train_params_ratio"] == pytest.approx(
         kept_ratio(MLP_SPEC, result.factors, "params")
@@ -539,10 +533,10 @@ def test_random_scorer_keeps_the_units_its_seed_ranks_first() -> None:
 @pytest.mark.parametrize(
     "overrides",
     [
-        {"snn_prior": True, "snn_gates": "stochastic", "gate_temperature": 0.1},
-        {"snn_gates": "stochastic", "snn_holdout": 0.2},
+        {"gate_temperature": 0.1},
+        {"gate_temperature": 0.3},
     ],
-    ids=["prior-stochastic", "stochastic-holdout"],
+    ids=["T0.1", "T0.3"],
 )
 def test_switcher_variants_are_deterministic_and_reach_the_target(
     overrides: dict[str, Any],
@@ -559,7 +553,7 @@ def test_switcher_variants_are_deterministic_and_reach_the_target(
 def test_prior_switcher_starts_from_the_magnitude_order() -> None:
     tnn = build_model(MLP_SPEC)
     torch.manual_seed(0)
-    snn = Switcher(SwitcherSpec.for_model(tnn, "stats", 8, "budget", prior=True))
+    snn = Switcher(SwitcherSpec(8, "budget", prior=True))
     modules = dict(tnn.named_modules())
     for name, s in snn.scores(tnn).items():
         norms = modules[name].weight.detach().norm(dim=1)
@@ -599,10 +593,8 @@ def test_auto_mode_with_no_tolerance_keeps_more_than_with_a_loose_one() -> None:
 
 
 def test_prior_switcher_moves_a_score_at_most_prior_range_from_magnitude() -> None:
-    from switchprune.models.switcher import PRIOR_RANGE, magnitude_scores
-
     tnn = build_model(MLP_SPEC)
-    snn = Switcher(SwitcherSpec.for_model(tnn, "stats", 8, "budget", prior=True))
+    snn = Switcher(SwitcherSpec(8, "budget", prior=True))
     with torch.no_grad():
         for p in snn.parameters():
             p.mul_(0).add_(torch.randn_like(p) * 50)  # a head gone wild

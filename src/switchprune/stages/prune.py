@@ -53,7 +53,9 @@ def run(cfg: PruneConfig, *, trained_dir: Path, model_dir: Path) -> dict[str, fl
     """
     model, factors, blob = load_switched(trained_dir)
     contract = _contract(blob, Path(trained_dir) / SWITCHED_FILE)
-    kept = threshold_factors(factors, cfg)
+    # Widths are multiples of the run's train.width_multiple, whatever the compression mode.
+    multiple = int(blob.get("switcher_spec", {}).get("multiple", 1))
+    kept = threshold_factors(factors, cfg, multiple)
     small = compact(model, factors, kept)
     in_shape = model.spec.in_shape
     model.set_factors(None)
