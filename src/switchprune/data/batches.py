@@ -1,0 +1,133 @@
+"""Batches of a split, from memory or streamed, and training-time augmentation."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from switchprune.config import DataConfig
+from switchprune.data.meta import DataMeta
+from switchprune.data.prepared import PreparedSplit
+
+# ``data.loader: auto`` streams when the training split as float32 would take more than this.
+MEMORY_LOADER_MAX_BYTES = 1 << 30
+# Datasets whose labels survive a horizontal mirror image. Digits do not (a mirrored 2 or 7 is
+# no digit, and a mirrored digit set teaches shapes that never occur); image folders are
+# assumed to hold natural images, like CIFAR.
+FLIP_SAFE: tuple[str, ...] = ("folder", "cifar10", "cifar100", "fashion_mnist")
+
+
+def iter_batches(
+    data: TensorDataset | PreparedSplit,
+    batch_size: int,
+    *,
+    num_workers: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(x, y)`` batches of a split in order, from memory or streamed from disk.
+
+    Args:
+        data: A tensor dataset (:func:`~switchprune.data.load_split`) or a streamed split
+            (:func:`~switchprune.data.open_split`).
+        batch_size: Samples per batch (the last one may be smaller).
+        num_workers: ``DataLoader`` worker processes for a streamed split.
+        dtype: Floating type of ``x``.
+    """
+    if isinstance(data, TensorDataset):
+        x_all, y_all = data.tensors[0], data.tensors[1]
+        for i in range(0, len(y_all), batch_size):
+            yield x_all[i : i + batch_size].to(dtype), y_all[i : i + batch_size]
+        return
+    n = len(data)
+    batches = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+    for x, y in batch_loader(data, batches, num_workers=num_workers):
+        yield x.to(dtype), y
+
+
+def batch_loader(
+    data: PreparedSplit,
+    batches: Sequence[Sequence[int]],
+    *,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A ``DataLoader`` that reads the given batches of ``data``, in that order.
+
+    Each batch is one read of the memory map (``batch_size=None``: the dataset returns whole
+    batches), so the order, and with it training, does not depend on ``num_workers``.
+    """
+    return DataLoader(
+        data, batch_size=None, sampler=batches, num_workers=num_workers, pin_memory=pin_memory
+    )
+
+
+def use_streaming(cfg: DataConfig, meta: DataMeta) -> bool:
+    """Whether ``data.loader`` streams the splits rather than loading them into memory.
+
+    ``auto`` streams when the training split as float32 would exceed
+    :data:`MEMORY_LOADER_MAX_BYTES` (1 GiB); below that one tensor in memory is faster.
+    """
+    if cfg.loader != "auto":
+        return cfg.loader == "stream"
+    return meta.n_train * math.prod(meta.in_shape) * 4 > MEMORY_LOADER_MAX_BYTES
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Training-time augmentation of image batches (``data.augment: standard``).
+
+    Attributes:
+        pad: Random crop with this much zero padding on each side (0: no crop).
+        flip: Mirror half of the images left to right.
+    """
+
+    pad: int
+    flip: bool
+
+
+def augmentation(cfg: DataConfig, in_shape: tuple[int, ...]) -> Augmentation | None:
+    """The augmentation ``cfg`` asks for on images of ``in_shape`` (``None``: none).
+
+    The crop pads 4 pixels at 32 pixels, scaled to the smaller image side (at least 1); the
+    flip is only for the datasets in :data:`FLIP_SAFE`, whose labels survive a mirror image.
+    """
+    if cfg.augment == "none" or len(in_shape) != 3:
+        return None
+    pad = max(1, round(4 * min(in_shape[1], in_shape[2]) / 32))
+    return Augmentation(pad=pad, flip=cfg.dataset in FLIP_SAFE)
+
+
+def augment_batch(x: torch.Tensor, aug: Augmentation, generator: torch.Generator) -> torch.Tensor:
+    """Randomly crop (with zero padding) and, if ``aug.flip``, mirror each image of a batch.
+
+    Vectorised: one gather for the whole batch, on ``x``'s device. The random draws come from
+    ``generator`` (on the CPU), so they are the same on every device. Padding is zero after
+    normalisation, i.e. the training mean.
+
+    Args:
+        x: Normalised images ``[B, C, H, W]``.
+        aug: What to apply.
+        generator: Source of the random offsets and flips.
+
+    Returns:
+        A new batch of the same shape.
+    """
+    b, _c, h, w = x.shape
+    p = aug.pad
+    dy = torch.randint(0, 2 * p + 1, (b, 1), generator=generator)
+    dx = torch.randint(0, 2 * p + 1, (b, 1), generator=generator)
+    cols = torch.arange(w).expand(b, w)
+    if aug.flip:
+        flip = torch.rand((b, 1), generator=generator) < 0.5
+        cols = torch.where(flip, (w - 1) - cols, cols)
+    rows = (dy + torch.arange(h)).to(x.device)
+    cols = (dx + cols).to(x.device)
+    padded = torch.nn.functional.pad(x, (p, p, p, p))
+    batch = torch.arange(b, device=x.device)
+    # Advanced indices around the channel slice: the result is [B, H, W, C].
+    out = padded[batch[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+    return out.permute(0, 3, 1, 2).contiguous()
