@@ -8,7 +8,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup run release compile submit test lint format lock clean
+.PHONY: setup run release compile submit test test-fast lint format lock clean
 
 setup: $(STAMP)
 
@@ -31,8 +31,11 @@ compile: setup  ## the Kubeflow pipeline from params.yaml -> pipeline.yaml (see 
 submit: setup  ## submit pipeline.yaml: make submit HOST=https://kfp.example.com [ARGS="--run-name r1"]
 	$(BIN)/python pipeline/submit.py --host $(HOST) $(ARGS)
 
-test: setup
+test: setup  ## every test, on all cores (pytest-xdist), the 25 slowest listed at the end
 	$(BIN)/python -m pytest
+
+test-fast: setup  ## the unit tests only (-m "not slow": no servers, tools or training chains)
+	$(BIN)/python -m pytest -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check src tests pipeline components bench

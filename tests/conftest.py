@@ -176,3 +176,25 @@ def project_files() -> list[str]:
         text=True,
         check=True,
     ).stdout.split()
+
+
+# Folders whose every test runs real tools, servers or training chains: the ``slow`` tier.
+# ``make test-fast`` (``-m "not slow"``) is the unit tests alone.
+SLOW_FOLDERS = ("stages", "integration", "pipeline", "bench")
+# Unit modules that run stages, an MLflow store or an S3 stand-in: slow too.
+SLOW_MODULES = (
+    "test_cli.py",
+    "test_contract.py",
+    "test_registry.py",
+    "test_card.py",
+    "test_storage.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test under :data:`SLOW_FOLDERS` or in :data:`SLOW_MODULES` ``slow``."""
+    tests = Path(__file__).resolve().parent
+    for item in items:
+        parts = item.path.resolve().relative_to(tests).parts
+        if parts and (parts[0] in SLOW_FOLDERS or parts[-1] in SLOW_MODULES):
+            item.add_marker(pytest.mark.slow)

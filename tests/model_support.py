@@ -26,3 +26,7 @@ IN_SHAPES: dict[str, tuple[int, int, int]] = {
 USER_ARCH = f"{Path(__file__).parent / 'models' / 'user_net.py'}:build"
 IN_SHAPES[USER_ARCH] = (3, 16, 16)
 TEST_ARCHS = tuple(IN_SHAPES)
+# Where the architecture is not the subject (compaction equivalence and model structure run on
+# every one): the MLP, a BatchNorm conv net through the dependency graph, a residual net, and
+# the user's own file (concatenation, grouped and depthwise convs).
+REPRESENTATIVE_ARCHS = ("mlp", "vgg11_bn", "resnet20", USER_ARCH)

@@ -28,7 +28,7 @@ import logging
 import math
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,9 +43,8 @@ from switchprune.cost import CostModel
 from switchprune.data import (
     Augmentation,
     PreparedSplit,
-    augment_batch,
+    TrainingData,
     augmentation,
-    batch_loader,
     iter_batches,
 )
 from switchprune.errors import UserError
@@ -159,52 +158,6 @@ def _stream(purpose: str, seed: int, index: int) -> torch.Generator:
 
 
 @dataclass
-class _Data:
-    """Training samples: tensors on the device (memory) or views of a split on disk (stream)."""
-
-    y: torch.Tensor  # labels (their count drives the epoch)
-    x: torch.Tensor | None = None
-    stream: PreparedSplit | None = None
-
-    @classmethod
-    def of(cls, train: Split, device: torch.device) -> _Data:
-        """Every training sample: tensors moved to ``device``, or a stream."""
-        if isinstance(train, TensorDataset):
-            x, y = (t.to(device) for t in train.tensors)
-            return cls(y=y, x=x)
-        return cls(y=train.labels, stream=train)
-
-    def hold_out(self, fraction: float, generator: torch.Generator) -> Split:
-        """Take a random ``fraction`` (at least one sample) away; the samples taken.
-
-        Returns:
-            The held-out samples (tensors on the CPU in memory mode).
-        """
-        order = torch.randperm(len(self.y), generator=generator)
-        count = max(1, round(fraction * len(self.y)))
-        held, rest = order[:count], order[count:]
-        if self.stream is not None:
-            taken = self.stream.subset(held)
-            self.stream = self.stream.subset(rest)
-            self.y = self.stream.labels
-            return taken
-        assert self.x is not None
-        held, rest = held.to(self.x.device), rest.to(self.x.device)
-        taken_x, taken_y = self.x[held], self.y[held]
-        self.x, self.y = self.x[rest], self.y[rest]
-        return TensorDataset(taken_x.cpu(), taken_y.cpu())
-
-    def batch(self, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The samples at ``idx`` on ``device``."""
-        if self.stream is not None:
-            x, y = self.stream[idx.tolist()]
-            return x.to(device), y.to(device)
-        assert self.x is not None
-        idx = idx.to(self.x.device)
-        return self.x[idx], self.y[idx]
-
-
-@dataclass
 class _Auto:
     """``auto`` compression: the reference accuracy, the ratio on trial, the last accepted."""
 
@@ -237,7 +190,7 @@ class _Run:
     opt_t: torch.optim.Optimizer
     opt_s: torch.optim.Optimizer | None  # None for the fixed scorers: nothing to learn
     costs: CostModel
-    data: _Data
+    data: TrainingData
     warmup: int  # epochs before switching starts
     switch_end: int  # the first epoch of the fixed phase
     val: Split | None
@@ -362,7 +315,7 @@ def _start(
     )
     params = list(scorer.parameters()) if scorer is not None else []
     opt_s = torch.optim.SGD(params, lr=cfg.snn_lr, momentum=cfg.snn_momentum) if params else None
-    data = _Data.of(train, device)
+    data = TrainingData.of(train, device)
     warmup = cfg.warmup_epochs
     if switched and cfg.compression == "auto":
         # The unpruned reference needs an epoch of training and data to be measured on.
@@ -484,7 +437,15 @@ def _train_epoch(run: _Run, epoch: int) -> list[torch.Tensor]:
     factors = _current_factors(run, phase)
     losses: list[torch.Tensor] = []
     run.tnn.train()
-    batches = _tnn_batches(run, order, epoch)
+    batches = run.data.epoch(
+        order,
+        cfg.batch_size,
+        run.device,
+        augment=run.augment,
+        # Seeded per epoch, on the CPU: a resumed run draws the same crops on any device.
+        generator=_stream("augment", cfg.seed, epoch),
+        num_workers=run.num_workers,
+    )
     for i, (x, y) in zip(range(0, n, cfg.batch_size), batches, strict=False):
         losses.append(_tnn_step(run, x, y, factors))
         state.step += 1
@@ -503,36 +464,6 @@ def _target(run: _Run, epoch: int, within: float) -> float:
         return run.state.auto.trial
     elapsed = (epoch - run.warmup + within) / (run.switch_end - run.warmup)
     return ramped_target(run.cfg.target_ratio, elapsed, run.cfg.ramp_fraction)
-
-
-def _tnn_batches(
-    run: _Run, order: torch.Tensor, epoch: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The epoch's TNN batches on the device, in ``order``, augmented when configured."""
-    size, data = run.cfg.batch_size, run.data
-    # Seeded per epoch, on the CPU: a resumed run draws the same crops and flips on any device.
-    g = _stream("augment", run.cfg.seed, epoch)
-    if data.stream is None:
-        assert data.x is not None
-        batches: Any = (
-            (data.x[idx], data.y[idx])
-            for i in range(0, len(order), size)
-            for idx in [order[i : i + size].to(run.device)]
-        )
-    else:
-        cuda = run.device.type == "cuda"
-        loader = batch_loader(
-            data.stream,
-            [order[i : i + size].tolist() for i in range(0, len(order), size)],
-            num_workers=run.num_workers,
-            pin_memory=cuda,
-        )
-        batches = (
-            (x.to(run.device, non_blocking=cuda), y.to(run.device, non_blocking=cuda))
-            for x, y in loader
-        )
-    for x, y in batches:
-        yield (augment_batch(x, run.augment, g) if run.augment is not None else x), y
 
 
 def _tnn_step(

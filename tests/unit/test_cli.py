@@ -362,6 +362,7 @@ def test_a_tracking_uri_that_is_not_a_uri_is_one_line(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # a fresh Python process or an MLflow store
 def test_promote_exits_3_when_the_gate_refuses_and_0_when_promoted_or_unchanged(
     pipeline: tuple[Path, dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -31,6 +31,7 @@ def _rss_after_free(mode: str) -> tuple[str, int]:
     return out[0], int(out[1])
 
 
+@pytest.mark.slow  # a fresh Python process or an MLflow store
 def test_retain_freed_memory_keeps_large_blocks_in_the_process() -> None:
     applied, kept = _rss_after_free("retain")
     _, returned = _rss_after_free("default")

@@ -40,6 +40,7 @@ def _residual_sparse_factors(model, seed: int) -> dict[str, torch.Tensor]:
     return factors
 
 
+@pytest.mark.slow  # a fresh Python process or an MLflow store
 @pytest.mark.parametrize("arch", GRAPH_ARCHS)
 def test_compacted_file_alone_rebuilds_the_gated_network(arch, tiny_net, tmp_path):
     """Compaction with zeros (a residual group down to one unit), saved, loaded in a new process."""
@@ -167,6 +168,7 @@ def _load_in_fresh_process(model_path, x, tmp_path):
     return done, out
 
 
+@pytest.mark.slow  # a fresh Python process or an MLflow store
 def test_a_user_network_travels_with_its_file_and_loads_from_the_copy_anywhere(tmp_path):
     source = tmp_path / "mynets" / "net.py"
     source.parent.mkdir()
@@ -189,6 +191,7 @@ def test_a_user_network_travels_with_its_file_and_loads_from_the_copy_anywhere(t
     assert done.stdout.strip().startswith("switchprune_user_")
 
 
+@pytest.mark.slow  # a fresh Python process or an MLflow store
 def test_a_changed_copy_or_a_changed_file_is_refused_before_it_runs(tmp_path):
     source = tmp_path / "mynet.py"
     shutil.copy(USER_FILE, source)
@@ -223,6 +226,7 @@ def test_package_module_builder(tmp_path, monkeypatch):
     assert build_model(spec)(torch.zeros(2, 1, 8, 8)).shape == (2, 3)
 
 
+@pytest.mark.slow  # a fresh Python process or an MLflow store
 def test_a_module_network_names_the_distribution_to_install_where_it_is_missing(tmp_path):
     site = tmp_path / "site"
     (site / "dist_models").mkdir(parents=True)

@@ -236,6 +236,7 @@ def test_a_staged_folder_is_removed_and_only_complete_files_are_moved_in(tmp_pat
     assert {p.name: p.read_text() for p in out.iterdir()} == {"keep.txt": "old", "model.pt": "new"}
 
 
+@pytest.mark.slow  # a fresh Python process or an MLflow store
 def test_written_files_get_the_mode_of_any_new_file(tmp_path: Path) -> None:
     # Model files are shared: readable by the group and others, as umask 022 makes other files.
     old = os.umask(0o022)

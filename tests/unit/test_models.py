@@ -7,7 +7,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from model_support import TEST_ARCHS
+from model_support import REPRESENTATIVE_ARCHS, TEST_ARCHS
 from switchprune.config import OWN_ARCHS, ModelConfig
 from switchprune.cost import CostModel
 from switchprune.evaluation import count_macs, count_params
@@ -68,7 +68,7 @@ def test_spec_and_groups_are_consistent(arch, tiny_net):
         )
 
 
-@pytest.mark.parametrize("arch", TEST_ARCHS)
+@pytest.mark.parametrize("arch", REPRESENTATIVE_ARCHS)
 def test_spec_round_trip_rebuilds_same_network(arch, tiny_net, in_shapes):
     model = tiny_net(arch)
     spec = ModelSpec.from_dict(model.spec.to_dict())
@@ -97,7 +97,7 @@ def test_width_multiplier_scales_and_never_reaches_zero():
     assert len(tiny.widths) == 3 + 3 * 3
 
 
-@pytest.mark.parametrize("arch", TEST_ARCHS)
+@pytest.mark.parametrize("arch", REPRESENTATIVE_ARCHS)
 def test_set_factors_none_is_identity_and_gates_change_output(
     arch, tiny_net, random_factors, in_shapes
 ):
@@ -158,7 +158,7 @@ def test_zero_factor_cuts_the_unit_from_every_writer(arch, tiny_net, in_shapes):
         assert torch.equal(model(x), tiny_net(arch)(x))
 
 
-@pytest.mark.parametrize("arch", TEST_ARCHS)
+@pytest.mark.parametrize("arch", REPRESENTATIVE_ARCHS)
 def test_classifier_keeps_all_outputs_and_is_never_gated(arch, tiny_net, random_factors, in_shapes):
     model = tiny_net(arch)
     assert isinstance(model.classifier, nn.Linear)

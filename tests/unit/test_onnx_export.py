@@ -10,7 +10,7 @@ import onnx
 import pytest
 import torch
 
-from model_support import IN_SHAPES, TEST_ARCHS
+from model_support import IN_SHAPES, REPRESENTATIVE_ARCHS
 from switchprune import onnx_export
 from switchprune.onnx_export import (
     ATOL,
@@ -37,7 +37,7 @@ def contract_for(model: torch.nn.Module, mean: float = 0.4) -> InputContract:
     )
 
 
-@pytest.mark.parametrize("arch", TEST_ARCHS)
+@pytest.mark.parametrize("arch", REPRESENTATIVE_ARCHS)
 def test_every_arch_exports_and_matches_pytorch(arch: str, tiny_net, tmp_path: Path) -> None:
     # Random full-width nets, logits unscaled: deep ones reach large logits, where float32
     # rounding alone exceeds an absolute 1e-4; the tolerance follows their scale.

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from model_support import TEST_ARCHS
+from model_support import REPRESENTATIVE_ARCHS
 from switchprune.models import TaskNet
 from switchprune.scoring import (
     MIN_FACTOR,
@@ -37,7 +37,7 @@ def _spread_head(snn: Switcher, seed: int = 1) -> None:
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("arch", TEST_ARCHS)
+@pytest.mark.parametrize("arch", REPRESENTATIVE_ARCHS)
 def test_one_non_negative_factor_per_unit_and_near_one_at_start(arch, mode, tiny_net):
     model = tiny_net(arch)
     snn = _switcher(mode)

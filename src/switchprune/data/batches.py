@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -131,3 +132,91 @@ def augment_batch(x: torch.Tensor, aug: Augmentation, generator: torch.Generator
     # Advanced indices around the channel slice: the result is [B, H, W, C].
     out = padded[batch[:, None, None], :, rows[:, :, None], cols[:, None, :]]
     return out.permute(0, 3, 1, 2).contiguous()
+
+
+@dataclass
+class TrainingData:
+    """Training samples: tensors on the device (memory) or views of a split on disk (stream)."""
+
+    y: torch.Tensor  # labels (their count drives the epoch)
+    x: torch.Tensor | None = None
+    stream: PreparedSplit | None = None
+
+    @classmethod
+    def of(cls, train: TensorDataset | PreparedSplit, device: torch.device) -> TrainingData:
+        """Every training sample: tensors moved to ``device``, or a stream."""
+        if isinstance(train, TensorDataset):
+            x, y = (t.to(device) for t in train.tensors)
+            return cls(y=y, x=x)
+        return cls(y=train.labels, stream=train)
+
+    def hold_out(
+        self, fraction: float, generator: torch.Generator
+    ) -> TensorDataset | PreparedSplit:
+        """Take a random ``fraction`` (at least one sample) away; the samples taken.
+
+        Returns:
+            The held-out samples (tensors on the CPU in memory mode).
+        """
+        order = torch.randperm(len(self.y), generator=generator)
+        count = max(1, round(fraction * len(self.y)))
+        held, rest = order[:count], order[count:]
+        if self.stream is not None:
+            taken = self.stream.subset(held)
+            self.stream = self.stream.subset(rest)
+            self.y = self.stream.labels
+            return taken
+        assert self.x is not None
+        held, rest = held.to(self.x.device), rest.to(self.x.device)
+        taken_x, taken_y = self.x[held], self.y[held]
+        self.x, self.y = self.x[rest], self.y[rest]
+        return TensorDataset(taken_x.cpu(), taken_y.cpu())
+
+    def batch(self, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The samples at ``idx`` on ``device``."""
+        if self.stream is not None:
+            x, y = self.stream[idx.tolist()]
+            return x.to(device), y.to(device)
+        assert self.x is not None
+        idx = idx.to(self.x.device)
+        return self.x[idx], self.y[idx]
+
+    def epoch(
+        self,
+        order: torch.Tensor,
+        batch_size: int,
+        device: torch.device,
+        *,
+        augment: Augmentation | None = None,
+        generator: torch.Generator | None = None,
+        num_workers: int = 0,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """An epoch's batches on ``device``, in ``order``, augmented when ``augment`` is given.
+
+        Streamed splits are read through a ``DataLoader`` (pinned memory on CUDA); close the
+        iterator to stop its workers early.
+        """
+        if self.stream is None:
+            assert self.x is not None
+            batches: Any = (
+                (self.x[idx], self.y[idx])
+                for i in range(0, len(order), batch_size)
+                for idx in [order[i : i + batch_size].to(device)]
+            )
+        else:
+            cuda = device.type == "cuda"
+            loader = batch_loader(
+                self.stream,
+                [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)],
+                num_workers=num_workers,
+                pin_memory=cuda,
+            )
+            batches = (
+                (x.to(device, non_blocking=cuda), y.to(device, non_blocking=cuda))
+                for x, y in loader
+            )
+        for x, y in batches:
+            if augment is not None:
+                assert generator is not None
+                x = augment_batch(x, augment, generator)
+            yield x, y
