@@ -13,7 +13,6 @@ failed promotion uploaded.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -36,6 +35,7 @@ INCOMPLETE_MARKER = ".incomplete"
 # How often an alias that moves under us is re-read before giving up.
 _RECONCILE_ROUNDS = 10
 _WRITING_MANIFEST = "writing the manifest"
+_JSON = "application/json"
 
 
 @dataclass(frozen=True)
@@ -84,21 +84,13 @@ class _Version:
 def check_gate(
     cfg: PromoteConfig, metrics: dict[str, float], champion: dict[str, Any] | None, version: int
 ) -> tuple[bool, str]:
-    """Whether a version's metrics pass the gate, and why (or why not).
+    """Whether run ``metrics`` of ``version`` pass the gate, against ``champion`` if any.
 
-    Every condition is checked, so a refusal names all the ones that failed, not only the
-    first: one retraining can then address them all.
-
-    Args:
-        cfg: The ``promote`` section.
-        metrics: The version's run metrics (``test_accuracy``, ``baseline_accuracy``,
-            ``params_ratio``, ``max_abs_logit_diff_f64``).
-        champion: The current champion (``version``, ``metrics``), or ``None``.
-        version: The candidate version.
+    Every condition is checked, so that a refusal names all the failed ones and one retraining
+    can address them all.
 
     Returns:
-        ``(passed, reason)``: ``"passed the gate"``, or every failed condition joined by
-        ``"; "``.
+        ``(True, "passed the gate")``, or ``False`` and every failed condition joined by "; ".
     """
     reasons = [
         f"the run of version {version} has no metric {key!r}"
@@ -106,17 +98,14 @@ def check_gate(
         if key not in metrics
     ]
     acc = metrics.get("test_accuracy")
-    if acc is not None:
-        if not acc >= cfg.min_accuracy:
-            reasons.append(f"test_accuracy {acc:.4f} < min_accuracy {cfg.min_accuracy:.4f}")
-        if "baseline_accuracy" in metrics:
-            base = metrics["baseline_accuracy"]
-            drop = base - acc
-            if not drop <= cfg.max_accuracy_drop:
-                reasons.append(
-                    f"accuracy drop {drop:.4f} against baseline_accuracy {base:.4f} "
-                    f"> max_accuracy_drop {cfg.max_accuracy_drop:.4f}"
-                )
+    if acc is not None and not acc >= cfg.min_accuracy:
+        reasons.append(f"test_accuracy {acc:.4f} < min_accuracy {cfg.min_accuracy:.4f}")
+    base = metrics.get("baseline_accuracy")
+    if acc is not None and base is not None and not base - acc <= cfg.max_accuracy_drop:
+        reasons.append(
+            f"accuracy drop {base - acc:.4f} against baseline_accuracy {base:.4f} "
+            f"> max_accuracy_drop {cfg.max_accuracy_drop:.4f}"
+        )
     diff = metrics.get("max_abs_logit_diff_f64")
     if diff is not None and not diff <= cfg.max_logit_diff:
         reasons.append(
@@ -126,25 +115,14 @@ def check_gate(
     ratio = metrics.get("params_ratio")
     if ratio is not None and not ratio <= cfg.max_params_ratio:
         reasons.append(f"params_ratio {ratio:.4f} > max_params_ratio {cfg.max_params_ratio:.4f}")
-    if (
-        acc is not None
-        and champion is not None
-        and cfg.not_worse_than_champion
-        and champion["version"] != version
-    ):
+    if champion and champion["version"] != version and cfg.not_worse_than_champion:
         best = champion["metrics"].get("test_accuracy")
-        if best is not None and acc < best:
+        if acc is not None and best is not None and acc < best:
             reasons.append(
                 f"test_accuracy {acc:.4f} is worse than champion version {champion['version']} "
                 f"({best:.4f})"
             )
-    if reasons:
-        return False, "; ".join(reasons)
-    return True, "passed the gate"
-
-
-# --------------------------------------------------------------------------------------------
-# The whole promotion: registry and S3
+    return (False, "; ".join(reasons)) if reasons else (True, "passed the gate")
 
 
 def promote(
@@ -160,14 +138,7 @@ def promote(
     The version's files are uploaded and verified, the manifest is written last, and only then
     does the alias move. A failure at any point leaves the previous manifest and alias as they
     were, and removes the objects this call uploaded. Promoting the champion again writes
-    nothing.
-
-    Args:
-        cfg: The ``promote`` section.
-        model_name: Registered model name.
-        version: The version to promote.
-        tracking_uri: MLflow tracking URI (default: ``MLFLOW_TRACKING_URI`` or embedded).
-        client: An S3 client (default: one for the configured endpoint).
+    nothing. ``tracking_uri`` and the S3 ``client`` default to the configured ones.
 
     Returns:
         ``model_name``, ``version``, ``s3_uri`` (the version folder), ``champion_before``,
@@ -256,9 +227,8 @@ def _publish_registered(
     remove_incomplete(client, cfg.s3_uri, name, older_than=cfg.remove_incomplete_after)
     with tempfile.TemporaryDirectory(prefix="switchprune-promote-") as tmp:
         files_dir = Path(tmp) / "files"
-        registry.download_model_version(
-            tracking_uri, registry.ModelRef(name, version=version), files_dir
-        )
+        ref = registry.ModelRef(name, version=version)
+        registry.download_model_version(tracking_uri, ref, files_dir)
         files = {p.name: p for p in sorted(files_dir.iterdir()) if p.is_file()}
         manifest = {
             "run_id": info["run_id"],
@@ -289,10 +259,10 @@ def _move_alias(
             raise
         # The manifest is current already: put the previous one back so that S3 and the
         # registry keep naming the same champion, and remove what this promotion uploaded.
-        version = _Version(storage.parse_s3_uri(cfg.s3_uri), info["name"], info["version"])
-        uploaded = [version.key(name) for name in publication.uploaded]
+        target = _Version(storage.parse_s3_uri(cfg.s3_uri), info["name"], info["version"])
+        uploaded = [target.key(name) for name in publication.uploaded]
         notes, undone = _roll_back(
-            client, version, publication.previous, uploaded, manifest_written=True
+            client, target, publication.previous, uploaded, manifest_written=True
         )
         if not undone:
             raise registry.RegistryError(
@@ -301,10 +271,6 @@ def _move_alias(
                 "champions until promote runs again, which moves the alias to S3's manifest"
             ) from alias_error
         raise
-
-
-# --------------------------------------------------------------------------------------------
-# S3: publishing a version, reading it back
 
 
 def publish(
@@ -318,23 +284,14 @@ def publish(
 ) -> Publication:
     """Upload and verify a model version, then make it current by writing its manifest last.
 
-    Objects go to ``<prefix>/<model_name>/v<version>/<name>``; objects already there with the
-    same SHA-256 are reused, not re-uploaded. Every object is then verified (size and SHA-256
-    on the server), and only then is ``<prefix>/<model_name>/current.json`` written: the given
-    ``manifest`` plus ``name``, ``version``, ``files`` and ``promoted_at`` (these four override
-    keys of the same name in ``manifest``).
-
-    If the manifest already names this version with the same files and they check out, nothing
-    is written. On any failure the objects this call uploaded are deleted (best effort), the
-    previous manifest is left as it was, and a :class:`StorageError` is raised.
-
-    Args:
-        client: An S3 client (see :func:`switchprune.storage.make_client`).
-        files: Object name (one path segment) to local file.
-        s3_uri: ``s3://bucket[/prefix]``; the bucket is created if missing.
-        model_name: Model name (one path segment).
-        version: Model version (>= 1).
-        manifest: Extra JSON-serialisable fields of the manifest (metrics, run ids, ...).
+    Each of ``files`` (object name to local file) goes to
+    ``<s3_uri>/<model_name>/v<version>/<name>`` unless an object with its SHA-256 is there
+    already; the bucket is created if missing. Once every object checks out on the server (size
+    and SHA-256), ``<s3_uri>/<model_name>/current.json`` is written: the JSON ``manifest`` plus
+    ``name``, ``version``, ``files`` and ``promoted_at`` (which override keys of the same name).
+    If it names this version with the same files already and they check out, nothing is
+    written. On any failure the objects this call uploaded are deleted (best effort) and the
+    previous manifest is left as it was.
 
     Returns:
         What was written, and the manifest now current.
@@ -370,23 +327,14 @@ def publish(
         # Some listed object is gone or altered: go on and repair the version.
     uploaded, document = _write_version(client, target, entries, files, manifest, previous)
     logger.info("promoted %s v%d: s3://%s/%s", model_name, version, bucket, target.manifest_key)
-    names = {e["key"]: e["name"] for e in entries}
-    uploaded_names = [names[k] for k in uploaded]
+    uploaded_names = [e["name"] for e in entries if e["key"] in uploaded]
     return Publication(
         True, target.uri, target.manifest_key, entries, uploaded_names, document, previous
     )
 
 
 def read_manifest(client: Any, s3_uri: str, model_name: str) -> dict[str, Any] | None:
-    """Read ``<prefix>/<model_name>/current.json``.
-
-    Args:
-        client: An S3 client.
-        s3_uri: ``s3://bucket[/prefix]``.
-        model_name: Model name.
-
-    Returns:
-        The manifest, or None if there is none (no such key or no such bucket).
+    """The manifest ``<prefix>/<model_name>/current.json``, or None without one (or a bucket).
 
     Raises:
         StorageError: If it cannot be read, is not JSON, or lacks ``version`` or ``files``.
@@ -400,15 +348,8 @@ def read_manifest(client: Any, s3_uri: str, model_name: str) -> dict[str, Any] |
 def download_promoted(client: Any, s3_uri: str, model_name: str, out_dir: Path) -> dict[str, Any]:
     """Download the current version's files into ``out_dir``, verified against the manifest.
 
-    Files are downloaded into a temporary folder beside ``out_dir`` and checked (size and
-    SHA-256) before any of them is moved in, so a failure leaves ``out_dir`` as it was.
-    Other files already in ``out_dir`` are kept; listed ones are replaced.
-
-    Args:
-        client: An S3 client.
-        s3_uri: ``s3://bucket[/prefix]``.
-        model_name: Model name.
-        out_dir: Destination folder (created if missing).
+    They are checked (size and SHA-256) beside ``out_dir`` before any replaces its namesake
+    there, so a failure leaves ``out_dir`` as it was.
 
     Returns:
         The manifest.
@@ -455,9 +396,6 @@ def remove_incomplete(
 
     Returns:
         The keys deleted.
-
-    Raises:
-        StorageError: If S3 cannot be listed or an object cannot be deleted.
     """
     loc = storage.parse_s3_uri(s3_uri)
     prefix = loc.key(_checked_name(model_name, "model")) + "/"
@@ -466,25 +404,18 @@ def remove_incomplete(
     now = datetime.now(UTC)
     objects = storage.list_objects(client, loc.bucket, prefix)
     stale = {
-        o["Key"][: -len(INCOMPLETE_MARKER)]
+        o["Key"].removesuffix(INCOMPLETE_MARKER)
         for o in objects
         if o["Key"].endswith("/" + INCOMPLETE_MARKER)
         and (now - o["LastModified"]).total_seconds() >= older_than
-    }
-    deleted: list[str] = []
+    } - {keep}
+    deleted = [o["Key"] for o in objects if o["Key"].startswith(tuple(stale))]
     with storage.reporting(client, f"removing incomplete versions under {prefix}"):
-        for folder in sorted(stale - {keep}):
-            for o in objects:
-                if o["Key"].startswith(folder):
-                    client.delete_object(Bucket=loc.bucket, Key=o["Key"])
-                    deleted.append(o["Key"])
+        for key in deleted:
+            client.delete_object(Bucket=loc.bucket, Key=key)
     if deleted:
         logger.info("removed %d object(s) of incomplete promotions of %s", len(deleted), model_name)
     return deleted
-
-
-# --------------------------------------------------------------------------------------------
-# helpers
 
 
 def _checked_name(name: object, what: str) -> str:
@@ -535,7 +466,7 @@ def _write_version(
     uploaded: list[str] = []
     stage = "uploading"
     try:
-        checksum = storage.put_object(client, bucket, marker, b"", sha256=_sha256(b""))
+        checksum = storage.put_object(client, bucket, marker, b"")
         uploaded.append(marker)
         for entry in entries:
             if _stored(client, bucket, entry):
@@ -561,20 +492,13 @@ def _write_version(
         }
         body = (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()
         storage.put_object(
-            client,
-            bucket,
-            target.manifest_key,
-            body,
-            sha256=_sha256(body),
-            content_type="application/json",
-            checksum=checksum,
+            client, bucket, target.manifest_key, body, content_type=_JSON, checksum=checksum
         )
         uploaded.remove(marker)
         _delete_quietly(client, bucket, marker)
     except BaseException as exc:
-        notes, _ = _roll_back(
-            client, target, previous, uploaded, manifest_written=stage == _WRITING_MANIFEST
-        )
+        written = stage == _WRITING_MANIFEST
+        notes, _ = _roll_back(client, target, previous, uploaded, manifest_written=written)
         if not isinstance(exc, Exception):
             raise  # KeyboardInterrupt and friends: clean up, but do not disguise them
         raise StorageError(
@@ -594,18 +518,12 @@ def _roll_back(
 ) -> tuple[str, bool]:
     """Best-effort undo of a promotion: the previous manifest back, then no uploaded objects.
 
-    Args:
-        client: The S3 client.
-        target: The version being promoted.
-        previous: The manifest's bytes before the promotion (None: there was none).
-        uploaded: Keys the promotion uploaded.
-        manifest_written: Whether the new manifest may have reached the server (even a PUT
-            that failed may have).
+    ``manifest_written``: the new manifest may have reached the server (even a failed PUT may
+    have). Objects are kept while the manifest may still name them; the marker among them lets
+    a later promotion sweep them once it no longer does.
 
     Returns:
-        A note for the error message, and whether everything was undone. Objects are kept
-        while the manifest may still name them; the marker among them lets a later promotion
-        sweep them once the manifest no longer does.
+        A note for the error message, and whether everything was undone.
     """
     bucket, key = target.loc.bucket, target.manifest_key
     notes = []
@@ -615,25 +533,13 @@ def _roll_back(
                 if previous is None:
                     client.delete_object(Bucket=bucket, Key=key)
                 else:
-                    storage.put_object(
-                        client,
-                        bucket,
-                        key,
-                        previous,
-                        sha256=_sha256(previous),
-                        content_type="application/json",
-                    )
+                    storage.put_object(client, bucket, key, previous, content_type=_JSON)
                 notes.append("previous manifest restored")
         except Exception as exc:
             reason = storage.describe(client, exc)
             kept = f"kept {len(uploaded)} uploaded object(s), which it may name"
             return f"could not restore s3://{bucket}/{key}: {reason}; {kept}", False
-    left = []
-    for stale in uploaded:
-        try:
-            client.delete_object(Bucket=bucket, Key=stale)
-        except Exception:
-            left.append(stale)
+    left = [k for k in uploaded if not _delete_quietly(client, bucket, k)]
     notes.append(f"removed {len(uploaded) - len(left)} uploaded object(s)")
     if left:
         notes.append(f"could not remove {', '.join(left)}")
@@ -646,20 +552,18 @@ def _stored(client: Any, bucket: str, entry: dict[str, Any]) -> bool:
     )
 
 
-def _delete_quietly(client: Any, bucket: str, key: str) -> None:
-    """Best effort: a marker that cannot be deleted is swept by :func:`remove_incomplete`."""
+def _delete_quietly(client: Any, bucket: str, key: str) -> bool:
+    """Best effort: whether the object was deleted (a marker left is swept later)."""
     try:
         client.delete_object(Bucket=bucket, Key=key)
     except Exception:
         logger.warning("could not remove s3://%s/%s", bucket, key)
+        return False
+    return True
 
 
 def _fingerprint(entries: list[dict[str, Any]]) -> dict[str, tuple[int, str]]:
     return {e["name"]: (e["size"], e["sha256"]) for e in entries}
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _parse_manifest(raw: bytes, bucket: str, key: str) -> dict[str, Any]:
@@ -678,16 +582,15 @@ def _parse_manifest(raw: bytes, bucket: str, key: str) -> dict[str, Any]:
     if not isinstance(files, list) or not files:
         raise StorageError(f"{uri} has no 'files' list")
     for entry in files:
-        ok = (
+        if not (
             isinstance(entry, dict)
             and isinstance(entry.get("name"), str)
             and names.is_name(entry["name"])
             and isinstance(entry.get("key"), str)
             and isinstance(entry.get("size"), int)
             and isinstance(entry.get("sha256"), str)
-            and bool(re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]))
-        )
-        if not ok:
+            and re.fullmatch(r"[0-9a-f]{64}", entry["sha256"])
+        ):
             raise StorageError(f"{uri} has an invalid file entry: {entry!r}")
     if len({e["name"] for e in files}) != len(files):
         raise StorageError(f"{uri} lists a file name twice")

@@ -1,4 +1,4 @@
-"""Verified S3 object operations: a fail-fast client, hashed uploads, checked downloads.
+"""Verified S3 objects: a fail-fast client, hashed uploads, checked downloads.
 
 Every object written here carries its SHA-256 in user metadata (``x-amz-meta-sha256``) and, where
 the server accepts it, as an S3 checksum; :func:`verify_object` checks size and SHA-256 on the
@@ -47,12 +47,10 @@ READ_TIMEOUT_S = 30.0
 MAX_ATTEMPTS = 2  # first try plus one retry: an unreachable endpoint fails in seconds
 _CHUNK = 1 << 20
 _SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
-
-# S3 bucket naming rules (the subset every implementation accepts; no dots next to each other).
 _MISSING_CODES = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
 _NO_CHECKSUM_CODES = {"NotImplemented", "InvalidArgument", "InvalidRequest"}
-# The session each client of :func:`make_client` came from, so that messages can be scrubbed of
-# the credentials it resolved (from any source, not only the environment).
+# The session each client of make_client came from, so that messages can be scrubbed of the
+# credentials it resolved (from any source, not only the environment).
 _SESSIONS: weakref.WeakKeyDictionary[Any, boto3.session.Session] = weakref.WeakKeyDictionary()
 
 
@@ -77,13 +75,7 @@ class S3Location:
 
 
 def parse_s3_uri(uri: str) -> S3Location:
-    """Split ``s3://bucket[/prefix]`` into bucket and prefix.
-
-    Args:
-        uri: The URI; one trailing ``/`` is tolerated.
-
-    Returns:
-        The location, its prefix stripped of surrounding ``/``.
+    """Split ``s3://bucket[/prefix]`` (one trailing ``/`` tolerated) into bucket and prefix.
 
     Raises:
         StorageError: If ``uri`` is not an ``s3://`` URI with a valid bucket name and a clean
@@ -98,38 +90,31 @@ def parse_s3_uri(uri: str) -> S3Location:
             "'.' or '-', starting and ending with a letter or digit"
         )
     prefix = prefix.removesuffix("/")
-    if prefix:
-        segments = prefix.split("/")
-        if any(s in ("", ".", "..") for s in segments) or re.search(r"[\\\x00-\x1f\x7f]", prefix):
-            raise StorageError(
-                f"invalid prefix {prefix!r} in {uri!r}: no empty, '.' or '..' segments, "
-                "backslashes or control characters"
-            )
+    if prefix and (
+        any(s in ("", ".", "..") for s in prefix.split("/"))
+        or re.search(r"[\\\x00-\x1f\x7f]", prefix)
+    ):
+        raise StorageError(
+            f"invalid prefix {prefix!r} in {uri!r}: no empty, '.' or '..' segments, "
+            "backslashes or control characters"
+        )
     return S3Location(bucket=bucket, prefix=prefix)
 
 
 def make_client(endpoint: str | None = None) -> Any:
-    """A boto3 S3 client that fails fast and works with S3-compatible servers.
+    """A boto3 S3 client with path-style addressing, short timeouts and a single retry.
 
-    Credentials come from the usual AWS chain (environment first). A fresh session is used on
-    every call, so credentials changed in the environment are picked up (boto3's default
-    session would keep the first ones it found).
-
-    Args:
-        endpoint: Endpoint URL; defaults to ``SWITCHPRUNE_S3_ENDPOINT``, then
-            ``AWS_ENDPOINT_URL_S3``, then AWS itself.
-
-    Returns:
-        The client, with path-style addressing, short timeouts and a single retry.
+    ``endpoint`` defaults to ``SWITCHPRUNE_S3_ENDPOINT``, then ``AWS_ENDPOINT_URL_S3``, then AWS.
+    Credentials come from the usual AWS chain, through a fresh session on every call: boto3's
+    default session would keep the first credentials it found.
 
     Raises:
         StorageError: If the endpoint is not an ``http(s)://host[:port]`` URL.
     """
     endpoint = endpoint or os.environ.get(ENDPOINT_ENV) or os.environ.get("AWS_ENDPOINT_URL_S3")
-    if endpoint:
-        parts = urlsplit(endpoint)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise StorageError(f"invalid S3 endpoint {_safe_endpoint(endpoint)!r}")
+    parts = urlsplit(endpoint or "")
+    if endpoint and (parts.scheme not in ("http", "https") or not parts.hostname):
+        raise StorageError(f"invalid S3 endpoint {_safe_endpoint(endpoint)!r}")
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     config = Config(
         connect_timeout=CONNECT_TIMEOUT_S,
@@ -142,9 +127,8 @@ def make_client(endpoint: str | None = None) -> Any:
     try:
         client = session.client("s3", endpoint_url=endpoint or None, config=config)
     except (ValueError, BotoCoreError) as exc:
-        raise StorageError(
-            f"cannot create an S3 client for {_safe_endpoint(endpoint)}: {exc}"
-        ) from exc
+        where = _safe_endpoint(endpoint)
+        raise StorageError(f"cannot create an S3 client for {where}: {exc}") from exc
     _SESSIONS[client] = session
     return client
 
@@ -152,60 +136,46 @@ def make_client(endpoint: str | None = None) -> Any:
 def ensure_bucket(client: Any, bucket: str) -> None:
     """Create ``bucket`` unless it exists.
 
-    Args:
-        client: An S3 client (see :func:`make_client`).
-        bucket: Bucket name.
-
     Raises:
         StorageError: If the endpoint is unreachable, the credentials are refused, access is
             denied, or the bucket cannot be created.
     """
-    if _bucket_exists(client, bucket):
-        return
-    action = f"creating bucket s3://{bucket}"
+    action = f"checking bucket s3://{bucket}"
+    with reporting(client, action):
+        try:
+            client.head_bucket(Bucket=bucket)
+            return
+        except ClientError as exc:
+            if _code(exc) == "403":
+                # HEAD responses have no body, so a bare 403 hides why; a listing tells.
+                client.list_objects_v2(Bucket=bucket, MaxKeys=1)
+                where = endpoint_name(client)
+                raise StorageError(
+                    f"{action}: {where} denied HEAD on the bucket (HTTP 403)"
+                ) from exc
+            if _code(exc) not in _MISSING_CODES:
+                raise
     kwargs: dict[str, Any] = {"Bucket": bucket}
     region = client.meta.region_name
     if region and region != "us-east-1":
         kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
-    try:
-        client.create_bucket(**kwargs)
-        logger.info("created bucket s3://%s at %s", bucket, endpoint_name(client))
-    except ClientError as exc:
-        if _code(exc) == "BucketAlreadyOwnedByYou":
-            return
-        if _code(exc) == "BucketAlreadyExists":
-            # Someone created it between our HEAD and CREATE: fine if we can use it.
-            with contextlib.suppress(Exception):
-                client.head_bucket(Bucket=bucket)
+    with reporting(client, f"creating bucket s3://{bucket}"):
+        try:
+            client.create_bucket(**kwargs)
+            logger.info("created bucket s3://%s at %s", bucket, endpoint_name(client))
+        except ClientError as exc:
+            if _code(exc) == "BucketAlreadyOwnedByYou":
                 return
-        raise as_storage_error(client, action, exc) from exc
-    except Exception as exc:
-        raise as_storage_error(client, action, exc) from exc
-
-
-def _bucket_exists(client: Any, bucket: str) -> bool:
-    """Whether the bucket exists (False if it does not); any other answer raises."""
-    action = f"checking bucket s3://{bucket}"
-    try:
-        client.head_bucket(Bucket=bucket)
-        return True
-    except ClientError as exc:
-        if _code(exc) == "403":
-            # HEAD responses have no body, so a bare 403 hides *why*; a listing tells.
-            _probe_forbidden(client, bucket, action)
-        if _code(exc) in _MISSING_CODES:
-            return False
-        raise as_storage_error(client, action, exc) from exc
-    except Exception as exc:
-        raise as_storage_error(client, action, exc) from exc
+            if _code(exc) == "BucketAlreadyExists":
+                # Someone created it between our HEAD and CREATE: fine if we can use it.
+                with contextlib.suppress(Exception):
+                    client.head_bucket(Bucket=bucket)
+                    return
+            raise
 
 
 def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file, read in chunks.
-
-    Raises:
-        StorageError: If the file cannot be read.
-    """
+    """Hex SHA-256 of a file, read in chunks; a :class:`StorageError` if it cannot be read."""
     try:
         return file_digest(path)
     except OSError as exc:
@@ -218,24 +188,17 @@ def put_object(
     key: str,
     body: bytes | IO[bytes],
     *,
-    sha256: str,
+    sha256: str | None = None,
     content_type: str = "application/octet-stream",
     checksum: bool = True,
 ) -> bool:
-    """PUT one object with its SHA-256 in metadata and, if ``checksum``, as an S3 checksum.
+    """PUT ``body`` (bytes, or a binary file at its start) with its SHA-256 in metadata.
 
-    With ``ChecksumSHA256`` a server that implements checksums refuses bytes that do not match
-    ``sha256``; a server that rejects the header gets the object without it. Not every server
-    that accepts the header checks it, so :func:`verify_object` is what proves an upload.
+    ``sha256`` is the hex SHA-256 of ``body``, computed here for bytes when not given.
 
-    Args:
-        client: An S3 client (see :func:`make_client`).
-        bucket: Bucket name.
-        key: Object key.
-        body: The bytes, or a binary file positioned at its start.
-        sha256: Hex SHA-256 of ``body``.
-        content_type: The object's ``Content-Type``.
-        checksum: Whether to send the S3 checksum header.
+    With ``checksum``, the SHA-256 also goes as an S3 checksum, which a server that implements
+    checksums checks; a server that rejects the header gets the object without it. Not every
+    server that accepts the header checks it: :func:`verify_object` is what proves an upload.
 
     Returns:
         Whether the checksum header was sent and accepted: pass it as ``checksum`` to the next
@@ -244,6 +207,7 @@ def put_object(
     Raises:
         StorageError: If the upload fails.
     """
+    sha256 = sha256 or hashlib.sha256(body).hexdigest()  # type: ignore[arg-type]
     kwargs: dict[str, Any] = {
         "Bucket": bucket,
         "Key": key,
@@ -266,11 +230,7 @@ def put_object(
 
 
 def object_matches(client: Any, bucket: str, key: str, *, size: int, sha256: str) -> bool:
-    """Whether the object exists with this size and SHA-256.
-
-    Raises:
-        StorageError: If S3 cannot be asked (an absent object is False, not an error).
-    """
+    """Whether the object exists with this size and SHA-256 (False if absent)."""
     with reporting(client, f"checking s3://{bucket}/{key}"):
         return _mismatch(client, bucket, key, size, sha256) is None
 
@@ -289,36 +249,24 @@ def verify_object(client: Any, bucket: str, key: str, *, size: int, sha256: str)
 
 def object_exists(client: Any, bucket: str, key: str) -> bool:
     """Whether ``key`` exists (a HEAD request: nothing is downloaded)."""
-    return _head(client, bucket, key) is not None
+    with reporting(client, f"checking s3://{bucket}/{key}"):
+        return _head(client, bucket, key) is not None
 
 
 def get_bytes(client: Any, bucket: str, key: str) -> bytes | None:
-    """The whole object, or None if it (or its bucket) does not exist.
-
-    Raises:
-        StorageError: If the object exists but cannot be read.
-    """
-    try:
-        return b"".join(_stream(client, bucket, key))
-    except ClientError as exc:
-        if _code(exc) in _MISSING_CODES:
-            return None
-        raise as_storage_error(client, f"reading s3://{bucket}/{key}", exc) from exc
-    except Exception as exc:
-        raise as_storage_error(client, f"reading s3://{bucket}/{key}", exc) from exc
+    """The whole object, or None if it (or its bucket) does not exist; else a StorageError."""
+    with reporting(client, f"reading s3://{bucket}/{key}"):
+        try:
+            return b"".join(_stream(client, bucket, key))
+        except ClientError as exc:
+            if _code(exc) in _MISSING_CODES:
+                return None
+            raise
 
 
 def download_object(client: Any, bucket: str, key: str, target: Path) -> tuple[int, str]:
-    """Stream an object into ``target``.
-
-    Returns:
-        The byte count and hex SHA-256 of what arrived, for the caller to check.
-
-    Raises:
-        StorageError: If the object cannot be read or ``target`` written.
-    """
-    sha = hashlib.sha256()
-    size = 0
+    """Stream an object into ``target``; the byte count and hex SHA-256 of what arrived."""
+    sha, size = hashlib.sha256(), 0
     with reporting(client, f"downloading s3://{bucket}/{key}"), open(target, "wb") as fh:
         for chunk in _stream(client, bucket, key):
             fh.write(chunk)
@@ -328,16 +276,10 @@ def download_object(client: Any, bucket: str, key: str, target: Path) -> tuple[i
 
 
 def list_objects(client: Any, bucket: str, prefix: str) -> list[dict[str, Any]]:
-    """Every object under ``prefix`` (``Key``, ``Size``, ``LastModified``, ...).
-
-    Raises:
-        StorageError: If the bucket cannot be listed.
-    """
-    out: list[dict[str, Any]] = []
+    """Every object under ``prefix`` (``Key``, ``Size``, ``LastModified``, ...)."""
     with reporting(client, f"listing s3://{bucket}/{prefix}"):
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            out += page.get("Contents", [])
-    return out
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return [o for page in pages for o in page.get("Contents", [])]
 
 
 def endpoint_name(client: Any) -> str:
@@ -346,40 +288,24 @@ def endpoint_name(client: Any) -> str:
 
 
 def describe(client: Any, exc: BaseException) -> str:
-    """One line saying why an S3 call failed, with credentials blanked out.
+    """One line saying why an S3 call through ``client`` failed, credentials blanked out.
 
-    Args:
-        client: The client the call went through (its endpoint is named).
-        exc: What the call raised: a botocore error, a :class:`StorageError`, an ``OSError``...
-
-    Returns:
-        The reason, e.g. ``S3 endpoint http://host:9000 is unreachable (...)``.
+    E.g. ``S3 endpoint http://host:9000 is unreachable (EndpointConnectionError)``.
     """
     return _redact(_reason(client, exc), client)
 
 
-def as_storage_error(client: Any, action: str, exc: BaseException) -> StorageError:
-    """``exc`` as a :class:`StorageError` reading ``<action>: <reason>`` (one passes through)."""
-    if isinstance(exc, StorageError):
-        return exc
-    return StorageError(_redact(f"{action}: {_reason(client, exc)}", client))
-
-
 def reporting(client: Any, action: str) -> contextlib.AbstractContextManager[None]:
     """Turn any failure inside the block into one :class:`StorageError` about ``action``."""
-    return reraised_as(StorageError, lambda exc: as_storage_error(client, action, exc))
-
-
-# --------------------------------------------------------------------------------------------
-# helpers
-
-
-def _uri(bucket: str, key: str) -> str:
-    return f"s3://{bucket}/{key}"
+    return reraised_as(StorageError, lambda exc: StorageError(f"{action}: {describe(client, exc)}"))
 
 
 def _b64(hex_digest: str) -> str:
     return base64.b64encode(bytes.fromhex(hex_digest)).decode()
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
 
 
 def _head(client: Any, bucket: str, key: str) -> dict[str, Any] | None:
@@ -392,6 +318,14 @@ def _head(client: Any, bucket: str, key: str) -> dict[str, Any] | None:
         raise
 
 
+def _stream(client: Any, bucket: str, key: str) -> Iterator[bytes]:
+    body = client.get_object(Bucket=bucket, Key=key)["Body"]
+    try:
+        yield from body.iter_chunks(_CHUNK)
+    finally:
+        body.close()
+
+
 def _mismatch(client: Any, bucket: str, key: str, size: int, sha256: str) -> str | None:
     """Why the stored object is not the expected bytes, or None if it is."""
     uri = f"s3://{bucket}/{key}"
@@ -400,7 +334,15 @@ def _mismatch(client: Any, bucket: str, key: str, size: int, sha256: str) -> str
         return f"{uri} is missing"
     if head.get("ContentLength") != size:
         return f"{uri} has {head.get('ContentLength')} bytes on the server, expected {size}"
-    digest = _remote_sha256(client, bucket, key, head)
+    # Servers differ in the case of user-metadata keys (rclone answers "Sha256"), and rclone
+    # keeps them in memory only: after a restart, hashing the object is the only way to tell.
+    meta = {str(k).lower(): str(v) for k, v in (head.get("Metadata") or {}).items()}
+    digest = meta.get("sha256", "").lower()
+    if not digest:
+        sha = hashlib.sha256()
+        for chunk in _stream(client, bucket, key):
+            sha.update(chunk)
+        digest = sha.hexdigest()
     if digest != sha256:
         return f"{uri} has sha256 {digest} on the server, expected {sha256}"
     checksum = head.get("ChecksumSHA256")
@@ -410,61 +352,23 @@ def _mismatch(client: Any, bucket: str, key: str, size: int, sha256: str) -> str
     return None
 
 
-def _metadata_sha256(head: dict[str, Any]) -> str | None:
-    # Servers differ in the case of user-metadata keys (rclone answers "Sha256").
-    meta = {str(k).lower(): str(v) for k, v in (head.get("Metadata") or {}).items()}
-    value = meta.get("sha256")
-    return value.lower() if value else None
-
-
-def _remote_sha256(client: Any, bucket: str, key: str, head: dict[str, Any]) -> str:
-    """The object's SHA-256: from its metadata, else (metadata lost) by hashing its bytes.
-
-    rclone keeps user metadata in memory only, so after a restart it is gone; hashing the
-    object then is the only way to tell.
-    """
-    digest = _metadata_sha256(head)
-    if digest is not None:
-        return digest
-    sha = hashlib.sha256()
-    for chunk in _stream(client, bucket, key):
-        sha.update(chunk)
-    return sha.hexdigest()
-
-
-def _stream(client: Any, bucket: str, key: str) -> Iterator[bytes]:
-    body = client.get_object(Bucket=bucket, Key=key)["Body"]
-    try:
-        yield from body.iter_chunks(_CHUNK)
-    finally:
-        body.close()
-
-
-def _code(exc: ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
-
-
 def _safe_endpoint(endpoint: str | None) -> str:
     """The endpoint fit for a message: no ``user:password@`` part, or what the default is."""
     return redact_uri(endpoint) if endpoint else "the default AWS endpoint"
 
 
-def _secrets(client: Any) -> list[str]:
-    """Credential strings that must never appear in a message."""
-    values = [os.environ.get(name, "") for name in _SECRET_ENV]
+def _redact(text: str, client: Any) -> str:
+    """``text`` on one line, without any credential the environment or the client holds."""
+    secrets = [os.environ.get(name, "") for name in _SECRET_ENV]
     session = _SESSIONS.get(client)
     credentials = session.get_credentials() if session is not None else None
     if credentials is not None:
         frozen = credentials.get_frozen_credentials()
-        values += [frozen.access_key or "", frozen.secret_key or "", frozen.token or ""]
+        secrets += [frozen.access_key or "", frozen.secret_key or "", frozen.token or ""]
     # Very short values would blank out ordinary words; real keys are far longer.
-    return sorted({v for v in values if len(v) >= 4}, key=len, reverse=True)
-
-
-def _redact(text: str, client: Any) -> str:
-    for secret in _secrets(client):
+    for secret in sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True):
         text = text.replace(secret, "***")
-    return " ".join(text.split())  # one line
+    return " ".join(text.split())
 
 
 def _reason(client: Any, exc: BaseException) -> str:
@@ -475,7 +379,16 @@ def _reason(client: Any, exc: BaseException) -> str:
     if isinstance(exc, ReadTimeoutError):
         return f"S3 endpoint {endpoint} did not answer within {READ_TIMEOUT_S:.0f} s"
     if isinstance(exc, NoCredentialsError | PartialCredentialsError):
-        return _no_credentials_reason(endpoint)
+        if not (os.environ.get(ENDPOINT_ENV) or os.environ.get("AWS_ENDPOINT_URL_S3")):
+            # Nothing configured at all: most likely a checkout that has not run `make release`.
+            return (
+                f"no S3 server configured: set {ENDPOINT_ENV}, AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, or run 'make release', which starts an embedded one"
+            )
+        return (
+            f"no complete S3 credentials for {endpoint} "
+            "(set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
+        )
     if isinstance(exc, FlexibleChecksumError):
         return f"checksum of the response from {endpoint} does not match ({exc})"
     if isinstance(exc, ClientError):
@@ -485,19 +398,6 @@ def _reason(client: Any, exc: BaseException) -> str:
     if isinstance(exc, OSError):
         return f"{exc.strerror or exc} ({getattr(exc, 'filename', '') or type(exc).__name__})"
     return f"{type(exc).__name__}: {exc}"
-
-
-def _no_credentials_reason(endpoint: str) -> str:
-    if not (os.environ.get(ENDPOINT_ENV) or os.environ.get("AWS_ENDPOINT_URL_S3")):
-        # Nothing configured at all: most likely a checkout that has not run `make release`.
-        return (
-            f"no S3 server configured: set {ENDPOINT_ENV}, AWS_ACCESS_KEY_ID and "
-            "AWS_SECRET_ACCESS_KEY, or run 'make release', which starts an embedded one"
-        )
-    return (
-        f"no complete S3 credentials for {endpoint} "
-        "(set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
-    )
 
 
 def _client_error_reason(endpoint: str, exc: ClientError) -> str:
@@ -515,14 +415,3 @@ def _client_error_reason(endpoint: str, exc: ClientError) -> str:
     status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
     message = exc.response.get("Error", {}).get("Message", "")
     return f"{endpoint} answered HTTP {status} {code}: {message}".rstrip(": ")
-
-
-def _probe_forbidden(client: Any, bucket: str, action: str) -> None:
-    """After a bare 403 from HEAD, raise with the server's real reason (bad key or denial)."""
-    try:
-        client.list_objects_v2(Bucket=bucket, MaxKeys=1)
-    except Exception as exc:
-        raise as_storage_error(client, action, exc) from exc
-    raise StorageError(
-        _redact(f"{action}: {endpoint_name(client)} denied HEAD on the bucket (HTTP 403)", client)
-    )

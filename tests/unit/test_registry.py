@@ -340,7 +340,7 @@ def test_failure_after_run_start_marks_run_failed_and_registers_nothing(
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise ConnectionError("registry went away")
 
-    monkeypatch.setattr(mlflow, "register_model", broken)
+    monkeypatch.setattr(MlflowClient, "create_model_version", broken)
     model = tiny_model(5)
     with pytest.raises(
         RegistryError, match="while registering model 'broken' .*marked FAILED.*went away"
