@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 # Small inputs keep every architecture well under a second on a CPU. 8x8 digits for the plain
 # nets (LeNet pads its convs and keeps a 2x2 map before flattening), 16x16 RGB for the conv nets.
 IN_SHAPES: dict[str, tuple[int, int, int]] = {
@@ -30,3 +32,8 @@ TEST_ARCHS = tuple(IN_SHAPES)
 # every one): the MLP, a BatchNorm conv net through the dependency graph, a residual net, and
 # the user's own file (concatenation, grouped and depthwise convs).
 REPRESENTATIVE_ARCHS = ("mlp", "vgg11_bn", "resnet20", USER_ARCH)
+# Every architecture, those beyond the representatives marked ``slow``: ``make test`` runs them
+# all, ``make test-fast`` the representatives.
+ALL_ARCH_PARAMS = [
+    pytest.param(a, marks=() if a in REPRESENTATIVE_ARCHS else pytest.mark.slow) for a in TEST_ARCHS
+]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from model_support import TEST_ARCHS
+from model_support import ALL_ARCH_PARAMS
 from switchprune.config import PruneConfig
 from switchprune.cost import CostModel
 from switchprune.evaluation import count_macs, count_params
@@ -175,7 +175,7 @@ def test_masked_factors_zero_removed_units_and_detach():
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", TEST_ARCHS)
+@pytest.mark.parametrize("arch", ALL_ARCH_PARAMS)
 def test_fold_factors_reproduces_the_gated_model(arch, tiny_net, random_factors, in_shapes):
     model = tiny_net(arch)
     factors = random_factors(model, seed=1)
@@ -190,7 +190,7 @@ def test_fold_factors_reproduces_the_gated_model(arch, tiny_net, random_factors,
     assert (gated - tiny_net(arch)(x)).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("arch", TEST_ARCHS)
+@pytest.mark.parametrize("arch", ALL_ARCH_PARAMS)
 def test_compacted_model_matches_gated_model(arch, tiny_net, random_factors, in_shapes):
     model = tiny_net(arch)
     factors = random_factors(model)
@@ -307,7 +307,7 @@ def test_width_multiple_compaction_keeps_multiples(arch, tiny_net, random_factor
     assert small.group_sizes() == widths
 
 
-@pytest.mark.parametrize("arch", TEST_ARCHS)
+@pytest.mark.parametrize("arch", ALL_ARCH_PARAMS)
 def test_relative_threshold_compaction(arch, tiny_net, random_factors, in_shapes):
     model = tiny_net(arch)
     factors = random_factors(model, seed=6)
@@ -318,7 +318,7 @@ def test_relative_threshold_compaction(arch, tiny_net, random_factors, in_shapes
     _check_compaction(model, factors, kept, _batch(in_shapes[arch]))
 
 
-@pytest.mark.parametrize("arch", TEST_ARCHS)
+@pytest.mark.parametrize("arch", ALL_ARCH_PARAMS)
 def test_compacted_size_matches_cost_model(arch, tiny_net, random_factors, in_shapes):
     model = tiny_net(arch)
     cost = CostModel(model)

@@ -7,7 +7,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from model_support import REPRESENTATIVE_ARCHS, TEST_ARCHS
+from model_support import ALL_ARCH_PARAMS, REPRESENTATIVE_ARCHS
 from switchprune.config import OWN_ARCHS, ModelConfig
 from switchprune.cost import CostModel
 from switchprune.evaluation import count_macs, count_params
@@ -34,7 +34,7 @@ def test_every_architecture_has_a_test_input(in_shapes):
     assert set(in_shapes) >= set(ARCHS)
 
 
-@pytest.mark.parametrize("arch", TEST_ARCHS)
+@pytest.mark.parametrize("arch", ALL_ARCH_PARAMS)
 def test_spec_and_groups_are_consistent(arch, tiny_net):
     model = tiny_net(arch)
     modules = dict(model.named_modules())
@@ -117,7 +117,7 @@ def test_set_factors_none_is_identity_and_gates_change_output(
         assert torch.equal(model(x), plain)
 
 
-@pytest.mark.parametrize("arch", TEST_ARCHS)
+@pytest.mark.parametrize("arch", ALL_ARCH_PARAMS)
 def test_zero_factor_cuts_the_unit_from_every_writer(arch, tiny_net, in_shapes):
     """A unit whose factor is 0 has no influence, however its incoming weights change.
 
