@@ -259,10 +259,13 @@ def _markers(scene: Case) -> set[str]:
 def _kill(scene: Case, argv: list[str], function: str, when: str, nth: int) -> None:
     script = scene.folder / "killer.py"
     script.write_text(KILLER)
+    # A killed process cannot remove its scratch folder: keep it in the test's own folder.
+    scratch = scene.folder / "tmp"
+    scratch.mkdir(exist_ok=True)
     proc = subprocess.run(
         [sys.executable, str(script), function, when, str(nth), *argv],
         cwd=scene.folder,
-        env=scene.stack.env(),
+        env={**scene.stack.env(), "TMPDIR": str(scratch)},
         capture_output=True,
         text=True,
         timeout=120,
