@@ -23,7 +23,6 @@ from switchprune.data.batches import (
     use_streaming,
 )
 from switchprune.data.digits import export_digits
-from switchprune.data.folder import IMAGE_EXTENSIONS
 from switchprune.data.idx import read_idx
 from switchprune.data.meta import (
     BUNDLED,
@@ -56,7 +55,6 @@ __all__ = [
     "iter_batches",
     "use_streaming",
     "export_digits",
-    "IMAGE_EXTENSIONS",
     "read_idx",
     "BUNDLED",
     "DATASETS",

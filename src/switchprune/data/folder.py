@@ -2,7 +2,7 @@
 
 ``train/<class>/<image>`` (images may sit in subfolders of a class folder), with optional
 ``val/`` and ``test/`` of the same layout. Image files are those ``ImageFolder`` reads
-(:data:`IMAGE_EXTENSIONS`, any case); hidden files and folders (a leading ``.``) are skipped.
+(its extensions, any case); hidden files and folders (a leading ``.``) are skipped.
 Classes and files are listed in sorted path order.
 
 The folders are listed here rather than by ``torchvision.datasets.folder.find_classes`` and
@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
-from torchvision.datasets.folder import IMG_EXTENSIONS, is_image_file
 
 from switchprune.config import DataConfig
 from switchprune.data.meta import DataError, DataMeta, channel_stats
@@ -28,8 +27,6 @@ from switchprune.data.split import shuffled, split_indices
 from switchprune.dvcfiles import dvc_md5
 from switchprune.io import atomic_write_bytes
 
-# File name endings read as images (torchvision's ImageFolder's, any case).
-IMAGE_EXTENSIONS: tuple[str, ...] = IMG_EXTENSIONS
 # PIL modes without colour: a folder whose images all have one of them is prepared as 1 channel.
 _GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 
@@ -135,17 +132,23 @@ def _scan(split_dir: Path, classes: list[str]) -> tuple[list[Path], np.ndarray]:
             f"class folder {split_dir / unknown[0]} has no counterpart in train/ "
             f"(train classes: {', '.join(classes)})"
         )
+    # torchvision's ImageFolder's endings, any case; imported here because importing torchvision
+    # takes seconds, which every CLI command would pay.
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
     files: list[Path] = []
     labels: list[int] = []
     for name in found:
         images = sorted(
             f
             for f in (split_dir / name).rglob("*")
-            if f.is_file() and not f.name.startswith(".") and is_image_file(f.name)
+            if f.is_file()
+            and not f.name.startswith(".")
+            and f.name.lower().endswith(IMG_EXTENSIONS)
         )
         if not images:
             raise DataError(
-                f"class folder {split_dir / name} holds no images ({', '.join(IMAGE_EXTENSIONS)})"
+                f"class folder {split_dir / name} holds no images ({', '.join(IMG_EXTENSIONS)})"
             )
         files.extend(images)
         labels.extend([classes.index(name)] * len(images))

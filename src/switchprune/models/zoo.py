@@ -18,7 +18,6 @@ from importlib import metadata
 from pathlib import Path
 from types import ModuleType
 
-import torchvision
 from torch import nn
 
 from switchprune.config import TORCHVISION_ARCHS
@@ -279,6 +278,8 @@ def _torchvision(
     arch: str, num_classes: int, in_channels: int, small: bool, spatial: tuple[int, int]
 ) -> nn.Module:
     """A torchvision network with the data's channels and, for small images, a small stem."""
+    import torchvision  # here: its import takes seconds, which networks of our own never need
+
     net = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
     if arch.startswith("resnet"):
         if small:
