@@ -19,6 +19,10 @@ from switchprune.models import TaskNet, build_model, spec_from_config
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
+# One torch thread per process, in the workers and in every tool they start: the suite runs a
+# worker per core, and oversubscribed OpenMP threads spin (tiny ops get many times slower).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 NUM_CLASSES = 5
 

@@ -1,8 +1,7 @@
-"""DVC's formats, read without DVC: content hashes, ``.dvc`` files, the config, the remote.
+"""The few parts of DVC 3's formats the library needs, read without importing DVC.
 
-The library never imports DVC; these are the few things of DVC 3's on-disk and remote layout
-it needs: the hash a model records as its data version, the hash a ``.dvc`` file records, the
-default remote's URL, and fetching one version from that remote (a cluster run's data).
+Content hashes, the hash a ``.dvc`` file records, the default remote's URL, and fetching one
+version from that remote (a cluster run's data).
 """
 
 from __future__ import annotations
@@ -82,15 +81,14 @@ def download_version(client: Any, remote_url: str, md5: str, out_dir: Path) -> P
     """Materialise one DVC-tracked file or directory from a DVC 3 remote on S3, by its hash.
 
     DVC stores content by md5 under ``<remote>/files/md5/<2 chars>/<rest>``; a directory's entry
-    (``<md5>.dir``) lists its files. Each file is checked against its md5, so ``out_dir`` holds
-    exactly the version named by ``md5`` (the value in ``<name>.dvc`` and in the evaluation
-    report) or nothing new at all.
+    (``<md5>.dir``) lists its files. Every file is checked against its md5, so ``out_dir`` ends
+    up holding exactly that version (a single file lands under its hash) or nothing new at all.
 
     Args:
         client: A boto3 S3 client for the remote's endpoint.
         remote_url: The DVC remote, ``s3://bucket[/prefix]`` (``url`` in ``.dvc/config``).
         md5: The DVC hash, ``<32 hex>`` for a file or ``<32 hex>.dir`` for a directory.
-        out_dir: Where the directory's files (or the single file, under its hash) go.
+        out_dir: Where the files go.
 
     Returns:
         ``out_dir``.
@@ -105,38 +103,28 @@ def download_version(client: Any, remote_url: str, md5: str, out_dir: Path) -> P
     def key(digest: str) -> str:
         return loc.key("files", "md5", digest[:2], digest[2:])
 
+    files, listing = [(md5, md5)], f"s3://{loc.bucket}/{key(md5)}"
     if md5.endswith(".dir"):
         raw = storage.get_bytes(client, loc.bucket, key(md5))
         if raw is None:
-            raise StorageError(f"{_uri(loc.bucket, key(md5))}: no such version on the DVC remote")
+            raise StorageError(f"{listing}: no such version on the DVC remote")
         try:
-            entries = json.loads(raw)
-            files = [(str(e["relpath"]), str(e["md5"])) for e in entries]
+            files = [(str(e["relpath"]), str(e["md5"])) for e in json.loads(raw)]
         except (ValueError, TypeError, KeyError) as exc:
-            raise StorageError(
-                f"{_uri(loc.bucket, key(md5))}: not a DVC directory listing"
-            ) from exc
-    else:
-        files = [(md5, md5)]
+            raise StorageError(f"{listing}: not a DVC directory listing") from exc
     out_dir = Path(out_dir)
     with staging_dir(out_dir) as tmp:
         for relpath, digest in files:
             target = (tmp / relpath).resolve()
-            if not target.is_relative_to(tmp.resolve()) or not re.fullmatch(
-                r"[0-9a-f]{32}", digest
-            ):
+            if not (target.is_relative_to(tmp.resolve()) and re.fullmatch("[0-9a-f]{32}", digest)):
                 raise StorageError(f"DVC listing {md5} has an unsafe entry {relpath!r}")
             target.parent.mkdir(parents=True, exist_ok=True)
             storage.download_object(client, loc.bucket, key(digest), target)
             got = file_digest(target, "md5")
             if got != digest:
-                raise StorageError(f"{_uri(loc.bucket, key(digest))}: md5 {got}, expected {digest}")
+                raise StorageError(f"s3://{loc.bucket}/{key(digest)}: md5 {got}, expected {digest}")
         # The folder holds exactly this version: no file of an earlier one stays.
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
     return out_dir
-
-
-def _uri(bucket: str, key: str) -> str:
-    return f"s3://{bucket}/{key}"

@@ -1,14 +1,10 @@
 """Promotion: a registered model version becomes the champion, on S3 and in the registry.
 
-A promoted version lands under ``<s3_uri>/<model_name>/v<version>/`` and is only made current
-by writing ``<s3_uri>/<model_name>/current.json`` (the manifest) last, after every object has
-been checked. Readers go through the manifest alone, so they never see a half-promoted version.
-A version folder holds :data:`INCOMPLETE_MARKER` from its first upload until its manifest is
-written, so the folder of a promotion that died in between is recognised and swept later.
-
-The manifest is the champion of record; the registry alias (``champion``) follows it. A failure
-at any point leaves the previous manifest and alias as they were and removes the objects the
-failed promotion uploaded.
+A version lands under ``<s3_uri>/<model_name>/v<version>/``; writing the manifest
+``<s3_uri>/<model_name>/current.json`` last, once every object checks out, makes it current.
+Readers go through the manifest alone, so they never see a half-promoted version. The manifest
+is the champion of record and the registry alias follows it; a failure leaves the previous
+manifest and alias as they were and removes what the failed promotion uploaded.
 """
 
 from __future__ import annotations
@@ -30,7 +26,8 @@ from switchprune.storage import S3Location, StorageError
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "current.json"
-# Present in a version folder from its first upload until its manifest is written.
+# In a version folder from its first upload until its manifest is written, so that the folder
+# of a promotion that died in between is recognised and swept later.
 INCOMPLETE_MARKER = ".incomplete"
 # How often an alias that moves under us is re-read before giving up.
 _RECONCILE_ROUNDS = 10
@@ -49,7 +46,7 @@ class Publication:
         files: ``name``, ``key``, ``size`` and ``sha256`` of every file, sorted by name.
         uploaded: Names of the files this call uploaded.
         manifest: The manifest now current.
-        previous: The manifest's bytes before this call, or None if there was none.
+        previous: The manifest's bytes before this call, or None.
     """
 
     changed: bool
@@ -86,8 +83,7 @@ def check_gate(
 ) -> tuple[bool, str]:
     """Whether run ``metrics`` of ``version`` pass the gate, against ``champion`` if any.
 
-    Every condition is checked, so that a refusal names all the failed ones and one retraining
-    can address them all.
+    A refusal names every failed condition, so that one retraining can address them all.
 
     Returns:
         ``(True, "passed the gate")``, or ``False`` and every failed condition joined by "; ".
@@ -133,12 +129,9 @@ def promote(
     tracking_uri: str | None = None,
     client: Any = None,
 ) -> dict[str, Any]:
-    """Promote a registered version if it passes the gate.
+    """Promote a registered version if it passes the gate: publish it, then move the alias.
 
-    The version's files are uploaded and verified, the manifest is written last, and only then
-    does the alias move. A failure at any point leaves the previous manifest and alias as they
-    were, and removes the objects this call uploaded. Promoting the champion again writes
-    nothing. ``tracking_uri`` and the S3 ``client`` default to the configured ones.
+    ``tracking_uri`` and the S3 ``client`` default to the configured ones.
 
     Returns:
         ``model_name``, ``version``, ``s3_uri`` (the version folder), ``champion_before``,
@@ -154,8 +147,7 @@ def promote(
     # Checks the registry is reachable before anything is read or written.
     info = registry.version_info(uri, registry.ModelRef(model_name, version=version))
     client = client if client is not None else storage.make_client()
-    # An alias left behind by a crash, a double fault or a concurrent promotion is moved to
-    # the version S3's manifest names before anything else.
+    # An alias left behind (by a crash or a concurrent promotion) first follows the manifest.
     champion = reconcile_alias(uri, client, cfg, model_name)
     passed, reason = check_gate(cfg, info["metrics"], champion, version)
     out: dict[str, Any] = {
@@ -167,12 +159,28 @@ def promote(
     }
     if not passed:
         return {**out, "promoted": False, "reason": f"refused: {reason}"}
-    publication = _publish_registered(uri, client, cfg, info)
+    # Copy the version's files to S3 and make it current there.
+    name = info["name"]
+    storage.ensure_bucket(client, storage.parse_s3_uri(cfg.s3_uri).bucket)
+    remove_incomplete(client, cfg.s3_uri, name, older_than=cfg.remove_incomplete_after)
+    with tempfile.TemporaryDirectory(prefix="switchprune-promote-") as tmp:
+        files_dir = Path(tmp) / "files"
+        registry.download_model_version(uri, registry.ModelRef(name, version=version), files_dir)
+        manifest = {
+            "run_id": info["run_id"],
+            "model_uri": f"models:/{name}/{version}",
+            "data_md5": info["tags"].get("data_md5", ""),
+            "git_commit": info["tags"].get("git_commit", ""),
+            "metrics": info["metrics"],
+        }
+        files = {p.name: p for p in sorted(files_dir.iterdir()) if p.is_file()}
+        publication = publish(
+            client, files, s3_uri=cfg.s3_uri, model_name=name, version=version, manifest=manifest
+        )
     moved = champion is None or champion["version"] != version
     if moved:
         _move_alias(uri, client, cfg, info, publication)
-    # A promotion running at the same time may have written the manifest since: the alias
-    # follows whatever the manifest says now, so every interleaving ends consistent.
+    # A concurrent promotion may have written the manifest since: the alias follows it.
     final = reconcile_alias(uri, client, cfg, model_name)
     if final is not None and final["version"] != version:
         reason = f"{reason}; a concurrent promotion made version {final['version']} {cfg.alias}"
@@ -216,38 +224,8 @@ def reconcile_alias(
     )
 
 
-def _publish_registered(
-    tracking_uri: str, client: Any, cfg: PromoteConfig, info: dict[str, Any]
-) -> Publication:
-    """Copy a registered version's files to S3 and make it current there."""
-    from switchprune import registry
-
-    name, version = info["name"], info["version"]
-    storage.ensure_bucket(client, storage.parse_s3_uri(cfg.s3_uri).bucket)
-    remove_incomplete(client, cfg.s3_uri, name, older_than=cfg.remove_incomplete_after)
-    with tempfile.TemporaryDirectory(prefix="switchprune-promote-") as tmp:
-        files_dir = Path(tmp) / "files"
-        ref = registry.ModelRef(name, version=version)
-        registry.download_model_version(tracking_uri, ref, files_dir)
-        files = {p.name: p for p in sorted(files_dir.iterdir()) if p.is_file()}
-        manifest = {
-            "run_id": info["run_id"],
-            "model_uri": f"models:/{name}/{version}",
-            "data_md5": info["tags"].get("data_md5", ""),
-            "git_commit": info["tags"].get("git_commit", ""),
-            "metrics": info["metrics"],
-        }
-        return publish(
-            client, files, s3_uri=cfg.s3_uri, model_name=name, version=version, manifest=manifest
-        )
-
-
 def _move_alias(
-    tracking_uri: str,
-    client: Any,
-    cfg: PromoteConfig,
-    info: dict[str, Any],
-    publication: Publication,
+    tracking_uri: str, client: Any, cfg: PromoteConfig, info: dict[str, Any], pub: Publication
 ) -> None:
     """Point the alias at the published version; if that fails, take the publication back."""
     from switchprune import registry
@@ -255,15 +233,13 @@ def _move_alias(
     try:
         registry.set_alias(tracking_uri, info["name"], cfg.alias, info["version"])
     except registry.RegistryError as alias_error:
-        if not publication.changed:
+        if not pub.changed:
             raise
-        # The manifest is current already: put the previous one back so that S3 and the
-        # registry keep naming the same champion, and remove what this promotion uploaded.
+        # The manifest is current already: put the previous one back, so that S3 and the
+        # registry keep naming the same champion.
         target = _Version(storage.parse_s3_uri(cfg.s3_uri), info["name"], info["version"])
-        uploaded = [target.key(name) for name in publication.uploaded]
-        notes, undone = _roll_back(
-            client, target, publication.previous, uploaded, manifest_written=True
-        )
+        uploaded = [target.key(name) for name in pub.uploaded]
+        notes, undone = _roll_back(client, target, pub.previous, uploaded, manifest_written=True)
         if not undone:
             raise registry.RegistryError(
                 f"moving alias {cfg.alias!r} failed ({alias_error}), and restoring the previous "
@@ -284,14 +260,10 @@ def publish(
 ) -> Publication:
     """Upload and verify a model version, then make it current by writing its manifest last.
 
-    Each of ``files`` (object name to local file) goes to
-    ``<s3_uri>/<model_name>/v<version>/<name>`` unless an object with its SHA-256 is there
-    already; the bucket is created if missing. Once every object checks out on the server (size
-    and SHA-256), ``<s3_uri>/<model_name>/current.json`` is written: the JSON ``manifest`` plus
-    ``name``, ``version``, ``files`` and ``promoted_at`` (which override keys of the same name).
-    If it names this version with the same files already and they check out, nothing is
-    written. On any failure the objects this call uploaded are deleted (best effort) and the
-    previous manifest is left as it was.
+    ``files`` (object name to local file) missing from ``<s3_uri>/<model_name>/v<version>/``
+    are uploaded; the manifest is ``manifest`` plus ``name``, ``version``, ``files`` and
+    ``promoted_at``. Nothing is written if the manifest names this version with the same,
+    intact files. On failure, the objects uploaded are deleted and the previous manifest stays.
 
     Returns:
         What was written, and the manifest now current.
@@ -302,14 +274,13 @@ def publish(
     """
     target = _Version(storage.parse_s3_uri(s3_uri), _checked_name(model_name, "model"), version)
     entries = _entries(target, files, manifest)
-    bucket = target.loc.bucket
+    bucket, key = target.loc.bucket, target.manifest_key
     storage.ensure_bucket(client, bucket)
-    previous = storage.get_bytes(client, bucket, target.manifest_key)
-    current = None if previous is None else _parse_manifest(previous, bucket, target.manifest_key)
+    previous = storage.get_bytes(client, bucket, key)
+    current = None if previous is None else _parse_manifest(previous, bucket, key)
     if current is not None:
-        # A promotion killed between its manifest and its marker's removal leaves the marker in
-        # the folder now current; once another version is current, remove_incomplete would
-        # sweep that whole (promoted) folder. The manifest naming it proves it complete.
+        # A promotion killed right after its manifest leaves the marker in the current folder,
+        # which remove_incomplete would sweep once another version is current.
         marker = _Version(target.loc, target.model, current["version"]).key(INCOMPLETE_MARKER)
         if storage.object_exists(client, bucket, marker):
             _delete_quietly(client, bucket, marker)
@@ -317,20 +288,15 @@ def publish(
         if _fingerprint(current["files"]) != _fingerprint(entries):
             raise StorageError(
                 f"{target.uri} is already current with different files (see "
-                f"s3://{bucket}/{target.manifest_key}); promote the change as a new version"
+                f"s3://{bucket}/{key}); promote the change as a new version"
             )
         if all(_stored(client, bucket, e) for e in entries):
             logger.info("%s v%d is already current; nothing written", model_name, version)
-            return Publication(
-                False, target.uri, target.manifest_key, entries, [], current, previous
-            )
+            return Publication(False, target.uri, key, entries, [], current, previous)
         # Some listed object is gone or altered: go on and repair the version.
     uploaded, document = _write_version(client, target, entries, files, manifest, previous)
-    logger.info("promoted %s v%d: s3://%s/%s", model_name, version, bucket, target.manifest_key)
-    uploaded_names = [e["name"] for e in entries if e["key"] in uploaded]
-    return Publication(
-        True, target.uri, target.manifest_key, entries, uploaded_names, document, previous
-    )
+    logger.info("promoted %s v%d: s3://%s/%s", model_name, version, bucket, key)
+    return Publication(True, target.uri, key, entries, uploaded, document, previous)
 
 
 def read_manifest(client: Any, s3_uri: str, model_name: str) -> dict[str, Any] | None:
@@ -348,8 +314,7 @@ def read_manifest(client: Any, s3_uri: str, model_name: str) -> dict[str, Any] |
 def download_promoted(client: Any, s3_uri: str, model_name: str, out_dir: Path) -> dict[str, Any]:
     """Download the current version's files into ``out_dir``, verified against the manifest.
 
-    They are checked (size and SHA-256) beside ``out_dir`` before any replaces its namesake
-    there, so a failure leaves ``out_dir`` as it was.
+    All are checked before any replaces its namesake, so a failure leaves ``out_dir`` as it was.
 
     Returns:
         The manifest.
@@ -368,14 +333,13 @@ def download_promoted(client: Any, s3_uri: str, model_name: str, out_dir: Path) 
         )
     with staging_dir(out_dir) as staging:
         for entry in document["files"]:
-            size, digest = storage.download_object(
-                client, loc.bucket, entry["key"], staging / entry["name"]
-            )
+            key, name = entry["key"], entry["name"]
+            size, digest = storage.download_object(client, loc.bucket, key, staging / name)
             if size != entry["size"] or digest != entry["sha256"]:
                 raise StorageError(
-                    f"s3://{loc.bucket}/{entry['key']} at {endpoint} does not match its "
-                    f"manifest: got {size} bytes with sha256 {digest}, expected "
-                    f"{entry['size']} bytes with sha256 {entry['sha256']}"
+                    f"s3://{loc.bucket}/{key} at {endpoint} does not match its manifest: got "
+                    f"{size} bytes with sha256 {digest}, expected {entry['size']} bytes with "
+                    f"sha256 {entry['sha256']}"
                 )
         try:
             move_into(staging, out_dir, [entry["name"] for entry in document["files"]])
@@ -390,9 +354,8 @@ def remove_incomplete(
 ) -> list[str]:
     """Delete version folders left by promotions that died before writing their manifest.
 
-    A folder is incomplete while it holds :data:`INCOMPLETE_MARKER`; only markers older than
-    ``older_than`` seconds count, so that a promotion still running elsewhere is left alone,
-    and the version the manifest names is never touched.
+    Only markers older than ``older_than`` seconds count, so that a promotion still running
+    elsewhere is left alone; the version the manifest names is never touched.
 
     Returns:
         The keys deleted.
@@ -460,7 +423,7 @@ def _write_version(
     """Upload what is missing, verify everything, write the manifest; undo all on failure.
 
     Returns:
-        The keys uploaded, and the manifest written.
+        The names of the files uploaded, and the manifest written.
     """
     bucket, marker = target.loc.bucket, target.key(INCOMPLETE_MARKER)
     uploaded: list[str] = []
@@ -505,7 +468,7 @@ def _write_version(
             f"promoting {target.model} v{target.number} to {target.uri} failed while {stage}: "
             f"{storage.describe(client, exc)}; {notes}"
         ) from exc
-    return uploaded, document
+    return [e["name"] for e in entries if e["key"] in uploaded], document
 
 
 def _roll_back(
@@ -518,9 +481,8 @@ def _roll_back(
 ) -> tuple[str, bool]:
     """Best-effort undo of a promotion: the previous manifest back, then no uploaded objects.
 
-    ``manifest_written``: the new manifest may have reached the server (even a failed PUT may
-    have). Objects are kept while the manifest may still name them; the marker among them lets
-    a later promotion sweep them once it no longer does.
+    ``manifest_written``: the new manifest may have reached the server. Objects are kept while
+    it may name them; the marker among them lets a later promotion sweep them.
 
     Returns:
         A note for the error message, and whether everything was undone.
@@ -584,8 +546,7 @@ def _parse_manifest(raw: bytes, bucket: str, key: str) -> dict[str, Any]:
     for entry in files:
         if not (
             isinstance(entry, dict)
-            and isinstance(entry.get("name"), str)
-            and names.is_name(entry["name"])
+            and names.is_name(entry.get("name"))
             and isinstance(entry.get("key"), str)
             and isinstance(entry.get("size"), int)
             and isinstance(entry.get("sha256"), str)

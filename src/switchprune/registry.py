@@ -1,13 +1,10 @@
 """The MLflow side of a compacted model: log a run, register a version, move aliases, pull files.
 
-Every function takes the tracking URI (see :func:`resolve_tracking_uri`), which is the registry
-URI too, and works the same against an embedded SQLite store and an ``mlflow server``. Each call
-uses its own client of that URI; MLflow's process-wide URIs are left alone.
-
-A registered version carries the served model (see :func:`log_and_register`), the plain files
-(``model.pt``, ``widths.json``, ...) as the model's extra files, the tags ``model_sha256``,
-``model_content_sha256`` (its identity) and the caller's, and the model card as description.
-Aliases are used, not stages (deprecated in MLflow).
+Every function takes the tracking URI (:func:`resolve_tracking_uri`), which is the registry URI
+too, and uses its own client of it, against an embedded SQLite store or an ``mlflow server``
+alike; MLflow's process-wide URIs are left alone. A version carries the served model, the plain
+files (``model.pt``, ``widths.json``, ...) as the model's extra files, the caller's tags and its
+identity tags, and the model card as description. Aliases are used, not (deprecated) stages.
 """
 
 from __future__ import annotations
@@ -61,15 +58,14 @@ DEFAULT_ARTIFACT_ROOT = "mlruns"
 DEFAULT_ALIAS = "champion"
 MODEL_FILE = "model.pt"
 SHA_TAG = "model_sha256"
-# Identity of a registered model: its content (spec, kept indices, tensor values), not the bytes
-# of its file, so that equal weights written twice never become a second version.
+# A version's identity: its content (spec, kept indices, tensor values), not its file's bytes,
+# so that equal weights written twice never become a second version.
 CONTENT_TAG = "model_content_sha256"
 MODEL_ARTIFACT = "model"
 EXTRA_FILES_DIR = "extra_files"
 
-# Applied (unless already set) for the duration of every call, so MLflow's HTTP client gives up
-# after a few seconds on a dead server instead of retrying 7 times with exponential backoff.
-# MLflow reads them from the environment only.
+# Applied (unless already set) during every call, so that MLflow's HTTP client gives up on a dead
+# server within seconds instead of retrying 7 times; MLflow reads them from the environment only.
 FAIL_FAST_ENV = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",  # MLflow parses it as an int
@@ -82,7 +78,6 @@ _REF_RE = re.compile(r"^(?P<name>[^@:/\s]+)(?:@(?P<alias>[^@:/\s]+)|:(?P<version
 _URI_REF_RE = re.compile(r"^models:/(?P<name>[^@/\s]+)(?:@(?P<alias>[^@/\s]+)|/(?P<version>\S+))$")
 _NOT_FOUND = "RESOURCE_DOES_NOT_EXIST"
 _EXISTS = ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS")
-_MAX_METRICS_PER_BATCH = 1000  # MLflow refuses more in one log_batch call
 # When each tracking server last answered its health check (time.monotonic()).
 _ANSWERED: dict[str, float] = {}
 # Held while FAIL_FAST_ENV is applied (re-entrant: a call may make another).
@@ -105,11 +100,11 @@ class _NotFoundError(RegistryInputError):
 
 @dataclass(frozen=True)
 class ModelRef:
-    """A registered model version, by alias or by number.
+    """A registered model version, by alias or by number (neither: alias ``champion``).
 
     Attributes:
         name: Registered model name.
-        alias: Alias to resolve (``None`` with no version means ``champion``).
+        alias: Alias to resolve.
         version: Version number (exclusive with ``alias``).
     """
 
@@ -159,17 +154,15 @@ class Registration:
         files: Files for the run and the model, by the name they get (must include ``model.pt``).
         input_example: A small batch of raw images (numpy ``uint8`` ``N×C×H×W``, 0..255).
         params: Parameters, possibly nested; logged as ``section.key`` (lists as JSON text).
-        metrics: Metrics, possibly nested, flattened the same way (text and booleans left out).
+        metrics: Metrics, flattened the same way (text and booleans left out).
         tags: Tags for the run and the version (e.g. ``data_md5``, ``git_commit``).
-        normalization: Per-channel ``(mean, std)`` of ``[0, 1]`` pixels that the served model
-            applies, for a ``model.pt`` without an input contract (default: mean 0, std 1);
-            with a contract, it must agree with it.
+        normalization: Per-channel ``(mean, std)`` the served model applies to ``[0, 1]``
+            pixels if ``model.pt`` has no input contract (default 0, 1); else must match it.
         description: The version's description (Markdown: the model card).
         artifacts: More files for the run only (the card and its pictures), by name.
-        history: Per-epoch records with an ``epoch`` field; every other key becomes the
-            stepped metric ``epoch_<key>`` (step = the record's ``epoch``).
-        artifact_location: Artifact root of a new experiment (a local folder or a URI);
-            default: the server's for HTTP, the project's ``mlruns`` folder otherwise.
+        history: Per-epoch records; each key but ``epoch`` becomes metric ``epoch_<key>``.
+        artifact_location: Artifact root of a new experiment; default: the server's for HTTP,
+            the project's ``mlruns`` folder otherwise.
     """
 
     experiment: str
@@ -203,8 +196,7 @@ def _is_http(uri: str) -> bool:
 
 
 def _short(exc: BaseException) -> str:
-    """One line describing ``exc`` (MLflow messages can span many lines)."""
-    # MLflow's messages repeat the URI they called, credentials included.
+    """One line describing ``exc``, without the credentials of the URI MLflow may repeat."""
     text = redact_uri(" ".join(str(exc).split())) or type(exc).__name__
     if len(text) > 400:
         text = text[:400] + "..."
@@ -247,8 +239,7 @@ def _translated(what: str, tracking_uri: str) -> contextlib.AbstractContextManag
 def _client(tracking_uri: str) -> Iterator[MlflowClient]:
     """A client of ``tracking_uri`` (tracking and registry), with :data:`FAIL_FAST_ENV` applied.
 
-    The environment is process-wide: calls of different threads take turns, so that one's
-    clean-up never pulls the settings from under another's requests.
+    Threads take turns: one's clean-up must not pull the settings from under another's requests.
     """
     with _ENV_LOCK:
         added = {k: v for k, v in FAIL_FAST_ENV.items() if k not in os.environ}
@@ -264,31 +255,26 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     """The tracking URI to use: ``uri``, else ``MLFLOW_TRACKING_URI``, else the embedded store.
 
     Returns:
-        The first of these that is not empty, e.g. ``http://127.0.0.1:5000``, else
-        ``sqlite:////abs/path/mlflow.db`` in the project's root (:func:`project_root`).
+        The first that is not blank, else ``sqlite:////<project_root()>/mlflow.db``.
 
     Raises:
-        RegistryInputError: The URI has no scheme MLflow could use (a typo would otherwise
-            become a folder of that name in the working directory).
+        RegistryInputError: The URI has no scheme (MLflow would take it for a folder).
     """
-    for candidate in (uri, os.environ.get("MLFLOW_TRACKING_URI")):
-        if candidate and candidate.strip():
-            text = candidate.strip()
-            scheme = urllib.parse.urlsplit(text).scheme
-            if not re.match(r"^[a-z][a-z0-9+.-]*$", scheme) or len(scheme) < 2:
-                raise RegistryInputError(
-                    f"MLFLOW_TRACKING_URI {redact_uri(text)!r} is not a URI: use "
-                    "http(s)://host:port, sqlite:///path/mlflow.db or file:///path"
-                )
-            return text
-    return f"sqlite:///{project_root() / 'mlflow.db'}"
+    text = (uri or "").strip() or os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if not text:
+        return f"sqlite:///{project_root() / 'mlflow.db'}"
+    if not re.fullmatch(r"[a-z][a-z0-9+.-]+", urllib.parse.urlsplit(text).scheme):
+        raise RegistryInputError(
+            f"MLFLOW_TRACKING_URI {redact_uri(text)!r} is not a URI: use "
+            "http(s)://host:port, sqlite:///path/mlflow.db or file:///path"
+        )
+    return text
 
 
 def project_root(start: Path | None = None) -> Path:
     """The nearest folder at or above ``start`` (the working directory) holding ``params.yaml``.
 
-    The embedded store and its artifacts live there, so that a stage run from a subfolder, or
-    by DVC, finds the same registry; without a project, the working directory.
+    The embedded store lives there, so that stages run from anywhere in the project find it.
     """
     here = (start or Path.cwd()).resolve()
     return next((f for f in (here, *here.parents) if (f / "params.yaml").is_file()), here)
@@ -303,15 +289,13 @@ def _sqlite_path(uri: str) -> Path | None:
 
 def _check_server(tracking_uri: str, timeout: float) -> None:
     """``GET <uri>/health`` must answer 200; credentials in the URI go as Basic auth."""
-    url = tracking_uri.rstrip("/") + "/health"
+    url, shown = tracking_uri.rstrip("/") + "/health", redact_uri(tracking_uri)
     parts = urllib.parse.urlsplit(url)
     headers = {}
     if parts.username is not None:  # as MLflow's client sends them; urllib would refuse the URL
         user, password = (urllib.parse.unquote(p or "") for p in (parts.username, parts.password))
-        headers["Authorization"] = (
-            "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
-        )
-    shown = redact_uri(tracking_uri)
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        headers["Authorization"] = f"Basic {token}"
     try:
         with urllib.request.urlopen(  # noqa: S310 (the URL is the configured tracking server)
             urllib.request.Request(redact_uri(url), headers=headers), timeout=timeout
@@ -333,10 +317,9 @@ def _check_server(tracking_uri: str, timeout: float) -> None:
 def check_reachable(tracking_uri: str, timeout: float = 5.0) -> None:
     """Fail early, with a readable message, if the tracking store cannot be used.
 
-    HTTP(S) URIs must answer ``GET <uri>/health`` within ``timeout`` (once per
-    :data:`RECHECK_S`: a stage's calls follow each other within seconds); a SQLite store's
-    folder must exist and be writable; a ``file:`` store's nearest existing folder must be
-    writable. Other schemes are left to MLflow.
+    A server must answer ``GET <uri>/health`` within ``timeout`` (asked once per
+    :data:`RECHECK_S`); a SQLite store's folder, or the nearest existing folder of a ``file:``
+    store, must be writable. Other schemes are left to MLflow.
 
     Raises:
         RegistryError: The server does not answer, or the store's folder is not usable.
@@ -346,14 +329,11 @@ def check_reachable(tracking_uri: str, timeout: float = 5.0) -> None:
         if time.monotonic() - _ANSWERED.get(tracking_uri, -math.inf) >= RECHECK_S:
             _check_server(tracking_uri, timeout)
             _ANSWERED[tracking_uri] = time.monotonic()
-    elif tracking_uri.startswith("sqlite:"):
-        db = _sqlite_path(tracking_uri)
-        folder = db.absolute().parent if db is not None else None
-        if folder is not None and not folder.is_dir():
+    elif tracking_uri.startswith("sqlite:") and (db := _sqlite_path(tracking_uri)) is not None:
+        folder = db.absolute().parent
+        if not folder.is_dir():
             raise RegistryError(f"MLflow tracking store {shown}: folder {folder} does not exist")
-        if folder is not None and (
-            not os.access(folder, os.W_OK) or (db.exists() and not os.access(db, os.W_OK))
-        ):
+        if not os.access(folder, os.W_OK) or (db.exists() and not os.access(db, os.W_OK)):
             raise RegistryError(f"MLflow tracking store {shown}: {folder} is not writable")
     elif tracking_uri.startswith("file:") or "://" not in tracking_uri:
         local = urllib.parse.unquote(urllib.parse.urlparse(tracking_uri).path)
@@ -367,12 +347,11 @@ def check_reachable(tracking_uri: str, timeout: float = 5.0) -> None:
 def parse_model_ref(text: str) -> ModelRef:
     """Parse a model reference given on the command line or in a config.
 
-    Accepted: ``NAME``, ``NAME@ALIAS``, ``NAME:VERSION``, ``models:/NAME@ALIAS`` and
-    ``models:/NAME/VERSION``. A bare ``NAME`` means ``NAME@champion``.
+    Accepted: ``NAME`` (meaning ``NAME@champion``), ``NAME@ALIAS``, ``NAME:VERSION``,
+    ``models:/NAME@ALIAS`` and ``models:/NAME/VERSION``.
 
     Raises:
-        RegistryError: The text is none of these forms, or holds an invalid name, alias or
-            version.
+        RegistryError: The text is none of these, or holds an invalid name, alias or version.
     """
     forms = "NAME, NAME@ALIAS, NAME:VERSION, models:/NAME@ALIAS or models:/NAME/VERSION"
     raw = text.strip() if isinstance(text, str) else ""
@@ -389,33 +368,33 @@ def parse_model_ref(text: str) -> ModelRef:
     return ModelRef(name, version=int(version))
 
 
-def _resolve(client: MlflowClient, ref: ModelRef, shown_uri: str) -> ModelVersion:
+def _resolve(client: MlflowClient, ref: ModelRef) -> ModelVersion:
     """The model version ``ref`` names; :class:`_NotFoundError` naming what is missing."""
+    shown = redact_uri(client.tracking_uri)
     try:
         registered = client.get_registered_model(ref.name)
     except MlflowException as exc:
         if _is_not_found(exc):
-            raise _NotFoundError(f"no registered model {ref.name!r} at {shown_uri}") from exc
+            raise _NotFoundError(f"no registered model {ref.name!r} at {shown}") from exc
         raise
     alias = ref.effective_alias
+    number = ref.version
     if alias is not None:
         aliases = dict(registered.aliases or {})
         if alias not in aliases:
             known = ", ".join(f"{a}->v{v}" for a, v in sorted(aliases.items())) or "none"
             raise _NotFoundError(
-                f"registered model {ref.name!r} at {shown_uri} has no alias {alias!r} "
+                f"registered model {ref.name!r} at {shown} has no alias {alias!r} "
                 f"(aliases: {known})"
             )
         number = int(aliases[alias])
-    else:
-        number = int(ref.version)  # type: ignore[arg-type]
     try:
         return client.get_model_version(ref.name, str(number))
     except MlflowException as exc:
         if _is_not_found(exc):
             where = f"alias {alias!r} points to " if alias else ""
             raise _NotFoundError(
-                f"registered model {ref.name!r} at {shown_uri}: {where}version {number}, "
+                f"registered model {ref.name!r} at {shown}: {where}version {number}, "
                 "which does not exist"
             ) from exc
         raise
@@ -443,18 +422,20 @@ def _info(client: MlflowClient, mv: ModelVersion, alias: str | None) -> dict[str
     }
 
 
-def check_store_exists(tracking_uri: str) -> None:
-    """For reading: a local SQLite store must already exist (reading never creates one).
-
-    Raises:
-        RegistryInputError: The store's file does not exist.
-    """
+@contextlib.contextmanager
+def _reading(
+    tracking_uri: str, ref: ModelRef, what: str
+) -> Iterator[tuple[MlflowClient, ModelVersion]]:
+    """A client and the version ``ref`` names; reading never creates a missing SQLite store."""
     db = _sqlite_path(tracking_uri) if tracking_uri.startswith("sqlite:") else None
     if db is not None and not db.is_file():
         raise RegistryInputError(
             f"no MLflow tracking store at {db.absolute()} (set MLFLOW_TRACKING_URI to the "
             "store or server that holds the model)"
         )
+    check_reachable(tracking_uri)
+    with _client(tracking_uri) as client, _translated(what, tracking_uri):
+        yield client, _resolve(client, ref)
 
 
 def version_info(tracking_uri: str, ref: ModelRef) -> dict[str, Any]:
@@ -466,13 +447,10 @@ def version_info(tracking_uri: str, ref: ModelRef) -> dict[str, Any]:
         run's), ``model_uri`` (``models:/NAME/VERSION``), ``source`` and ``status``.
 
     Raises:
-        RegistryError: Unknown model name, alias or version (the message says which), or the
-            store cannot be reached.
+        RegistryError: Unknown model, alias or version, or the store cannot be reached.
     """
-    check_store_exists(tracking_uri)
-    check_reachable(tracking_uri)
-    with _client(tracking_uri) as client, _translated(f"reading {ref.uri}", tracking_uri):
-        return _info(client, _resolve(client, ref, redact_uri(tracking_uri)), ref.effective_alias)
+    with _reading(tracking_uri, ref, f"reading {ref.uri}") as (client, mv):
+        return _info(client, mv, ref.effective_alias)
 
 
 def get_alias_version(tracking_uri: str, model_name: str, alias: str) -> dict[str, Any] | None:
@@ -501,15 +479,15 @@ def set_alias(tracking_uri: str, model_name: str, alias: str, version: int) -> N
     check_reachable(tracking_uri)
     what = f"setting alias {alias!r} of {model_name!r} to version {version}"
     with _client(tracking_uri) as client, _translated(what, tracking_uri):
-        _resolve(client, ref, redact_uri(tracking_uri))
+        _resolve(client, ref)
         client.set_registered_model_alias(model_name, alias, str(version))
 
 
 def download_model_version(tracking_uri: str, ref: ModelRef, out_dir: Path) -> dict[str, Any]:
     """Download a version's plain files (``model.pt``, ``widths.json``, ...) into ``out_dir``.
 
-    Nothing is unpickled. The files land beside ``out_dir`` first and ``model.pt`` is checked
-    against the ``model_sha256`` tag; then each replaces its namesake in ``out_dir``.
+    Nothing is unpickled. The files land beside ``out_dir``, ``model.pt`` is checked against
+    the ``model_sha256`` tag, and only then does each replace its namesake in ``out_dir``.
 
     Returns:
         The :func:`version_info` of the version downloaded, plus ``files`` (sorted names).
@@ -518,19 +496,13 @@ def download_model_version(tracking_uri: str, ref: ModelRef, out_dir: Path) -> d
         RegistryError: Unknown model, alias or version; the version has no files; the download
             is corrupt; or the store cannot be reached.
     """
-    check_store_exists(tracking_uri)
-    check_reachable(tracking_uri)
-    out_dir = Path(out_dir)
-    with _client(tracking_uri) as client, _translated(f"pulling {ref.uri}", tracking_uri):
-        mv = _resolve(client, ref, redact_uri(tracking_uri))
+    with _reading(tracking_uri, ref, f"pulling {ref.uri}") as (client, mv):
         info = _info(client, mv, ref.effective_alias)
         location = client.get_model_version_download_uri(mv.name, mv.version).rstrip("/")
         with staging_dir(out_dir) as tmp:
             got = Path(
                 mlflow.artifacts.download_artifacts(
-                    artifact_uri=f"{location}/{EXTRA_FILES_DIR}",
-                    dst_path=str(tmp),
-                    tracking_uri=tracking_uri,
+                    f"{location}/{EXTRA_FILES_DIR}", dst_path=str(tmp), tracking_uri=tracking_uri
                 )
             )
             files = sorted(p.name for p in got.iterdir() if p.is_file()) if got.is_dir() else []
@@ -563,10 +535,8 @@ def _check(registration: Registration) -> None:
         )
     if MODEL_FILE not in files:
         raise RegistryInputError(f"files must include {MODEL_FILE!r} (got {sorted(files)})")
-    if set(artifacts) & set(files):
-        raise RegistryInputError(
-            f"artifacts {sorted(set(artifacts) & set(files))} clash with files"
-        )
+    if clash := sorted(set(artifacts) & set(files)):
+        raise RegistryInputError(f"artifacts {clash} clash with files")
     for name, path in {**files, **artifacts}.items():
         if "/" in name or name in ("", ".", ".."):
             raise RegistryInputError(f"file name {name!r} must be a plain file name")
@@ -579,14 +549,6 @@ def _check(registration: Registration) -> None:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _identity_tags(model_file: Path) -> dict[str, str]:
-    """``model_sha256`` (the file's bytes) and ``model_content_sha256`` (its content)."""
-    try:
-        return {SHA_TAG: file_digest(model_file), CONTENT_TAG: model_digest(model_file)}
-    except ArtifactError as exc:
-        raise RegistryInputError(str(exc)) from exc
 
 
 def _find_by_content(client: MlflowClient, model_name: str, digest: str) -> ModelVersion | None:
@@ -608,10 +570,10 @@ def _artifact_location(tracking_uri: str, given: str | None) -> str | None:
 
 
 def _start_run(client: MlflowClient, tracking_uri: str, registration: Registration) -> Run:
-    """Create the run, and its experiment if needed (or restore it if deleted).
+    """Create the run as ``mlflow.start_run(nested=True)`` would, and its experiment if needed.
 
-    As ``mlflow.start_run(nested=True)`` would make it: a child of the caller's active run, if
-    any, with the context tags (user, source, git commit).
+    The run is a child of the caller's active run, if any, with the context tags (user, source,
+    git commit); a deleted experiment is restored.
     """
     experiment = client.get_experiment_by_name(registration.experiment)
     if experiment is None:
@@ -628,8 +590,7 @@ def _start_run(client: MlflowClient, tracking_uri: str, registration: Registrati
 
 
 def _terminate(client: MlflowClient, run_id: str, status: str) -> None:
-    # Against a server, MLflow prints "View run ... at <url>" to stdout on ending a run: that
-    # goes to stderr, so that a command's stdout stays its own.
+    # MLflow prints "View run ... at <url>" on ending a run: to stderr, so that stdout stays ours.
     with contextlib.redirect_stdout(sys.stderr):
         client.set_terminated(run_id, status)
 
@@ -647,11 +608,7 @@ def _quiet(name: str) -> Iterator[None]:
 
 
 def _served_contract(registration: Registration) -> serving.InputContract:
-    """The served model's input contract: ``model.pt``'s own, else one built from its spec.
-
-    A file without a contract gets the given ``normalization`` and the class indices as names;
-    a stored contract that is malformed or disagrees with ``normalization`` is refused.
-    """
+    """``model.pt``'s input contract (checked against ``normalization``), else one from its spec."""
     model, normalization = registration.model, registration.normalization
     model_file = Path(registration.files[MODEL_FILE])
     try:
@@ -659,10 +616,8 @@ def _served_contract(registration: Registration) -> serving.InputContract:
     except (ArtifactError, ValueError) as exc:
         raise RegistryInputError(str(exc)) from exc
     if stored is not None:
-        if normalization is not None and (
-            tuple(float(v) for v in normalization[0]) != stored.mean
-            or tuple(float(v) for v in normalization[1]) != stored.std
-        ):
+        given = tuple(tuple(map(float, n)) for n in normalization) if normalization else None
+        if given is not None and given != (stored.mean, stored.std):
             raise RegistryInputError(
                 f"normalization {normalization} disagrees with the input contract of "
                 f"{model_file} (mean {list(stored.mean)}, std {list(stored.std)})"
@@ -698,10 +653,9 @@ def _log_model(
 ) -> LoggedModel:
     """Log the served form as the run's model: raw ``uint8`` in, normalisation inside.
 
-    The steps of ``mlflow.pytorch.log_model``, which would go through MLflow's global tracking
-    URI, with :mod:`switchprune.serving` as the pyfunc's loader: it checks every request. The
-    files and the ``pytorch`` flavour stay MLflow's own. There is no tensor signature on
-    purpose: MLflow would cast a JSON float batch to the signature's ``uint8`` before the model
+    The steps of ``mlflow.pytorch.log_model`` (which would use MLflow's global tracking URI),
+    with :mod:`switchprune.serving` as the pyfunc loader, which checks every request. No tensor
+    signature on purpose: MLflow would cast a JSON float batch to ``uint8`` before the model
     could refuse it; the input contract is the model's ``metadata["input"]`` instead.
     """
     contract = _served_contract(registration)
@@ -800,8 +754,7 @@ def _log_and_register_run(
         runtags = [RunTag(k, v) for k, v in tags.items()]
         client.log_batch(run_id, metrics=metrics, params=params, tags=runtags)
         attempt.step = "logging the training history"
-        for start in range(0, len(stepped), _MAX_METRICS_PER_BATCH):
-            client.log_batch(run_id, metrics=stepped[start : start + _MAX_METRICS_PER_BATCH])
+        client.log_batch(run_id, metrics=stepped)  # in batches of the size MLflow accepts
         attempt.step = "uploading files"
         client.log_artifacts(run_id, str(staging))
         attempt.step = "logging the model"
@@ -846,12 +799,9 @@ def _result(model_name: str, run_id: str, version: str | int, *, changed: bool) 
 def log_and_register(tracking_uri: str, registration: Registration) -> dict[str, Any]:
     """Log one run, register its model as a new version and set the alias.
 
-    The run gets the params, numeric metrics, tags (plus the identity tags), files, artifacts
-    and history; the served model gets the files as its extra files; the version gets the tags
-    and the description. When a version already carries the same ``model_content_sha256``,
-    nothing is logged and the alias is (re)set on that version. If anything fails after the run
-    was created, the run is marked ``FAILED`` and a version registered without its alias is
-    deleted (both best effort).
+    If a version already carries the same ``model_content_sha256``, nothing is logged and the
+    alias is (re)set on that version. If anything fails after the run was created, the run is
+    marked ``FAILED`` and a version registered without its alias is deleted (best effort).
 
     Returns:
         ``run_id``, ``version`` (int), ``model_uri`` (``models:/NAME/VERSION``) and
@@ -862,7 +812,11 @@ def log_and_register(tracking_uri: str, registration: Registration) -> dict[str,
             failure (the message says which step).
     """
     _check(registration)
-    identity = _identity_tags(Path(registration.files[MODEL_FILE]))
+    model_file = Path(registration.files[MODEL_FILE])
+    try:  # model_sha256: the file's bytes; model_content_sha256: its content
+        identity = {SHA_TAG: file_digest(model_file), CONTENT_TAG: model_digest(model_file)}
+    except ArtifactError as exc:
+        raise RegistryInputError(str(exc)) from exc
     check_reachable(tracking_uri)
     name, alias = registration.model_name, registration.alias
     with _client(tracking_uri) as client:

@@ -1,9 +1,7 @@
-"""Verified S3 objects: a fail-fast client, hashed uploads, checked downloads.
+"""Verified S3 objects: a fail-fast client, uploads carrying their SHA-256, checked downloads.
 
-Every object written here carries its SHA-256 in user metadata (``x-amz-meta-sha256``) and, where
-the server accepts it, as an S3 checksum; :func:`verify_object` checks size and SHA-256 on the
-server, and downloads are hashed as they stream. Errors surface as one :class:`StorageError`
-naming the endpoint, bucket and key; credentials are never part of a message or a log line.
+Errors surface as one :class:`StorageError` naming endpoint, bucket and key; credentials are
+never part of a message or a log line.
 """
 
 from __future__ import annotations
@@ -22,18 +20,9 @@ from typing import IO, Any
 from urllib.parse import urlsplit
 
 import boto3
+from botocore import exceptions as boto_errors
 from botocore.config import Config
-from botocore.exceptions import (
-    BotoCoreError,
-    ClientError,
-    ConnectionClosedError,
-    ConnectTimeoutError,
-    EndpointConnectionError,
-    FlexibleChecksumError,
-    NoCredentialsError,
-    PartialCredentialsError,
-    ReadTimeoutError,
-)
+from botocore.exceptions import BotoCoreError, ClientError
 
 from switchprune import names
 from switchprune.errors import ServiceFailure, redact_uri, reraised_as
@@ -49,6 +38,16 @@ _CHUNK = 1 << 20
 _SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 _MISSING_CODES = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
 _NO_CHECKSUM_CODES = {"NotImplemented", "InvalidArgument", "InvalidRequest"}
+# Why a request failed, by error code ({e}: endpoint, {c}: code).
+_CODE_REASONS = {
+    "InvalidAccessKeyId": "{e} does not know the access key (InvalidAccessKeyId)",
+    "SignatureDoesNotMatch": (
+        "{e} rejected the request signature: wrong secret key (SignatureDoesNotMatch)"
+    ),
+    "AccessDenied": "{e} denied access (HTTP 403 {c}): check the credentials",
+    "403": "{e} denied access (HTTP 403 {c}): check the credentials",
+    **dict.fromkeys(("NoSuchBucket", "NoSuchKey", "404"), "not found at {e} ({c})"),
+}
 # The session each client of make_client came from, so that messages can be scrubbed of the
 # credentials it resolved (from any source, not only the environment).
 _SESSIONS: weakref.WeakKeyDictionary[Any, boto3.session.Session] = weakref.WeakKeyDictionary()
@@ -105,8 +104,7 @@ def make_client(endpoint: str | None = None) -> Any:
     """A boto3 S3 client with path-style addressing, short timeouts and a single retry.
 
     ``endpoint`` defaults to ``SWITCHPRUNE_S3_ENDPOINT``, then ``AWS_ENDPOINT_URL_S3``, then AWS.
-    Credentials come from the usual AWS chain, through a fresh session on every call: boto3's
-    default session would keep the first credentials it found.
+    Each call resolves credentials afresh (boto3's default session keeps the first it found).
 
     Raises:
         StorageError: If the endpoint is not an ``http(s)://host[:port]`` URL.
@@ -149,16 +147,14 @@ def ensure_bucket(client: Any, bucket: str) -> None:
             if _code(exc) == "403":
                 # HEAD responses have no body, so a bare 403 hides why; a listing tells.
                 client.list_objects_v2(Bucket=bucket, MaxKeys=1)
-                where = endpoint_name(client)
                 raise StorageError(
-                    f"{action}: {where} denied HEAD on the bucket (HTTP 403)"
+                    f"{action}: {endpoint_name(client)} denied HEAD on the bucket (HTTP 403)"
                 ) from exc
             if _code(exc) not in _MISSING_CODES:
                 raise
     kwargs: dict[str, Any] = {"Bucket": bucket}
-    region = client.meta.region_name
-    if region and region != "us-east-1":
-        kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
+    if client.meta.region_name not in (None, "", "us-east-1"):
+        kwargs["CreateBucketConfiguration"] = {"LocationConstraint": client.meta.region_name}
     with reporting(client, f"creating bucket s3://{bucket}"):
         try:
             client.create_bucket(**kwargs)
@@ -192,29 +188,21 @@ def put_object(
     content_type: str = "application/octet-stream",
     checksum: bool = True,
 ) -> bool:
-    """PUT ``body`` (bytes, or a binary file at its start) with its SHA-256 in metadata.
+    """PUT ``body`` (bytes, or a binary file at its start) with its hex ``sha256`` in metadata.
 
-    ``sha256`` is the hex SHA-256 of ``body``, computed here for bytes when not given.
-
-    With ``checksum``, the SHA-256 also goes as an S3 checksum, which a server that implements
-    checksums checks; a server that rejects the header gets the object without it. Not every
-    server that accepts the header checks it: :func:`verify_object` is what proves an upload.
+    ``sha256`` is computed for bytes if not given. With ``checksum`` it also goes as an S3
+    checksum, dropped if the server rejects it; :func:`verify_object` is what proves an upload.
 
     Returns:
-        Whether the checksum header was sent and accepted: pass it as ``checksum`` to the next
-        upload of the same session, so that a server's refusal is paid once.
+        Whether the checksum was accepted: pass it as ``checksum`` to the next upload, so that
+        a server's refusal is paid once.
 
     Raises:
         StorageError: If the upload fails.
     """
     sha256 = sha256 or hashlib.sha256(body).hexdigest()  # type: ignore[arg-type]
-    kwargs: dict[str, Any] = {
-        "Bucket": bucket,
-        "Key": key,
-        "Body": body,
-        "ContentType": content_type,
-        "Metadata": {"sha256": sha256},
-    }
+    kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key, "Body": body}
+    kwargs.update(ContentType=content_type, Metadata={"sha256": sha256})
     with reporting(client, f"uploading s3://{bucket}/{key}"):
         if checksum:
             try:
@@ -288,11 +276,18 @@ def endpoint_name(client: Any) -> str:
 
 
 def describe(client: Any, exc: BaseException) -> str:
-    """One line saying why an S3 call through ``client`` failed, credentials blanked out.
-
-    E.g. ``S3 endpoint http://host:9000 is unreachable (EndpointConnectionError)``.
-    """
-    return _redact(_reason(client, exc), client)
+    """One line saying why an S3 call through ``client`` failed, credentials blanked out."""
+    text = _reason(client, exc)
+    secrets = [os.environ.get(name, "") for name in _SECRET_ENV]
+    session = _SESSIONS.get(client)
+    credentials = session.get_credentials() if session is not None else None
+    if credentials is not None:
+        frozen = credentials.get_frozen_credentials()
+        secrets += [frozen.access_key or "", frozen.secret_key or "", frozen.token or ""]
+    # Very short values would blank out ordinary words; real keys are far longer.
+    for secret in sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return " ".join(text.split())
 
 
 def reporting(client: Any, action: str) -> contextlib.AbstractContextManager[None]:
@@ -353,32 +348,22 @@ def _mismatch(client: Any, bucket: str, key: str, size: int, sha256: str) -> str
 
 
 def _safe_endpoint(endpoint: str | None) -> str:
-    """The endpoint fit for a message: no ``user:password@`` part, or what the default is."""
     return redact_uri(endpoint) if endpoint else "the default AWS endpoint"
-
-
-def _redact(text: str, client: Any) -> str:
-    """``text`` on one line, without any credential the environment or the client holds."""
-    secrets = [os.environ.get(name, "") for name in _SECRET_ENV]
-    session = _SESSIONS.get(client)
-    credentials = session.get_credentials() if session is not None else None
-    if credentials is not None:
-        frozen = credentials.get_frozen_credentials()
-        secrets += [frozen.access_key or "", frozen.secret_key or "", frozen.token or ""]
-    # Very short values would blank out ordinary words; real keys are far longer.
-    for secret in sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True):
-        text = text.replace(secret, "***")
-    return " ".join(text.split())
 
 
 def _reason(client: Any, exc: BaseException) -> str:
     """A readable reason for an exception raised by botocore (or anything else)."""
     endpoint = endpoint_name(client)
-    if isinstance(exc, EndpointConnectionError | ConnectTimeoutError | ConnectionClosedError):
+    unreachable = (
+        boto_errors.EndpointConnectionError,
+        boto_errors.ConnectTimeoutError,
+        boto_errors.ConnectionClosedError,
+    )
+    if isinstance(exc, unreachable):
         return f"S3 endpoint {endpoint} is unreachable ({type(exc).__name__})"
-    if isinstance(exc, ReadTimeoutError):
+    if isinstance(exc, boto_errors.ReadTimeoutError):
         return f"S3 endpoint {endpoint} did not answer within {READ_TIMEOUT_S:.0f} s"
-    if isinstance(exc, NoCredentialsError | PartialCredentialsError):
+    if isinstance(exc, boto_errors.NoCredentialsError | boto_errors.PartialCredentialsError):
         if not (os.environ.get(ENDPOINT_ENV) or os.environ.get("AWS_ENDPOINT_URL_S3")):
             # Nothing configured at all: most likely a checkout that has not run `make release`.
             return (
@@ -389,29 +374,17 @@ def _reason(client: Any, exc: BaseException) -> str:
             f"no complete S3 credentials for {endpoint} "
             "(set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
         )
-    if isinstance(exc, FlexibleChecksumError):
+    if isinstance(exc, boto_errors.FlexibleChecksumError):
         return f"checksum of the response from {endpoint} does not match ({exc})"
     if isinstance(exc, ClientError):
-        return _client_error_reason(endpoint, exc)
+        code = _code(exc)
+        if code in _CODE_REASONS:
+            return _CODE_REASONS[code].format(e=endpoint, c=code)
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        message = exc.response.get("Error", {}).get("Message", "")
+        return f"{endpoint} answered HTTP {status} {code}: {message}".rstrip(": ")
     if isinstance(exc, StorageError):
         return str(exc)
     if isinstance(exc, OSError):
         return f"{exc.strerror or exc} ({getattr(exc, 'filename', '') or type(exc).__name__})"
     return f"{type(exc).__name__}: {exc}"
-
-
-def _client_error_reason(endpoint: str, exc: ClientError) -> str:
-    code = _code(exc)
-    if code == "InvalidAccessKeyId":
-        return f"{endpoint} does not know the access key (InvalidAccessKeyId)"
-    if code == "SignatureDoesNotMatch":
-        return (
-            f"{endpoint} rejected the request signature: wrong secret key (SignatureDoesNotMatch)"
-        )
-    if code in ("AccessDenied", "403"):
-        return f"{endpoint} denied access (HTTP 403 {code}): check the credentials"
-    if code in ("NoSuchBucket", "NoSuchKey", "404"):
-        return f"not found at {endpoint} ({code})"
-    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    message = exc.response.get("Error", {}).get("Message", "")
-    return f"{endpoint} answered HTTP {status} {code}: {message}".rstrip(": ")
