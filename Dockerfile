@@ -48,9 +48,13 @@ RUN case "${TORCH}" in \
 # The package, from its sources only.
 COPY pyproject.toml README.md ./
 COPY src/ src/
+# The launcher of multi-GPU TrainJobs, which the train component imports in its pod (the other
+# components carry their whole code in the pipeline).
+COPY components/__init__.py components/image.py components/trainjob.py /opt/switchprune/components/
+ENV PYTHONPATH=/opt/switchprune
 RUN pip install --no-cache-dir --no-deps . \
     && pip check \
-    && python -c "import switchprune, torch; print('switchprune', torch.__version__)" \
+    && python -c "import switchprune, torch, components.trainjob; print('switchprune', torch.__version__)" \
     && rm -rf /tmp/switchprune
 
 # Not root: a fixed numeric uid, so that Kubernetes' runAsNonRoot can verify it.

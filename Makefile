@@ -52,13 +52,16 @@ lock: setup  ## regenerate requirements.lock from the installed environment
 clean:
 	rm -rf data/prepared models checkpoints reports
 
-.PHONY: bench bench-quick bench-archs
+.PHONY: bench bench-quick bench-archs bench-scaling
 bench: setup  ## the benchmark (5 seeds, MNIST, every scorer and baseline, < 60 min on 2 cores) -> reports/bench/
 	$(BIN)/python bench/run.py --setting default
 	$(BIN)/python bench/ablations.py --setting default
 
 bench-archs: setup  ## torchvision resnet18 and mobilenet_v2 at 0.3 of the MACs on MNIST (~30 min) -> reports/bench/archs.*
 	$(BIN)/python bench/archs.py
+
+bench-scaling: setup  ## data-parallel training at 1 and 2 CPU processes (torchrun, ~3 min) -> reports/bench/scaling.*
+	$(BIN)/python bench/scaling.py
 
 bench-quick: setup  ## the same code on a small setting -> reports/bench-quick/
 	$(BIN)/python bench/run.py --setting quick

@@ -56,7 +56,7 @@ sha() { sha256sum "$1" | cut -d' ' -f1; }
 labels() {
     local commit
     commit=$(git rev-parse HEAD 2>/dev/null || echo unknown)
-    if [ "$commit" != unknown ] && [ -n "$(git status --porcelain -- Dockerfile pyproject.toml README.md src requirements-runtime.lock requirements-torch.txt requirements-torch-cpu.txt 2>/dev/null)" ]; then
+    if [ "$commit" != unknown ] && [ -n "$(git status --porcelain -- Dockerfile pyproject.toml README.md src components/__init__.py components/image.py components/trainjob.py requirements-runtime.lock requirements-torch.txt requirements-torch-cpu.txt 2>/dev/null)" ]; then
         commit="$commit-dirty"  # the build context differs from the commit
     fi
     printf -- '--label\0org.opencontainers.image.revision=%s\0' "$commit"

@@ -6,6 +6,10 @@ The ``kubeflow`` section of ``params.yaml`` shapes the compiled YAML (resources,
 secrets, retries). Every other section becomes a ``dict`` pipeline parameter whose default is
 that section as validated from ``params.yaml`` at compile time, so a run can override any
 section without recompiling and no field list is written twice.
+
+With more than one GPU in all (``train_nodes`` × ``gpus_per_node``), the ``train`` task is the
+launcher of a Kubeflow Trainer TrainJob (``components/train_launcher.py``), which gets the
+``kubeflow`` section as a constant; otherwise it trains in its own pod on at most one GPU.
 """
 
 from collections.abc import Callable, Mapping
@@ -17,6 +21,7 @@ from components.promote import promote as promote_op
 from components.prune import prune as prune_op
 from components.register import register as register_op
 from components.train import train as train_op
+from components.train_launcher import train as train_launcher_op
 from kfp import dsl, kubernetes
 
 from switchprune.config import ConfigError, KubeflowConfig, from_dict, to_dict
@@ -72,9 +77,9 @@ def _mlflow(task: dsl.PipelineTask, kube: KubeflowConfig) -> None:
 
 
 def _gpu(task: dsl.PipelineTask, kube: KubeflowConfig) -> None:
-    """Accelerator, node selector and tolerations of the ``train`` task."""
-    if kube.gpu_count > 0:
-        task.set_accelerator_type(kube.gpu_type).set_accelerator_limit(kube.gpu_count)
+    """Accelerator, node selector and tolerations of the single-pod ``train`` task."""
+    if kube.gpus_per_node > 0:
+        task.set_accelerator_type(kube.gpu_type).set_accelerator_limit(kube.gpus_per_node)
     for key, value in kube.node_selector.items():
         kubernetes.add_node_selector(task, label_key=key, label_value=value)
     for toleration in kube.tolerations:
@@ -166,15 +171,7 @@ def _stage_tasks(
     prepared.set_caching_options(True).set_retry(kube.retries)
     _s3(prepared, kube)
 
-    trained = train_op(
-        data=data,
-        model=sections["model"],
-        train=sections["train"],
-        prepared=prepared.outputs["prepared"],
-        **network,
-    )
-    trained.set_caching_options(True)
-    _gpu(trained, kube)
+    trained = _train_task(kube, sections, prepared.outputs["prepared"], network)
 
     compacted = prune_op(prune=sections["prune"], trained=trained.outputs["trained"], **network)
     compacted.set_caching_options(True)
@@ -191,8 +188,31 @@ def _stage_tasks(
 
     for task in (prepared, compacted, evaluated):
         _resources(task, kube)
-    _resources(trained, kube, train=True)
     return {"preprocess": prepared, "train": trained, "prune": compacted, "evaluate": evaluated}
+
+
+def _train_task(
+    kube: KubeflowConfig, sections: Mapping[str, Any], prepared: Any, network: Mapping[str, str]
+) -> dsl.PipelineTask:
+    """``train``: in its own pod, or above one GPU in all the launcher of a TrainJob.
+
+    The launcher needs no GPU, node selector or large limits (the TrainJob's nodes get them),
+    but S3: the job's data and models travel there.
+    """
+    inputs = {"data": sections["data"], "model": sections["model"], "train": sections["train"]}
+    if kube.train_gpus > 1:
+        task = train_launcher_op(
+            **inputs, kubeflow=section_parameter(kube), prepared=prepared, **network
+        )
+        task.set_caching_options(True)
+        _s3(task, kube)
+        _resources(task, kube)
+        return task
+    task = train_op(**inputs, prepared=prepared, **network)
+    task.set_caching_options(True)
+    _gpu(task, kube)
+    _resources(task, kube, train=True)
+    return task
 
 
 def _release_tasks(

@@ -6,21 +6,29 @@ the stage with explicit paths and writes the returned metrics to ``reports/<verb
 Exit status: 0 when the command did its work (``promote``: promoted, or nothing to change),
 1 when the environment failed (a server, the disk), 2 for bad input (parameters, files, a
 name), and :data:`EXIT_REFUSED` (3) when ``promote``'s gate refused the version.
+
+``train`` can also run where the project's files are not, as each node of a Kubeflow Trainer
+``TrainJob`` does: ``--params`` may be an ``s3://`` URI, ``--prepared-uri`` and
+``--network-uri`` name its inputs on S3, and ``--output-uri`` where rank 0 leaves its outputs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import logging
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from switchprune import distributed
 from switchprune.config import load_params
-from switchprune.errors import UserError
+from switchprune.errors import InputError, UserError
 from switchprune.io import HISTORY_FILE, write_json
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -37,6 +45,12 @@ DEFAULTS = {
     "reports_dir": "reports",
 }
 
+# ``train --output-uri``: where each output lands under the prefix (a TrainJob's launcher reads
+# them back from there).
+OUTPUT_TRAINED = "trained"  # the files of --trained-dir
+OUTPUT_HISTORY = HISTORY_FILE
+OUTPUT_METRICS = "metrics.json"
+
 
 def _preprocess(args: argparse.Namespace) -> dict[str, float]:
     from switchprune.stages import preprocess
@@ -50,16 +64,71 @@ def _train(args: argparse.Namespace) -> dict[str, float]:
     from switchprune.stages import train
 
     p = load_params(args.params, ["model", "train", "data"])
-    return train.run(
-        p["train"],
-        model_cfg=p["model"],
-        data_cfg=p["data"],
-        prepared_dir=Path(args.prepared_dir),
-        trained_dir=Path(args.trained_dir),
-        checkpoint_dir=Path(args.checkpoint_dir),
-        progress=not args.quiet,
-        history_path=Path(args.reports_dir) / HISTORY_FILE,
-    )
+    # Every process of a torchrun job downloads its own copy: none waits on another's files.
+    with tempfile.TemporaryDirectory(prefix="switchprune-inputs-") as tmp:
+        if args.network_uri:
+            _provide_network(args.network_uri, p["model"].arch, Path(tmp))
+        prepared_dir = Path(args.prepared_dir)
+        if args.prepared_uri:
+            from switchprune import storage, transfer
+
+            prepared_dir = Path(tmp) / "prepared"
+            transfer.download_dir(storage.make_client(), args.prepared_uri, prepared_dir)
+        return train.run(
+            p["train"],
+            model_cfg=p["model"],
+            data_cfg=p["data"],
+            prepared_dir=prepared_dir,
+            trained_dir=Path(args.trained_dir),
+            checkpoint_dir=Path(args.checkpoint_dir),
+            progress=not args.quiet,
+            history_path=Path(args.reports_dir) / HISTORY_FILE,
+            log_epochs=args.log_epochs,
+        )
+
+
+def _provide_network(uri: str, arch: str, folder: Path) -> None:
+    """Build ``arch``'s network from the copy of its file at ``uri`` (the path is not here)."""
+    from switchprune import storage, transfer
+    from switchprune.models import SOURCE_FILE, is_file_arch, provide_source
+
+    if not is_file_arch(arch):
+        raise InputError(f"--network-uri needs a model.arch 'path/to/file.py:build', not {arch!r}")
+    path = folder / SOURCE_FILE
+    transfer.download_file(storage.make_client(), uri, path)  # checked against its upload
+    data = path.read_bytes()
+    provide_source(data, hashlib.sha256(data).hexdigest(), arch)
+
+
+def _upload_train_outputs(args: argparse.Namespace) -> None:
+    """Rank 0 uploads the models, the history and the metrics under ``--output-uri``."""
+    if os.environ.get("RANK", "0") not in ("", "0"):
+        return  # the other ranks of a torchrun job hold the same networks and write nothing
+    from switchprune import storage, transfer
+
+    trained = Path(args.trained_dir)
+    files = {f"{OUTPUT_TRAINED}/{p.name}": p for p in trained.iterdir() if p.is_file()}
+    files[OUTPUT_HISTORY] = Path(args.reports_dir) / HISTORY_FILE
+    files[OUTPUT_METRICS] = Path(args.metrics)
+    transfer.upload_files(storage.make_client(), args.output_uri, files)
+
+
+@contextlib.contextmanager
+def _local_params(args: argparse.Namespace) -> Iterator[None]:
+    """Within the block, ``args.params`` is a local file, downloaded if it was an S3 URI."""
+    uri = getattr(args, "params", "")
+    if not uri.startswith("s3://"):
+        yield
+        return
+    from switchprune import storage, transfer
+
+    with tempfile.TemporaryDirectory(prefix="switchprune-params-") as tmp:
+        args.params = str(Path(tmp) / "params.yaml")
+        try:
+            transfer.download_file(storage.make_client(), uri, Path(args.params))
+            yield
+        finally:
+            args.params = uri
 
 
 def _prune(args: argparse.Namespace) -> dict[str, float]:
@@ -142,7 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     for verb, (_fn, help_text, paths) in COMMANDS.items():
         p = sub.add_parser(verb, help=help_text, description=help_text)
         p.add_argument(
-            "--params", default="params.yaml", help="parameter file (default: %(default)s)"
+            "--params",
+            default="params.yaml",
+            help="parameter file, or an s3:// URI to read it from (default: %(default)s)",
         )
         for name in paths:
             default = None if name == "raw_dir" else DEFAULTS[name]
@@ -159,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
             help="where to write the stage's metrics (default: %(default)s)",
         )
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+        if verb == "train":
+            _add_remote_options(p)
     p = sub.add_parser(
         "pull",
         help="download a registered model's files from MLflow",
@@ -171,6 +244,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="destination folder")
     return parser
+
+
+def _add_remote_options(p: argparse.ArgumentParser) -> None:
+    """``train``'s options for a run whose inputs and outputs are on S3 (a TrainJob's node)."""
+    p.add_argument(
+        "--prepared-uri",
+        metavar="S3_URI",
+        help="read the prepared data from this S3 prefix instead of --prepared-dir",
+    )
+    p.add_argument(
+        "--network-uri",
+        metavar="S3_URI",
+        help="the file of a 'path/to/file.py:build' model.arch, when the path is not here",
+    )
+    p.add_argument(
+        "--output-uri",
+        metavar="S3_URI",
+        help="afterwards, rank 0 uploads the trained models, the history and the metrics here",
+    )
+    p.add_argument(
+        "--log-epochs",
+        action="store_true",
+        help="one log line per epoch (for logs, where no progress bar is seen; with -q)",
+    )
 
 
 def _fail(command: str, exc: BaseException) -> int:
@@ -229,14 +326,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"pulled {info['name']} version {info['version']} into {args.out}")
             return 0
         fn = COMMANDS[args.command][0]
-        metrics: dict[str, Any] = fn(args)
+        with _local_params(args):
+            metrics: dict[str, Any] = fn(args)
     except (UserError, OSError) as exc:
         # Anything else is a bug: it keeps its traceback.
         if os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
             raise  # the whole traceback
         return _fail(args.command, exc)
+    if not distributed.is_main():
+        return 0  # under torchrun, rank 0 writes the report and prints
     try:
         write_json(metrics, Path(args.metrics))
+        if getattr(args, "output_uri", None):
+            _upload_train_outputs(args)
     except (UserError, OSError) as exc:
         return _fail(args.command, exc)
     width = max((len(k) for k in metrics), default=0)

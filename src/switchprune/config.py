@@ -251,6 +251,17 @@ class TrainConfig(_Section):
             to ``target_ratio`` (``target`` mode).
         baseline: Also train the same TNN without a switcher for the same budget.
         checkpoint_every: Save a resumable checkpoint every this many epochs.
+        sync_bn: BatchNorm under ``torchrun`` (several processes). ``auto``/``true``: every
+            process normalises its share of a batch with the statistics of the whole global
+            batch, as one process would (on CUDA torch's ``SyncBatchNorm``; on the CPU, where
+            torch has none, the same statistics through one all-reduce each way per layer and
+            step). ``false``: each process normalises with its own share's
+            statistics (no communication, but the training differs from one process's) and the
+            running statistics are averaged over the processes at every epoch's end, so all
+            hold the same network. One process: no effect.
+        threads: CPU threads of each training process (torch intra-op threads); ``auto``: torch's
+            default in one process (``OMP_NUM_THREADS`` when set), and under ``torchrun`` this
+            machine's CPUs divided by its processes, at least one each.
     """
 
     epochs: int = Field(30, ge=1)
@@ -279,10 +290,13 @@ class TrainConfig(_Section):
     ramp_fraction: float = Field(0.5, ge=0, le=1)
     baseline: bool = True
     checkpoint_every: int = Field(1, ge=1)
+    sync_bn: bool | Literal["auto"] = "auto"
+    threads: int | Literal["auto"] = "auto"
 
     def __post_init__(self) -> None:
         """Check the rules across fields."""
         _check(self.tnn_lr == "auto" or self.tnn_lr > 0, "[train] tnn_lr must be > 0 or auto")
+        _check(self.threads == "auto" or self.threads >= 1, "[train] threads must be >= 1 or auto")
         _check(
             0 <= self.warmup_epochs < self.epochs, "[train] warmup_epochs must be >= 0 and < epochs"
         )
@@ -401,13 +415,17 @@ class PromoteConfig(_Section):
 
 @dataclass(frozen=True)
 class KubeflowConfig(_Section):
-    """Placement of the pipeline's tasks on a Kubernetes cluster (used only when compiling).
+    """Placement of the pipeline's tasks on a Kubernetes cluster (read when compiling).
 
     Attributes:
         gpu_type: Accelerator resource of the ``train`` task (``nvidia.com/gpu``).
-        gpu_count: Accelerators for ``train`` (0 runs it on a CPU node).
-        node_selector: Node labels the ``train`` task must land on.
-        tolerations: Taints the ``train`` task tolerates: mappings with ``key``, ``operator``
+        train_nodes: Nodes that train together (more than one needs ``gpus_per_node >= 1``).
+        gpus_per_node: Accelerators on each training node (0 trains on a CPU node). With more
+            than one in all (``train_nodes × gpus_per_node``), ``train`` launches a Kubeflow
+            Trainer ``TrainJob`` of ``train_nodes`` nodes running ``torchrun``; otherwise it
+            trains in its own pod.
+        node_selector: Node labels the training pods must land on.
+        tolerations: Taints the training pods tolerate: mappings with ``key``, ``operator``
             (``Exists``/``Equal``), optional ``value`` and ``effect``.
         cpu_request: CPU request of every task.
         cpu_limit: CPU limit of every task.
@@ -420,10 +438,15 @@ class KubeflowConfig(_Section):
         mlflow_secret: Kubernetes secret with ``MLFLOW_TRACKING_URI`` (and, if the server
             needs them, ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD``).
         retries: Retries of the tasks that talk to S3 or MLflow.
+        trainjob_s3_uri: Where a ``TrainJob`` gets the prepared data from and leaves the
+            trained models (``s3://bucket[/prefix]``, through ``s3_secret``): one folder per
+            job, removed once the models are back.
+        trainjob_timeout: Seconds a ``TrainJob`` may run (its ``activeDeadlineSeconds``).
     """
 
     gpu_type: str = "nvidia.com/gpu"
-    gpu_count: int = Field(1, ge=0)
+    train_nodes: int = Field(1, ge=1)
+    gpus_per_node: int = Field(1, ge=0)
     node_selector: dict[str, str] = Field(
         default_factory=lambda: {"nvidia.com/gpu.present": "true"}
     )
@@ -440,9 +463,24 @@ class KubeflowConfig(_Section):
     s3_secret: str = Field("switchprune-s3", pattern=_SECRET)
     mlflow_secret: str = Field("switchprune-mlflow", pattern=_SECRET)
     retries: int = Field(3, ge=0)
+    trainjob_s3_uri: str = Field("s3://switchprune-trainjobs", pattern=_S3_URI)
+    trainjob_timeout: int = Field(86400, ge=60)
+
+    @property
+    def train_gpus(self) -> int:
+        """Accelerators of the whole training run: above 1, ``train`` launches a TrainJob."""
+        return self.train_nodes * self.gpus_per_node
 
     def __post_init__(self) -> None:
-        """Check the tolerations' keys and operators."""
+        """Check the node count and the tolerations' keys and operators."""
+        _check(
+            self.train_nodes == 1 or self.gpus_per_node >= 1,
+            "[kubeflow] train_nodes > 1 needs gpus_per_node >= 1 (several nodes train on GPUs)",
+        )
+        bucket = self.trainjob_s3_uri.removeprefix("s3://").split("/", 1)[0]
+        _check(
+            names.is_bucket(bucket), f"[kubeflow] trainjob_s3_uri has an invalid bucket {bucket!r}"
+        )
         for t in self.tolerations:
             _check(
                 set(t) <= {"key", "operator", "value", "effect"} and "key" in t,
@@ -527,6 +565,7 @@ REMOVED_KEYS: dict[tuple[str, str], str] = {
     ("train", "snn_gates"): "target/auto modes always sample gates (train.gate_temperature)",
     ("train", "snn_prior"): "in target/auto modes the switcher always starts from magnitude",
     ("prune", "round_to"): "use train.width_multiple (kept widths are its multiples)",
+    ("kubeflow", "gpu_count"): "use gpus_per_node (GPUs on each of train_nodes nodes)",
 }
 
 

@@ -18,12 +18,22 @@ Training data comes in memory (a ``TensorDataset`` on the training device, index
 or streamed (a :class:`~switchprune.data.PreparedSplit` read batch by batch through a
 ``DataLoader``). Both see the same seeded batches in the same order, so they train the same
 network; ``data.augment`` is applied to each training batch on the training device.
+
+Under ``torchrun`` (:mod:`switchprune.distributed`) training is data-parallel: ``batch_size``
+stays the global batch, every process trains on its strided share of each (the last batch of an
+epoch, when it does not divide equally, whole), the task network's gradients are averaged by
+``DistributedDataParallel`` and the switcher's by an all-reduce, so every process takes the
+update one process would take on the whole batch and holds the same networks. Scores, the
+budget line and sampled gates are computed by every process from identical networks and
+identically seeded streams. Validation is shared out and its counts summed; only rank 0 writes
+checkpoints and shows progress.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import logging
 import math
 import statistics
@@ -35,9 +45,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
+from switchprune import distributed
 from switchprune.config import ConfigError, DataConfig, TrainConfig, recipe_lr, to_dict
 from switchprune.cost import CostModel
 from switchprune.data import (
@@ -46,6 +58,8 @@ from switchprune.data import (
     TrainingData,
     augmentation,
     iter_batches,
+    shard,
+    split_shard,
 )
 from switchprune.errors import UserError
 from switchprune.io import load_torch, save_torch
@@ -107,13 +121,21 @@ def accuracy(
     """Top-1 accuracy of ``model`` (in eval mode) on a split in memory or streamed."""
     if len(data) == 0:
         return float("nan")
+    return _correct(model, data, device, batch_size, num_workers) / len(data)
+
+
+@torch.no_grad()
+def _correct(
+    model: nn.Module, data: Split, device: torch.device, batch_size: int, num_workers: int
+) -> int:
+    """How many samples of ``data`` ``model`` (in eval mode) classifies correctly."""
     was_training = model.training
     model.eval()
     correct = 0
     for x, y in iter_batches(data, batch_size, num_workers=num_workers):
         correct += int((model(x.to(device)).argmax(1).cpu() == y).sum())
     model.train(was_training)
-    return correct / len(data)
+    return correct
 
 
 class _FrozenTNN:
@@ -200,6 +222,12 @@ class _Run:
     num_workers: int = 0
     state: _State = field(default_factory=_State)
     loss_fn: nn.Module = field(default_factory=nn.CrossEntropyLoss)
+    rank: int = 0  # this process, of ``world`` data-parallel ones
+    world: int = 1
+    ddp: nn.Module | None = None  # the task network for TNN steps when ``world > 1``
+    synced_bn: bool = False  # BatchNorms converted to SyncBatchNorm (converted back at the end)
+    own_bn_stats: bool = False  # per-process BatchNorm statistics, averaged every epoch
+    checked: int = 0  # SNN steps at which the ranks were compared (``SWITCHPRUNE_CHECK_RANKS``)
 
     @property
     def full_cost(self) -> float:
@@ -231,6 +259,10 @@ def fit(
 ) -> FitResult:
     """Train a task network, with the scorer when ``switched``, resuming from a checkpoint.
 
+    Under ``torchrun`` every process calls this with the same arguments and trains its share
+    (see the module's description); only rank 0 shows progress, logs and writes the checkpoint,
+    from which every rank resumes.
+
     Args:
         spec: The task network to build (full width).
         train: Training data: tensors ``(x, y)`` (held on the device) or a split streamed from
@@ -249,17 +281,42 @@ def fit(
             progress report where no bar is shown (Kubeflow task logs).
 
     Returns:
-        The trained networks, final factors, history and summary metrics.
+        The trained networks, final factors, history and summary metrics (the networks and
+        factors are the same on every rank).
     """
-    run = _start(spec, train, val, cfg, switched, device or resolve_device(cfg.device))
-    cfg = run.cfg  # with the learning rate resolved
-    if data is not None:
-        run.augment = augmentation(data, spec.in_shape)
-        run.num_workers = data.num_workers
-    fingerprint = _fingerprint(run, spec, switched, len(train))
-    if checkpoint_path is not None and checkpoint_path.is_file():
-        _resume(run, load_torch(checkpoint_path), fingerprint)
-    name = "train" if switched else "baseline"
+    with distributed.session(device or resolve_device(cfg.device)) as device:
+        run = _start(spec, train, val, cfg, switched, device)
+        if data is not None:
+            run.augment = augmentation(data, spec.in_shape)
+            run.num_workers = data.num_workers
+        fingerprint = _fingerprint(run, spec, switched, len(train))
+        if checkpoint_path is not None:
+            distributed.barrier()  # no rank reads while another could still be writing
+            if checkpoint_path.is_file():
+                _resume(run, load_torch(checkpoint_path), fingerprint)
+        main = distributed.is_main()
+        _epochs(
+            run,
+            "train" if switched else "baseline",
+            checkpoint=(checkpoint_path, fingerprint) if checkpoint_path is not None else None,
+            progress=progress and main,
+            log_epochs=log_epochs and main,
+            on_epoch_end=on_epoch_end,
+        )
+        return _finish(run)
+
+
+def _epochs(
+    run: _Run,
+    name: str,
+    *,
+    checkpoint: tuple[Path, dict[str, Any]] | None,
+    progress: bool,
+    log_epochs: bool,
+    on_epoch_end: Callable[[int], None] | None,
+) -> None:
+    """The epochs left to train, each reported and checkpointed (see :func:`fit`)."""
+    cfg = run.cfg
     bar = tqdm(
         range(run.state.epoch, cfg.epochs),
         initial=run.state.epoch,
@@ -275,14 +332,18 @@ def fit(
         if log_epochs:
             values = " ".join(f"{k}={v:.4g}" for k, v in shown.items())
             logger.info("%s epoch %d/%d: %s", name, epoch + 1, cfg.epochs, values)
-        if checkpoint_path is not None and (
+        if checkpoint is not None and (
             (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs
         ):
-            save_torch(_checkpoint(run, fingerprint), checkpoint_path)
+            if distributed.is_main():
+                save_torch(_checkpoint(run, checkpoint[1]), checkpoint[0])
+            distributed.barrier()  # written (atomically) before any rank goes on
         if on_epoch_end is not None:
             on_epoch_end(epoch)
     bar.close()
-    return _finish(run)
+    if run.world > 1 and distributed.checking() and distributed.is_main():
+        steps = f"all {run.checked} SNN steps and " if run.scorer is not None else ""
+        logger.info("%s: the %d ranks agreed after %severy epoch", name, run.world, steps)
 
 
 def _start(
@@ -296,6 +357,7 @@ def _start(
     """Build the networks, optimisers and data of a run (seeded)."""
     # ``auto`` becomes the architecture's rate here, so the record says which rate was used.
     cfg = dataclasses.replace(cfg, tnn_lr=recipe_lr(cfg.tnn_lr, spec.arch))
+    distributed.check_batch_size(cfg.batch_size, distributed.world_size())
     if switched and cfg.scorer != "switcher" and cfg.compression not in ("target", "auto"):
         raise ConfigError(
             f"train.scorer {cfg.scorer!r} needs compression target or auto (it has no zeros of "
@@ -325,7 +387,7 @@ def _start(
     amp = resolve_amp(cfg.amp, device)
     if device.type == "cuda" and len(spec.in_shape) == 3:
         tnn = tnn.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
-    return _Run(
+    run = _Run(
         cfg=cfg,
         device=device,
         tnn=tnn,
@@ -340,6 +402,34 @@ def _start(
         amp=amp,
         scaler=torch.amp.GradScaler("cuda") if amp == torch.float16 else None,
     )
+    if distributed.world_size() > 1:
+        _parallel(run)
+    return run
+
+
+def _parallel(run: _Run) -> None:
+    """Make a run data-parallel: BatchNorm per ``train.sync_bn``, the TNN wrapped in DDP."""
+    run.rank, run.world = distributed.rank(), distributed.world_size()
+    cuda = run.device.type == "cuda"
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in run.tnn.modules())
+    if has_bn and run.cfg.sync_bn is not False:
+        # After the cost model was built: it counts nn.BatchNorm1d/2d modules.
+        run.synced_bn = distributed.to_sync_batchnorm(run.tnn, run.device) > 0
+    else:
+        run.own_bn_stats = has_bn
+    # Buffers are not broadcast from rank 0 each step: per-process running statistics are
+    # averaged at every epoch's end instead, synchronised ones are equal anyway.
+    run.ddp = DistributedDataParallel(
+        run.tnn, device_ids=[run.device.index] if cuda else None, **_NO_BUFFER_SYNC
+    )
+
+
+# ``broadcast_buffers`` was renamed ``forward_sync_buffers`` (torch 2.14).
+_NO_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    else {"broadcast_buffers": False}
+)
 
 
 def _build_scorer(tnn: TaskNet, cfg: TrainConfig, device: torch.device) -> UnitScorer:
@@ -356,7 +446,8 @@ def _build_scorer(tnn: TaskNet, cfg: TrainConfig, device: torch.device) -> UnitS
 def _fingerprint(run: _Run, spec: ModelSpec, switched: bool, n_train: int) -> dict[str, Any]:
     """What a checkpoint must have been written with to be resumed by this run."""
     fingerprint: dict[str, Any] = {
-        "train": to_dict(run.cfg),
+        # Threads change the speed, not the result: a run resumes with any number.
+        "train": {k: v for k, v in to_dict(run.cfg).items() if k != "threads"},
         "spec": spec.to_dict(),
         "switched": switched,
         "n_train": n_train,
@@ -408,7 +499,11 @@ def _run_epoch(run: _Run, epoch: int) -> dict[str, float]:
     started = time.perf_counter()
     # Step losses stay on the device; one transfer per epoch (no sync per step on a GPU).
     steps = _train_epoch(run, epoch)
-    losses = torch.stack(steps).cpu().tolist() if steps else []
+    stacked = torch.stack(steps) if steps else None
+    if stacked is not None and run.world > 1:
+        # Every rank records (and judges divergence on) the same global batch losses.
+        distributed.average_([stacked])
+    losses = stacked.cpu().tolist() if stacked is not None else []
     if losses and not math.isfinite(statistics.fmean(losses)):
         raise TrainingError(
             f"training diverged at epoch {epoch + 1} (the task loss is not finite): "
@@ -445,16 +540,29 @@ def _train_epoch(run: _Run, epoch: int) -> list[torch.Tensor]:
         # Seeded per epoch, on the CPU: a resumed run draws the same crops on any device.
         generator=_stream("augment", cfg.seed, epoch),
         num_workers=run.num_workers,
+        rank=run.rank,
+        world=run.world,
     )
     for i, (x, y) in zip(range(0, n, cfg.batch_size), batches, strict=False):
-        losses.append(_tnn_step(run, x, y, factors))
+        losses.append(_tnn_step(run, x, y, factors, whole=_whole(run, min(cfg.batch_size, n - i))))
         state.step += 1
         if phase == "switch" and state.step % cfg.tnn_steps_per_snn_step == 0:
             stats = _snn_step(run, _target(run, epoch, i / n))
             assert run.scorer is not None
             with torch.no_grad():
                 factors = run.scorer(run.tnn, stats=stats)
+            if run.world > 1 and distributed.checking():
+                distributed.check_ranks_agree(
+                    f"after SNN step {state.snn_step}",
+                    {"factors": factors, "scorer": run.scorer.state_dict()},
+                )
+                run.checked += 1
     batches.close()  # stops the DataLoader's workers
+    if run.own_bn_stats:
+        distributed.average_batchnorm_stats(run.tnn)
+    if run.world > 1 and distributed.checking():
+        where = f"at the end of epoch {epoch + 1}"
+        distributed.check_ranks_agree(where, {"task network": run.tnn.state_dict()})
     return losses
 
 
@@ -467,12 +575,20 @@ def _target(run: _Run, epoch: int, within: float) -> float:
 
 
 def _tnn_step(
-    run: _Run, x: torch.Tensor, y: torch.Tensor, factors: dict[str, torch.Tensor] | None
+    run: _Run,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    factors: dict[str, torch.Tensor] | None,
+    whole: bool = False,
 ) -> torch.Tensor:
-    """One SGD step of the task network under fixed ``factors``; its loss."""
-    run.tnn.set_factors(factors)
-    with _autocast(run):
-        loss = run.loss_fn(run.tnn(_layout(run, x)), y)
+    """One SGD step of the task network under fixed ``factors``; its loss.
+
+    ``whole``: every rank holds the whole batch (see :func:`_whole`).
+    """
+    run.tnn.set_factors(factors)  # the gates DDP's forward runs through are the TNN's own
+    net = run.ddp if run.ddp is not None else run.tnn
+    with _autocast(run), _alone(run, whole):
+        loss = run.loss_fn(net(_layout(run, x)), y)
     run.opt_t.zero_grad(set_to_none=True)
     if run.scaler is not None:
         run.scaler.scale(loss).backward()
@@ -503,7 +619,8 @@ def _snn_step(run: _Run, target: float) -> dict[str, torch.Tensor] | None:
             x, y = _snn_batch(run)
             gates = _stream("gates", cfg.seed, state.snn_step)
             run.tnn.set_factors(scorer.trainable_factors(scores, cfg.gate_temperature, gates))
-            loss = run.loss_fn(run.tnn(x), y)
+            with _alone(run, _whole(run, min(cfg.batch_size, len(run.data.y)))):
+                loss = run.loss_fn(run.tnn(x), y)
             if cfg.compression == "penalty":
                 # L1 on the factors, each unit weighted by what it costs at the current widths.
                 factors = scorer.factors(scores)
@@ -512,6 +629,10 @@ def _snn_step(run: _Run, target: float) -> dict[str, torch.Tensor] | None:
                 loss = loss + cfg.penalty * pressure
             run.opt_s.zero_grad(set_to_none=True)
             loss.backward()
+            if run.world > 1:
+                # Each rank's loss is the mean over its equal share: the averaged gradient is
+                # the whole batch's, and the switchers stay equal.
+                distributed.average_gradients(scorer.parameters())
             run.opt_s.step()
             run.tnn.set_factors(None)
     state.snn_step += 1
@@ -526,7 +647,28 @@ def _snn_batch(run: _Run) -> tuple[torch.Tensor, torch.Tensor]:
     step = run.state.snn_step
     start = (step % per_pass) * size
     order = torch.randperm(n, generator=_stream("snn_batch", run.cfg.seed, step // per_pass))
-    return run.data.batch(order[start : start + size], run.device)
+    idx = order[start : start + size]
+    return run.data.batch(idx[shard(len(idx), run.rank, run.world)], run.device)
+
+
+def _whole(run: _Run, count: int) -> bool:
+    """Whether every rank trains on the whole of a batch of ``count`` samples.
+
+    A batch the ranks cannot share equally (an epoch's last) is not shared (see
+    :func:`~switchprune.data.shard`).
+    """
+    return run.world > 1 and count % run.world != 0
+
+
+def _alone(run: _Run, whole: bool) -> contextlib.AbstractContextManager[None]:
+    """Synchronised BatchNorms normalise a batch every rank holds whole with its own statistics.
+
+    Its statistics are already the whole batch's. (Gradients are still averaged: equal values
+    whose average keeps the ranks bitwise equal even where kernels are not deterministic.)
+    """
+    if whole and run.synced_bn:
+        return distributed.local_batchnorm(run.tnn)
+    return contextlib.nullcontext()
 
 
 def _current_factors(run: _Run, phase: str) -> dict[str, torch.Tensor] | None:
@@ -583,7 +725,7 @@ def _epoch_record(run: _Run, epoch: int, losses: list[float], seconds: float) ->
     factors = _current_factors(run, run.phase(epoch))
     run.tnn.set_factors(factors)
     if run.val is not None and len(run.val) > 0:
-        record["val_accuracy"] = accuracy(run.tnn, run.val, run.device, num_workers=run.num_workers)
+        record["val_accuracy"] = _val_accuracy(run, run.val)
     if factors is not None:
         widths = hard_widths(factors)
         record["params_ratio"] = float(run.costs.params(widths)) / float(run.costs.params())
@@ -620,8 +762,25 @@ def _finish(run: _Run) -> FitResult:
             metrics["auto_ratio"] = _final_ratio(run)
             metrics["auto_reference_accuracy"] = float(run.state.auto.reference or 0.0)
         scorer.cpu().eval()
+    if run.synced_bn:
+        distributed.to_plain_batchnorm(run.tnn)  # compaction and export expect nn.BatchNorm
+    run.ddp = None
     run.tnn.cpu().eval()
     return FitResult(run.tnn, scorer, final, history, metrics)
+
+
+def _val_accuracy(run: _Run, val: Split) -> float:
+    """Validation accuracy; data-parallel: each rank counts its share, the counts are summed."""
+    if run.world == 1:
+        return accuracy(run.tnn, val, run.device, num_workers=run.num_workers)
+    part = split_shard(val, run.rank, run.world)
+    counts = torch.tensor(
+        [_correct(run.tnn, part, run.device, 512, run.num_workers), len(part)],
+        dtype=torch.float64,
+        device=run.device,  # nccl reduces GPU tensors only
+    )
+    distributed.all_reduce_sum(counts)
+    return float(counts[0] / counts[1])
 
 
 # --- helpers --------------------------------------------------------------------------------

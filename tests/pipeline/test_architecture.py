@@ -134,6 +134,53 @@ def test_every_component_is_a_thin_wrapper_over_its_stage(verb: str) -> None:
     assert calls.count(f"{stage_alias[0]}.run") == 1
 
 
+def test_the_train_launcher_is_a_thin_wrapper_over_the_trainjob_module() -> None:
+    """Same name, inputs and outputs as ``train``; its work is ``components.trainjob.run``."""
+    from components.train import train
+    from components.train_launcher import train as launcher
+
+    tree = ast.parse((ROOT / "components" / "train_launcher.py").read_text())
+    (func,) = [n for n in tree.body if isinstance(n, ast.FunctionDef)]
+    (decorator,) = func.decorator_list
+    assert {k.arg: ast.unparse(k.value) for k in decorator.keywords} == {
+        "base_image": "IMAGE",
+        "install_kfp_package": "False",
+    }
+    inner = {
+        (s.module if isinstance(s, ast.ImportFrom) else s.names[0].name).split(".")[0]
+        for s in _statements(func.body)
+        if isinstance(s, ast.Import | ast.ImportFrom)
+    }
+    assert inner <= {"pathlib", "components", "switchprune"}
+    calls = [ast.unparse(n.func) for n in ast.walk(func) if isinstance(n, ast.Call)]
+    assert calls.count("trainjob.run") == 1
+    assert launcher.component_spec.name == train.component_spec.name == "train"
+    assert set(launcher.component_spec.inputs) == set(train.component_spec.inputs) | {"kubeflow"}
+    assert launcher.component_spec.outputs == train.component_spec.outputs
+    # What it imports from components/ is what the image copies there (see the Dockerfile).
+    imported = {
+        node.module
+        for path in ("train_launcher.py", "trainjob.py")
+        for node in ast.walk(ast.parse((ROOT / "components" / path).read_text()))
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("components")
+    }
+    copied = re.search(r"^COPY (components/.*) /opt/switchprune/components/$", _dockerfile(), re.M)
+    assert copied is not None
+    in_image = {f"components.{Path(f).stem}" for f in copied.group(1).split()} | {"components"}
+    assert imported <= in_image, imported - in_image
+    # The SDK is imported in the pod only: compiling needs kfp, not the launcher's imports.
+    module_imports = {
+        n.module if isinstance(n, ast.ImportFrom) else n.names[0].name
+        for n in tree.body
+        if isinstance(n, ast.Import | ast.ImportFrom)
+    }
+    assert module_imports <= {"kfp", "kfp.dsl", "components.image"}
+
+
+def _dockerfile() -> str:
+    return (ROOT / "Dockerfile").read_text()
+
+
 def test_no_function_is_longer_than_80_lines() -> None:
     """Long functions are split into named steps, in the library and everything around it."""
     too_long = []
@@ -173,7 +220,9 @@ def test_the_verbs_agree_everywhere() -> None:
     commands = _cli_subcommands()
     assert set(VERBS) <= set(commands), commands
     assert set(commands) - set(VERBS) <= {"pull"}
-    components = {p.stem for p in (ROOT / "components").glob("*.py")} - {"__init__", "image"}
+    # The multi-GPU train task's launcher and the TrainJob code it imports are no stages.
+    helpers = {"__init__", "image", "train_launcher", "trainjob"}
+    components = {p.stem for p in (ROOT / "components").glob("*.py")} - helpers
     assert components == set(VERBS)
     for verb in VERBS:
         if verb in dvc:

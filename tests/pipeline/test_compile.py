@@ -96,7 +96,7 @@ def test_every_executor_runs_the_project_image(compiled: Compiled) -> None:
 def test_train_gets_the_gpu_node_placement_and_no_other_task_does(compiled: Compiled) -> None:
     accelerator = compiled.container("train")["resources"]["accelerator"]
     assert accelerator["resourceType"] == KUBE.gpu_type == "nvidia.com/gpu"
-    assert accelerator["resourceCount"] == str(KUBE.gpu_count) == "1"
+    assert accelerator["resourceCount"] == str(KUBE.gpus_per_node) == "1"
     train = compiled.platform["exec-train"]
     assert (
         train["nodeSelector"]["labels"] == KUBE.node_selector == {"nvidia.com/gpu.present": "true"}
@@ -184,7 +184,7 @@ def test_parameter_defaults_are_the_params_yaml_sections(compiled: Compiled) -> 
 def test_the_kubeflow_section_shapes_the_yaml(tmp_path: Path) -> None:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["kubeflow"].update(
-        gpu_count=0,
+        gpus_per_node=0,
         node_selector={"pool": "cpu-large", "zone": "b"},
         tolerations=[{"key": "dedicated", "operator": "Equal", "value": "ml"}],
         train_memory_limit="32Gi",

@@ -81,6 +81,14 @@ BAD = [
     pytest.param(
         KubeflowConfig, {"node_selector": {"a": 1}}, "kubeflow", "node_selector", id="selector"
     ),
+    pytest.param(KubeflowConfig, {"train_nodes": 0}, "kubeflow", "train_nodes", id="nodes-0"),
+    pytest.param(KubeflowConfig, {"gpus_per_node": -1}, "kubeflow", "gpus_per_node", id="gpus"),
+    pytest.param(
+        KubeflowConfig, {"trainjob_s3_uri": "s3://A"}, "kubeflow", "trainjob_s3_uri", id="tj-uri"
+    ),
+    pytest.param(
+        KubeflowConfig, {"trainjob_timeout": 1}, "kubeflow", "trainjob_timeout", id="tj-timeout"
+    ),
 ]
 
 
@@ -124,6 +132,11 @@ MESSAGES = [
         KubeflowConfig,
         {"tolerations": [{"key": 1}]},
         "[kubeflow] tolerations[0]['key'] must be a string, got 1",
+    ),
+    (
+        KubeflowConfig,
+        {"train_nodes": 2, "gpus_per_node": 0},
+        "[kubeflow] train_nodes > 1 needs gpus_per_node >= 1 (several nodes train on GPUs)",
     ),
 ]
 
@@ -227,6 +240,15 @@ def test_load_params_names_the_bad_key(tmp_path: Path) -> None:
         load_params(path, ["train"])
 
 
+def test_a_params_yaml_still_setting_gpu_count_is_told_the_replacement(tmp_path: Path) -> None:
+    path = write(tmp_path, "kubeflow:\n  gpu_type: nvidia.com/gpu\n  gpu_count: 2\n")
+    with pytest.raises(ConfigError) as info:
+        load_params(path)
+    assert str(info.value) == (
+        "[kubeflow] gpu_count was removed: use gpus_per_node (GPUs on each of train_nodes nodes)"
+    )
+
+
 def test_load_params_refuses_an_unknown_section(tmp_path: Path) -> None:
     """A misspelt section would otherwise leave all its keys silently at their defaults."""
     path = write(tmp_path, "trian:\n  epochs: 2\n")
@@ -295,6 +317,7 @@ def test_negative_split_seed_names_the_key() -> None:
         (TrainConfig, "snn_gates", "gate_temperature"),
         (TrainConfig, "snn_prior", "starts from magnitude"),
         (PruneConfig, "round_to", "train.width_multiple"),
+        (KubeflowConfig, "gpu_count", "gpus_per_node"),
     ],
 )
 def test_a_removed_key_is_refused_naming_what_replaced_it(

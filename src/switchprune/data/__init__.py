@@ -20,6 +20,8 @@ from switchprune.data.batches import (
     augmentation,
     batch_loader,
     iter_batches,
+    shard,
+    split_shard,
     use_streaming,
 )
 from switchprune.data.digits import export_digits
@@ -53,6 +55,8 @@ __all__ = [
     "augmentation",
     "batch_loader",
     "iter_batches",
+    "shard",
+    "split_shard",
     "use_streaming",
     "export_digits",
     "read_idx",

@@ -102,7 +102,39 @@ def augmentation(cfg: DataConfig, in_shape: tuple[int, ...]) -> Augmentation | N
     return Augmentation(pad=pad, flip=cfg.dataset in FLIP_SAFE)
 
 
-def augment_batch(x: torch.Tensor, aug: Augmentation, generator: torch.Generator) -> torch.Tensor:
+def shard(count: int, rank: int = 0, world: int = 1) -> slice:
+    """The positions of a batch of ``count`` samples that process ``rank`` of ``world`` takes.
+
+    Strided, as a ``DistributedSampler`` deals an epoch's order: rank ``r`` takes positions
+    ``r, r + world, r + 2 * world, ...``, so the ranks' shares of a global batch together are
+    the batch one process trains on, in equal parts. A batch that does not divide equally (an
+    epoch's last) is taken whole by every rank, so the ranks' mean gradient is still the one
+    process's.
+    """
+    if world == 1 or count % world:
+        return slice(None)
+    return slice(rank, None, world)
+
+
+def split_shard(
+    data: TensorDataset | PreparedSplit, rank: int, world: int
+) -> TensorDataset | PreparedSplit:
+    """Every ``world``-th sample of a split from ``rank`` on (the split itself for one process)."""
+    if world == 1:
+        return data
+    if isinstance(data, TensorDataset):
+        return TensorDataset(*(t[rank::world] for t in data.tensors))
+    return data.subset(torch.arange(rank, len(data), world))
+
+
+def augment_batch(
+    x: torch.Tensor,
+    aug: Augmentation,
+    generator: torch.Generator,
+    *,
+    count: int | None = None,
+    part: slice = slice(None),
+) -> torch.Tensor:
     """Randomly crop (with zero padding) and, if ``aug.flip``, mirror each image of a batch.
 
     Vectorised: one gather for the whole batch, on ``x``'s device. The random draws come from
@@ -113,17 +145,22 @@ def augment_batch(x: torch.Tensor, aug: Augmentation, generator: torch.Generator
         x: Normalised images ``[B, C, H, W]``.
         aug: What to apply.
         generator: Source of the random offsets and flips.
+        count: ``x`` is a process's share of a batch of this many images (default: ``B``).
+            The draws are made for the whole batch, so each share gets the crops and flips
+            one process would give its images.
+        part: The positions of ``x`` in that batch (see :func:`shard`).
 
     Returns:
         A new batch of the same shape.
     """
     b, _c, h, w = x.shape
+    n = b if count is None else count
     p = aug.pad
-    dy = torch.randint(0, 2 * p + 1, (b, 1), generator=generator)
-    dx = torch.randint(0, 2 * p + 1, (b, 1), generator=generator)
+    dy = torch.randint(0, 2 * p + 1, (n, 1), generator=generator)[part]
+    dx = torch.randint(0, 2 * p + 1, (n, 1), generator=generator)[part]
     cols = torch.arange(w).expand(b, w)
     if aug.flip:
-        flip = torch.rand((b, 1), generator=generator) < 0.5
+        flip = (torch.rand((n, 1), generator=generator) < 0.5)[part]
         cols = torch.where(flip, (w - 1) - cols, cols)
     rows = (dy + torch.arange(h)).to(x.device)
     cols = (dx + cols).to(x.device)
@@ -190,24 +227,33 @@ class TrainingData:
         augment: Augmentation | None = None,
         generator: torch.Generator | None = None,
         num_workers: int = 0,
+        rank: int = 0,
+        world: int = 1,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """An epoch's batches on ``device``, in ``order``, augmented when ``augment`` is given.
 
-        Streamed splits are read through a ``DataLoader`` (pinned memory on CUDA); close the
-        iterator to stop its workers early.
+        With ``world`` processes, ``batch_size`` is the global batch and this process
+        (``rank``) gets its share of each (:func:`shard`). Streamed splits are read through a
+        ``DataLoader`` (pinned memory on CUDA); close the iterator to stop its workers early.
         """
+        starts = range(0, len(order), batch_size)
+        sizes = [min(batch_size, len(order) - i) for i in starts]
+        parts = [shard(size, rank, world) for size in sizes]
         if self.stream is None:
             assert self.x is not None
             batches: Any = (
                 (self.x[idx], self.y[idx])
-                for i in range(0, len(order), batch_size)
-                for idx in [order[i : i + batch_size].to(device)]
+                for i, part in zip(starts, parts, strict=True)
+                for idx in [order[i : i + batch_size][part].to(device)]
             )
         else:
             cuda = device.type == "cuda"
             loader = batch_loader(
                 self.stream,
-                [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)],
+                [
+                    order[i : i + batch_size][part].tolist()
+                    for i, part in zip(starts, parts, strict=True)
+                ],
                 num_workers=num_workers,
                 pin_memory=cuda,
             )
@@ -215,8 +261,8 @@ class TrainingData:
                 (x.to(device, non_blocking=cuda), y.to(device, non_blocking=cuda))
                 for x, y in loader
             )
-        for x, y in batches:
+        for (x, y), size, part in zip(batches, sizes, parts, strict=False):
             if augment is not None:
                 assert generator is not None
-                x = augment_batch(x, augment, generator)
+                x = augment_batch(x, augment, generator, count=size, part=part)
             yield x, y

@@ -1,12 +1,20 @@
-"""``train``: alternating SNN/TNN training, plus the same TNN trained plainly as a baseline."""
+"""``train``: alternating SNN/TNN training, plus the same TNN trained plainly as a baseline.
+
+Run by ``torchrun``, both trainings are data-parallel (:mod:`switchprune.distributed`); only rank
+0 writes the models and the history.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from switchprune import distributed
 from switchprune.config import DataConfig, ModelConfig, TrainConfig, to_dict
 from switchprune.data import load_meta, load_split, open_split, use_streaming
 from switchprune.io import (
@@ -17,7 +25,7 @@ from switchprune.io import (
     save_model,
     write_json,
 )
-from switchprune.models import SOURCE_FILE, spec_from_config
+from switchprune.models import SOURCE_FILE, ModelSpec, spec_from_config
 from switchprune.serving import INPUT_KEY, InputContract
 from switchprune.training import FitResult, fit, resolve_device
 
@@ -50,8 +58,7 @@ def run(
             :class:`~switchprune.serving.InputContract`), and ``network.py`` for a network of
             the user's own file. The folder is replaced whole after both runs, together with
             ``history_path``; when anything fails both stay as they were.
-        checkpoint_dir: Where resumable per-epoch checkpoints live; a run interrupted after an
-            epoch resumes from there with the same result as an uninterrupted run.
+        checkpoint_dir: Per-epoch checkpoints: an interrupted run resumes to the same result.
         progress: Show progress bars.
         data_cfg: The ``data`` section: in memory or streamed (``loader``), ``DataLoader``
             workers and augmentation of the training batches (default: in memory, none).
@@ -60,7 +67,8 @@ def run(
         log_epochs: Log one INFO line per epoch (where no progress bar is seen).
 
     Returns:
-        Validation accuracy, reached compression and time per epoch of both runs.
+        Validation accuracy, reached compression and time per epoch of both runs (the same on
+        every rank of a data-parallel run).
 
     Raises:
         switchprune.io.ArtifactError: ``trained_dir`` holds files train does not write
@@ -68,39 +76,69 @@ def run(
     """
     prepared_dir, trained_dir = Path(prepared_dir), Path(trained_dir)
     check_replaceable(trained_dir, TRAINED_FILES, "train")
-    device = resolve_device(cfg.device)
+    with (
+        distributed.session(resolve_device(cfg.device)) as device,
+        _threads(distributed.threads(cfg.threads)),
+    ):
+        distributed.check_batch_size(cfg.batch_size, distributed.world_size())  # before any work
+        train_set, val_set, spec, contract = _read(prepared_dir, model_cfg, data_cfg)
+        ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        # The switched and the baseline run differ only in ``switched`` and their checkpoint.
+        train_once = partial(
+            fit,
+            spec,
+            train_set,
+            val_set,
+            cfg,
+            device=device,
+            progress=progress,
+            data=data_cfg,
+            log_epochs=log_epochs,
+        )
+
+        result = train_once(switched=True, checkpoint_path=ckpt / "switched.ckpt" if ckpt else None)
+        assert result.switcher is not None and result.factors is not None
+        metrics = {k: float(v) for k, v in result.metrics.items()}
+        base = None
+        if cfg.baseline:
+            base = train_once(
+                switched=False, checkpoint_path=ckpt / "baseline.ckpt" if ckpt else None
+            )
+            metrics.update(_baseline_metrics(metrics, base.metrics))
+        # Written only now, both runs done: a failure in either leaves the last outputs whole. A
+        # baseline from other settings does not survive the swap, so it is never evaluated as
+        # this run's.
+        if distributed.is_main():
+            _write_outputs(
+                cfg, result, base, contract, trained_dir=trained_dir, history_path=history_path
+            )
+        distributed.barrier()  # no rank reports done before the files are there
+        return metrics
+
+
+def _read(
+    prepared_dir: Path, model_cfg: ModelConfig, data_cfg: DataConfig | None
+) -> tuple[Any, Any, ModelSpec, dict[str, Any]]:
+    """The training and validation splits, the network's spec and the input contract."""
     meta = load_meta(prepared_dir)
     read = open_split if data_cfg is not None and use_streaming(data_cfg, meta) else load_split
-    train_set, val_set = read(prepared_dir, "train"), read(prepared_dir, "val")
     spec = spec_from_config(model_cfg, meta.in_shape, meta.num_classes)
     # The model files carry their input contract: prune and every shipped form read it there.
     contract = {INPUT_KEY: InputContract.from_meta(meta).to_dict()}
-    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    # The switched and the baseline run differ only in ``switched`` and their checkpoint.
-    train_once = partial(
-        fit,
-        spec,
-        train_set,
-        val_set,
-        cfg,
-        device=device,
-        progress=progress,
-        data=data_cfg,
-        log_epochs=log_epochs,
-    )
+    return read(prepared_dir, "train"), read(prepared_dir, "val"), spec, contract
 
-    result = train_once(switched=True, checkpoint_path=ckpt / "switched.ckpt" if ckpt else None)
-    assert result.switcher is not None and result.factors is not None
-    metrics = {k: float(v) for k, v in result.metrics.items()}
-    base = None
-    if cfg.baseline:
-        base = train_once(switched=False, checkpoint_path=ckpt / "baseline.ckpt" if ckpt else None)
-        metrics.update(_baseline_metrics(metrics, base.metrics))
-    # Written only now, both runs done: a failure in either leaves the last outputs whole. A
-    # baseline from other settings does not survive the swap, so it is never evaluated as
-    # this run's.
-    _write_outputs(cfg, result, base, contract, trained_dir=trained_dir, history_path=history_path)
-    return metrics
+
+@contextlib.contextmanager
+def _threads(count: int | None) -> Iterator[None]:
+    """Train with ``count`` torch threads (``None``: as they are), restored afterwards."""
+    before = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if count is not None:
+            torch.set_num_threads(before)
 
 
 def _write_outputs(

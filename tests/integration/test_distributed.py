@@ -1,0 +1,348 @@
+"""Data-parallel ``train`` under ``torchrun``: two processes train what one process trains.
+
+Every run here is ``torchrun --standalone --nproc_per_node 2`` of the real command line in a
+temporary project, with ``SWITCHPRUNE_CHECK_RANKS=1``: the two processes compare their factors
+and scorer after every SNN step and their task network after every epoch, and stop at the first
+difference. The one-process reference runs the same stage in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from switchprune.config import DataConfig, ModelConfig, PruneConfig, TrainConfig, from_dict
+from switchprune.data import load_split
+from switchprune.io import BASELINE_FILE, SWITCHED_FILE, load_model_file
+from switchprune.scoring import hard_widths
+from switchprune.stages import preprocess, prune, train
+
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+ENV = {"OMP_NUM_THREADS": "1", "SWITCHPRUNE_CHECK_RANKS": "1"}
+# digits: 1,293 training samples, so batches of 64 leave a last batch of 13 (not shared).
+MLP = {"arch": "mlp", "hidden": [32, 16]}
+BASE = {"epochs": 3, "batch_size": 64, "device": "cpu", "tnn_steps_per_snn_step": 4}
+AGREED = re.compile(r"train: the 2 ranks agreed after all (\d+) SNN steps and every epoch")
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("prepared")
+    preprocess.run(DataConfig(), raw_dir=out / "raw", prepared_dir=out)
+    return out
+
+
+def torchrun(
+    project: Path,
+    *command: str,
+    restarts: int = 0,
+    env: dict[str, str] | None = None,
+    check: bool = True,
+) -> subprocess.CompletedProcess[str]:
+    """``torchrun`` of ``command`` (a script, or ``-m module``) on two processes in ``project``."""
+    proc = subprocess.run(
+        [
+            str(TORCHRUN),
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "--max-restarts",
+            str(restarts),
+            *command,
+        ],
+        cwd=project,
+        env={**os.environ, **ENV, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if check:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def write_params(project: Path, model: dict[str, Any], train_cfg: dict[str, Any]) -> Path:
+    project.mkdir(parents=True, exist_ok=True)
+    path = project / "params.yaml"
+    sections = {"data": {"dataset": "digits"}, "model": model, "train": train_cfg}
+    path.write_text(yaml.safe_dump(sections, sort_keys=False))
+    return path
+
+
+def cli_args(prepared: Path, out: str = "out") -> list[str]:
+    return [
+        "-m",
+        "switchprune",
+        "train",
+        "--params",
+        "params.yaml",
+        "--prepared-dir",
+        str(prepared),
+        "--trained-dir",
+        f"{out}/trained",
+        "--checkpoint-dir",
+        f"{out}/ckpt",
+        "--reports-dir",
+        f"{out}/reports",
+        "--metrics",
+        f"{out}/reports/train.json",
+        "-q",
+    ]
+
+
+def train_two(prepared: Path, project: Path) -> tuple[Path, str]:
+    """``switchprune train`` on two processes; the trained folder and the stderr."""
+    proc = torchrun(project, *cli_args(prepared))
+    return project / "out" / "trained", proc.stderr
+
+
+def train_one(prepared: Path, project: Path) -> tuple[Path, dict[str, float]]:
+    """The same stage in one process (this one), from the same ``params.yaml``."""
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    trained = project / "one" / "trained"
+    metrics = train.run(
+        from_dict(TrainConfig, raw["train"]),
+        model_cfg=from_dict(ModelConfig, raw["model"]),
+        data_cfg=from_dict(DataConfig, raw["data"]),
+        prepared_dir=prepared,
+        trained_dir=trained,
+        checkpoint_dir=project / "one" / "ckpt",
+        progress=False,
+    )
+    return trained, metrics
+
+
+def state(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def widths(path: Path) -> dict[str, int]:
+    return hard_widths(torch.load(path, weights_only=True)["factors"])
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+@torch.no_grad()
+def gated_accuracy(path: Path, prepared: Path) -> float:
+    """Accuracy of a trained model under its factors on validation and test together (504)."""
+    model, blob = load_model_file(path)
+    model.set_factors(blob.get("factors"))
+    model.eval()
+    correct = total = 0
+    for split in ("val", "test"):
+        x, y = load_split(prepared, split).tensors
+        correct += int((model(x).argmax(1) == y).sum())
+        total += len(y)
+    return correct / total
+
+
+def snn_steps_agreed(stderr: str) -> int:
+    found = AGREED.findall(stderr)
+    assert found, stderr[-4000:]
+    return int(found[0])
+
+
+# --- (a) the same updates ---------------------------------------------------------------------
+
+
+def test_magnitude_mlp_on_two_processes_equals_one_process(prepared: Path, tmp_path: Path) -> None:
+    write_params(tmp_path, MLP, {**BASE, "scorer": "magnitude", "baseline": True})
+    two, stderr = train_two(prepared, tmp_path)
+    one, metrics = train_one(prepared, tmp_path)
+    assert snn_steps_agreed(stderr) == 10
+    for name in (SWITCHED_FILE, BASELINE_FILE):  # the baseline trains data-parallel too
+        assert max_diff(state(two / name), state(one / name)) < 1e-4, name
+    assert widths(two / SWITCHED_FILE) == widths(one / SWITCHED_FILE)
+    # Rank 0 alone wrote the report: the metrics of the whole run, as one process has them.
+    report = json.loads((tmp_path / "out" / "reports" / "train.json").read_text())
+    assert report["train_params_ratio"] == pytest.approx(metrics["train_params_ratio"])
+    assert report["val_accuracy"] == pytest.approx(metrics["val_accuracy"])
+    history = json.loads((tmp_path / "out" / "reports" / "train_history.json").read_text())
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+
+
+# --- (b), (c) every SNN step agrees; widths and accuracy are one process's ---------------------
+
+
+@pytest.mark.parametrize(
+    ("model", "overrides"),
+    [
+        (MLP, {"scorer": "switcher", "snn_hidden": 8}),
+        # A BatchNorm net (normalised over the whole global batch, sync_bn: auto). Its learning
+        # rate is 0.01: at the recipe's 0.05 this net's training is chaotic (a 1e-7 change of
+        # one weight, in one process, ends as far from the unchanged run as two processes do).
+        ({"arch": "vgg11", "width_multiplier": 0.25}, {"scorer": "magnitude", "tnn_lr": 0.01}),
+    ],
+    ids=["mlp-switcher", "vgg11-bn-magnitude"],
+)
+def test_ranks_agree_and_match_one_process(
+    prepared: Path, tmp_path: Path, model: dict[str, Any], overrides: dict[str, Any]
+) -> None:
+    write_params(tmp_path, model, {**BASE, "baseline": False, **overrides})
+    two, stderr = train_two(prepared, tmp_path)
+    one, _ = train_one(prepared, tmp_path)
+    assert snn_steps_agreed(stderr) == 10
+    assert widths(two / SWITCHED_FILE) == widths(one / SWITCHED_FILE)
+    acc_two = gated_accuracy(two / SWITCHED_FILE, prepared)
+    acc_one = gated_accuracy(one / SWITCHED_FILE, prepared)
+    assert abs(acc_two - acc_one) <= 0.005, (acc_two, acc_one)
+    # The same keys too: the synchronised BatchNorms were turned back into plain ones.
+    assert max_diff(state(two / SWITCHED_FILE), state(one / SWITCHED_FILE)) < 1e-3
+    compacted = prune.run(PruneConfig(), trained_dir=two, model_dir=tmp_path / "compact")
+    assert compacted["params_after"] < compacted["params_before"]
+
+
+def test_per_process_batchnorm_keeps_the_ranks_equal(prepared: Path, tmp_path: Path) -> None:
+    """``sync_bn: false``: own batch statistics, running statistics averaged every epoch."""
+    model = {"arch": "vgg11", "width_multiplier": 0.25}
+    write_params(tmp_path, model, {**BASE, "baseline": False, "epochs": 2, "sync_bn": False})
+    two, stderr = train_two(prepared, tmp_path)
+    assert snn_steps_agreed(stderr) > 0  # and the task networks after every epoch
+    assert gated_accuracy(two / SWITCHED_FILE, prepared) > 0.5
+
+
+GLOBAL_BN = """
+import copy
+import torch
+from torch import nn
+from switchprune import distributed
+
+torch.manual_seed(0)
+net = nn.Sequential(
+    nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+    nn.Linear(4 * 8 * 8, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3),
+)
+x, y = 3 + torch.randn(10, 1, 8, 8), torch.randint(0, 3, (10,))
+one = copy.deepcopy(net)
+expected = one(x)
+nn.functional.cross_entropy(expected, y).backward()
+with distributed.session(torch.device("cpu")):
+    rank = distributed.rank()
+    assert distributed.to_sync_batchnorm(net, torch.device("cpu")) == 2
+    ddp = nn.parallel.DistributedDataParallel(net)
+    out = ddp(x[rank::2])
+    assert (out - expected[rank::2]).abs().max() < 1e-5
+    nn.functional.cross_entropy(out, y[rank::2]).backward()
+    for p, q in zip(net.parameters(), one.parameters(), strict=True):
+        assert (p.grad - q.grad).abs().max() < 1e-5 * (1 + q.grad.abs().max()), (p.grad, q.grad)
+    for a, b in zip(net.buffers(), one.buffers(), strict=True):
+        assert (a.double() - b.double()).abs().max() < 1e-5, (a, b)
+    print("same as one process", flush=True)
+"""
+
+
+def test_cpu_synchronised_batchnorm_gives_the_one_process_gradients(tmp_path: Path) -> None:
+    """Shares of 5 normalised together: the outputs, gradients and running statistics of 10."""
+    (tmp_path / "global_bn.py").write_text(GLOBAL_BN)
+    proc = torchrun(tmp_path, "global_bn.py")
+    assert proc.stdout.count("same as one process") == 2
+
+
+# --- (d) refusals -----------------------------------------------------------------------------
+
+
+def test_batch_size_the_processes_cannot_share_is_refused(prepared: Path, tmp_path: Path) -> None:
+    write_params(tmp_path, MLP, {**BASE, "batch_size": 33})
+    proc = torchrun(tmp_path, *cli_args(prepared), check=False)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if "batch_size" in line]
+    assert lines and all(
+        line.startswith("switchprune train: error: [train] batch_size 33 does not divide by the 2")
+        for line in lines
+    ), proc.stderr[-4000:]
+    assert not (tmp_path / "out" / "trained").exists()
+
+
+def test_ranks_that_disagree_are_named_with_the_step(tmp_path: Path) -> None:
+    script = tmp_path / "disagree.py"
+    script.write_text(
+        "import torch\n"
+        "from switchprune import distributed\n"
+        "with distributed.session(torch.device('cpu')):\n"
+        "    rank = distributed.rank()\n"
+        "    distributed.check_ranks_agree('after SNN step 7', {'factors': {'a': torch.ones(3)}})\n"
+        "    factors = {'a': torch.tensor([1.0, 0.0, float(rank)])}\n"
+        "    distributed.check_ranks_agree('after SNN step 8', {'factors': factors})\n"
+    )
+    proc = torchrun(tmp_path, str(script), check=False)
+    assert proc.returncode != 0
+    assert "RanksDisagreeError: ranks disagree after SNN step 8: their factors differ" in (
+        proc.stderr
+    ), proc.stderr[-4000:]
+    assert "step 7" not in proc.stderr
+
+
+# --- (e) a process killed mid-epoch: torchrun restarts, every rank resumes ----------------------
+
+KILLER = '''"""``switchprune``; rank 1 SIGKILLs itself at training forward KILL_AT, once."""
+import atexit
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+from switchprune.cli import main
+from switchprune.models import TaskNet
+
+attempt, rank = os.environ["TORCHELASTIC_RESTART_COUNT"], os.environ["RANK"]
+marker = Path("killed")
+forwards = [0]
+
+
+def count(module, args):
+    if isinstance(module, TaskNet) and module.training and torch.is_grad_enabled():
+        forwards[0] += 1
+        kill_at = int(os.environ.get("KILL_AT", "0"))
+        if kill_at and forwards[0] == kill_at and rank == "1" and attempt == "0":
+            if not marker.exists():
+                marker.write_text(str(forwards[0]))
+                os.kill(os.getpid(), signal.SIGKILL)
+
+
+torch.nn.modules.module.register_module_forward_pre_hook(count)
+atexit.register(lambda: Path(f"forwards.{attempt}.{rank}").write_text(str(forwards[0])))
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def test_killed_rank_is_restarted_and_resumes_to_the_same_weights(
+    prepared: Path, tmp_path: Path
+) -> None:
+    runs = {}
+    for name, kill_at in (("whole", 0), ("killed", 32)):
+        project = tmp_path / name
+        write_params(project, MLP, {**BASE, "scorer": "magnitude", "baseline": False})
+        (project / "killer.py").write_text(KILLER)
+        args = cli_args(prepared)[2:]  # the command's own arguments, after "-m switchprune"
+        proc = torchrun(project, "killer.py", *args, restarts=1, env={"KILL_AT": str(kill_at)})
+        runs[name] = (project, proc.stderr)
+    whole, killed = runs["whole"][0], runs["killed"][0]
+    # An epoch is 21 TNN steps (the magnitude scorer's SNN steps run no forward): the 32nd
+    # forward is the middle of epoch 2, whose checkpoint is not written.
+    assert (killed / "killed").read_text() == "32"
+    assert not (killed / "forwards.0.1").exists()  # SIGKILL: no exit handler ran
+    full = int((whole / "forwards.0.1").read_text())
+    resumed = int((killed / "forwards.1.1").read_text())
+    assert (full, resumed) == (63, 42)  # epoch 1 came from the checkpoint, not trained again
+    a, b = (
+        state(whole / "out" / "trained" / SWITCHED_FILE),
+        state(killed / "out" / "trained" / SWITCHED_FILE),
+    )
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert widths(whole / "out" / "trained" / SWITCHED_FILE) == widths(
+        killed / "out" / "trained" / SWITCHED_FILE
+    )
