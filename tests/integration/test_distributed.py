@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -48,23 +49,29 @@ def torchrun(
     env: dict[str, str] | None = None,
     check: bool = True,
 ) -> subprocess.CompletedProcess[str]:
-    """``torchrun`` of ``command`` (a script, or ``-m module``) on two processes in ``project``."""
-    proc = subprocess.run(
-        [
-            str(TORCHRUN),
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "--max-restarts",
-            str(restarts),
-            *command,
-        ],
+    """``torchrun`` of ``command`` (a script, or ``-m module``) on two processes in ``project``.
+
+    torchrun and its workers get a process group of their own, killed whole on a timeout: a
+    killed torchrun alone would leave its workers waiting for each other forever.
+    """
+    args = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2"]
+    args += ["--max-restarts", str(restarts), *command]
+    with subprocess.Popen(
+        args,
         cwd=project,
         env={**os.environ, **ENV, **(env or {})},
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=300,
-    )
+        start_new_session=True,
+    ) as running:
+        try:
+            stdout, stderr = running.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(running.pid, signal.SIGKILL)
+            running.communicate()
+            raise
+    proc = subprocess.CompletedProcess(args, running.returncode, stdout, stderr)
     if check:
         assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
