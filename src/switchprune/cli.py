@@ -24,7 +24,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from switchprune import distributed
 from switchprune.config import load_params
@@ -64,6 +64,8 @@ def _train(args: argparse.Namespace) -> dict[str, float]:
     from switchprune.stages import train
 
     p = load_params(args.params, ["model", "train", "data"])
+    if p["train"].nproc_per_node > 1 and not distributed.launched():
+        _relaunch_under_torchrun(p["train"].nproc_per_node, args.argv)
     # Every process of a torchrun job downloads its own copy: none waits on another's files.
     with tempfile.TemporaryDirectory(prefix="switchprune-inputs-") as tmp:
         if args.network_uri:
@@ -85,6 +87,19 @@ def _train(args: argparse.Namespace) -> dict[str, float]:
             history_path=Path(args.reports_dir) / HISTORY_FILE,
             log_epochs=args.log_epochs,
         )
+
+
+def _relaunch_under_torchrun(nproc: int, argv: list[str]) -> NoReturn:
+    """Replace this process by ``torchrun`` running the same command on ``nproc`` processes.
+
+    ``exec`` keeps the process id, so whoever started ``train`` (``dvc repro``, ``make run``'s
+    supervisor) waits for, and can stop, the launcher; torchrun stops its workers with it.
+    """
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.is_file():
+        raise InputError(f"train.nproc_per_node {nproc} needs torchrun beside {sys.executable}")
+    args = [str(torchrun), "--standalone", f"--nproc_per_node={nproc}"]
+    os.execv(args[0], [*args, "-m", "switchprune", *argv])
 
 
 def _provide_network(uri: str, arch: str, folder: Path) -> None:
@@ -317,6 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         The exit status: 0, 1, 2, or :data:`EXIT_REFUSED` for a refused promotion.
     """
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for a relaunch under torchrun
     configure_logging()
     try:
         if args.command == "pull":

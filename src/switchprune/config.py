@@ -250,7 +250,9 @@ class TrainConfig(_Section):
         ramp_fraction: Share of the switching phase over which the target is lowered from 1
             to ``target_ratio`` (``target`` mode).
         baseline: Also train the same TNN without a switcher for the same budget.
-        checkpoint_every: Save a resumable checkpoint every this many epochs.
+        nproc_per_node: Processes ``switchprune train`` starts on this machine: above 1 it runs
+            itself under ``torchrun --standalone`` (one per GPU on CUDA; data-parallel, below).
+            Ignored inside a ``torchrun`` launch (the launcher already chose).
         sync_bn: BatchNorm under ``torchrun`` (several processes). ``auto``/``true``: every
             process normalises its share of a batch with the statistics of the whole global
             batch, as one process would (on CUDA torch's ``SyncBatchNorm``; on the CPU, where
@@ -289,7 +291,7 @@ class TrainConfig(_Section):
     auto_shrink: float = Field(0.6, gt=0, lt=1)
     ramp_fraction: float = Field(0.5, ge=0, le=1)
     baseline: bool = True
-    checkpoint_every: int = Field(1, ge=1)
+    nproc_per_node: int = Field(1, ge=1)
     sync_bn: bool | Literal["auto"] = "auto"
     threads: int | Literal["auto"] = "auto"
 
@@ -565,6 +567,7 @@ REMOVED_KEYS: dict[tuple[str, str], str] = {
     ("train", "snn_gates"): "target/auto modes always sample gates (train.gate_temperature)",
     ("train", "snn_prior"): "in target/auto modes the switcher always starts from magnitude",
     ("prune", "round_to"): "use train.width_multiple (kept widths are its multiples)",
+    ("train", "checkpoint_every"): "a checkpoint is written after every epoch",
     ("kubeflow", "gpu_count"): "use gpus_per_node (GPUs on each of train_nodes nodes)",
 }
 

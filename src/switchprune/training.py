@@ -270,7 +270,7 @@ def fit(
         val: Validation data, for the per-epoch record (may be ``None`` or empty).
         cfg: Schedule, optimisers, scorer and compression settings.
         switched: Train with the scorer (``False``: the plain baseline, same budget).
-        checkpoint_path: Where to save a resumable state every ``cfg.checkpoint_every`` epochs.
+        checkpoint_path: Where to save a resumable state after every epoch.
             A matching checkpoint found there is resumed; one from other settings is ignored.
         device: Where to train (default: ``cfg.device`` resolved).
         progress: Show a progress bar.
@@ -332,9 +332,7 @@ def _epochs(
         if log_epochs:
             values = " ".join(f"{k}={v:.4g}" for k, v in shown.items())
             logger.info("%s epoch %d/%d: %s", name, epoch + 1, cfg.epochs, values)
-        if checkpoint is not None and (
-            (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs
-        ):
+        if checkpoint is not None:  # every epoch: a restarted process loses at most one
             if distributed.is_main():
                 save_torch(_checkpoint(run, checkpoint[1]), checkpoint[0])
             distributed.barrier()  # written (atomically) before any rank goes on
@@ -446,8 +444,11 @@ def _build_scorer(tnn: TaskNet, cfg: TrainConfig, device: torch.device) -> UnitS
 def _fingerprint(run: _Run, spec: ModelSpec, switched: bool, n_train: int) -> dict[str, Any]:
     """What a checkpoint must have been written with to be resumed by this run."""
     fingerprint: dict[str, Any] = {
-        # Threads change the speed, not the result: a run resumes with any number.
-        "train": {k: v for k, v in to_dict(run.cfg).items() if k != "threads"},
+        # Threads and processes change the speed, not the global batches: a run resumes with
+        # any number of either.
+        "train": {
+            k: v for k, v in to_dict(run.cfg).items() if k not in ("threads", "nproc_per_node")
+        },
         "spec": spec.to_dict(),
         "switched": switched,
         "n_train": n_train,

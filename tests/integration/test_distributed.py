@@ -353,3 +353,28 @@ def test_killed_rank_is_restarted_and_resumes_to_the_same_weights(
     assert widths(whole / "out" / "trained" / SWITCHED_FILE) == widths(
         killed / "out" / "trained" / SWITCHED_FILE
     )
+
+
+def test_nproc_per_node_makes_the_train_command_launch_itself_under_torchrun(
+    prepared: Path, tmp_path: Path
+) -> None:
+    """What ``dvc repro`` runs (plain ``switchprune train``) trains on ``nproc_per_node``
+    processes, as ``torchrun`` started by hand does."""
+    cfg = {**BASE, "scorer": "magnitude", "baseline": False}
+    write_params(tmp_path / "by-hand", MLP, cfg)
+    by_hand, _ = train_two(prepared, tmp_path / "by-hand")
+    write_params(tmp_path / "by-key", MLP, {**cfg, "nproc_per_node": 2})
+    proc = subprocess.run(
+        [sys.executable, *cli_args(prepared)],
+        cwd=tmp_path / "by-key",
+        env={**os.environ, **ENV},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert snn_steps_agreed(proc.stderr) == 10  # two ranks compared their factors
+    by_key = tmp_path / "by-key" / "out" / "trained"
+    a, b = state(by_key / SWITCHED_FILE), state(by_hand / SWITCHED_FILE)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "by-key" / "out" / "reports" / "train.json").read_text())
