@@ -128,13 +128,16 @@ def _write_tensors(cfg: DataConfig, source: Path, raw_dir: Path, out_dir: Path) 
 
 def _tensor_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std of uint8 images ``[N, C, H, W]`` (see :func:`channel_stats`)."""
-    sums = torch.zeros(2, x.shape[1], dtype=torch.float64)
-    # Chunked so large sets (CIFAR) never need a full float64 copy in memory.
+    # Exact integer sums: a float sum's order, and so its last bits, follows torch's thread
+    # count, and the prepared data (its hash in dvc.lock) must not. Chunked so large sets
+    # (CIFAR) never need a full int64 copy in memory.
+    sums = torch.zeros(2, x.shape[1], dtype=torch.int64)
     for start in range(0, x.shape[0], 4096):
-        chunk = x[start : start + 4096].to(torch.float64).div_(255.0)
+        chunk = x[start : start + 4096].to(torch.int64)
         sums[0] += chunk.sum(dim=(0, 2, 3))
         sums[1] += chunk.square().sum(dim=(0, 2, 3))
-    return channel_stats(sums.numpy(), x.shape[0] * x.shape[2] * x.shape[3])
+    scaled = sums.numpy().astype(np.float64) / np.array([[255.0], [255.0**2]])
+    return channel_stats(scaled, x.shape[0] * x.shape[2] * x.shape[3])
 
 
 def load_split(data_dir: Path, split: str) -> TensorDataset:
