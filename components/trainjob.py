@@ -104,6 +104,11 @@ class JobFiles:
         return f"{self.root}/prepared"
 
     @property
+    def checkpoints(self) -> str:
+        """Rank 0's per-epoch checkpoints: nodes restarted on other machines resume from them."""
+        return f"{self.root}/checkpoints"
+
+    @property
     def outputs(self) -> str:
         """What rank 0 uploads: the models, the history and the metrics."""
         return f"{self.root}/outputs"
@@ -128,7 +133,7 @@ def train_command(files: JobFiles, *, network: bool = False) -> list[str]:
     """
     command = ["torchrun", "-m", "switchprune", "train", "-q", "--log-epochs"]
     command += ["--params", files.params, "--prepared-uri", files.prepared]
-    command += ["--output-uri", files.outputs]
+    command += ["--checkpoint-uri", files.checkpoints, "--output-uri", files.outputs]
     if network:
         command += ["--network-uri", files.network]
     return command

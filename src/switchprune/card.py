@@ -19,6 +19,7 @@ from typing import Any
 
 from switchprune import __version__
 from switchprune.config import OWN_ARCHS, TORCHVISION_ARCHS
+from switchprune.evaluation import LATENCY_BATCHES, NOISY_IQR_SHARE, TRUSTED_REPEATS
 
 CARD_FILE = "model_card.md"
 WIDTHS_PLOT = "widths.png"
@@ -30,7 +31,9 @@ _BEFORE_AFTER = (
     ("macs_before", "macs_after", "MACs per sample"),
     ("bytes_before", "bytes_after", "size (bytes)"),
 )
-_LATENCY_BATCHES = (1, 256)
+# Each runtime's latency keys (``str.format``: measure, tag, batch) and its label in the card.
+_RUNTIMES = (("latency_{}_{tag}_b{batch}", ""), ("onnx_latency_{}_b{batch}_{tag}", "onnxruntime "))
+TAGS = ("before", "after")
 _ACCURACY = (
     ("test_accuracy", "test accuracy of the compacted model"),
     ("gated_accuracy", "test accuracy of the gated full-width model"),
@@ -251,10 +254,15 @@ def _evaluation_section(card: CardInputs) -> list[str]:
     for before, after, label in _BEFORE_AFTER:
         if before in report and after in report:
             lines.append(f"| {label} | {fmt(report[before])} | {fmt(report[after])} |")
-    timed = [b for b in _LATENCY_BATCHES if f"latency_ms_before_b{b}" in report]
-    for batch in timed:
-        shown = [_latency(report, tag, batch) for tag in ("before", "after")]
-        lines.append(f"| latency, batch {batch} (ms) | {shown[0]} | {shown[1]} |")
+    timed = False
+    for key, runtime in _RUNTIMES:
+        for batch in LATENCY_BATCHES:
+            if key.format("ms", tag="before", batch=batch) not in report:
+                continue
+            timed = True
+            shown = [_latency(report, key, tag, batch) for tag in ("before", "after")]
+            lines.append(f"| {runtime}latency, batch {batch} (ms) | {shown[0]} | {shown[1]} |")
+            lines.append(f"| {runtime}speedup, batch {batch} | | {_speedup(report, key, batch)} |")
     lines += ["", "| metric | value |", "|---|---|"]
     for key, label in _ACCURACY:
         if key in report:
@@ -265,11 +273,32 @@ def _evaluation_section(card: CardInputs) -> list[str]:
     return lines
 
 
-def _latency(report: Mapping[str, Any], tag: str, batch: int) -> str:
-    """A median forward time, with its interquartile range when the report has it."""
-    median = format_number(report.get(f"latency_ms_{tag}_b{batch}", "-"))
-    iqr = report.get(f"latency_iqr_ms_{tag}_b{batch}")
-    return median if iqr is None else f"{median} (IQR {format_number(iqr)})"
+def _latency(report: Mapping[str, Any], key: str, tag: str, batch: int) -> str:
+    """A median forward time with its interquartile range (or a note that it has none)."""
+    median = format_number(report[key.format("ms", tag=tag, batch=batch)])
+    iqr = report.get(key.format("iqr_ms", tag=tag, batch=batch))
+    return (
+        f"{median} (no spread recorded)" if iqr is None else f"{median} (IQR {format_number(iqr)})"
+    )
+
+
+def _speedup(report: Mapping[str, Any], key: str, batch: int) -> str:
+    """Before ÷ after, or why it is not quoted: a noisy figure says nothing about speed."""
+    prefix = key.split("_{}")[0]
+    noisy = report.get(f"{prefix}_noisy_b{batch}")
+    if noisy is None:  # a report from before the flag: judge by the spreads it has
+        spreads = [report.get(key.format("iqr_ms", tag=t, batch=batch)) for t in TAGS]
+        medians = [report[key.format("ms", tag=t, batch=batch)] for t in TAGS]
+        noisy = any(
+            i is None or i > NOISY_IQR_SHARE * m for i, m in zip(spreads, medians, strict=True)
+        )
+    if noisy:
+        return (
+            f"not quoted: noisy (an IQR above {NOISY_IQR_SHARE:.0%} of its median, or fewer "
+            f"than {TRUSTED_REPEATS} timed passes)"
+        )
+    before, after = (report[key.format("ms", tag=t, batch=batch)] for t in TAGS)
+    return f"{before / after:.2f}×"
 
 
 def _latency_note(card: CardInputs) -> str:
@@ -281,12 +310,17 @@ def _latency_note(card: CardInputs) -> str:
     passes = f"{repeats} timed forward passes" if repeats is not None else "the timed passes"
     after = f" after {warmup} warm-up passes" if warmup is not None else " after warm-up"
     device = evaluate.get("device", "auto")
+    threads = card.report.get("latency_threads")
+    on = f" on {threads:g} threads" if isinstance(threads, int | float) else ""
     return (
         f"Latency: the median of {passes}{after}, with their interquartile range (IQR) in "
-        f"brackets; PyTorch, float32, one `evaluate` run on one machine's CPU (`evaluate."
-        f"device`: `{device}`; `auto` uses a GPU when there is one). It is a single "
-        "measurement of that machine, not a benchmark: compare before with after, not "
-        "absolute times across machines."
+        f"brackets, the unpruned and the compacted model timed in turns{on}; PyTorch "
+        f"(float32, `evaluate.device`: `{device}`; `auto` uses a GPU when there is one) and "
+        "onnxruntime on the CPU, in one `evaluate` run on one machine. A speedup is quoted "
+        f"only when both times have an IQR of at most {NOISY_IQR_SHARE:.0%} of their median "
+        f"over at least {TRUSTED_REPEATS} passes; otherwise the figures are marked noisy. "
+        "It is a single measurement of that machine, not a benchmark: compare before with "
+        "after, not absolute times across machines."
     )
 
 

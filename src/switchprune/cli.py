@@ -70,7 +70,11 @@ def _train(args: argparse.Namespace) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="switchprune-inputs-") as tmp:
         if args.network_uri:
             _provide_network(args.network_uri, p["model"].arch, Path(tmp))
-        prepared_dir = Path(args.prepared_dir)
+        prepared_dir, checkpoint_dir = Path(args.prepared_dir), Path(args.checkpoint_dir)
+        on_checkpoint = None
+        if args.checkpoint_uri:
+            checkpoint_dir = Path(tmp) / "checkpoints"
+            on_checkpoint = _checkpoints_on_s3(args.checkpoint_uri, checkpoint_dir)
         if args.prepared_uri:
             from switchprune import storage, transfer
 
@@ -82,7 +86,8 @@ def _train(args: argparse.Namespace) -> dict[str, float]:
             data_cfg=p["data"],
             prepared_dir=prepared_dir,
             trained_dir=Path(args.trained_dir),
-            checkpoint_dir=Path(args.checkpoint_dir),
+            checkpoint_dir=checkpoint_dir,
+            on_checkpoint=on_checkpoint,
             progress=not args.quiet,
             history_path=Path(args.reports_dir) / HISTORY_FILE,
             log_epochs=args.log_epochs,
@@ -100,6 +105,22 @@ def _relaunch_under_torchrun(nproc: int, argv: list[str]) -> NoReturn:
         raise InputError(f"train.nproc_per_node {nproc} needs torchrun beside {sys.executable}")
     args = [str(torchrun), "--standalone", f"--nproc_per_node={nproc}"]
     os.execv(args[0], [*args, "-m", "switchprune", *argv])
+
+
+def _checkpoints_on_s3(uri: str, folder: Path) -> Callable[[Path], None]:
+    """Fetch the checkpoints under ``uri`` into ``folder``; the uploader of each new one.
+
+    Every process fetches its own copy (the nodes share no disk), verified against its upload;
+    none there is a fresh start. A checkpoint replaces its object whole, so a process killed
+    mid-upload leaves the previous epoch's.
+    """
+    from switchprune import storage, transfer
+    from switchprune.stages.train import CHECKPOINT_FILES
+
+    client = storage.make_client()
+    for name in CHECKPOINT_FILES:
+        transfer.download_if_present(client, f"{uri.rstrip('/')}/{name}", folder / name)
+    return lambda path: transfer.upload_file(client, f"{uri.rstrip('/')}/{path.name}", path)
 
 
 def _provide_network(uri: str, arch: str, folder: Path) -> None:
@@ -277,6 +298,12 @@ def _add_remote_options(p: argparse.ArgumentParser) -> None:
         "--output-uri",
         metavar="S3_URI",
         help="afterwards, rank 0 uploads the trained models, the history and the metrics here",
+    )
+    p.add_argument(
+        "--checkpoint-uri",
+        metavar="S3_URI",
+        help="keep the per-epoch checkpoints under this S3 prefix instead of --checkpoint-dir: "
+        "a run started anywhere (a restarted node, another machine) resumes from them",
     )
     p.add_argument(
         "--log-epochs",

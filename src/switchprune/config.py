@@ -220,7 +220,8 @@ class TrainConfig(_Section):
         snn_hidden: Hidden width of the switcher.
         scorer: Where unit scores come from: ``magnitude`` (L2 norm of incoming weights ÷
             layer mean, read as the TNN trains; the default, because the benchmark found no
-            setting in which the learned switcher beats it), ``switcher`` (learned) or
+            setting in which the learned switcher beats it), ``group_norm`` (DepGraph's L2 norm
+            of every parameter coupled to the unit ÷ layer mean), ``switcher`` (learned) or
             ``random`` (fixed seeded scores, a control). The fixed scorers need ``compression:
             target`` or ``auto``; the paper's ``penalty``/``none`` modes need the switcher.
         gate_temperature: ``target``/``auto`` modes: SNN steps sample the gates of units near
@@ -279,7 +280,7 @@ class TrainConfig(_Section):
     warmup_epochs: int = 0
     switch_epochs_fraction: float = Field(0.75, gt=0, le=1)
     snn_hidden: int = Field(32, ge=1)
-    scorer: Literal["switcher", "magnitude", "random"] = "magnitude"
+    scorer: Literal["switcher", "magnitude", "group_norm", "random"] = "magnitude"
     gate_temperature: float = Field(0.1, gt=0)
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     compression: Literal["target", "auto", "penalty", "none"] = "target"
@@ -337,8 +338,9 @@ class EvaluateConfig(_Section):
 
     Attributes:
         batch_size: Batch size of accuracy evaluation.
-        latency_warmup: Untimed forward passes before timing.
-        latency_repeats: Timed forward passes; the median is reported.
+        latency_warmup: Untimed rounds (one pass of each model) before timing.
+        latency_repeats: Timed rounds; the median and interquartile range are reported, and
+            a figure from fewer than 20 is flagged as noisy.
         threads: CPU threads used for latency (0 keeps torch's default).
         device: ``auto``, ``cpu`` or ``cuda``.
         max_logit_diff: Largest accepted max abs difference (float64) between the logits of the

@@ -1,8 +1,4 @@
-"""The few parts of DVC 3's formats the library needs, read without importing DVC.
-
-Content hashes, the hash a ``.dvc`` file records, the default remote's URL, and fetching one
-version from that remote (a cluster run's data).
-"""
+"""DVC 3's hashes, ``.dvc`` files, default remote and remote downloads, read without DVC."""
 
 from __future__ import annotations
 
@@ -33,12 +29,8 @@ def dvc_md5(path: Path) -> str:
         return file_digest(path, "md5")
     if not path.is_dir():
         raise InputError(f"cannot hash {path}: no such file or directory")
-    entries = [
-        {"md5": file_digest(f, "md5"), "relpath": f.relative_to(path).as_posix()}
-        for f in path.rglob("*")
-        if f.is_file()
-    ]
-    entries.sort(key=lambda e: e["relpath"])
+    files = sorted(f.relative_to(path).as_posix() for f in path.rglob("*") if f.is_file())
+    entries = [{"md5": file_digest(path / f, "md5"), "relpath": f} for f in files]
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"
 
 
@@ -80,9 +72,8 @@ def default_remote(root: Path) -> tuple[str, str]:
 def download_version(client: Any, remote_url: str, md5: str, out_dir: Path) -> Path:
     """Materialise one DVC-tracked file or directory from a DVC 3 remote on S3, by its hash.
 
-    DVC stores content by md5 under ``<remote>/files/md5/<2 chars>/<rest>``; a directory's entry
-    (``<md5>.dir``) lists its files. Every file is checked against its md5, so ``out_dir`` ends
-    up holding exactly that version (a single file lands under its hash) or nothing new at all.
+    Every file is checked against its md5: ``out_dir`` ends up holding exactly that version (a
+    single file under its hash) or is left as it was.
 
     Args:
         client: A boto3 S3 client for the remote's endpoint.

@@ -12,6 +12,7 @@ import ctypes.util
 import io
 import statistics
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -163,6 +164,14 @@ def retain_freed_memory() -> bool:
     return bool(mallopt(m_mmap_threshold, limit)) and bool(mallopt(m_trim_threshold, limit))
 
 
+# Batch sizes every latency is timed at: one request, and a batch of offline inference.
+LATENCY_BATCHES = (1, 256)
+# A latency is trusted only from this many timed passes, with an interquartile range of at most
+# this share of its median; otherwise it is flagged as noisy and no speedup is quoted from it.
+TRUSTED_REPEATS = 20
+NOISY_IQR_SHARE = 0.2
+
+
 @dataclass(frozen=True)
 class Latency:
     """Forward times of one model over the timed repeats, in milliseconds.
@@ -171,50 +180,82 @@ class Latency:
         median_ms: Median of the repeats.
         iqr_ms: Interquartile range (75th minus 25th percentile) of the repeats: their spread
             in this one run (0 with a single repeat).
+        repeats: How many passes were timed.
     """
 
     median_ms: float
     iqr_ms: float
+    repeats: int
+
+    @property
+    def noisy(self) -> bool:
+        """Too few repeats, or a spread above :data:`NOISY_IQR_SHARE` of the median."""
+        return self.repeats < TRUSTED_REPEATS or self.iqr_ms > NOISY_IQR_SHARE * self.median_ms
+
+    @classmethod
+    def of(cls, times_ms: Sequence[float]) -> Latency:
+        """The median and interquartile range of ``times_ms``."""
+        if len(times_ms) < 2:
+            return cls(median_ms=float(statistics.median(times_ms)), iqr_ms=0.0, repeats=1)
+        # "inclusive": the quartiles of the measured times themselves, not of a population.
+        q1, _q2, q3 = statistics.quantiles(times_ms, n=4, method="inclusive")
+        return cls(float(statistics.median(times_ms)), float(q3 - q1), len(times_ms))
 
 
-@torch.no_grad()
-def measure_latency(
-    model: nn.Module,
-    in_shape: tuple[int, ...],
-    batch_size: int,
-    device: torch.device,
+def interleaved_latency(
+    runs: Mapping[str, Callable[[], object]],
     *,
     warmup: int = 5,
     repeats: int = 20,
-) -> Latency:
-    """Median and interquartile range of one forward pass's wall time, after warm-up passes.
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, Latency]:
+    """Time several forward passes in turns, so that the machine's drifts hit them alike.
+
+    Each round runs every pass once, in alternating order (A B, then B A), after ``warmup``
+    untimed rounds: a busy spell or a frequency change lands on all of them instead of on the
+    one that happened to run then.
 
     Args:
-        model: The network (put in eval mode).
-        in_shape: Shape of one input, without the batch dimension.
-        batch_size: Inputs per forward pass.
-        device: Where to run.
-        warmup: Untimed passes first (allocator, kernels, caches).
-        repeats: Timed passes.
+        runs: Name to a callable running one forward pass (synchronised, on a GPU).
+        warmup: Untimed rounds first (allocator, kernels, caches).
+        repeats: Timed rounds.
+        clock: Seconds, monotonic (a test passes its own).
 
     Returns:
-        The median and the interquartile range of the timed passes, in milliseconds.
+        Per name, the median and interquartile range of its timed passes.
+    """
+    order = list(runs.items())
+    for _ in range(warmup):
+        for _name, run in order:
+            run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for i in range(max(1, repeats)):
+        for name, run in order if i % 2 == 0 else order[::-1]:
+            start = clock()
+            run()
+            times[name].append((clock() - start) * 1000.0)
+    return {name: Latency.of(t) for name, t in times.items()}
+
+
+def forward_pass(
+    model: nn.Module, in_shape: tuple[int, ...], batch_size: int, device: torch.device
+) -> Callable[[], object]:
+    """A callable running one no-grad forward pass of ``model`` on a fixed random batch.
+
+    Args:
+        model: The network (put in eval mode on ``device``).
+        in_shape: Shape of one input, without the batch dimension.
+        batch_size: Inputs per forward pass.
+        device: Where to run; on CUDA the call waits for the GPU.
     """
     model = model.to(device).eval()
     x = torch.randn(batch_size, *in_shape, generator=torch.Generator().manual_seed(0)).to(device)
-    for _ in range(warmup):
-        model(x)
-    times = []
-    for _ in range(repeats):
+
+    @torch.no_grad()
+    def run() -> object:
+        out = model(x)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        model(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - start) * 1000.0)
-    if len(times) < 2:
-        return Latency(median_ms=statistics.median(times), iqr_ms=0.0)
-    # "inclusive": the quartiles of the measured times themselves, not of a population.
-    q1, _q2, q3 = statistics.quantiles(times, n=4, method="inclusive")
-    return Latency(median_ms=statistics.median(times), iqr_ms=q3 - q1)
+        return out
+
+    return run

@@ -12,10 +12,9 @@ from __future__ import annotations
 import copy
 import io
 import json
-import statistics
 import tempfile
-import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -242,38 +241,20 @@ def export_checked(
     return diff
 
 
-def latency_ms(
-    onnx_model: bytes | Path,
-    in_shape: tuple[int, ...],
-    batch: int,
-    *,
-    warmup: int = 3,
-    repeats: int = 10,
-    threads: int | None = None,
-) -> float:
-    """Median onnxruntime forward time in milliseconds for a batch of ``batch`` samples.
+def onnx_pass(
+    onnx_model: bytes | Path, in_shape: tuple[int, ...], batch: int, threads: int | None = None
+) -> Callable[[], object]:
+    """A callable running one onnxruntime forward pass on a fixed batch of random pixels.
 
     Args:
         onnx_model: The model's bytes or file (``uint8`` input).
         in_shape: Input shape of one sample.
         batch: Batch size.
-        warmup: Untimed runs first.
-        repeats: Timed runs.
         threads: Intra-op threads (``None``: onnxruntime's default).
-
-    Returns:
-        The median time of one run.
     """
     sess = session(onnx_model, threads=threads)
     feed = {INPUT_NAME: random_pixels(batch, in_shape).numpy()}
-    for _ in range(max(0, warmup)):
-        sess.run([OUTPUT_NAME], feed)
-    times = []
-    for _ in range(max(1, repeats)):
-        start = time.perf_counter()
-        sess.run([OUTPUT_NAME], feed)
-        times.append((time.perf_counter() - start) * 1000.0)
-    return float(statistics.median(times))
+    return lambda: sess.run([OUTPUT_NAME], feed)
 
 
 def export_temporary(model: torch.nn.Module, contract: InputContract) -> bytes:

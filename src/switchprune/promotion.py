@@ -1,16 +1,15 @@
 """Promotion: a registered model version becomes the champion, on S3 and in the registry.
 
-A version lands under ``<s3_uri>/<model_name>/v<version>/``; writing the manifest
-``<s3_uri>/<model_name>/current.json`` last, once every object checks out, makes it current.
-Readers go through the manifest alone, so they never see a half-promoted version. The manifest
-is the champion of record and the registry alias follows it; a failure leaves the previous
-manifest and alias as they were and removes what the failed promotion uploaded.
+A version lands under ``<s3_uri>/<model_name>/v<version>/``; the manifest ``current.json`` beside
+it, written last once every object checks out, makes it current (readers never see half a
+version) and is the champion of record, which the registry alias follows.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import operator
 import re
 import tempfile
 from dataclasses import dataclass
@@ -31,31 +30,20 @@ MANIFEST_NAME = "current.json"
 INCOMPLETE_MARKER = ".incomplete"
 # How often an alias that moves under us is re-read before giving up.
 _RECONCILE_ROUNDS = 10
-_WRITING_MANIFEST = "writing the manifest"
 _JSON = "application/json"
 
 
 @dataclass(frozen=True)
 class Publication:
-    """What :func:`publish` did.
+    """What :func:`publish` did."""
 
-    Attributes:
-        changed: Whether anything was written (False when the version was current already).
-        s3_uri: The version folder, ``s3://bucket/<prefix>/<model_name>/v<version>/``.
-        manifest_key: Key of the manifest.
-        files: ``name``, ``key``, ``size`` and ``sha256`` of every file, sorted by name.
-        uploaded: Names of the files this call uploaded.
-        manifest: The manifest now current.
-        previous: The manifest's bytes before this call, or None.
-    """
-
-    changed: bool
-    s3_uri: str
+    changed: bool  # whether anything was written (not if the version was current already)
+    s3_uri: str  # the version folder, s3://bucket/<prefix>/<model_name>/v<version>/
     manifest_key: str
-    files: list[dict[str, Any]]
-    uploaded: list[str]
-    manifest: dict[str, Any]
-    previous: bytes | None
+    files: list[dict[str, Any]]  # name, key, size and sha256 of every file, sorted by name
+    uploaded: list[str]  # names of the files this call uploaded
+    manifest: dict[str, Any]  # the manifest now current
+    previous: bytes | None  # the manifest's bytes before this call
 
 
 @dataclass(frozen=True)
@@ -83,8 +71,6 @@ def check_gate(
 ) -> tuple[bool, str]:
     """Whether run ``metrics`` of ``version`` pass the gate, against ``champion`` if any.
 
-    A refusal names every failed condition, so that one retraining can address them all.
-
     Returns:
         ``(True, "passed the gate")``, or ``False`` and every failed condition joined by "; ".
     """
@@ -93,22 +79,20 @@ def check_gate(
         for key in ("test_accuracy", "params_ratio", "max_abs_logit_diff_f64")
         if key not in metrics
     ]
-    acc = metrics.get("test_accuracy")
+    acc, base = metrics.get("test_accuracy"), metrics.get("baseline_accuracy")
+    diff, ratio = metrics.get("max_abs_logit_diff_f64"), metrics.get("params_ratio")
     if acc is not None and not acc >= cfg.min_accuracy:
         reasons.append(f"test_accuracy {acc:.4f} < min_accuracy {cfg.min_accuracy:.4f}")
-    base = metrics.get("baseline_accuracy")
     if acc is not None and base is not None and not base - acc <= cfg.max_accuracy_drop:
         reasons.append(
             f"accuracy drop {base - acc:.4f} against baseline_accuracy {base:.4f} "
             f"> max_accuracy_drop {cfg.max_accuracy_drop:.4f}"
         )
-    diff = metrics.get("max_abs_logit_diff_f64")
     if diff is not None and not diff <= cfg.max_logit_diff:
         reasons.append(
             f"max_abs_logit_diff_f64 {diff} > max_logit_diff {cfg.max_logit_diff:g}: the "
             "compacted model does not compute what the trained model computes"
         )
-    ratio = metrics.get("params_ratio")
     if ratio is not None and not ratio <= cfg.max_params_ratio:
         reasons.append(f"params_ratio {ratio:.4f} > max_params_ratio {cfg.max_params_ratio:.4f}")
     if champion and champion["version"] != version and cfg.not_worse_than_champion:
@@ -131,8 +115,6 @@ def promote(
 ) -> dict[str, Any]:
     """Promote a registered version if it passes the gate: publish it, then move the alias.
 
-    ``tracking_uri`` and the S3 ``client`` default to the configured ones.
-
     Returns:
         ``model_name``, ``version``, ``s3_uri`` (the version folder), ``champion_before``,
         ``changed``, ``promoted`` and ``reason``.
@@ -147,7 +129,7 @@ def promote(
     # Checks the registry is reachable before anything is read or written.
     info = registry.version_info(uri, registry.ModelRef(model_name, version=version))
     client = client if client is not None else storage.make_client()
-    # An alias left behind (by a crash or a concurrent promotion) first follows the manifest.
+    # An alias left behind (a crash, a concurrent promotion) first follows the manifest.
     champion = reconcile_alias(uri, client, cfg, model_name)
     passed, reason = check_gate(cfg, info["metrics"], champion, version)
     out: dict[str, Any] = {
@@ -159,26 +141,19 @@ def promote(
     }
     if not passed:
         return {**out, "promoted": False, "reason": f"refused: {reason}"}
-    # Copy the version's files to S3 and make it current there.
     name = info["name"]
     storage.ensure_bucket(client, storage.parse_s3_uri(cfg.s3_uri).bucket)
     remove_incomplete(client, cfg.s3_uri, name, older_than=cfg.remove_incomplete_after)
     with tempfile.TemporaryDirectory(prefix="switchprune-promote-") as tmp:
         files_dir = Path(tmp) / "files"
         registry.download_model_version(uri, registry.ModelRef(name, version=version), files_dir)
-        manifest = {
-            "run_id": info["run_id"],
-            "model_uri": f"models:/{name}/{version}",
-            "data_md5": info["tags"].get("data_md5", ""),
-            "git_commit": info["tags"].get("git_commit", ""),
-            "metrics": info["metrics"],
-        }
+        manifest = {k: info[k] for k in ("run_id", "model_uri", "metrics")}
+        manifest.update({k: info["tags"].get(k, "") for k in ("data_md5", "git_commit")})
         files = {p.name: p for p in sorted(files_dir.iterdir()) if p.is_file()}
         publication = publish(
             client, files, s3_uri=cfg.s3_uri, model_name=name, version=version, manifest=manifest
         )
-    moved = champion is None or champion["version"] != version
-    if moved:
+    if moved := champion is None or champion["version"] != version:
         _move_alias(uri, client, cfg, info, publication)
     # A concurrent promotion may have written the manifest since: the alias follows it.
     final = reconcile_alias(uri, client, cfg, model_name)
@@ -197,11 +172,10 @@ def reconcile_alias(
 
     Returns:
         The champion as :func:`switchprune.registry.get_alias_version` describes it, or None
-        when the alias names no version (and no manifest says which it should).
+        if neither the alias nor a manifest names one.
 
     Raises:
-        switchprune.registry.RegistryError: The alias cannot be read or moved, or keeps
-            diverging from the manifest.
+        switchprune.registry.RegistryError: The alias cannot be read, moved or kept in line.
     """
     from switchprune import registry
 
@@ -235,11 +209,10 @@ def _move_alias(
     except registry.RegistryError as alias_error:
         if not pub.changed:
             raise
-        # The manifest is current already: put the previous one back, so that S3 and the
-        # registry keep naming the same champion.
+        # The new manifest is current: put the previous one back, so S3 and the alias agree.
         target = _Version(storage.parse_s3_uri(cfg.s3_uri), info["name"], info["version"])
         uploaded = [target.key(name) for name in pub.uploaded]
-        notes, undone = _roll_back(client, target, pub.previous, uploaded, manifest_written=True)
+        notes, undone = _roll_back(client, target, pub.previous, uploaded, written=True)
         if not undone:
             raise registry.RegistryError(
                 f"moving alias {cfg.alias!r} failed ({alias_error}), and restoring the previous "
@@ -260,17 +233,15 @@ def publish(
 ) -> Publication:
     """Upload and verify a model version, then make it current by writing its manifest last.
 
-    ``files`` (object name to local file) missing from ``<s3_uri>/<model_name>/v<version>/``
-    are uploaded; the manifest is ``manifest`` plus ``name``, ``version``, ``files`` and
-    ``promoted_at``. Nothing is written if the manifest names this version with the same,
-    intact files. On failure, the objects uploaded are deleted and the previous manifest stays.
+    Only ``files`` (object name to local file) missing from the version folder are uploaded,
+    none if it is current and intact; the manifest is ``manifest`` plus ``name``, ``version``,
+    ``files`` and ``promoted_at``. A failure deletes the uploads and keeps the previous manifest.
 
     Returns:
         What was written, and the manifest now current.
 
     Raises:
-        StorageError: If an argument is invalid, a file is unreadable, the version is already
-            current with different files, or any S3 operation or check fails.
+        StorageError: Invalid input, the version current with other files, or an S3 failure.
     """
     target = _Version(storage.parse_s3_uri(s3_uri), _checked_name(model_name, "model"), version)
     entries = _entries(target, files, manifest)
@@ -285,7 +256,8 @@ def publish(
         if storage.object_exists(client, bucket, marker):
             _delete_quietly(client, bucket, marker)
     if current is not None and current["version"] == version:
-        if _fingerprint(current["files"]) != _fingerprint(entries):
+        fields = operator.itemgetter("name", "size", "sha256")
+        if sorted(map(fields, current["files"])) != sorted(map(fields, entries)):
             raise StorageError(
                 f"{target.uri} is already current with different files (see "
                 f"s3://{bucket}/{key}); promote the change as a new version"
@@ -312,16 +284,13 @@ def read_manifest(client: Any, s3_uri: str, model_name: str) -> dict[str, Any] |
 
 
 def download_promoted(client: Any, s3_uri: str, model_name: str, out_dir: Path) -> dict[str, Any]:
-    """Download the current version's files into ``out_dir``, verified against the manifest.
-
-    All are checked before any replaces its namesake, so a failure leaves ``out_dir`` as it was.
+    """Download the current version's files into ``out_dir``, all checked before any is moved.
 
     Returns:
         The manifest.
 
     Raises:
-        StorageError: If there is no manifest, a file is missing or does not match it, or S3
-            cannot be reached.
+        StorageError: No manifest, a file missing or not matching it, or S3 unreachable.
     """
     loc = storage.parse_s3_uri(s3_uri)
     document = read_manifest(client, s3_uri, model_name)
@@ -333,8 +302,8 @@ def download_promoted(client: Any, s3_uri: str, model_name: str, out_dir: Path) 
         )
     with staging_dir(out_dir) as staging:
         for entry in document["files"]:
-            key, name = entry["key"], entry["name"]
-            size, digest = storage.download_object(client, loc.bucket, key, staging / name)
+            key = entry["key"]
+            size, digest = storage.download_object(client, loc.bucket, key, staging / entry["name"])
             if size != entry["size"] or digest != entry["sha256"]:
                 raise StorageError(
                     f"s3://{loc.bucket}/{key} at {endpoint} does not match its manifest: got "
@@ -352,10 +321,7 @@ def download_promoted(client: Any, s3_uri: str, model_name: str, out_dir: Path) 
 def remove_incomplete(
     client: Any, s3_uri: str, model_name: str, *, older_than: float = 3600.0
 ) -> list[str]:
-    """Delete version folders left by promotions that died before writing their manifest.
-
-    Only markers older than ``older_than`` seconds count, so that a promotion still running
-    elsewhere is left alone; the version the manifest names is never touched.
+    """Delete version folders whose marker is ``older_than`` s old, except the current one.
 
     Returns:
         The keys deleted.
@@ -391,9 +357,8 @@ def _entries(
     target: _Version, files: dict[str, Path], manifest: dict[str, Any]
 ) -> list[dict[str, Any]]:
     """The manifest's file entries; every argument is checked before S3 is touched."""
-    version = target.number
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise StorageError(f"version must be an integer >= 1, got {version!r}")
+    if isinstance(target.number, bool) or not isinstance(target.number, int) or target.number < 1:
+        raise StorageError(f"version must be an integer >= 1, got {target.number!r}")
     if not files:
         raise StorageError("nothing to promote: no files given")
     if not isinstance(manifest, dict):
@@ -420,11 +385,7 @@ def _write_version(
     extra: dict[str, Any],
     previous: bytes | None,
 ) -> tuple[list[str], dict[str, Any]]:
-    """Upload what is missing, verify everything, write the manifest; undo all on failure.
-
-    Returns:
-        The names of the files uploaded, and the manifest written.
-    """
+    """Upload what is missing, verify all, write the manifest; the names uploaded, the manifest."""
     bucket, marker = target.loc.bucket, target.key(INCOMPLETE_MARKER)
     uploaded: list[str] = []
     stage = "uploading"
@@ -441,11 +402,9 @@ def _write_version(
             uploaded.append(entry["key"])
             logger.info("uploaded s3://%s/%s (%d bytes)", bucket, entry["key"], entry["size"])
         stage = "verifying"
-        for entry in entries:
-            storage.verify_object(
-                client, bucket, entry["key"], size=entry["size"], sha256=entry["sha256"]
-            )
-        stage = _WRITING_MANIFEST
+        for e in entries:
+            storage.verify_object(client, bucket, e["key"], size=e["size"], sha256=e["sha256"])
+        stage = "writing the manifest"
         document = {
             **extra,
             "name": target.model,
@@ -460,8 +419,8 @@ def _write_version(
         uploaded.remove(marker)
         _delete_quietly(client, bucket, marker)
     except BaseException as exc:
-        written = stage == _WRITING_MANIFEST
-        notes, _ = _roll_back(client, target, previous, uploaded, manifest_written=written)
+        written = stage == "writing the manifest"
+        notes, _ = _roll_back(client, target, previous, uploaded, written=written)
         if not isinstance(exc, Exception):
             raise  # KeyboardInterrupt and friends: clean up, but do not disguise them
         raise StorageError(
@@ -472,24 +431,16 @@ def _write_version(
 
 
 def _roll_back(
-    client: Any,
-    target: _Version,
-    previous: bytes | None,
-    uploaded: list[str],
-    *,
-    manifest_written: bool,
+    client: Any, target: _Version, previous: bytes | None, uploaded: list[str], *, written: bool
 ) -> tuple[str, bool]:
-    """Best-effort undo of a promotion: the previous manifest back, then no uploaded objects.
+    """Best effort: restore the manifest if the new one may be ``written``, delete the uploads.
 
-    ``manifest_written``: the new manifest may have reached the server. Objects are kept while
-    it may name them; the marker among them lets a later promotion sweep them.
-
-    Returns:
-        A note for the error message, and whether everything was undone.
+    Uploads are kept while the new manifest may name them (their marker lets a later sweep go).
+    Returns a note for the error message, and whether everything was undone.
     """
     bucket, key = target.loc.bucket, target.manifest_key
     notes = []
-    if manifest_written:
+    if written:
         try:
             if storage.get_bytes(client, bucket, key) != previous:
                 if previous is None:
@@ -508,10 +459,8 @@ def _roll_back(
     return ", ".join(notes), not left
 
 
-def _stored(client: Any, bucket: str, entry: dict[str, Any]) -> bool:
-    return storage.object_matches(
-        client, bucket, entry["key"], size=entry["size"], sha256=entry["sha256"]
-    )
+def _stored(client: Any, bucket: str, e: dict[str, Any]) -> bool:
+    return storage.object_matches(client, bucket, e["key"], size=e["size"], sha256=e["sha256"])
 
 
 def _delete_quietly(client: Any, bucket: str, key: str) -> bool:
@@ -522,10 +471,6 @@ def _delete_quietly(client: Any, bucket: str, key: str) -> bool:
         logger.warning("could not remove s3://%s/%s", bucket, key)
         return False
     return True
-
-
-def _fingerprint(entries: list[dict[str, Any]]) -> dict[str, tuple[int, str]]:
-    return {e["name"]: (e["size"], e["sha256"]) for e in entries}
 
 
 def _parse_manifest(raw: bytes, bucket: str, key: str) -> dict[str, Any]:

@@ -1,15 +1,13 @@
 """The MLflow side of a compacted model: log a run, register a version, move aliases, pull files.
 
-Every function takes the tracking URI (:func:`resolve_tracking_uri`), which is the registry URI
-too, and uses its own client of it, against an embedded SQLite store or an ``mlflow server``
-alike; MLflow's process-wide URIs are left alone. A version carries the served model, the plain
-files (``model.pt``, ``widths.json``, ...) as the model's extra files, the caller's tags and its
-identity tags, and the model card as description. Aliases are used, not (deprecated) stages.
+Every function takes the tracking URI (:func:`resolve_tracking_uri`), also the registry URI, and
+uses a client of its own (SQLite store or ``mlflow server``); MLflow's global URIs are left
+alone. A version carries the served model with the plain files (``model.pt``, ...) as extra
+files, tags, and the model card as description. Aliases are used, not (deprecated) stages.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import logging
@@ -21,19 +19,18 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import mlflow.artifacts
 import mlflow.pyfunc
 import mlflow.pytorch
 import numpy
+import requests
 import torch
+from mlflow.artifacts import download_artifacts
 from mlflow.entities import LoggedModel, LoggedModelOutput, Metric, Param, Run, RunTag
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
@@ -100,17 +97,11 @@ class _NotFoundError(RegistryInputError):
 
 @dataclass(frozen=True)
 class ModelRef:
-    """A registered model version, by alias or by number (neither: alias ``champion``).
-
-    Attributes:
-        name: Registered model name.
-        alias: Alias to resolve.
-        version: Version number (exclusive with ``alias``).
-    """
+    """A registered model version, by alias or by number (neither: alias ``champion``)."""
 
     name: str
     alias: str | None = None
-    version: int | None = None
+    version: int | None = None  # exclusive with alias
 
     def __post_init__(self) -> None:
         _check_name(self.name)
@@ -137,47 +128,31 @@ class ModelRef:
     @property
     def uri(self) -> str:
         """The ``models:/`` URI of this reference."""
-        if self.version is not None:
-            return f"models:/{self.name}/{self.version}"
-        return f"models:/{self.name}@{self.effective_alias}"
+        tail = f"/{self.version}" if self.version is not None else f"@{self.effective_alias}"
+        return f"models:/{self.name}{tail}"
 
 
 @dataclass(frozen=True)
 class Registration:
-    """One model to log and register: what goes into the run, the model and the version.
+    """One model to log and register: what goes into the run, the model and the version."""
 
-    Attributes:
-        experiment: Experiment name (created with ``artifact_location`` if absent).
-        model_name: Registered model name.
-        alias: Alias to set on the version (e.g. ``candidate``).
-        model: The network (logged in eval mode; its train/eval mode is restored).
-        files: Files for the run and the model, by the name they get (must include ``model.pt``).
-        input_example: A small batch of raw images (numpy ``uint8`` ``N×C×H×W``, 0..255).
-        params: Parameters, possibly nested; logged as ``section.key`` (lists as JSON text).
-        metrics: Metrics, flattened the same way (text and booleans left out).
-        tags: Tags for the run and the version (e.g. ``data_md5``, ``git_commit``).
-        normalization: Per-channel ``(mean, std)`` the served model applies to ``[0, 1]``
-            pixels if ``model.pt`` has no input contract (default 0, 1); else must match it.
-        description: The version's description (Markdown: the model card).
-        artifacts: More files for the run only (the card and its pictures), by name.
-        history: Per-epoch records; each key but ``epoch`` becomes metric ``epoch_<key>``.
-        artifact_location: Artifact root of a new experiment; default: the server's for HTTP,
-            the project's ``mlruns`` folder otherwise.
-    """
-
-    experiment: str
+    experiment: str  # created (at artifact_location) if absent
     model_name: str
-    alias: str
-    model: torch.nn.Module
-    files: Mapping[str, Path]
-    input_example: numpy.ndarray
+    alias: str  # set on the version, e.g. "candidate"
+    model: torch.nn.Module  # logged in eval mode, then put back in its mode
+    files: Mapping[str, Path]  # for the run and the model, by the name they get; has model.pt
+    input_example: numpy.ndarray  # a small batch of raw images: uint8 N×C×H×W, 0..255
+    # Nested params are logged as "section.key" (lists as JSON), metrics likewise (numbers only).
     params: Mapping[str, Any] = field(default_factory=dict)
     metrics: Mapping[str, Any] = field(default_factory=dict)
-    tags: Mapping[str, Any] = field(default_factory=dict)
+    tags: Mapping[str, Any] = field(default_factory=dict)  # for the run and the version
+    # Per-channel (mean, std) applied to [0, 1] pixels if model.pt has no input contract
+    # (default 0, 1); else it must match that contract.
     normalization: tuple[Sequence[float], Sequence[float]] | None = None
-    description: str | None = None
-    artifacts: Mapping[str, Path] = field(default_factory=dict)
-    history: Sequence[Mapping[str, float]] = ()
+    description: str | None = None  # the version's (Markdown: the model card)
+    artifacts: Mapping[str, Path] = field(default_factory=dict)  # for the run only, by name
+    history: Sequence[Mapping[str, float]] = ()  # per epoch: metric epoch_<key> at step epoch
+    # Artifact root of a new experiment; default: the server's for HTTP, ./mlruns otherwise.
     artifact_location: str | None = None
 
 
@@ -198,9 +173,7 @@ def _is_http(uri: str) -> bool:
 def _short(exc: BaseException) -> str:
     """One line describing ``exc``, without the credentials of the URI MLflow may repeat."""
     text = redact_uri(" ".join(str(exc).split())) or type(exc).__name__
-    if len(text) > 400:
-        text = text[:400] + "..."
-    return f"{type(exc).__name__}: {text}"
+    return f"{type(exc).__name__}: {text[:400] + '...' if len(text) > 400 else text}"
 
 
 def _is_not_found(exc: BaseException) -> bool:
@@ -219,7 +192,6 @@ def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _best_effort(fn: Any, *args: Any) -> bool:
-    """Call ``fn(*args)``; whether it succeeded (failures are swallowed)."""
     try:
         fn(*args)
     except Exception:
@@ -237,10 +209,7 @@ def _translated(what: str, tracking_uri: str) -> contextlib.AbstractContextManag
 
 @contextlib.contextmanager
 def _client(tracking_uri: str) -> Iterator[MlflowClient]:
-    """A client of ``tracking_uri`` (tracking and registry), with :data:`FAIL_FAST_ENV` applied.
-
-    Threads take turns: one's clean-up must not pull the settings from under another's requests.
-    """
+    """A client of ``tracking_uri`` with :data:`FAIL_FAST_ENV` applied, one thread at a time."""
     with _ENV_LOCK:
         added = {k: v for k, v in FAIL_FAST_ENV.items() if k not in os.environ}
         os.environ.update(added)
@@ -252,10 +221,10 @@ def _client(tracking_uri: str) -> Iterator[MlflowClient]:
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
-    """The tracking URI to use: ``uri``, else ``MLFLOW_TRACKING_URI``, else the embedded store.
+    """The tracking URI: ``uri``, else ``MLFLOW_TRACKING_URI``, else the embedded store.
 
     Returns:
-        The first that is not blank, else ``sqlite:////<project_root()>/mlflow.db``.
+        The first not blank, else ``sqlite:////<project_root()>/mlflow.db``.
 
     Raises:
         RegistryInputError: The URI has no scheme (MLflow would take it for a folder).
@@ -272,10 +241,7 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
 
 
 def project_root(start: Path | None = None) -> Path:
-    """The nearest folder at or above ``start`` (the working directory) holding ``params.yaml``.
-
-    The embedded store lives there, so that stages run from anywhere in the project find it.
-    """
+    """The nearest folder at or above ``start`` (the working directory) with ``params.yaml``."""
     here = (start or Path.cwd()).resolve()
     return next((f for f in (here, *here.parents) if (f / "params.yaml").is_file()), here)
 
@@ -287,48 +253,29 @@ def _sqlite_path(uri: str) -> Path | None:
     return None if path in ("", ":memory:") else Path(path)
 
 
-def _check_server(tracking_uri: str, timeout: float) -> None:
-    """``GET <uri>/health`` must answer 200; credentials in the URI go as Basic auth."""
-    url, shown = tracking_uri.rstrip("/") + "/health", redact_uri(tracking_uri)
-    parts = urllib.parse.urlsplit(url)
-    headers = {}
-    if parts.username is not None:  # as MLflow's client sends them; urllib would refuse the URL
-        user, password = (urllib.parse.unquote(p or "") for p in (parts.username, parts.password))
-        token = base64.b64encode(f"{user}:{password}".encode()).decode()
-        headers["Authorization"] = f"Basic {token}"
-    try:
-        with urllib.request.urlopen(  # noqa: S310 (the URL is the configured tracking server)
-            urllib.request.Request(redact_uri(url), headers=headers), timeout=timeout
-        ) as resp:
-            status = resp.status
-    except urllib.error.HTTPError as exc:
-        status = exc.code
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise RegistryError(
-            f"MLflow tracking server at {shown} is unreachable: {getattr(exc, 'reason', exc)} "
-            "(check MLFLOW_TRACKING_URI, or start the server)"
-        ) from exc
-    if status != 200:
-        raise RegistryError(
-            f"MLflow tracking server at {shown} is unreachable: /health answered {status}"
-        )
-
-
 def check_reachable(tracking_uri: str, timeout: float = 5.0) -> None:
-    """Fail early, with a readable message, if the tracking store cannot be used.
-
-    A server must answer ``GET <uri>/health`` within ``timeout`` (asked once per
-    :data:`RECHECK_S`); a SQLite store's folder, or the nearest existing folder of a ``file:``
-    store, must be writable. Other schemes are left to MLflow.
+    """Fail early if a server does not answer ``/health`` or a local store is not writable.
 
     Raises:
         RegistryError: The server does not answer, or the store's folder is not usable.
     """
     shown = redact_uri(tracking_uri)
     if _is_http(tracking_uri):
-        if time.monotonic() - _ANSWERED.get(tracking_uri, -math.inf) >= RECHECK_S:
-            _check_server(tracking_uri, timeout)
-            _ANSWERED[tracking_uri] = time.monotonic()
+        if time.monotonic() - _ANSWERED.get(tracking_uri, -math.inf) < RECHECK_S:
+            return
+        try:  # requests sends credentials in the URI as Basic auth, as MLflow's client does
+            status = requests.get(tracking_uri.rstrip("/") + "/health", timeout=timeout).status_code
+        except requests.RequestException as exc:
+            reason = getattr(exc.args[0], "reason", exc) if exc.args else exc  # urllib3's, if any
+            raise RegistryError(
+                f"MLflow tracking server at {shown} is unreachable: {redact_uri(str(reason))} "
+                "(check MLFLOW_TRACKING_URI, or start the server)"
+            ) from exc
+        if status != 200:
+            raise RegistryError(
+                f"MLflow tracking server at {shown} is unreachable: /health answered {status}"
+            )
+        _ANSWERED[tracking_uri] = time.monotonic()
     elif tracking_uri.startswith("sqlite:") and (db := _sqlite_path(tracking_uri)) is not None:
         folder = db.absolute().parent
         if not folder.is_dir():
@@ -377,8 +324,7 @@ def _resolve(client: MlflowClient, ref: ModelRef) -> ModelVersion:
         if _is_not_found(exc):
             raise _NotFoundError(f"no registered model {ref.name!r} at {shown}") from exc
         raise
-    alias = ref.effective_alias
-    number = ref.version
+    alias, number = ref.effective_alias, ref.version
     if alias is not None:
         aliases = dict(registered.aliases or {})
         if alias not in aliases:
@@ -423,18 +369,16 @@ def _info(client: MlflowClient, mv: ModelVersion, alias: str | None) -> dict[str
 
 
 @contextlib.contextmanager
-def _reading(
-    tracking_uri: str, ref: ModelRef, what: str
-) -> Iterator[tuple[MlflowClient, ModelVersion]]:
+def _reading(uri: str, ref: ModelRef, what: str) -> Iterator[tuple[MlflowClient, ModelVersion]]:
     """A client and the version ``ref`` names; reading never creates a missing SQLite store."""
-    db = _sqlite_path(tracking_uri) if tracking_uri.startswith("sqlite:") else None
+    db = _sqlite_path(uri) if uri.startswith("sqlite:") else None
     if db is not None and not db.is_file():
         raise RegistryInputError(
             f"no MLflow tracking store at {db.absolute()} (set MLFLOW_TRACKING_URI to the "
             "store or server that holds the model)"
         )
-    check_reachable(tracking_uri)
-    with _client(tracking_uri) as client, _translated(what, tracking_uri):
+    check_reachable(uri)
+    with _client(uri) as client, _translated(what, uri):
         yield client, _resolve(client, ref)
 
 
@@ -442,9 +386,8 @@ def version_info(tracking_uri: str, ref: ModelRef) -> dict[str, Any]:
     """Describe the model version ``ref`` names.
 
     Returns:
-        ``name``, ``version`` (int), ``alias`` (the alias resolved, or ``None``), ``aliases``
-        (all aliases on the version), ``run_id``, ``tags`` (the version's), ``metrics`` (the
-        run's), ``model_uri`` (``models:/NAME/VERSION``), ``source`` and ``status``.
+        ``name``, ``version``, ``alias`` (the one resolved), ``aliases``, ``run_id``, ``tags``,
+        ``metrics`` (the run's), ``model_uri``, ``source`` and ``status``.
 
     Raises:
         RegistryError: Unknown model, alias or version, or the store cannot be reached.
@@ -457,7 +400,7 @@ def get_alias_version(tracking_uri: str, model_name: str, alias: str) -> dict[st
     """The version an alias points to, as :func:`version_info` describes it.
 
     Returns:
-        ``None`` if the model or the alias does not exist.
+        None if the model or the alias does not exist.
 
     Raises:
         RegistryError: The store cannot be reached, or the name or alias is invalid.
@@ -484,29 +427,21 @@ def set_alias(tracking_uri: str, model_name: str, alias: str, version: int) -> N
 
 
 def download_model_version(tracking_uri: str, ref: ModelRef, out_dir: Path) -> dict[str, Any]:
-    """Download a version's plain files (``model.pt``, ``widths.json``, ...) into ``out_dir``.
-
-    Nothing is unpickled. The files land beside ``out_dir``, ``model.pt`` is checked against
-    the ``model_sha256`` tag, and only then does each replace its namesake in ``out_dir``.
+    """Download a version's plain files into ``out_dir``, once ``model.pt`` matches its tag.
 
     Returns:
         The :func:`version_info` of the version downloaded, plus ``files`` (sorted names).
 
     Raises:
-        RegistryError: Unknown model, alias or version; the version has no files; the download
-            is corrupt; or the store cannot be reached.
+        RegistryError: Unknown model, alias or version, no files, a corrupt download, or no store.
     """
     with _reading(tracking_uri, ref, f"pulling {ref.uri}") as (client, mv):
         info = _info(client, mv, ref.effective_alias)
         location = client.get_model_version_download_uri(mv.name, mv.version).rstrip("/")
+        source, what = f"{location}/{EXTRA_FILES_DIR}", f"version {info['version']} of {ref.name!r}"
         with staging_dir(out_dir) as tmp:
-            got = Path(
-                mlflow.artifacts.download_artifacts(
-                    f"{location}/{EXTRA_FILES_DIR}", dst_path=str(tmp), tracking_uri=tracking_uri
-                )
-            )
+            got = Path(download_artifacts(source, dst_path=str(tmp), tracking_uri=tracking_uri))
             files = sorted(p.name for p in got.iterdir() if p.is_file()) if got.is_dir() else []
-            what = f"version {info['version']} of {ref.name!r}"
             if not files:
                 raise RegistryError(
                     f"{what} has no files to pull (nothing under {EXTRA_FILES_DIR}/)"
@@ -542,20 +477,12 @@ def _check(registration: Registration) -> None:
             raise RegistryInputError(f"file name {name!r} must be a plain file name")
         if not Path(path).is_file():
             raise RegistryInputError(f"file {name!r} not found at {path}")
-    for record in registration.history:
-        if "epoch" not in record:
-            raise RegistryInputError(f"history record without 'epoch': {sorted(record)}")
+    if bad := [sorted(r) for r in registration.history if "epoch" not in r]:
+        raise RegistryInputError(f"history record without 'epoch': {bad[0]}")
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _find_by_content(client: MlflowClient, model_name: str, digest: str) -> ModelVersion | None:
-    """The newest ready version of ``model_name`` with this content digest, if any."""
-    found = client.search_model_versions(f"name='{model_name}' and tags.{CONTENT_TAG}='{digest}'")
-    ready = [mv for mv in found if mv.status in (None, "READY")]
-    return max(ready, key=lambda mv: int(mv.version)) if ready else None
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _artifact_location(tracking_uri: str, given: str | None) -> str | None:
@@ -570,11 +497,7 @@ def _artifact_location(tracking_uri: str, given: str | None) -> str | None:
 
 
 def _start_run(client: MlflowClient, tracking_uri: str, registration: Registration) -> Run:
-    """Create the run as ``mlflow.start_run(nested=True)`` would, and its experiment if needed.
-
-    The run is a child of the caller's active run, if any, with the context tags (user, source,
-    git commit); a deleted experiment is restored.
-    """
+    """Create the run as ``mlflow.start_run(nested=True)`` would, and its experiment if needed."""
     experiment = client.get_experiment_by_name(registration.experiment)
     if experiment is None:
         location = _artifact_location(tracking_uri, registration.artifact_location)
@@ -623,21 +546,19 @@ def _served_contract(registration: Registration) -> serving.InputContract:
                 f"{model_file} (mean {list(stored.mean)}, std {list(stored.std)})"
             )
         return stored
-    spec = getattr(model, "spec", None)
-    example = numpy.asarray(registration.input_example)
-    shape = tuple(spec.in_shape) if spec is not None else tuple(int(d) for d in example.shape[1:])
-    mean, std = normalization or ([0.0] * shape[0], [1.0] * shape[0])
-    if spec is not None:
-        classes = spec.num_classes
+    if (spec := getattr(model, "spec", None)) is not None:
+        shape, classes = tuple(spec.in_shape), spec.num_classes
     else:
+        shape = numpy.asarray(registration.input_example).shape[1:]
         with torch.no_grad():
             classes = int(model(torch.zeros(1, *shape)).shape[-1])
+    mean, std = normalization or ([0.0] * shape[0], [1.0] * shape[0])
     try:
         return serving.InputContract(
             shape=shape,  # type: ignore[arg-type]
-            mean=tuple(float(v) for v in mean),
-            std=tuple(float(v) for v in std),
-            classes=tuple(str(i) for i in range(classes)),
+            mean=tuple(map(float, mean)),
+            std=tuple(map(float, std)),
+            classes=tuple(map(str, range(classes))),
         )
     except ValueError as exc:
         raise RegistryInputError(f"{model_file}: {exc}") from exc
@@ -653,16 +574,12 @@ def _log_model(
 ) -> LoggedModel:
     """Log the served form as the run's model: raw ``uint8`` in, normalisation inside.
 
-    The steps of ``mlflow.pytorch.log_model`` (which would use MLflow's global tracking URI),
-    with :mod:`switchprune.serving` as the pyfunc loader, which checks every request. No tensor
-    signature on purpose: MLflow would cast a JSON float batch to ``uint8`` before the model
-    could refuse it; the input contract is the model's ``metadata["input"]`` instead.
+    ``mlflow.pytorch.log_model``'s steps without its global tracking URI. No tensor signature
+    (MLflow would cast a float batch to ``uint8`` before the model could refuse it).
     """
-    contract = _served_contract(registration)
     model, example = registration.model, registration.input_example
-    served = serving.ServedModel(model, contract)
-    was_training = model.training
-    served.eval()
+    contract, was_training = _served_contract(registration), model.training
+    served = serving.ServedModel(model, contract).eval()
     try:
         with torch.no_grad():
             served(torch.as_tensor(example))  # the example must satisfy the contract
@@ -722,34 +639,26 @@ class _Attempt:
 
 
 def _log_and_register_run(
-    client: MlflowClient,
-    run: Run,
-    registration: Registration,
-    tags: dict[str, str],
-    attempt: _Attempt,
+    client: MlflowClient, run: Run, reg: Registration, tags: dict[str, str], attempt: _Attempt
 ) -> str:
     """Log the run's records, files and model, then register, describe and alias the version."""
-    run_id, name, uri = run.info.run_id, registration.model_name, client.tracking_uri
+    run_id, name, uri = run.info.run_id, reg.model_name, client.tracking_uri
     now = int(time.time() * 1000)
     params = [
         Param(k, json.dumps(list(v), default=str) if isinstance(v, list | tuple) else str(v))
-        for k, v in _flatten(registration.params).items()
+        for k, v in _flatten(reg.params).items()
     ]
-    metrics = [
-        Metric(k, float(v), now, 0)
-        for k, v in _flatten(registration.metrics).items()
-        if _is_number(v) and math.isfinite(v)
-    ]
+    metrics = [Metric(k, float(v), now, 0) for k, v in _flatten(reg.metrics).items() if _finite(v)]
     stepped = [
         Metric(f"epoch_{k}", float(v), now, int(record["epoch"]))
-        for record in registration.history
+        for record in reg.history
         for k, v in record.items()
-        if k != "epoch" and _is_number(v) and math.isfinite(v)
+        if k != "epoch" and _finite(v)
     ]
     with tempfile.TemporaryDirectory(prefix="switchprune-register-") as scratch:
         # Every file under the name it gets, so that one upload names them all.
         staging = Path(scratch)
-        for file_name, path in {**registration.files, **registration.artifacts}.items():
+        for file_name, path in {**reg.files, **reg.artifacts}.items():
             shutil.copyfile(path, staging / file_name)
         runtags = [RunTag(k, v) for k, v in tags.items()]
         client.log_batch(run_id, metrics=metrics, params=params, tags=runtags)
@@ -758,8 +667,8 @@ def _log_and_register_run(
         attempt.step = "uploading files"
         client.log_artifacts(run_id, str(staging))
         attempt.step = "logging the model"
-        extra = [str(staging / file_name) for file_name in sorted(registration.files)]
-        logged = _log_model(client, run, registration, extra, params, metrics)
+        extra = [str(staging / file_name) for file_name in sorted(reg.files)]
+        logged = _log_model(client, run, reg, extra, params, metrics)
     attempt.step = f"registering model {name!r}"
     try:
         client.create_registered_model(name)
@@ -774,11 +683,11 @@ def _log_and_register_run(
     # Links the logged model to its version, as mlflow.register_model does.
     link = json.dumps([{"name": name, "version": created.version}])
     client.set_logged_model_tags(logged.model_id, {MLFLOW_MODEL_VERSIONS: link})
-    if registration.description is not None:
+    if reg.description is not None:
         attempt.step = f"setting the description of version {version}"
-        client.update_model_version(name, version, description=registration.description)
-    attempt.step = f"setting alias {registration.alias!r} on version {version}"
-    client.set_registered_model_alias(name, registration.alias, version)
+        client.update_model_version(name, version, description=reg.description)
+    attempt.step = f"setting alias {reg.alias!r} on version {version}"
+    client.set_registered_model_alias(name, reg.alias, version)
     return version
 
 
@@ -799,17 +708,14 @@ def _result(model_name: str, run_id: str, version: str | int, *, changed: bool) 
 def log_and_register(tracking_uri: str, registration: Registration) -> dict[str, Any]:
     """Log one run, register its model as a new version and set the alias.
 
-    If a version already carries the same ``model_content_sha256``, nothing is logged and the
-    alias is (re)set on that version. If anything fails after the run was created, the run is
-    marked ``FAILED`` and a version registered without its alias is deleted (best effort).
+    A version with the same ``model_content_sha256`` is reused (only the alias is set). On a
+    failure the run is marked ``FAILED`` and a version without its alias deleted (best effort).
 
     Returns:
-        ``run_id``, ``version`` (int), ``model_uri`` (``models:/NAME/VERSION``) and
-        ``changed`` (``False`` if an existing version was reused).
+        ``run_id``, ``version`` (int), ``model_uri`` and ``changed`` (False if reused).
 
     Raises:
-        RegistryError: Invalid names, a missing file, an unreachable store, or any MLflow
-            failure (the message says which step).
+        RegistryError: Invalid input, an unreachable store, or any MLflow failure (with its step).
     """
     _check(registration)
     model_file = Path(registration.files[MODEL_FILE])
@@ -821,8 +727,10 @@ def log_and_register(tracking_uri: str, registration: Registration) -> dict[str,
     name, alias = registration.model_name, registration.alias
     with _client(tracking_uri) as client:
         with _translated(f"looking up {name!r}", tracking_uri):
-            existing = _find_by_content(client, name, identity[CONTENT_TAG])
-        if existing is not None:
+            query = f"name='{name}' and tags.{CONTENT_TAG}='{identity[CONTENT_TAG]}'"
+            found = client.search_model_versions(query)
+        if ready := [mv for mv in found if mv.status in (None, "READY")]:
+            existing = max(ready, key=lambda mv: int(mv.version))
             with _translated(f"setting alias {alias!r} of {name!r}", tracking_uri):
                 client.set_registered_model_alias(name, alias, existing.version)
             return _result(name, existing.run_id, existing.version, changed=False)

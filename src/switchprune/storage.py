@@ -1,7 +1,6 @@
 """Verified S3 objects: a fail-fast client, uploads carrying their SHA-256, checked downloads.
 
-Errors surface as one :class:`StorageError` naming endpoint, bucket and key; credentials are
-never part of a message or a log line.
+Errors surface as one :class:`StorageError` naming endpoint, bucket and key, never credentials.
 """
 
 from __future__ import annotations
@@ -12,8 +11,8 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 import weakref
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -36,8 +35,14 @@ READ_TIMEOUT_S = 30.0
 MAX_ATTEMPTS = 2  # first try plus one retry: an unreachable endpoint fails in seconds
 _CHUNK = 1 << 20
 _SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+_KEYS = "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
 _MISSING_CODES = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
 _NO_CHECKSUM_CODES = {"NotImplemented", "InvalidArgument", "InvalidRequest"}
+_UNREACHABLE = (
+    boto_errors.EndpointConnectionError,
+    boto_errors.ConnectTimeoutError,
+    boto_errors.ConnectionClosedError,
+)
 # Why a request failed, by error code ({e}: endpoint, {c}: code).
 _CODE_REASONS = {
     "InvalidAccessKeyId": "{e} does not know the access key (InvalidAccessKeyId)",
@@ -77,8 +82,7 @@ def parse_s3_uri(uri: str) -> S3Location:
     """Split ``s3://bucket[/prefix]`` (one trailing ``/`` tolerated) into bucket and prefix.
 
     Raises:
-        StorageError: If ``uri`` is not an ``s3://`` URI with a valid bucket name and a clean
-            prefix (no empty, ``.`` or ``..`` segments, no backslashes or control characters).
+        StorageError: Not an ``s3://`` URI with a valid bucket name and a clean prefix.
     """
     if not isinstance(uri, str) or not uri.startswith("s3://"):
         raise StorageError(f"not an S3 URI (expected s3://bucket[/prefix]): {uri!r}")
@@ -103,8 +107,8 @@ def parse_s3_uri(uri: str) -> S3Location:
 def make_client(endpoint: str | None = None) -> Any:
     """A boto3 S3 client with path-style addressing, short timeouts and a single retry.
 
-    ``endpoint`` defaults to ``SWITCHPRUNE_S3_ENDPOINT``, then ``AWS_ENDPOINT_URL_S3``, then AWS.
-    Each call resolves credentials afresh (boto3's default session keeps the first it found).
+    ``endpoint`` defaults to ``SWITCHPRUNE_S3_ENDPOINT``, then ``AWS_ENDPOINT_URL_S3``, then AWS;
+    credentials are resolved afresh (boto3's default session keeps the first it found).
 
     Raises:
         StorageError: If the endpoint is not an ``http(s)://host[:port]`` URL.
@@ -135,8 +139,7 @@ def ensure_bucket(client: Any, bucket: str) -> None:
     """Create ``bucket`` unless it exists.
 
     Raises:
-        StorageError: If the endpoint is unreachable, the credentials are refused, access is
-            denied, or the bucket cannot be created.
+        StorageError: The endpoint, the credentials or the creation failed, or access is denied.
     """
     action = f"checking bucket s3://{bucket}"
     with reporting(client, action):
@@ -160,14 +163,13 @@ def ensure_bucket(client: Any, bucket: str) -> None:
             client.create_bucket(**kwargs)
             logger.info("created bucket s3://%s at %s", bucket, endpoint_name(client))
         except ClientError as exc:
-            if _code(exc) == "BucketAlreadyOwnedByYou":
-                return
             if _code(exc) == "BucketAlreadyExists":
                 # Someone created it between our HEAD and CREATE: fine if we can use it.
                 with contextlib.suppress(Exception):
                     client.head_bucket(Bucket=bucket)
                     return
-            raise
+            if _code(exc) != "BucketAlreadyOwnedByYou":
+                raise
 
 
 def sha256_file(path: Path) -> str:
@@ -194,15 +196,14 @@ def put_object(
     checksum, dropped if the server rejects it; :func:`verify_object` is what proves an upload.
 
     Returns:
-        Whether the checksum was accepted: pass it as ``checksum`` to the next upload, so that
-        a server's refusal is paid once.
+        Whether the checksum was accepted: the ``checksum`` for the next upload.
 
     Raises:
         StorageError: If the upload fails.
     """
     sha256 = sha256 or hashlib.sha256(body).hexdigest()  # type: ignore[arg-type]
-    kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key, "Body": body}
-    kwargs.update(ContentType=content_type, Metadata={"sha256": sha256})
+    kwargs = {"Bucket": bucket, "Key": key, "Body": body, "ContentType": content_type}
+    kwargs["Metadata"] = {"sha256": sha256}
     with reporting(client, f"uploading s3://{bucket}/{key}"):
         if checksum:
             try:
@@ -238,29 +239,22 @@ def verify_object(client: Any, bucket: str, key: str, *, size: int, sha256: str)
 def object_exists(client: Any, bucket: str, key: str) -> bool:
     """Whether ``key`` exists (a HEAD request: nothing is downloaded)."""
     with reporting(client, f"checking s3://{bucket}/{key}"):
-        return _head(client, bucket, key) is not None
+        return _or_none(client.head_object, Bucket=bucket, Key=key) is not None
 
 
 def get_bytes(client: Any, bucket: str, key: str) -> bytes | None:
     """The whole object, or None if it (or its bucket) does not exist; else a StorageError."""
     with reporting(client, f"reading s3://{bucket}/{key}"):
-        try:
-            return b"".join(_stream(client, bucket, key))
-        except ClientError as exc:
-            if _code(exc) in _MISSING_CODES:
-                return None
-            raise
+        found = _or_none(client.get_object, Bucket=bucket, Key=key)
+        return None if found is None else found["Body"].read()
 
 
 def download_object(client: Any, bucket: str, key: str, target: Path) -> tuple[int, str]:
     """Stream an object into ``target``; the byte count and hex SHA-256 of what arrived."""
-    sha, size = hashlib.sha256(), 0
     with reporting(client, f"downloading s3://{bucket}/{key}"), open(target, "wb") as fh:
-        for chunk in _stream(client, bucket, key):
-            fh.write(chunk)
-            sha.update(chunk)
-            size += len(chunk)
-    return size, sha.hexdigest()
+        with client.get_object(Bucket=bucket, Key=key)["Body"] as body:
+            shutil.copyfileobj(body, fh, _CHUNK)
+    return Path(target).stat().st_size, sha256_file(target)
 
 
 def list_objects(client: Any, bucket: str, prefix: str) -> list[dict[str, Any]]:
@@ -278,14 +272,11 @@ def endpoint_name(client: Any) -> str:
 def describe(client: Any, exc: BaseException) -> str:
     """One line saying why an S3 call through ``client`` failed, credentials blanked out."""
     text = _reason(client, exc)
-    secrets = [os.environ.get(name, "") for name in _SECRET_ENV]
-    session = _SESSIONS.get(client)
-    credentials = session.get_credentials() if session is not None else None
-    if credentials is not None:
-        frozen = credentials.get_frozen_credentials()
-        secrets += [frozen.access_key or "", frozen.secret_key or "", frozen.token or ""]
+    secrets = [os.environ.get(name) for name in _SECRET_ENV]
+    if (session := _SESSIONS.get(client)) and (credentials := session.get_credentials()):
+        secrets += list(credentials.get_frozen_credentials())  # access key, secret, token
     # Very short values would blank out ordinary words; real keys are far longer.
-    for secret in sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True):
+    for secret in sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True):
         text = text.replace(secret, "***")
     return " ".join(text.split())
 
@@ -303,28 +294,20 @@ def _code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
 
 
-def _head(client: Any, bucket: str, key: str) -> dict[str, Any] | None:
-    """``head_object`` (with checksums requested), or None if the object does not exist."""
+def _or_none(call: Any, **kwargs: Any) -> Any:
+    """``call(**kwargs)``, or None if the object (or its bucket) does not exist."""
     try:
-        return client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+        return call(**kwargs)
     except ClientError as exc:
         if _code(exc) in _MISSING_CODES:
             return None
         raise
 
 
-def _stream(client: Any, bucket: str, key: str) -> Iterator[bytes]:
-    body = client.get_object(Bucket=bucket, Key=key)["Body"]
-    try:
-        yield from body.iter_chunks(_CHUNK)
-    finally:
-        body.close()
-
-
 def _mismatch(client: Any, bucket: str, key: str, size: int, sha256: str) -> str | None:
     """Why the stored object is not the expected bytes, or None if it is."""
     uri = f"s3://{bucket}/{key}"
-    head = _head(client, bucket, key)
+    head = _or_none(client.head_object, Bucket=bucket, Key=key, ChecksumMode="ENABLED")
     if head is None:
         return f"{uri} is missing"
     if head.get("ContentLength") != size:
@@ -334,10 +317,8 @@ def _mismatch(client: Any, bucket: str, key: str, size: int, sha256: str) -> str
     meta = {str(k).lower(): str(v) for k, v in (head.get("Metadata") or {}).items()}
     digest = meta.get("sha256", "").lower()
     if not digest:
-        sha = hashlib.sha256()
-        for chunk in _stream(client, bucket, key):
-            sha.update(chunk)
-        digest = sha.hexdigest()
+        with client.get_object(Bucket=bucket, Key=key)["Body"] as body:
+            digest = hashlib.file_digest(body, "sha256").hexdigest()
     if digest != sha256:
         return f"{uri} has sha256 {digest} on the server, expected {sha256}"
     checksum = head.get("ChecksumSHA256")
@@ -354,12 +335,7 @@ def _safe_endpoint(endpoint: str | None) -> str:
 def _reason(client: Any, exc: BaseException) -> str:
     """A readable reason for an exception raised by botocore (or anything else)."""
     endpoint = endpoint_name(client)
-    unreachable = (
-        boto_errors.EndpointConnectionError,
-        boto_errors.ConnectTimeoutError,
-        boto_errors.ConnectionClosedError,
-    )
-    if isinstance(exc, unreachable):
+    if isinstance(exc, _UNREACHABLE):
         return f"S3 endpoint {endpoint} is unreachable ({type(exc).__name__})"
     if isinstance(exc, boto_errors.ReadTimeoutError):
         return f"S3 endpoint {endpoint} did not answer within {READ_TIMEOUT_S:.0f} s"
@@ -367,13 +343,10 @@ def _reason(client: Any, exc: BaseException) -> str:
         if not (os.environ.get(ENDPOINT_ENV) or os.environ.get("AWS_ENDPOINT_URL_S3")):
             # Nothing configured at all: most likely a checkout that has not run `make release`.
             return (
-                f"no S3 server configured: set {ENDPOINT_ENV}, AWS_ACCESS_KEY_ID and "
-                "AWS_SECRET_ACCESS_KEY, or run 'make release', which starts an embedded one"
+                f"no S3 server configured: set {ENDPOINT_ENV}, {_KEYS}, or run 'make release', "
+                "which starts an embedded one"
             )
-        return (
-            f"no complete S3 credentials for {endpoint} "
-            "(set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
-        )
+        return f"no complete S3 credentials for {endpoint} (set {_KEYS})"
     if isinstance(exc, boto_errors.FlexibleChecksumError):
         return f"checksum of the response from {endpoint} does not match ({exc})"
     if isinstance(exc, ClientError):

@@ -52,6 +52,20 @@ def download_file(client: Any, uri: str, target: Path) -> None:
     storage.verify_object(client, loc.bucket, loc.prefix, size=size, sha256=digest)
 
 
+def download_if_present(client: Any, uri: str, target: Path) -> bool:
+    """:func:`download_file` of ``uri`` if that object exists; whether it did.
+
+    Raises:
+        StorageError: If the server cannot be asked, or what arrived differs from what was
+            stored.
+    """
+    loc = _object(uri)
+    if not storage.object_exists(client, loc.bucket, loc.prefix):
+        return False
+    download_file(client, uri, target)
+    return True
+
+
 def upload_files(client: Any, uri: str, files: Mapping[str, Path]) -> list[dict[str, Any]]:
     """Upload files under the prefix ``uri``, verify each, then write the manifest.
 

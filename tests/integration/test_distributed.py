@@ -20,7 +20,9 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from pipeline.servers import S3Server
 
+from switchprune import storage
 from switchprune.config import DataConfig, ModelConfig, PruneConfig, TrainConfig, from_dict
 from switchprune.data import load_split
 from switchprune.io import BASELINE_FILE, SWITCHED_FILE, load_model_file
@@ -353,6 +355,48 @@ def test_killed_rank_is_restarted_and_resumes_to_the_same_weights(
     assert widths(whole / "out" / "trained" / SWITCHED_FILE) == widths(
         killed / "out" / "trained" / SWITCHED_FILE
     )
+
+
+def test_a_job_killed_mid_epoch_resumes_on_an_empty_disk_from_its_s3_checkpoints(
+    prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No restart: the job dies. The same command in an empty folder (a new node, nothing on
+    its disk) resumes from the checkpoint rank 0 uploaded and trains the uninterrupted weights."""
+    cfg = {**BASE, "scorer": "magnitude", "baseline": False}
+    args = cli_args(prepared)[2:]
+    with S3Server(tmp_path / "s3") as s3:
+        env = {
+            **s3.environment,
+            "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
+            "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"),
+        }
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        runs = {}
+        for name, kill_at, uri in (
+            ("whole", 0, []),
+            ("killed", 32, ["--checkpoint-uri", "s3://ckpt/job"]),
+            ("resumed", 0, ["--checkpoint-uri", "s3://ckpt/job"]),
+        ):
+            project = tmp_path / name
+            write_params(project, MLP, cfg)
+            (project / "killer.py").write_text(KILLER)
+            runs[name] = torchrun(
+                project, "killer.py", *args, *uri, env={**env, "KILL_AT": str(kill_at)}, check=False
+            )
+            if name == "killed":
+                keys = storage.list_objects(storage.make_client(), "ckpt", "job/")
+                assert [o["Key"] for o in keys] == ["job/switched.ckpt"]
+    assert runs["whole"].returncode == runs["resumed"].returncode == 0, runs["resumed"].stderr
+    killed, resumed, whole = (tmp_path / n for n in ("killed", "resumed", "whole"))
+    assert runs["killed"].returncode != 0 and (killed / "killed").read_text() == "32"
+    assert not (killed / "out" / "trained").exists()
+    # Epoch 1 came from S3 (two of three epochs trained), and no checkpoint was kept locally.
+    assert (resumed / "forwards.0.1").read_text() == "42"
+    assert not (resumed / "out" / "ckpt").exists() and not (killed / "out" / "ckpt").exists()
+    a = state(whole / "out" / "trained" / SWITCHED_FILE)
+    b = state(resumed / "out" / "trained" / SWITCHED_FILE)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_nproc_per_node_makes_the_train_command_launch_itself_under_torchrun(

@@ -107,6 +107,8 @@ def _expected_body(
                     f"{root}/inputs/params.yaml",
                     "--prepared-uri",
                     f"{root}/prepared",
+                    "--checkpoint-uri",
+                    f"{root}/checkpoints",
                     "--output-uri",
                     f"{root}/outputs",
                 ],

@@ -87,10 +87,41 @@ def test_latency_shows_its_spread_and_says_it_is_one_cpu_run() -> None:
     note = next(line for line in text.splitlines() if line.startswith("Latency:"))
     assert "median of 20 timed forward passes after 5 warm-up passes" in note
     assert "interquartile range" in note and "one `evaluate` run" in note and "CPU" in note
-    # A report without the spread shows the medians alone.
+    # Both spreads are within 20 % of their medians: the speedup is quoted.
+    assert "| speedup, batch 1 | | 1.09× |" in text
+    # A report without the spread says so, and quotes no speedup from such figures.
     bare = {k: v for k, v in REPORT.items() if "iqr" not in k}
     text = render_card(dataclasses.replace(CARD, report=bare))
-    assert "| latency, batch 1 (ms) | 0.023881 | 0.022003 |" in text
+    assert (
+        "| latency, batch 1 (ms) | 0.023881 (no spread recorded) | 0.022003 (no spread recorded) |"
+    ) in text
+    assert "| speedup, batch 1 | | not quoted: noisy" in text
+
+
+@pytest.mark.parametrize(
+    ("changes", "quoted"),
+    [
+        ({"latency_noisy_b1": 1.0}, False),
+        ({"latency_noisy_b1": 0.0}, True),
+        ({"latency_iqr_ms_after_b1": 0.0045}, False),  # no flag: judged by the spreads
+    ],
+    ids=["flagged", "trusted", "wide-spread"],
+)
+def test_a_noisy_latency_quotes_no_speedup(changes: dict[str, float], quoted: bool) -> None:
+    report = {
+        **REPORT,
+        "onnx_latency_ms_b256_before": 2.0,
+        "onnx_latency_ms_b256_after": 1.0,
+        "onnx_latency_iqr_ms_b256_before": 0.1,
+        "onnx_latency_iqr_ms_b256_after": 0.05,
+        "onnx_latency_noisy_b256": 1.0,
+        **changes,
+    }
+    text = render_card(dataclasses.replace(CARD, report=report))
+    assert ("| speedup, batch 1 | | 1.09× |" in text) is quoted
+    assert ("| speedup, batch 1 | | not quoted: noisy" in text) is not quoted
+    assert "| onnxruntime latency, batch 256 (ms) | 2 (IQR 0.1) | 1 (IQR 0.05) |" in text
+    assert "| onnxruntime speedup, batch 256 | | not quoted: noisy" in text
 
 
 def test_classes_are_listed_in_logit_order() -> None:

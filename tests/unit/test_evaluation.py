@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
+from collections.abc import Callable
 
 import pytest
 import torch
 
-from switchprune.evaluation import measure_latency, size_metrics
+from switchprune.evaluation import forward_pass, interleaved_latency, size_metrics
 from switchprune.models import ModelSpec, build_model
 
 # Resident memory after a 256 MiB tensor was allocated, touched and freed.
@@ -56,34 +56,78 @@ def test_size_metrics_count_weights_and_multiply_adds_per_sample() -> None:
     assert all(isinstance(v, float) for v in metrics.values())
 
 
-class _Sleeper(torch.nn.Module):
-    """A forward pass that takes a scripted time per call."""
+class _Clock:
+    """A clock whose every forward pass takes its next scripted duration (seconds)."""
 
-    def __init__(self, seconds: list[float]) -> None:
-        super().__init__()
-        self.seconds = seconds
-        self.calls = 0
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.calls: list[str] = []
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        time.sleep(self.seconds[self.calls])
-        self.calls += 1
-        return x
+    def __call__(self) -> float:
+        return self.now
+
+    def pass_taking(self, name: str, seconds: list[float]) -> Callable[[], None]:
+        durations = iter(seconds)
+
+        def run() -> None:
+            self.calls.append(name)
+            self.now += next(durations)
+
+        return run
 
 
 def test_latency_is_the_median_of_the_timed_passes_after_the_warm_up() -> None:
     # Two slow warm-up passes, then five timed ones of 10 ms with one outlier of 0.5 s: the
     # warm-up is not counted and the median ignores the outlier (the mean would be ~110 ms).
-    model = _Sleeper([0.5, 0.5, 0.01, 0.01, 0.5, 0.01, 0.01])
-    timed = measure_latency(model, (3,), 2, torch.device("cpu"), warmup=2, repeats=5)
-    assert model.calls == 7
-    assert 10.0 <= timed.median_ms < 100.0
-    # The quartiles of 10, 10, 10, 10 and 500 ms: the spread of the typical passes.
-    assert 0.0 <= timed.iqr_ms < 50.0
+    clock = _Clock()
+    run = clock.pass_taking("a", [0.5, 0.5, 0.01, 0.01, 0.5, 0.01, 0.01])
+    timed = interleaved_latency({"a": run}, warmup=2, repeats=5, clock=clock)["a"]
+    assert len(clock.calls) == 7
+    assert timed.median_ms == pytest.approx(10.0)
+    assert timed.iqr_ms == pytest.approx(0.0)  # quartiles of 10, 10, 10, 10 and 500 ms
+    assert timed.repeats == 5 and timed.noisy  # too few passes to be trusted
 
 
 def test_the_latency_spread_is_the_interquartile_range_of_the_repeats() -> None:
     # Timed passes of 10, 20, 30, 40 and 50 ms: quartiles 20 and 40 ms, IQR 20 ms.
-    model = _Sleeper([0.0, 0.01, 0.02, 0.03, 0.04, 0.05])
-    timed = measure_latency(model, (3,), 2, torch.device("cpu"), warmup=1, repeats=5)
-    assert 28.0 <= timed.median_ms < 45.0
-    assert 15.0 <= timed.iqr_ms < 35.0
+    clock = _Clock()
+    run = clock.pass_taking("a", [0.0, 0.01, 0.02, 0.03, 0.04, 0.05])
+    timed = interleaved_latency({"a": run}, warmup=1, repeats=5, clock=clock)["a"]
+    assert (timed.median_ms, timed.iqr_ms) == (pytest.approx(30.0), pytest.approx(20.0))
+
+
+def test_models_are_timed_in_alternating_turns() -> None:
+    clock = _Clock()
+    runs = {n: clock.pass_taking(n, [0.001] * 5) for n in ("before", "after")}
+    interleaved_latency(runs, warmup=1, repeats=4, clock=clock)
+    assert clock.calls == ["before", "after"] + ["before", "after", "after", "before"] * 2
+
+
+@pytest.mark.parametrize(
+    ("durations_ms", "noisy"),
+    [
+        ([10.0] * 15 + [11.0] * 10, False),  # 25 steady passes
+        ([10.0, 30.0] * 12, True),  # a noisy timer: IQR 20 ms on a median of 20 ms
+        ([10.0] * 19, True),  # steady, but fewer than 20 passes
+        ([10.0] * 15 + [12.2] * 10, True),  # IQR 2.2 ms: above 20 % of the median
+    ],
+    ids=["steady", "noisy-timer", "too-few", "iqr-above-a-fifth"],
+)
+def test_a_noisy_timer_is_flagged(durations_ms: list[float], noisy: bool) -> None:
+    clock = _Clock()
+    run = clock.pass_taking("a", [ms / 1000.0 for ms in durations_ms])
+    timed = interleaved_latency({"a": run}, warmup=0, repeats=len(durations_ms), clock=clock)
+    assert timed["a"].noisy is noisy, timed
+
+
+def test_a_forward_pass_runs_the_model_on_a_fixed_batch() -> None:
+    seen: list[torch.Tensor] = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(x)
+            return x
+
+    run = forward_pass(Recorder(), (3, 4), 7, torch.device("cpu"))
+    run(), run()
+    assert seen[0].shape == (7, 3, 4) and torch.equal(seen[0], seen[1])

@@ -19,7 +19,7 @@ from switchprune.onnx_export import (
     OnnxExportError,
     compare,
     export_checked,
-    latency_ms,
+    onnx_pass,
     random_pixels,
     read_contract,
     session,
@@ -112,8 +112,9 @@ def test_latency_is_measured_at_both_batch_sizes(tiny_net, tmp_path: Path) -> No
     path = tmp_path / ONNX_FILE
     export_checked(model, contract_for(model), path)
     for batch in (1, 256):
-        ms = latency_ms(path, IN_SHAPES["lenet5"], batch, warmup=1, repeats=3, threads=1)
-        assert 0.0 < ms < 10_000.0
+        run = onnx_pass(path, IN_SHAPES["lenet5"], batch, threads=1)
+        (logits,) = run()
+        assert logits.shape == (batch, model.spec.num_classes)
 
 
 def test_the_file_names_no_path_of_this_machine(tiny_net) -> None:

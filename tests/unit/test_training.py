@@ -26,6 +26,7 @@ from switchprune.scoring import (
     magnitude_scores,
     ramped_target,
 )
+from switchprune.scoring.units import group_norm_scores
 from switchprune.training import FitResult, _snn_step, _start, _tnn_step, fit, resolve_amp
 
 
@@ -515,6 +516,18 @@ def test_magnitude_scorer_keeps_the_largest_incoming_norms() -> None:
         kept, dropped = norms[f > 0], norms[f == 0]
         if dropped.numel():
             assert float(kept.min()) >= float(dropped.max())
+
+
+def test_group_norm_scorer_keeps_the_largest_coupled_norms_and_reaches_the_target() -> None:
+    cfg = make_cfg(scorer="group_norm", target_ratio=0.3, switch_epochs_fraction=1.0)
+    result = run(cfg)
+    assert result.factors is not None and result.switcher is not None
+    assert 0.2 <= result.metrics["train_params_ratio"] <= 0.3 + 1e-9
+    scores = group_norm_scores(result.model)
+    for name, f in result.factors.items():
+        if (f == 0).any():
+            assert float(scores[name][f > 0].min()) >= float(scores[name][f == 0].max())
+    assert_identical(result, run(cfg))
 
 
 def test_random_scorer_keeps_the_units_its_seed_ranks_first() -> None:

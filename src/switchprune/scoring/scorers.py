@@ -1,6 +1,6 @@
 """Which units are on: scores, the budget line placed on them, the gates of the factors.
 
-Scores come from the learned switcher, or from the magnitude and random controls.
+Scores come from the learned switcher, or from the magnitude, group-norm and random controls.
 
 Every scorer plugs into the same schedule (budget line, ramp, alternation, compaction): only the
 order in which units are switched off differs. The controls have nothing to learn; a claim for
@@ -24,9 +24,16 @@ from torch import nn
 
 from switchprune.cost import CostModel
 from switchprune.models.base import TaskNet
-from switchprune.scoring.units import N_STATS, ByGroup, depths, magnitude_scores, unit_statistics
+from switchprune.scoring.units import (
+    N_STATS,
+    ByGroup,
+    depths,
+    group_norm_scores,
+    magnitude_scores,
+    unit_statistics,
+)
 
-SCORERS = ("switcher", "magnitude", "random")
+SCORERS = ("switcher", "magnitude", "group_norm", "random")
 # Largest change, in log magnitude, that a prior switcher's learned part makes to a score.
 PRIOR_RANGE = 0.5
 # Smallest factor of a group's last unit in ``relu`` mode (a group is never emptied).
@@ -43,7 +50,7 @@ class SwitcherSpec:
         multiple: ``budget`` mode keeps a multiple of this many units per group (see
             :func:`kept_count`).
         scorer: Where scores come from: ``switcher`` (learned), or the fixed controls
-            ``magnitude`` and ``random``.
+            ``magnitude``, ``group_norm`` and ``random``.
         prior: The switcher's score is its bounded learned output plus the log of the unit's
             magnitude score (``budget`` mode).
     """
@@ -258,6 +265,14 @@ class MagnitudeScorer(UnitScorer):
         return magnitude_scores(model)
 
 
+class GroupNormScorer(UnitScorer):
+    """DepGraph's score: the L2 norm of every parameter coupled to a unit ÷ its layer's mean."""
+
+    def scores(self, model: TaskNet, grad: bool = False, stats: ByGroup | None = None) -> ByGroup:
+        """One score per unit (no gradient: nothing is learned)."""
+        return group_norm_scores(model)
+
+
 class RandomScorer(UnitScorer):
     """Scores drawn once, uniformly in [0, 1), from a seed: the order never changes."""
 
@@ -283,6 +298,8 @@ def build_scorer(spec: SwitcherSpec, model: TaskNet, seed: int = 0) -> UnitScore
         return Switcher(spec)
     if spec.scorer == "magnitude":
         return MagnitudeScorer(spec)
+    if spec.scorer == "group_norm":
+        return GroupNormScorer(spec)
     if spec.scorer == "random":
         return RandomScorer(spec, model.group_sizes(), seed)
     raise ValueError(f"unknown scorer {spec.scorer!r} (known: {', '.join(SCORERS)})")

@@ -50,6 +50,20 @@ def _zscore(x: torch.Tensor) -> torch.Tensor:
     return (x - x.mean(0, keepdim=True)) / (x.std(0, keepdim=True) + 1e-6)
 
 
+def _outgoing_squares(g: GateGroup, modules: dict[str, nn.Module], grad: bool) -> torch.Tensor:
+    """Per unit, the sum of squares of its outgoing weights over every reader."""
+    outgoing = torch.zeros(())
+    for i, reader in enumerate(g.readers):
+        r = _weight(modules[reader], grad)
+        if g.spans:
+            # Only the reader's inputs that are this group's units (concatenations).
+            start, per_unit = g.spans[i]
+            r = r[:, start : start + g.size * per_unit]
+        # Conv: [out, C, k, k]; Linear after flatten: [out, C * positions]; both -> [out, C, -1].
+        outgoing = outgoing + r.reshape(r.shape[0], g.size, -1).pow(2).sum(dim=(0, 2))
+    return outgoing.expand(g.size) if outgoing.dim() == 0 else outgoing
+
+
 def unit_statistics(
     g: GateGroup, modules: dict[str, nn.Module], position: float, grad: bool = False
 ) -> torch.Tensor:
@@ -77,17 +91,7 @@ def unit_statistics(
             cols += [torch.ones_like(cols[0]), torch.zeros_like(cols[0])]
         feats.append(torch.stack(cols, dim=1))
     x = torch.stack(feats).mean(0)
-    outgoing = torch.zeros(g.size, device=x.device, dtype=x.dtype)
-    for i, reader in enumerate(g.readers):
-        r = _weight(modules[reader], grad)
-        if g.spans:
-            # Only the reader's inputs that are this group's units (concatenations).
-            start, per_unit = g.spans[i]
-            r = r[:, start : start + g.size * per_unit]
-        # Conv: [out, C, k, k]; Linear after flatten: [out, C * positions]; both -> [out, C, -1].
-        r = r.reshape(r.shape[0], g.size, -1)
-        outgoing = outgoing + r.pow(2).sum(dim=(0, 2))
-    x = torch.cat([x, outgoing.sqrt().unsqueeze(1)], dim=1)
+    x = torch.cat([x, _outgoing_squares(g, modules, grad).sqrt().unsqueeze(1)], dim=1)
     x = _zscore(x)
     ones = torch.ones(g.size, 1, device=x.device, dtype=x.dtype)
     size = torch.log(torch.tensor(float(g.size), device=x.device, dtype=x.dtype))
@@ -108,3 +112,34 @@ def magnitude_scores(model: TaskNet) -> ByGroup:
         norm = torch.as_tensor(sq).sqrt()
         out[g.name] = norm / norm.mean().clamp(min=1e-12)
     return out
+
+
+@torch.no_grad()
+def group_norm_scores(model: TaskNet) -> ByGroup:
+    """The DepGraph score: L2 norm of every parameter coupled to a unit ÷ its group's mean.
+
+    A unit's coupled parameters are what removing it removes: its rows in every writer (weights
+    and bias), its BatchNorm ``gamma`` and ``beta``, and its columns in every reader (Fang et
+    al., CVPR 2023; Torch-Pruning's group magnitude importance with ``p=2``).
+    """
+    modules = dict(model.named_modules())
+    out = {}
+    for g in model.groups:
+        sq = _outgoing_squares(g, modules, False)
+        for writer, norm in zip(g.writers, g.norms, strict=True):
+            layer = modules[writer]
+            sq = sq + _weight(layer, False).flatten(1).pow(2).sum(1)
+            for p in (getattr(layer, "bias", None), *_norm_params(modules, norm)):
+                if p is not None:
+                    sq = sq + p.detach().pow(2)
+        norm_ = sq.sqrt()
+        out[g.name] = norm_ / norm_.mean().clamp(min=1e-12)
+    return out
+
+
+def _norm_params(modules: dict[str, nn.Module], norm: str | None) -> tuple[torch.Tensor, ...]:
+    """A BatchNorm's ``gamma`` and ``beta`` (none without one, or when it is not affine)."""
+    if norm is None:
+        return ()
+    bn = modules[norm]
+    return tuple(p for p in (bn.weight, bn.bias) if isinstance(p, torch.Tensor))

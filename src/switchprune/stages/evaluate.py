@@ -13,8 +13,11 @@ from torch.utils.data import TensorDataset
 from switchprune.config import DataConfig, EvaluateConfig
 from switchprune.data import load_meta, load_split, open_split, use_streaming
 from switchprune.evaluation import (
+    LATENCY_BATCHES,
+    Latency,
     accuracy_from_logits,
-    measure_latency,
+    forward_pass,
+    interleaved_latency,
     predict_logits,
     retain_freed_memory,
     size_metrics,
@@ -26,7 +29,7 @@ from switchprune.onnx_export import (
     ONNX_FILE,
     OnnxExportError,
     export_temporary,
-    latency_ms,
+    onnx_pass,
     read_contract,
 )
 from switchprune.pruning import masked_factors
@@ -107,6 +110,7 @@ def run(
         report["baseline_accuracy"] = accuracy_from_logits(logits(baseline), labels)
         report["accuracy_drop"] = report["baseline_accuracy"] - report["test_accuracy"]
     retain_freed_memory()  # steady forward times (see its docstring)
+    report["latency_threads"] = float(torch.get_num_threads())  # fixed while timing
     report.update(_torch_latencies(cfg, full, small, meta.in_shape, device))
     report.update(_onnx_latencies(cfg, full, Path(model_dir) / ONNX_FILE, meta.in_shape))
     return report
@@ -135,23 +139,15 @@ def _torch_latencies(
     in_shape: tuple[int, ...],
     device: torch.device,
 ) -> dict[str, float]:
-    """PyTorch forward times (median, IQR) of the unpruned and compacted model; their ratio."""
-    out = {}
-    for batch in (1, 256):
-        for tag, model in (("before", full), ("after", small)):
-            timed = measure_latency(
-                model,
-                in_shape,
-                batch,
-                device,
-                warmup=cfg.latency_warmup,
-                repeats=cfg.latency_repeats,
-            )
-            out[f"latency_ms_{tag}_b{batch}"] = timed.median_ms
-            out[f"latency_iqr_ms_{tag}_b{batch}"] = timed.iqr_ms
-        out[f"latency_speedup_b{batch}"] = (
-            out[f"latency_ms_before_b{batch}"] / out[f"latency_ms_after_b{batch}"]
-        )
+    """PyTorch forward times (median, IQR) of the unpruned and compacted model, in turns."""
+    out: dict[str, float] = {}
+    for batch in LATENCY_BATCHES:
+        runs = {
+            "before": forward_pass(full, in_shape, batch, device),
+            "after": forward_pass(small, in_shape, batch, device),
+        }
+        timed = interleaved_latency(runs, warmup=cfg.latency_warmup, repeats=cfg.latency_repeats)
+        out.update(_latency_keys("latency_{}_{tag}_b{batch}", batch, timed))
     return out
 
 
@@ -161,7 +157,7 @@ def _onnx_latencies(
     """CPU times under onnxruntime: the unpruned TNN exported as prune exports, and prune's copy.
 
     Both take raw ``uint8`` pixels and normalise them inside, with the contract ``model.onnx``
-    records, so the two graphs differ only by the network.
+    records, so the two graphs differ only by the network. They run on torch's thread count.
     """
     if not onnx_after.is_file():
         raise ArtifactError(f"{onnx_after} is missing (re-run prune)")
@@ -170,15 +166,27 @@ def _onnx_latencies(
     except OnnxExportError as exc:
         raise ArtifactError(f"{onnx_after}: {exc} (re-run prune)") from exc
     onnx_models = {"before": export_temporary(full, contract), "after": onnx_after}
+    out: dict[str, float] = {}
+    threads = torch.get_num_threads()
+    for batch in LATENCY_BATCHES:
+        runs = {t: onnx_pass(m, in_shape, batch, threads) for t, m in onnx_models.items()}
+        timed = interleaved_latency(runs, warmup=cfg.latency_warmup, repeats=cfg.latency_repeats)
+        out.update(_latency_keys("onnx_latency_{}_b{batch}_{tag}", batch, timed))
+    return out
+
+
+def _latency_keys(key: str, batch: int, timed: dict[str, Latency]) -> dict[str, float]:
+    """One batch size's report keys: medians, spreads, speedup and the noisy flag.
+
+    ``key`` formats a measure, the tag and the batch; ``noisy`` is 1.0 when either time cannot
+    be trusted (:attr:`~switchprune.evaluation.Latency.noisy`).
+    """
+    before, after = timed["before"], timed["after"]
     out = {}
-    for batch in (1, 256):
-        for tag, onnx_model in onnx_models.items():
-            out[f"onnx_latency_ms_b{batch}_{tag}"] = latency_ms(
-                onnx_model,
-                in_shape,
-                batch,
-                warmup=cfg.latency_warmup,
-                repeats=cfg.latency_repeats,
-                threads=cfg.threads or None,
-            )
+    for tag, t in timed.items():
+        out[key.format("ms", tag=tag, batch=batch)] = t.median_ms
+        out[key.format("iqr_ms", tag=tag, batch=batch)] = t.iqr_ms
+    prefix = key.split("_{}")[0]
+    out[f"{prefix}_speedup_b{batch}"] = before.median_ms / after.median_ms
+    out[f"{prefix}_noisy_b{batch}"] = float(before.noisy or after.noisy)
     return out

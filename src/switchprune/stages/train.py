@@ -7,7 +7,7 @@ Run by ``torchrun``, both trainings are data-parallel (:mod:`switchprune.distrib
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,8 @@ from switchprune.training import FitResult, fit, resolve_device
 # Every file train writes in trained_dir: the folder is replaced whole (the user's network
 # source copy is saved beside its model).
 TRAINED_FILES: tuple[str, ...] = (SWITCHED_FILE, BASELINE_FILE, SOURCE_FILE)
+# The per-epoch checkpoints in checkpoint_dir, of the switched and the baseline run.
+CHECKPOINT_FILES: tuple[str, str] = ("switched.ckpt", "baseline.ckpt")
 
 
 def run(
@@ -41,6 +43,7 @@ def run(
     prepared_dir: Path,
     trained_dir: Path,
     checkpoint_dir: Path | None = None,
+    on_checkpoint: Callable[[Path], None] | None = None,
     progress: bool = True,
     data_cfg: DataConfig | None = None,
     history_path: Path | None = None,
@@ -59,6 +62,7 @@ def run(
             the user's own file. The folder is replaced whole after both runs, together with
             ``history_path``; when anything fails both stay as they were.
         checkpoint_dir: Per-epoch checkpoints: an interrupted run resumes to the same result.
+        on_checkpoint: Called on rank 0 with each new checkpoint's path (to copy it away).
         progress: Show progress bars.
         data_cfg: The ``data`` section: in memory or streamed (``loader``), ``DataLoader``
             workers and augmentation of the training batches (default: in memory, none).
@@ -82,38 +86,48 @@ def run(
     ):
         distributed.check_batch_size(cfg.batch_size, distributed.world_size())  # before any work
         train_set, val_set, spec, contract = _read(prepared_dir, model_cfg, data_cfg)
-        ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
         # The switched and the baseline run differ only in ``switched`` and their checkpoint.
+        fit_once = partial(fit, spec, train_set, val_set, cfg, device=device, data=data_cfg)
         train_once = partial(
-            fit,
-            spec,
-            train_set,
-            val_set,
-            cfg,
-            device=device,
-            progress=progress,
-            data=data_cfg,
-            log_epochs=log_epochs,
+            _fit_checkpointed,
+            partial(fit_once, progress=progress, log_epochs=log_epochs),
+            checkpoint_dir,
+            on_checkpoint,
         )
-
-        result = train_once(switched=True, checkpoint_path=ckpt / "switched.ckpt" if ckpt else None)
+        result = train_once(switched=True)
         assert result.switcher is not None and result.factors is not None
         metrics = {k: float(v) for k, v in result.metrics.items()}
         base = None
         if cfg.baseline:
-            base = train_once(
-                switched=False, checkpoint_path=ckpt / "baseline.ckpt" if ckpt else None
-            )
+            base = train_once(switched=False)
             metrics.update(_baseline_metrics(metrics, base.metrics))
-        # Written only now, both runs done: a failure in either leaves the last outputs whole. A
-        # baseline from other settings does not survive the swap, so it is never evaluated as
-        # this run's.
+        # Written only now: a failure in either run leaves the last outputs whole, and a
+        # baseline from other settings does not survive the swap to be evaluated as this run's.
         if distributed.is_main():
             _write_outputs(
                 cfg, result, base, contract, trained_dir=trained_dir, history_path=history_path
             )
         distributed.barrier()  # no rank reports done before the files are there
         return metrics
+
+
+def _fit_checkpointed(
+    fit_once: Callable[..., FitResult],
+    checkpoint_dir: Path | None,
+    on_checkpoint: Callable[[Path], None] | None,
+    *,
+    switched: bool,
+) -> FitResult:
+    """``fit_once`` with its run's checkpoint, handed to ``on_checkpoint`` after every epoch."""
+    if checkpoint_dir is None:
+        return fit_once(switched=switched)
+    path = Path(checkpoint_dir) / CHECKPOINT_FILES[0 if switched else 1]
+    hook = on_checkpoint if distributed.is_main() else None
+    return fit_once(
+        switched=switched,
+        checkpoint_path=path,
+        on_epoch_end=(lambda _epoch: hook(path)) if hook is not None else None,
+    )
 
 
 def _read(
