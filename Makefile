@@ -53,7 +53,7 @@ clean:
 	rm -rf data/prepared models checkpoints reports
 
 .PHONY: bench bench-quick bench-archs bench-scaling
-bench: setup  ## the benchmark (5 seeds, MNIST, every scorer and baseline, < 60 min on 2 cores) -> reports/bench/
+bench: setup  ## the benchmark (MNIST, every scorer, peer recipe and baseline, ~90 min on 2 cores) -> reports/bench/
 	$(BIN)/python bench/run.py --setting default
 	$(BIN)/python bench/ablations.py --setting default
 

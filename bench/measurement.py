@@ -8,21 +8,28 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import statistics
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch_pruning as tp
 from baselines import prune_to_target, slimming_importance, train_sgd, train_slimming
-from settings import ARCHS, BASELINES, LEARNING_RATES, TARGETS, Setting, train_config
+from recipes import RECIPES, Budget, budget_of, choose, run_recipe
+from settings import ARCHS, BASELINES, LEARNING_RATES, TARGETS, Setting, scorers_for, train_config
 from torch import nn
 from torch.utils.data import TensorDataset
 
 from switchprune.config import DataConfig, ModelConfig, PruneConfig, TrainConfig
 from switchprune.data import load_meta, load_split, prepare_data
-from switchprune.evaluation import accuracy_from_logits, count_macs, count_params, predict_logits
+from switchprune.evaluation import (
+    LATENCY_BATCHES,
+    accuracy_from_logits,
+    count_macs,
+    count_params,
+    forward_pass,
+    predict_logits,
+)
+from switchprune.evaluation import interleaved_latency as lib_interleaved
 from switchprune.models import ModelSpec, spec_from_config
 from switchprune.pruning import compact, kept_widths, threshold_factors
 from switchprune.training import fit
@@ -95,34 +102,29 @@ def measure(model: nn.Module, data: dict[str, Any], base: dict[str, float]) -> d
 def interleaved_latency(
     models: dict[str, nn.Module], in_shape: tuple[int, ...], repeats: int
 ) -> dict[str, dict[str, float]]:
-    """Median forward time of each model at batch 1 and 256, measured round-robin.
+    """Median and spread of each model's forward time at batch 1 and 256, timed in turns.
 
-    Timing the models in turns, in the same process and moment, keeps drifts of the machine
-    (frequency, caches, allocator state) out of the ratios.
+    Timing the models in turns (:func:`switchprune.evaluation.interleaved_latency`), in the
+    same process and moment, keeps drifts of the machine (frequency, caches, allocator state)
+    out of the ratios; a time whose spread is too wide to trust is flagged ``noisy``.
 
     Args:
         models: The models to compare, by name.
         in_shape: Shape of one input, without the batch dimension.
-        repeats: Rounds at batch 1 (batch 256: half as many, at least 3).
+        repeats: Timed rounds at each batch size.
 
     Returns:
-        Per name, ``latency_ms_b1`` and ``latency_ms_b256``.
+        Per name, ``latency_ms_b{1,256}``, ``latency_iqr_ms_b{1,256}`` and
+        ``latency_noisy_b{1,256}`` (1.0 or 0.0).
     """
     out: dict[str, dict[str, float]] = {name: {} for name in models}
-    for batch, rounds in ((1, repeats), (256, max(3, repeats // 2))):
-        x = torch.randn(batch, *in_shape, generator=torch.Generator().manual_seed(0))
-        times: dict[str, list[float]] = {name: [] for name in models}
-        for model in models.values():
-            model.eval()
-            for _ in range(3):  # warm-up
-                model(x)
-        for _ in range(rounds):
-            for name, model in models.items():
-                started = time.perf_counter()
-                model(x)
-                times[name].append((time.perf_counter() - started) * 1000.0)
-        for name in models:
-            out[name][f"latency_ms_b{batch}"] = statistics.median(times[name])
+    cpu = torch.device("cpu")
+    for batch in LATENCY_BATCHES:
+        runs = {name: forward_pass(model, in_shape, batch, cpu) for name, model in models.items()}
+        for name, timed in lib_interleaved(runs, warmup=3, repeats=repeats).items():
+            out[name][f"latency_ms_b{batch}"] = timed.median_ms
+            out[name][f"latency_iqr_ms_b{batch}"] = timed.iqr_ms
+            out[name][f"latency_noisy_b{batch}"] = float(timed.noisy)
     return out
 
 
@@ -246,11 +248,28 @@ class Cell:
     plain: nn.Module
     slimmed: nn.Module
     base: dict[str, float]
+    # The peer recipes' chosen strengths: recipe -> (metric, ratio) -> choice (see
+    # ``recipes.choose``); a recipe missing here is not run.
+    choices: dict[str, dict[tuple[str, float], dict[str, Any]]] = dataclasses.field(
+        default_factory=dict
+    )
+    # Sparsely trained TNNs shared by the targets (``recipes.run_recipe``).
+    sparse: dict[tuple[str, float], nn.Module] = dataclasses.field(default_factory=dict)
 
     @property
     def lr(self) -> float:
         """The TNN's learning rate."""
         return LEARNING_RATES[self.arch]
+
+    @property
+    def epochs(self) -> int:
+        """The TNN's training epochs."""
+        return self.setting.epochs_for(self.arch)
+
+    @property
+    def budget(self) -> Budget:
+        """The peers' epochs, matched to ours."""
+        return budget_of(train_config(self.epochs, self.seed, self.arch))
 
     def row(
         self, method: str, scorer: str | None, target: tuple[str, float], **values: Any
@@ -278,7 +297,7 @@ def run_target(
     timed: dict[str, nn.Module] = {"unpruned": cell.plain}
     rows: list[dict[str, Any]] = []
     for scorer in scorers:
-        cfg = train_config(cell.setting.epochs, cell.seed, cell.arch, scorer=scorer,
+        cfg = train_config(cell.epochs, cell.seed, cell.arch, scorer=scorer,
                            target_metric=metric, target_ratio=ratio)  # fmt: skip
         ours = run_ours(cell.spec, cell.data, cfg)
         timed[f"ours[{scorer}]"] = ours.model
@@ -296,11 +315,45 @@ def run_target(
         rows.append(cell.row(method, None, target, **measure(pruned, cell.data, cell.base)))
         tuned = fine_tuned(pruned, cell.data, ft, lr / 5, cell.seed)
         rows.append(cell.row(method + "+ft", None, target, **measure(tuned, cell.data, cell.base)))
+    rows += recipe_rows(cell, target, timed)
     return rows, timed
 
 
+def recipe_rows(
+    cell: Cell, target: tuple[str, float], timed: dict[str, nn.Module]
+) -> list[dict[str, Any]]:
+    """The peer recipes at one target, with their chosen strengths, at our epoch budget.
+
+    Args:
+        cell: The TNN and seed, with the recipes' chosen strengths.
+        target: ``(metric, ratio)``.
+        timed: The models to time, updated in place (by recipe name).
+
+    Returns:
+        One record per recipe (``method`` is the recipe's name), with its ``strength``, the
+        validation accuracy of every value tried (``grid``) and the seed they were tried on.
+    """
+    rows = []
+    for recipe in RECIPES:
+        if recipe not in cell.choices:
+            continue
+        chosen = cell.choices[recipe][target]
+        model = run_recipe(recipe, cell.spec, cell.data["train"], target, chosen["strength"],
+                           cell.budget, cell.lr, cell.seed, cell.sparse)  # fmt: skip
+        timed[recipe] = model
+        rows.append(cell.row(recipe, None, target, **measure(model, cell.data, cell.base),
+                             strength=chosen["strength"], grid=chosen["val_accuracy"],
+                             grid_seed=chosen["seed"]))  # fmt: skip
+    return rows
+
+
 def run_tnn(
-    data: dict[str, Any], arch: str, seed: int, setting: Setting, scorers: tuple[str, ...]
+    data: dict[str, Any],
+    arch: str,
+    seed: int,
+    setting: Setting,
+    scorers: tuple[str, ...],
+    choices: dict[str, dict[tuple[str, float], dict[str, Any]]] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, nn.Module]]]:
     """Every method, target and fine-tuning variant for one TNN and seed.
 
@@ -309,13 +362,16 @@ def run_tnn(
         arch: Key of :data:`settings.ARCHS`.
         seed: Seeds every run.
         setting: Epochs and fine-tuning budget.
-        scorers: The unit scorers of ours.
+        scorers: The unit scorers of ours (a torchvision TNN runs the default only, see
+            :func:`settings.scorers_for`).
+        choices: The peer recipes' strengths per target (:func:`recipes.choose`, with the
+            ``seed`` they were chosen on); none: no recipe is run.
 
     Returns:
         The records, and per target the models to time against each other (see
         :func:`run_target`).
     """
-    meta, epochs = data["meta"], setting.epochs
+    meta, epochs = data["meta"], setting.epochs_for(arch)
     spec = spec_from_config(ARCHS[arch], meta.in_shape, meta.num_classes)
     plain = fit(spec, data["train"], None, train_config(epochs, seed, arch), switched=False,
                 progress=False)  # fmt: skip
@@ -323,13 +379,33 @@ def run_tnn(
     rows = [record(data, arch, seed, "unpruned", None, None, **base,
                    epoch_seconds=plain.metrics["epoch_seconds"])]  # fmt: skip
     slimmed = train_slimming(spec, data["train"], epochs=epochs, lr=LEARNING_RATES[arch], seed=seed)
-    cell = Cell(data, arch, seed, setting, spec, plain.model, slimmed, base)
+    cell = Cell(data, arch, seed, setting, spec, plain.model, slimmed, base, choices or {})
     groups = []
     for target in TARGETS[arch]:
-        target_rows, timed = run_target(cell, target, scorers)
+        target_rows, timed = run_target(cell, target, scorers_for(arch, scorers))
         rows += target_rows
         groups.append(timed)
     return rows, groups
+
+
+def run_grid(
+    data: dict[str, Any], arch: str, recipe: str, setting: Setting
+) -> dict[tuple[str, float], dict[str, Any]]:
+    """Choose a peer recipe's strength for every target of one TNN, on its first seed.
+
+    Args:
+        data: A dataset of :func:`load_dataset` (its training split is split again).
+        arch: Key of :data:`settings.ARCHS`.
+        recipe: One of :data:`recipes.RECIPES`.
+        setting: The TNN's epochs and seeds.
+
+    Returns:
+        Per target, the choice (see :func:`recipes.choose`).
+    """
+    meta, seed = data["meta"], setting.seeds_for(arch)[0]
+    spec = spec_from_config(ARCHS[arch], meta.in_shape, meta.num_classes)
+    budget = budget_of(train_config(setting.epochs_for(arch), seed, arch))
+    return choose(recipe, spec, data["train"], TARGETS[arch], budget, LEARNING_RATES[arch], seed)
 
 
 def add_latency(
@@ -350,9 +426,12 @@ def add_latency(
         for row in targeted[index * per_target : (index + 1) * per_target]:
             timing = latency[label(row).removesuffix("+ft")]
             row.update(timing)
-            for b in (1, 256):
-                row[f"latency_speedup_b{b}"] = (
-                    latency["unpruned"][f"latency_ms_b{b}"] / timing[f"latency_ms_b{b}"]
+            for b in LATENCY_BATCHES:
+                base = latency["unpruned"]
+                row[f"latency_speedup_b{b}"] = base[f"latency_ms_b{b}"] / timing[f"latency_ms_b{b}"]
+                # A speedup is only as trustworthy as both of its times.
+                row[f"latency_noisy_b{b}"] = max(
+                    base[f"latency_noisy_b{b}"], timing[f"latency_noisy_b{b}"]
                 )
 
 

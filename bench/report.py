@@ -13,11 +13,17 @@ from pathlib import Path
 from typing import Any
 
 from measurement import label
+from recipes import RECIPES
 from settings import BASELINES
 
 from switchprune.config import TrainConfig
 
 Cells = dict[tuple[str, str, str, float], dict[str, list[dict[str, Any]]]]
+# What ours is compared with in the peers' verdict: the recipes at our epoch budget, and the
+# one-shot baselines after their fine-tuning (the weak references).
+PEERS = (*RECIPES, *(b + "+ft" for b in BASELINES))
+# The strength each recipe's grid chooses, by name.
+STRENGTH_NAMES = {"depgraph": "reg", "slimming-recipe": "s", "iterative": "N"}
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:
@@ -62,12 +68,37 @@ def _switcher_vs_best_fixed(acc: dict[str, list[float]], scorers: tuple[str, ...
             "within_sd": diff >= -sd, "better": diff > 2 * se}  # fmt: skip
 
 
+def versus(mine: list[float], theirs: list[float]) -> dict[str, Any]:
+    """Ours against one peer: the difference of the means, its standard error and the outcome.
+
+    ``wins``: ours is higher by more than two standard errors of the difference; ``loses``:
+    lower by more than two; ``ties``: otherwise; ``untested``: either side has a single value,
+    so no standard error can be estimated.
+
+    Args:
+        mine: Ours' accuracies (one per seed).
+        theirs: The peer's accuracies.
+
+    Returns:
+        ``{"diff", "se", "outcome"}``.
+    """
+    diff = statistics.fmean(mine) - statistics.fmean(theirs)
+    se = math.sqrt(_var(mine) / len(mine) + _var(theirs) / len(theirs))
+    if min(len(mine), len(theirs)) < 2:
+        outcome = "untested"
+    else:
+        outcome = "wins" if diff > 2 * se else "loses" if diff < -2 * se else "ties"
+    return {"diff": diff, "se": se, "outcome": outcome}
+
+
 def verdict(rows: list[dict[str, Any]], scorers: tuple[str, ...]) -> dict[str, Any]:
-    """The switcher against the best fixed scorer, and ours against the baselines, per cell.
+    """The switcher against the best fixed scorer, and ours against the peers, per cell.
 
     ``within_sd``: the switcher's mean is at least the best fixed scorer's minus one standard
     deviation (the larger of the two). ``better``: its mean is higher by more than two
-    standard errors of the difference.
+    standard errors of the difference. ``vs_peers``: ours with the default scorer (or, where it
+    did not run, the first scorer that did) against every peer recipe and one-shot baseline
+    that ran (:func:`versus`). A cell holds only the scorers that ran in it.
 
     Args:
         rows: The records.
@@ -79,19 +110,27 @@ def verdict(rows: list[dict[str, Any]], scorers: tuple[str, ...]) -> dict[str, A
     out: dict[str, Any] = {"cells": []}
     for (ds, arch, metric, ratio), methods in cells(rows).items():
         acc = {m: [r["accuracy"] for r in rs] for m, rs in methods.items()}
+        present = tuple(s for s in scorers if f"ours[{s}]" in acc)
         cell: dict[str, Any] = {"dataset": ds, "arch": arch, "target_metric": metric,
-                                "target_ratio": ratio}  # fmt: skip
-        if "switcher" in scorers and len(scorers) > 1:
-            cell |= _switcher_vs_best_fixed(acc, scorers)
+                                "target_ratio": ratio, "scorers": list(present)}  # fmt: skip
+        if "switcher" in present and len(present) > 1:
+            cell |= _switcher_vs_best_fixed(acc, present)
         unpruned = acc["unpruned"]
-        for scorer in scorers:
+        for scorer in present:
             worst = min(acc[f"ours[{scorer}]"]) - statistics.fmean(unpruned)
             cell[f"worst_seed_drop[{scorer}]"] = -worst
             for ft in ("", "+ft"):
                 mine = statistics.fmean(acc[f"ours[{scorer}]{ft}"])
                 cell[f"beats_baselines[{scorer}]{ft}"] = all(
-                    mine > statistics.fmean(acc[b + ft]) for b in BASELINES
+                    mine > statistics.fmean(acc[b + ft]) for b in BASELINES if b + ft in acc
                 )
+        if present:
+            default = TrainConfig().scorer
+            mine_scorer = default if default in present else present[0]
+            cell["ours_scorer"] = mine_scorer
+            cell["vs_peers"] = {
+                p: versus(acc[f"ours[{mine_scorer}]"], acc[p]) for p in PEERS if p in acc
+            }
         out["cells"].append(cell)
     return out
 
@@ -106,7 +145,26 @@ def _intro(meta: dict[str, Any]) -> list[str]:
         "min. Accuracy: mean ± sample standard deviation over seeds, of the compacted (or "
         "pruned) model on the test split. Ratios are against the unpruned TNN of the same seed. "
         "`ours[...]` is the same schedule with the unit scores from the learned switcher or from "
-        "the controls; `slimming` and `l1norm` are Torch-Pruning's pruners at the same target.",
+        "the controls; `slimming` and `l1norm` are Torch-Pruning's pruners at the same target, "
+        "one shot after training (`+ft`: then fine-tuned), the weak references; `depgraph`, "
+        "`slimming-recipe` and `iterative` are the peers' own recipes at the same target and "
+        "the same epochs as `ours` (no `+ft`: their fine-tuning is inside the budget), each "
+        "with its strength chosen on a validation split (see the chosen-strengths table).",
+        "",
+        *_per_arch(meta),
+    ]
+
+
+def _per_arch(meta: dict[str, Any]) -> list[str]:
+    """A line on the TNNs whose seeds or epochs differ from the setting's."""
+    seeds, epochs = meta.get("arch_seeds", {}), meta.get("arch_epochs", {})
+    other = [a for a in seeds if seeds[a] != meta["seeds"] or epochs.get(a) != meta["epochs"]]
+    if not other:
+        return []
+    return [
+        "Other budgets: "
+        + "; ".join(f"{a}: seeds {seeds[a]}, {epochs[a]} epochs" for a in other)
+        + " (ours with the default scorer only).",
         "",
     ]
 
@@ -125,12 +183,18 @@ def _cell_tables(rows: list[dict[str, Any]]) -> list[str]:
             acc, sd = mean_sd([100 * r["accuracy"] for r in rs])
             pr = statistics.fmean(r["params_ratio"] for r in rs)
             mr = statistics.fmean(r["macs_ratio"] for r in rs)
-            s1 = statistics.fmean(r.get("latency_speedup_b1", 1.0) for r in rs)
-            s256 = statistics.fmean(r.get("latency_speedup_b256", 1.0) for r in rs)
-            lines.append(f"| {name} | {acc:.2f} ± {sd:.2f} | {pr:.3f} | {mr:.3f} | {s1:.2f} "
-                         f"| {s256:.2f} |")  # fmt: skip
+            s1, s256 = _speedup(rs, 1), _speedup(rs, 256)
+            lines.append(f"| {name} | {acc:.2f} ± {sd:.2f} | {pr:.3f} | {mr:.3f} | {s1} "
+                         f"| {s256} |")  # fmt: skip
         lines.append("")
     return lines
+
+
+def _speedup(rs: list[dict[str, Any]], batch: int) -> str:
+    """Mean speedup over the seeds, with how many of them were timed too noisily to trust."""
+    mean = statistics.fmean(r.get(f"latency_speedup_b{batch}", 1.0) for r in rs)
+    noisy = sum(r.get(f"latency_noisy_b{batch}", 0.0) > 0 for r in rs)
+    return f"{mean:.2f}" + (f" (noisy {noisy}/{len(rs)})" if noisy else "")
 
 
 def _verdict_table(v: dict[str, Any]) -> list[str]:
@@ -144,7 +208,7 @@ def _verdict_table(v: dict[str, Any]) -> list[str]:
         "| better by > 2 SE | switcher's worst seed below unpruned mean (points) |",
         "|---|---|---|---|---|---|---|",
     ]
-    for c in v["cells"]:
+    for c in (c for c in v["cells"] if "best_fixed" in c):
         lines.append(
             f"| {c['arch']}, {c['target_metric']} {c['target_ratio']} | {c['best_fixed']} "
             f"| {100 * c['switcher_minus_best']:+.2f} | {200 * c['se']:.2f} "
@@ -165,10 +229,81 @@ def _baselines_table(v: dict[str, Any], scorers: tuple[str, ...]) -> list[str]:
     ]
     for c in v["cells"]:
         marks = [
-            "yes" if c[f"beats_baselines[{s}]{ft}"] else "no" for s in scorers for ft in ("", "+ft")
+            "–"
+            if f"beats_baselines[{s}]{ft}" not in c
+            else "yes"
+            if c[f"beats_baselines[{s}]{ft}"]
+            else "no"
+            for s in scorers
+            for ft in ("", "+ft")
         ]
         lines.append(f"| {c['arch']}, {c['target_metric']} {c['target_ratio']} | "
                      + " | ".join(marks) + " |")  # fmt: skip
+    lines.append("")
+    return lines
+
+
+def _peers_table(v: dict[str, Any]) -> list[str]:
+    """Ours (default scorer) against every peer: wins, ties or loses, per cell and in total."""
+    peers = [p for p in PEERS if any(p in c.get("vs_peers", {}) for c in v["cells"])]
+    if not peers:
+        return []
+    lines = [
+        "## Verdict: ours against the peers at the same target",
+        "",
+        "Ours (the scorer named) minus each peer, in accuracy points, ± two standard errors of "
+        "the difference; **wins** / **loses**: beyond two standard errors, else **ties** "
+        "(**untested** with one seed). The recipes have ours' epochs; the one-shot `+ft` "
+        "baselines have the fine-tuning epochs more.",
+        "",
+        "| TNN, target | ours | " + " | ".join(peers) + " |",
+        "|---|---|" + "---|" * len(peers),
+    ]
+    tally: dict[str, dict[str, int]] = {p: {} for p in peers}
+    for c in v["cells"]:
+        marks = []
+        for p in peers:
+            if p not in c.get("vs_peers", {}):
+                marks.append("–")
+                continue
+            vp = c["vs_peers"][p]
+            tally[p][vp["outcome"]] = tally[p].get(vp["outcome"], 0) + 1
+            marks.append(f"{100 * vp['diff']:+.2f} ± {200 * vp['se']:.2f} **{vp['outcome']}**")
+        lines.append(f"| {c['arch']}, {c['target_metric']} {c['target_ratio']} "
+                     f"| {c.get('ours_scorer', '–')} | " + " | ".join(marks) + " |")  # fmt: skip
+    lines.append("")
+    for p in peers:
+        counts = ", ".join(f"{o} in {n}" for o, n in sorted(tally[p].items()))
+        lines.append(f"- against `{p}`: ours {counts} of {sum(tally[p].values())} cells")
+    lines.append("")
+    return lines
+
+
+def _strengths_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The strength each recipe chose per cell, with the validation accuracy of each value."""
+    chosen = [r for r in rows if r["method"] in RECIPES and "strength" in r]
+    if not chosen:
+        return []
+    lines = [
+        "## The peer recipes' chosen strengths",
+        "",
+        "Chosen once per TNN and target on one seed (`grid_seed`; the other seeds reuse it), by "
+        "the validation accuracy of the fine-tuned model trained on 90 % of the training split "
+        "and measured on the other 10 %; ties go to the smaller value.",
+        "",
+        "| TNN, target | recipe | chosen | validation accuracy % per value | grid seed |",
+        "|---|---|---|---|---|",
+    ]
+    seen = set()
+    for r in chosen:
+        key = (r["arch"], r["target_metric"], r["target_ratio"], r["method"])
+        if key in seen:
+            continue
+        seen.add(key)
+        grid = ", ".join(f"{k}: {100 * a:.2f}" for k, a in r["grid"].items())
+        lines.append(f"| {r['arch']}, {r['target_metric']} {r['target_ratio']} | {r['method']} "
+                     f"| {STRENGTH_NAMES[r['method']]} = {r['strength']:g} | {grid} "
+                     f"| {r['grid_seed']} |")  # fmt: skip
     lines.append("")
     return lines
 
@@ -219,7 +354,8 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], scorers: tuple[st
         The Markdown text, without a final newline.
     """
     v = verdict(rows, scorers)
-    lines = _intro(meta) + _cell_tables(rows) + _verdict_table(v) + _baselines_table(v, scorers)
+    lines = _intro(meta) + _cell_tables(rows) + _peers_table(v) + _strengths_table(rows)
+    lines += _verdict_table(v) + _baselines_table(v, scorers)
     lines += claims_table([r for r in rows if r["method"].startswith("claim:")])
     return "\n".join(lines)
 

@@ -4,11 +4,16 @@ On MNIST (the official 10,000 test images, split 8,000 / 2,000 with a fixed seed
 TNN, target and seed, with the same data, epochs and fine-tuning budget:
 
 - ``unpruned``: the plain TNN;
-- ``ours`` with each scorer (``switcher``, ``magnitude``, ``random``): the same schedule
-  (budget line, ramp, alternation, compaction), only the source of the unit scores differs;
+- ``ours`` with each scorer (``switcher``, ``magnitude``, ``group_norm``, ``random``): the same
+  schedule (budget line, ramp, alternation, compaction), only the source of the unit scores
+  differs (the torchvision TNNs: the default scorer only);
 - ``slimming`` and ``l1norm``: Network Slimming and L1-norm filter pruning with Torch-Pruning's
-  own pruners (``bench/baselines.py``), matched to the same params or MACs target;
-- each pruned model as it is and after the same fine-tuning (``+ft``).
+  own pruners (``bench/baselines.py``), one shot after training, matched to the same params or
+  MACs target: the weak references;
+- each of those pruned models as it is and after the same fine-tuning (``+ft``);
+- the peers at their best (``bench/recipes.py``): ``depgraph``, ``slimming-recipe`` and
+  ``iterative``, their authors' recipes at the same target and the same epochs as ours, each
+  with its strength chosen first, per TNN and target, on a validation split of one seed.
 
 Then the paper's claims: the no-penalty mode's compression, and ``compression: auto`` on a
 narrow and a wide MLP and on digits against MNIST. ``results.json`` holds one record per run;
@@ -21,13 +26,14 @@ The runs are in ``bench/measurement.py``, the tables in ``bench/report.py``, the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import platform
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +42,15 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from measurement import add_latency, label, load_dataset, run_claims, run_tnn  # noqa: E402
+from measurement import (  # noqa: E402
+    add_latency,
+    label,
+    load_dataset,
+    run_claims,
+    run_grid,
+    run_tnn,
+)
+from recipes import GRIDS, RECIPES  # noqa: E402
 from report import write_results  # noqa: E402
 from settings import ARCHS, MNIST_DIR, SETTINGS, Setting, out_dir  # noqa: E402
 
@@ -44,8 +58,10 @@ from switchprune.config import TrainConfig  # noqa: E402
 from switchprune.evaluation import retain_freed_memory  # noqa: E402
 from switchprune.scoring import SCORERS  # noqa: E402
 
-Job = tuple[str, Any, int, Setting, tuple[str, ...]]
+# (kind, arch, seed or recipe, setting, scorers, the arch's recipe choices)
+Job = tuple[str, Any, Any, Setting, tuple[str, ...], dict[str, Any]]
 Rows = list[dict[str, Any]]
+Choices = dict[str, dict[str, dict[tuple[str, float], dict[str, Any]]]]
 
 # One process per core: small networks train faster on one thread each than on two threads in
 # turn. The data reaches each worker once.
@@ -58,72 +74,102 @@ def _init_worker(datasets: dict[str, Any]) -> None:
 
 
 def run_job(job: Job) -> tuple[Any, ...]:
-    """One pool job: ``("tnn", arch, seed, ...)`` or ``("claims", None, seed, ...)``.
+    """One pool job: ``("tnn", arch, seed, ...)``, ``("grid", arch, recipe, ...)`` or claims.
 
     Args:
-        job: ``(kind, arch, seed, setting, scorers)``.
+        job: ``(kind, arch, seed or recipe, setting, scorers, choices)``.
 
     Returns:
-        ``(kind, arch, seed, records, models to time per target, seconds)``.
+        ``(kind, arch, seed or recipe, records or choice, models to time per target,
+        seconds)``.
     """
-    kind, arch, seed, setting, scorers = job
+    kind, arch, key, setting, scorers, choices = job
     t0 = time.perf_counter()
     if kind == "claims":
-        rows = run_claims(_WORKER_DATA, setting, (seed,))
-        return kind, arch, seed, rows, [], time.perf_counter() - t0
-    rows, groups = run_tnn(_WORKER_DATA["mnist"], arch, seed, setting, scorers)
-    return kind, arch, seed, rows, groups, time.perf_counter() - t0
+        rows = run_claims(_WORKER_DATA, setting, (key,))
+        return kind, arch, key, rows, [], time.perf_counter() - t0
+    if kind == "grid":
+        chosen = run_grid(_WORKER_DATA["mnist"], arch, key, setting)
+        return kind, arch, key, chosen, [], time.perf_counter() - t0
+    rows, groups = run_tnn(_WORKER_DATA["mnist"], arch, key, setting, scorers, choices)
+    return kind, arch, key, rows, groups, time.perf_counter() - t0
 
 
-def _run_jobs(jobs: list[Job], datasets: dict[str, Any], workers: int) -> Iterator[tuple]:
-    """Yield each job's result as it finishes, from a pool of ``workers`` processes."""
+@contextlib.contextmanager
+def _runner(datasets: dict[str, Any], workers: int) -> Iterator[Callable[[list[Job]], Iterator]]:
+    """A function that runs jobs on ``workers`` processes and yields each result as it ends."""
     if workers <= 1:
         _init_worker(datasets)
-        yield from map(run_job, jobs)
+        yield lambda jobs: map(run_job, jobs)
         return
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(workers, initializer=_init_worker, initargs=(datasets,)) as pool:
-        yield from pool.imap_unordered(run_job, jobs)
+        yield lambda jobs: pool.imap_unordered(run_job, jobs)
 
 
-def _jobs(setting: Setting, scorers: tuple[str, ...], claims: bool) -> list[Job]:
+def _longest_first(archs: tuple[str, ...]) -> list[str]:
+    return sorted(archs, key=lambda a: -list(ARCHS).index(a))
+
+
+def _grid_jobs(setting: Setting, recipes: tuple[str, ...]) -> list[Job]:
+    """The strength selection of every recipe and TNN, longest first."""
+    return [("grid", arch, recipe, setting, (), {})
+            for arch in _longest_first(setting.archs) for recipe in recipes]  # fmt: skip
+
+
+def _jobs(setting: Setting, scorers: tuple[str, ...], claims: bool, choices: Choices) -> list[Job]:
     """Every TNN and seed, longest first so that the workers finish together, then the claims."""
     jobs: list[Job] = [
-        ("tnn", arch, seed, setting, scorers)
-        for arch in sorted(setting.archs, key=lambda a: -list(ARCHS).index(a))
-        for seed in setting.seeds
+        ("tnn", arch, seed, setting, scorers, choices.get(arch, {}))
+        for arch in _longest_first(setting.archs)
+        for seed in setting.seeds_for(arch)
     ]
     if claims:
-        jobs += [("claims", None, seed, setting, scorers) for seed in setting.claim_seeds]
+        jobs += [("claims", None, seed, setting, scorers, {}) for seed in setting.claim_seeds]
     return jobs
 
 
 def train_all(
-    jobs: list[Job], datasets: dict[str, Any], workers: int
-) -> tuple[Rows, list[tuple[Rows, list[dict[str, nn.Module]]]]]:
-    """Run the jobs, printing a line for each.
+    setting: Setting,
+    scorers: tuple[str, ...],
+    recipes: tuple[str, ...],
+    claims: bool,
+    datasets: dict[str, Any],
+    workers: int,
+) -> tuple[Rows, list[tuple[Rows, list[dict[str, nn.Module]]]], Choices]:
+    """Choose the recipes' strengths, then run every TNN and seed, printing a line for each.
 
     Args:
-        jobs: See :func:`run_job`.
+        setting: What to run.
+        scorers: The unit scorers of ours.
+        recipes: The peer recipes to run.
+        claims: Also run the paper-claim cases.
         datasets: ``mnist`` and ``digits``.
         workers: Training processes (1: in this process).
 
     Returns:
-        Every record, and per TNN job its records with the models to time.
+        Every record; per TNN job its records with the models to time; the recipes' choices.
     """
     rows: Rows = []
     latency_groups: list[tuple[Rows, list[dict[str, nn.Module]]]] = []
-    for kind, arch, seed, new, groups, seconds in _run_jobs(jobs, datasets, workers):
-        rows += new
-        if groups:
-            latency_groups.append((new, groups))
-        print(f"bench: {kind} {arch or ''}/seed {seed}: "
-              + ", ".join(f"{label(r)}@{r['target_ratio']} {100 * r['accuracy']:.2f}%"
-                          for r in new if "+ft" not in r["method"])
-              + f" ({seconds:.0f} s)", flush=True)  # fmt: skip
-    return rows, latency_groups
+    choices: Choices = {}
+    with _runner(datasets, workers) as run:
+        for _kind, arch, recipe, chosen, _, seconds in run(_grid_jobs(setting, recipes)):
+            choices.setdefault(arch, {})[recipe] = chosen
+            print(f"bench: grid {arch}/{recipe}: "
+                  + ", ".join(f"{m} {r}: {c['strength']:g}" for (m, r), c in chosen.items())
+                  + f" ({seconds:.0f} s)", flush=True)  # fmt: skip
+        for kind, arch, seed, new, groups, seconds in run(_jobs(setting, scorers, claims, choices)):
+            rows += new
+            if groups:
+                latency_groups.append((new, groups))
+            print(f"bench: {kind} {arch or ''}/seed {seed}: "
+                  + ", ".join(f"{label(r)}@{r['target_ratio']} {100 * r['accuracy']:.2f}%"
+                              for r in new if "+ft" not in r["method"])
+                  + f" ({seconds:.0f} s)", flush=True)  # fmt: skip
+    return rows, latency_groups, choices
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -140,6 +186,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--workers", type=int, default=2, help="training processes (1: in this process)"
     )
     parser.add_argument("--scorers", default=",".join(SCORERS), help="comma-separated")
+    parser.add_argument("--recipes", default=",".join(RECIPES),
+                        help="the peer recipes, comma-separated (empty: none)")  # fmt: skip
     parser.add_argument("--no-claims", action="store_true", help="skip the paper-claim runs")
     return parser.parse_args(argv)
 
@@ -156,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setting = SETTINGS[args.setting]
     scorers = tuple(s for s in args.scorers.split(",") if s)
+    recipes = tuple(r for r in args.recipes.split(",") if r)
+    if unknown := set(recipes) - set(RECIPES):
+        raise SystemExit(f"bench: unknown recipes {sorted(unknown)} (known: {list(RECIPES)})")
     retained = retain_freed_memory()  # steady forward times
     out = out_dir(args.setting, args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -166,8 +217,9 @@ def main(argv: list[str] | None = None) -> int:
             for ds in ("mnist", "digits")
         }
     mnist = datasets["mnist"]
-    jobs = _jobs(setting, scorers, claims=not args.no_claims)
-    rows, latency_groups = train_all(jobs, datasets, args.workers)
+    rows, latency_groups, choices = train_all(
+        setting, scorers, recipes, not args.no_claims, datasets, args.workers
+    )
     train_seconds = time.perf_counter() - started
     torch.set_num_threads(args.threads)
     for new, groups in latency_groups:  # on a quiet machine, after training
@@ -177,10 +229,20 @@ def main(argv: list[str] | None = None) -> int:
         "seeds": list(setting.seeds),
         "epochs": setting.epochs,
         "finetune_epochs": setting.finetune_epochs,
+        "arch_seeds": {a: list(setting.seeds_for(a)) for a in setting.archs},
+        "arch_epochs": {a: setting.epochs_for(a) for a in setting.archs},
         "n_train": len(mnist["train"]),
         "n_test": len(mnist["test"]),
         "archs": {a: dataclasses.asdict(ARCHS[a]) for a in setting.archs},
         "scorers": list(scorers),
+        "recipes": list(recipes),
+        "recipe_grids": {r: list(GRIDS[r]) for r in recipes},
+        "recipe_choices": [
+            {"arch": arch, "recipe": recipe, "target_metric": m, "target_ratio": ratio, **c}
+            for arch, by_recipe in choices.items()
+            for recipe, by_target in by_recipe.items()
+            for (m, ratio), c in by_target.items()
+        ],
         "default_scorer": TrainConfig().scorer,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{args.threads} threads",

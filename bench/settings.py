@@ -17,17 +17,45 @@ ARCHS: dict[str, ModelConfig] = {
     # vgg11 at a quarter of the width (16..128 channels): five seeds of every method fit the
     # hour on 2 CPU cores.
     "vgg": ModelConfig(arch="vgg11", width_multiplier=0.25),
+    # torchvision networks with their small-image stems, at a quarter of the width (the
+    # full-width ones take minutes per epoch on one core).
+    "resnet18": ModelConfig(arch="resnet18", width_multiplier=0.25),
+    "mobilenet_v2": ModelConfig(arch="mobilenet_v2", width_multiplier=0.25),
 }
+TORCHVISION = ("resnet18", "mobilenet_v2")
 # (metric, ratio) targets per TNN.
 TARGETS: dict[str, tuple[tuple[str, float], ...]] = {
     "mlp": (("params", 0.3), ("params", 0.13)),
     "lenet5": (("params", 0.3), ("params", 0.13)),
     "vgg": (("params", 0.3), ("params", 0.13), ("macs", 0.3)),
+    "resnet18": (("macs", 0.3),),
+    "mobilenet_v2": (("macs", 0.3),),
 }
 # SGD learning rate per TNN, the same for every method (LeNet-5 has no BatchNorm and diverges
 # at the MLP's rate). Fine-tuning uses a fifth of it.
-LEARNING_RATES = {"mlp": 0.05, "lenet5": 0.01, "vgg": 0.05}
+LEARNING_RATES = {"mlp": 0.05, "lenet5": 0.01, "vgg": 0.05, "resnet18": 0.05, "mobilenet_v2": 0.05}
 BASELINES = ("slimming", "l1norm")
+# The torchvision cells train for fewer epochs (as ``make bench-archs``), and every cell but
+# the MLP's has three seeds (the MLP keeps five, it costs next to nothing), so that the peer
+# recipes and their strength grids fit ``make bench`` within 90 minutes on 2 cores.
+TORCHVISION_EPOCHS = 3
+
+
+def scorers_for(arch: str, scorers: tuple[str, ...]) -> tuple[str, ...]:
+    """The scorers of ours in one TNN's cells: the torchvision ones run the default only.
+
+    Args:
+        arch: Key of :data:`ARCHS`.
+        scorers: The scorers asked for.
+
+    Returns:
+        ``scorers``, or for a torchvision TNN the default scorer (the first asked for when the
+        default is not among them).
+    """
+    if arch not in TORCHVISION or not scorers:
+        return scorers
+    default = TrainConfig().scorer
+    return (default,) if default in scorers else scorers[:1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,14 +72,28 @@ class Setting:
     claim_epochs: dict[str, int] = dataclasses.field(
         default_factory=lambda: {"digits": 30, "mnist": 10}
     )
+    # Per TNN, instead of ``seeds`` and ``epochs`` (the torchvision cells).
+    arch_seeds: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    arch_epochs: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def seeds_for(self, arch: str) -> tuple[int, ...]:
+        """The seeds of one TNN."""
+        return self.arch_seeds.get(arch, self.seeds)
+
+    def epochs_for(self, arch: str) -> int:
+        """The training epochs of one TNN (ours, the unpruned TNN and the peers alike)."""
+        return self.arch_epochs.get(arch, self.epochs)
 
 
 SETTINGS = {
     "default": Setting(seeds=(0, 1, 2, 3, 4), epochs=10, finetune_epochs=2,
-                       archs=("mlp", "lenet5", "vgg"), latency_repeats=20),
-    "quick": Setting(seeds=(0, 1), epochs=3, finetune_epochs=1, archs=("mlp", "lenet5", "vgg"),
-                     latency_repeats=3, data_limit=2000, claim_seeds=(0,),
-                     claim_epochs={"digits": 6, "mnist": 3}),
+                       archs=("mlp", "lenet5", "vgg", *TORCHVISION), latency_repeats=20,
+                       arch_seeds={a: (0, 1, 2) for a in ("lenet5", "vgg", *TORCHVISION)},
+                       arch_epochs={a: TORCHVISION_EPOCHS for a in TORCHVISION}),
+    "quick": Setting(seeds=(0, 1), epochs=3, finetune_epochs=1,
+                     archs=("mlp", "lenet5", "vgg", *TORCHVISION), latency_repeats=3,
+                     data_limit=2000, claim_seeds=(0,), claim_epochs={"digits": 6, "mnist": 3},
+                     arch_seeds={a: (0,) for a in TORCHVISION}),
     "tiny": Setting(seeds=(0,), epochs=1, finetune_epochs=1, archs=("mlp",),
                     latency_repeats=1, data_limit=500, claim_seeds=(0,),
                     claim_epochs={"digits": 2, "mnist": 1}),

@@ -292,13 +292,15 @@ def _speedup(report: Mapping[str, Any], key: str, batch: int) -> str:
         noisy = any(
             i is None or i > NOISY_IQR_SHARE * m for i, m in zip(spreads, medians, strict=True)
         )
+    predicted = report.get(f"{prefix}_predicted_speedup_b{batch}")
+    also = f"; predicted {predicted:.2f}×" if isinstance(predicted, int | float) else ""
     if noisy:
         return (
             f"not quoted: noisy (an IQR above {NOISY_IQR_SHARE:.0%} of its median, or fewer "
-            f"than {TRUSTED_REPEATS} timed passes)"
+            f"than {TRUSTED_REPEATS} timed passes){also}"
         )
     before, after = (report[key.format("ms", tag=t, batch=batch)] for t in TAGS)
-    return f"{before / after:.2f}×"
+    return f"{before / after:.2f}× measured{also}" if also else f"{before / after:.2f}×"
 
 
 def _latency_note(card: CardInputs) -> str:

@@ -238,7 +238,10 @@ class TrainConfig(_Section):
             then tries ``auto_shrink`` times the last accepted ratio, keeps it if validation
             accuracy after that epoch stays within ``max_accuracy_drop`` of the reference,
             and otherwise returns to the last accepted ratio and stops shrinking.
-        target_metric: ``params`` or ``macs``.
+        target_metric: ``params``, ``macs``, or ``latency``: the forward time of a batch of
+            256 on the training device, predicted from a table measured there before
+            switching (:mod:`switchprune.latency`); ``target_ratio`` is then a share of the
+            unpruned network's time (0.5: twice as fast).
         target_ratio: Fraction of the metric to keep (0.4 keeps 40 %).
         width_multiple: Every group keeps a multiple of this many units (a group narrower than
             it stays whole): ``target``/``auto`` modes round to the nearest multiple within the
@@ -284,7 +287,7 @@ class TrainConfig(_Section):
     gate_temperature: float = Field(0.1, gt=0)
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     compression: Literal["target", "auto", "penalty", "none"] = "target"
-    target_metric: Literal["params", "macs"] = "params"
+    target_metric: Literal["params", "macs", "latency"] = "params"
     target_ratio: float = Field(0.4, gt=0, le=1)
     width_multiple: int = Field(1, ge=1)
     penalty: float = Field(0.05, ge=0)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from switchprune.latency import LatencyModel, Layer
 from switchprune.models.base import TaskNet
 
 Widths = Mapping[str, float | int | torch.Tensor]
@@ -47,9 +48,12 @@ class CostModel:
             for i, reader in enumerate(g.readers):
                 per_unit = g.spans[i][1] if g.spans else _inputs(modules[reader]) // g.size
                 in_parts.setdefault(reader, []).append((g.name, per_unit))
-        spatial = _output_spatial(model)
+        shapes = _conv_shapes(model)
+        spatial = {name: s[0] for name, s in shapes.items()}
         self.params_terms: list[Term] = []
         self.macs_terms: list[Term] = []
+        self.layers: list[Layer] = []  # what the latency model times
+        self.latency: LatencyModel | None = None
         for name, m in modules.items():
             og = out_group.get(name)
             if isinstance(m, nn.Conv2d | nn.Linear):
@@ -75,6 +79,7 @@ class CostModel:
                     self.macs_terms.append(Term(float(w * positions), None, og))
                 if m.bias is not None:
                     self.params_terms.append(Term(float(per_out), None, og))
+                self.layers.append(_layer(name, m, parts, fixed_in, og, shapes.get(name)))
             elif isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d) and m.affine:
                 self.params_terms.append(Term(2.0 if og else 2.0 * m.num_features, None, og))
 
@@ -96,11 +101,20 @@ class CostModel:
         return self._evaluate(self.macs_terms, self.full if widths is None else widths)
 
     def cost(self, metric: str, widths: Widths | None = None) -> float | torch.Tensor:
-        """``params`` or ``macs`` at the given widths."""
+        """``params``, ``macs`` or predicted ``latency`` (ms) at the given widths."""
+        if metric == "latency":
+            return self._latency()(widths)
         return self.params(widths) if metric == "params" else self.macs(widths)
+
+    def _latency(self) -> LatencyModel:
+        if self.latency is None:
+            raise ValueError("no latency model: measure one first (switchprune.latency.measure)")
+        return self.latency
 
     def marginal(self, metric: str, widths: Widths) -> dict[str, float]:
         """Cost of one more unit in each group, at the given widths."""
+        if metric == "latency":
+            return self._latency().marginal(widths)
         terms = self.params_terms if metric == "params" else self.macs_terms
         out = dict.fromkeys(self.full, 0.0)
         for t in terms:
@@ -115,15 +129,43 @@ def _inputs(m: nn.Module) -> int:
     return int(m.in_channels if isinstance(m, nn.Conv2d) else m.in_features)
 
 
-def _output_spatial(model: TaskNet) -> dict[str, int]:
-    """Output positions (H*W) of every conv for one sample, by module name."""
-    sizes: dict[str, int] = {}
+def _layer(
+    name: str,
+    m: nn.Conv2d | nn.Linear,
+    parts: list[tuple[str, int]],
+    fixed_in: int,
+    out_group: str | None,
+    shape: tuple[int, int, int] | None,
+) -> Layer:
+    """The latency model's view of one layer: its widths' groups and its geometry."""
+    bias = int(m.bias is not None)
+    if isinstance(m, nn.Linear):
+        geometry: tuple[int | str, ...] = ("linear", bias)
+        cin, cout, depthwise = m.in_features, m.out_features, False
+    else:
+        height, width = shape[1:] if shape is not None else (1, 1)
+        cin, cout = m.in_channels, m.out_channels
+        depthwise = m.groups > 1 and m.groups == cin == cout and out_group is not None
+        # A depthwise conv's groups follow its width (0); a grouped one is never gated.
+        groups = 0 if depthwise else m.groups
+        geometry = ("conv", *m.kernel_size, *m.stride, *m.padding, *m.dilation)  # type: ignore[misc]
+        geometry = (*geometry, bias, height, width, groups)
+    positions = shape[0] if shape is not None and isinstance(m, nn.Conv2d) else 1
+    return Layer(name, tuple(parts), fixed_in, out_group, cin, cout, depthwise, geometry, positions)
+
+
+def _conv_shapes(model: TaskNet) -> dict[str, tuple[int, int, int]]:
+    """Per conv, by module name: output positions (H*W), input height and width, one sample."""
+    sizes: dict[str, tuple[int, int, int]] = {}
     hooks = []
     for name, m in model.named_modules():
         if isinstance(m, nn.Conv2d):
 
-            def hook(_m: nn.Module, _i: object, out: torch.Tensor, name: str = name) -> None:
-                sizes[name] = int(out.shape[2] * out.shape[3])
+            def hook(
+                _m: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor, name: str = name
+            ) -> None:
+                x = inp[0]
+                sizes[name] = (int(out.shape[2] * out.shape[3]), int(x.shape[2]), int(x.shape[3]))
 
             hooks.append(m.register_forward_hook(hook))
     try:

@@ -17,13 +17,15 @@ import contextlib
 import hashlib
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from switchprune.config import ConfigError
+
+T = TypeVar("T")
 
 # Set to 1: the ranks compare digests of their factors and scorer after every SNN step, and of
 # their task networks after every epoch.
@@ -126,6 +128,15 @@ def barrier() -> None:
     """Wait for every rank (no-op alone)."""
     if active():
         dist.barrier()
+
+
+def broadcast_object(obj: T) -> T:
+    """Rank 0's ``obj`` on every rank (itself when not distributed)."""
+    if not _initialized():
+        return obj
+    box = [obj if is_main() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]  # type: ignore[return-value]
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

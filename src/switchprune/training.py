@@ -49,7 +49,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
-from switchprune import distributed
+from switchprune import distributed, latency
 from switchprune.config import ConfigError, DataConfig, TrainConfig, recipe_lr, to_dict
 from switchprune.cost import CostModel
 from switchprune.data import (
@@ -392,7 +392,7 @@ def _start(
         scorer=scorer,
         opt_t=opt_t,
         opt_s=opt_s,
-        costs=CostModel(tnn),
+        costs=_costs(tnn, cfg, switched, device),
         data=data,
         warmup=warmup,
         switch_end=max(warmup + 1, round(cfg.switch_epochs_fraction * cfg.epochs)),
@@ -403,6 +403,21 @@ def _start(
     if distributed.world_size() > 1:
         _parallel(run)
     return run
+
+
+def _costs(tnn: TaskNet, cfg: TrainConfig, switched: bool, device: torch.device) -> CostModel:
+    """The network's cost model, with a latency table when the target is a latency."""
+    costs = CostModel(tnn)
+    if switched and cfg.target_metric == "latency":
+        # Rank 0 measures (or reads its cache) and every rank uses its table: the ranks place
+        # the same budget line.
+        table = (
+            latency.measure(tnn, costs.layers, tnn.spec.in_shape, device)
+            if (distributed.is_main())
+            else None
+        )
+        costs.latency = distributed.broadcast_object(table)
+    return costs
 
 
 def _parallel(run: _Run) -> None:
@@ -731,6 +746,8 @@ def _epoch_record(run: _Run, epoch: int, losses: list[float], seconds: float) ->
         widths = hard_widths(factors)
         record["params_ratio"] = float(run.costs.params(widths)) / float(run.costs.params())
         record["macs_ratio"] = float(run.costs.macs(widths)) / float(run.costs.macs())
+        if run.costs.latency is not None:
+            record["latency_ratio"] = run.costs.latency(widths) / run.costs.latency()
         record["offset"] = float(run.scorer.offset) if run.scorer is not None else 0.0
     run.tnn.set_factors(None)
     return record
@@ -758,6 +775,8 @@ def _finish(run: _Run) -> FitResult:
         widths = hard_widths(final)
         metrics["train_params_ratio"] = float(run.costs.params(widths)) / float(run.costs.params())
         metrics["train_macs_ratio"] = float(run.costs.macs(widths)) / float(run.costs.macs())
+        if run.costs.latency is not None:
+            metrics["train_latency_ratio"] = run.costs.latency(widths) / run.costs.latency()
         metrics["switch_offset"] = float(scorer.offset)
         if run.cfg.compression == "auto":
             metrics["auto_ratio"] = _final_ratio(run)

@@ -11,6 +11,8 @@ import pytest
 from bench_support import load_bench_script
 
 ROOT = Path(__file__).resolve().parents[2]
+RECIPES = ("depgraph", "slimming-recipe", "iterative")
+GRIDS = load_bench_script("recipes").GRIDS
 MNIST = ROOT.parent / "shared" / "data" / "mnist-t10k"
 
 pytestmark = [
@@ -38,7 +40,12 @@ META_KEYS = {
     "n_train",
     "n_test",
     "archs",
+    "arch_seeds",
+    "arch_epochs",
     "scorers",
+    "recipes",
+    "recipe_grids",
+    "recipe_choices",
     "default_scorer",
     "machine",
     "allocator",
@@ -86,7 +93,7 @@ def test_in_process_run_gives_the_same_records(
     assert "## The paper's claims" not in (tmp_path / "results.md").read_text()
 
 
-def test_one_record_per_run_with_every_scorer_and_baseline(results: Path) -> None:
+def test_one_record_per_run_with_every_scorer_baseline_and_recipe(results: Path) -> None:
     data = json.loads((results / "results.json").read_text())
     assert set(data) == {"meta", "verdict", "records"}
     assert set(data["meta"]) == META_KEYS
@@ -100,10 +107,15 @@ def test_one_record_per_run_with_every_scorer_and_baseline(results: Path) -> Non
         here = [r for r in runs if (r["target_metric"], r["target_ratio"]) == (metric, ratio)]
         ours = {(r["method"], r["scorer"]) for r in here if r["method"].startswith("ours")}
         assert ours == {
-            (m, s) for m in ("ours", "ours+ft") for s in ("switcher", "magnitude", "random")
+            (m, s)
+            for m in ("ours", "ours+ft")
+            for s in ("switcher", "magnitude", "group_norm", "random")
         }
         baselines = {r["method"] for r in here if r["scorer"] is None}
-        assert baselines == {"slimming", "slimming+ft", "l1norm", "l1norm+ft"}
+        assert baselines == {"slimming", "slimming+ft", "l1norm", "l1norm+ft"} | set(RECIPES)
+        for r in (r for r in here if r["method"] in RECIPES):
+            assert r["strength"] in GRIDS[r["method"]] and r["grid_seed"] == 0
+            assert set(r["grid"]) == {str(v) for v in GRIDS[r["method"]]}
         for r in here:
             # Every pruned model meets the target it was given (within a unit's cost).
             assert r[f"{metric}_ratio"] <= ratio + 1e-9, r
@@ -119,17 +131,24 @@ def test_verdict_and_markdown_come_from_the_records(results: Path) -> None:
     md = (results / "results.md").read_text()
     assert "## mlp, params target 0.13" in md
     assert "## Verdict: the learned switcher against the best fixed scorer" in md
+    assert "## Verdict: ours against the peers at the same target" in md
+    assert "## The peer recipes' chosen strengths" in md
+    choices = data["meta"]["recipe_choices"]
+    assert {(c["recipe"], c["target_ratio"]) for c in choices} == {
+        (r, t) for r in RECIPES for t in (0.3, 0.13)
+    }
     cells = data["verdict"]["cells"]
     assert len(cells) == 2
     for cell in cells:
-        assert cell["best_fixed"] in {"magnitude", "random"}
+        assert cell["best_fixed"] in {"magnitude", "group_norm", "random"}
+        assert set(cell["vs_peers"]) == {*RECIPES, "slimming+ft", "l1norm+ft"}
         records = [
             r
             for r in data["records"]
             if r["target_ratio"] == cell["target_ratio"] and r["method"] == "ours"
         ]
         by_scorer = {r["scorer"]: r["accuracy"] for r in records}
-        best = max(by_scorer[s] for s in ("magnitude", "random"))
+        best = max(by_scorer[s] for s in ("magnitude", "group_norm", "random"))
         assert cell["switcher_minus_best"] == pytest.approx(by_scorer["switcher"] - best)
         assert by_scorer[cell["best_fixed"]] == best
 

@@ -74,7 +74,7 @@ def test_without_the_switcher_there_is_no_comparison_to_the_best_fixed_scorer() 
     (cell,) = R.verdict(rows, ("magnitude", "random"))["cells"]
     assert "best_fixed" not in cell
     md = R.markdown(rows, META, ("magnitude", "random"))
-    assert "## Verdict" not in md
+    assert "## Verdict: the learned switcher" not in md
     assert "## Ours against the Torch-Pruning baselines" in md
 
 
@@ -116,5 +116,69 @@ def test_interleaved_latency_times_every_model_at_both_batch_sizes() -> None:
     latency = M.interleaved_latency(models, (64,), repeats=2)
     assert set(latency) == {"wide", "narrow"}
     for timing in latency.values():
-        assert set(timing) == {"latency_ms_b1", "latency_ms_b256"}
-        assert all(ms > 0 for ms in timing.values())
+        assert set(timing) == {
+            f"latency_{m}_b{b}" for m in ("ms", "iqr_ms", "noisy") for b in (1, 256)
+        }
+        assert timing["latency_ms_b1"] > 0 and timing["latency_ms_b256"] > 0
+        assert timing["latency_noisy_b1"] == 1.0  # two rounds are too few to be trusted
+
+
+def test_a_noisy_speedup_is_marked_with_its_seed_count() -> None:
+    rows = [
+        {"latency_speedup_b256": 2.0, "latency_noisy_b256": 1.0},
+        {"latency_speedup_b256": 2.2, "latency_noisy_b256": 0.0},
+    ]
+    assert R._speedup(rows, 256) == "2.10 (noisy 1/2)"
+    assert R._speedup(rows[1:], 256) == "2.20"
+
+
+def _with_peers(ours: float, peers: dict[str, list[float]]) -> list[dict]:
+    """One cell with ours[magnitude] at ``ours`` ± 0.01 over three seeds and the given peers."""
+    rows = []
+    for seed in range(3):
+        rows.append(_row("unpruned", None, seed, 0.9, target=False))
+        rows.append(_row("ours", "magnitude", seed, ours + 0.01 * (seed - 1)))
+        rows.append(_row("ours+ft", "magnitude", seed, ours))
+        for method, accs in peers.items():
+            extra = {"strength": 1e-4, "grid": {"0.0001": 0.5}, "grid_seed": 0}
+            rows.append(_row(method, None, seed, accs[seed]) | extra)
+    return rows
+
+
+def test_versus_wins_ties_and_loses_by_two_standard_errors() -> None:
+    assert R.versus([0.80, 0.81, 0.82], [0.70, 0.71, 0.72])["outcome"] == "wins"
+    assert R.versus([0.70, 0.71, 0.72], [0.80, 0.81, 0.82])["outcome"] == "loses"
+    tie = R.versus([0.80, 0.81, 0.82], [0.80, 0.82, 0.81])
+    assert tie["outcome"] == "ties" and tie["diff"] == pytest.approx(0.0)
+    assert R.versus([0.8], [0.7])["outcome"] == "untested"
+
+
+def test_verdict_compares_the_default_scorer_with_every_peer() -> None:
+    peers = {"depgraph": [0.70, 0.71, 0.72], "slimming-recipe": [0.80, 0.81, 0.79],
+             "iterative": [0.90, 0.91, 0.92]}  # fmt: skip
+    rows = _with_peers(0.80, peers)
+    (cell,) = R.verdict(rows, ("magnitude",))["cells"]
+    assert cell["ours_scorer"] == "magnitude"
+    assert {p: v["outcome"] for p, v in cell["vs_peers"].items()} == {
+        "depgraph": "wins",
+        "slimming-recipe": "ties",
+        "iterative": "loses",
+    }
+    assert cell["vs_peers"]["depgraph"]["diff"] == pytest.approx(0.09)
+    md = R.markdown(rows, META, ("magnitude",))
+    assert "## Verdict: ours against the peers at the same target" in md
+    assert "| mlp, params 0.3 | magnitude | +9.00 ±" in md
+    assert "- against `iterative`: ours loses in 1 of 1 cells" in md
+    assert "| mlp, params 0.3 | depgraph | reg = 0.0001 | 0.0001: 50.00 | 0 |" in md
+
+
+def test_a_cell_without_some_scorers_is_reported_with_the_ones_that_ran() -> None:
+    # A torchvision cell: the default scorer only, beside an MLP cell with every scorer.
+    rows = _records([0.85, 0.86, 0.87])
+    rows += [r | {"arch": "resnet18"} for r in _with_peers(0.8, {"depgraph": [0.7, 0.71, 0.72]})]
+    cells = {c["arch"]: c for c in R.verdict(rows, SCORERS)["cells"]}
+    assert "best_fixed" in cells["mlp"] and "best_fixed" not in cells["resnet18"]
+    assert cells["resnet18"]["scorers"] == ["magnitude"]
+    md = R.markdown(rows, META, SCORERS)
+    assert "| resnet18, params 0.3 | – | – | yes | yes | – | – |" in md
+    assert "| resnet18, params 0.3 | magnitude | +9.00 ±" in md

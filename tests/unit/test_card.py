@@ -124,6 +124,15 @@ def test_a_noisy_latency_quotes_no_speedup(changes: dict[str, float], quoted: bo
     assert "| onnxruntime speedup, batch 256 | | not quoted: noisy" in text
 
 
+def test_a_latency_target_shows_the_predicted_speedup_beside_the_measured_one() -> None:
+    report = {**REPORT, "latency_noisy_b1": 0.0, "latency_predicted_speedup_b1": 1.2}
+    text = render_card(dataclasses.replace(CARD, report=report))
+    assert "| speedup, batch 1 | | 1.09× measured; predicted 1.20× |" in text
+    noisy = {**report, "latency_noisy_b1": 1.0}
+    text = render_card(dataclasses.replace(CARD, report=noisy))
+    assert "timed passes); predicted 1.20× |" in text
+
+
 def test_classes_are_listed_in_logit_order() -> None:
     text = render_card(CARD)
     rows = [f"| {i} | {name} |" for i, name in enumerate(CLASSES)]

@@ -77,7 +77,7 @@ def run(
     def logits(model: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
         return predict_logits(model, test, device, cfg.batch_size, dtype=dtype, num_workers=workers)
 
-    full, factors, _ = load_switched(trained_dir)
+    full, factors, stored = load_switched(trained_dir)
     small, kept = load_compacted(model_dir)
     full, small = full.to(device), small.to(device)
     gates = masked_factors(factors, kept)
@@ -113,7 +113,16 @@ def run(
     report["latency_threads"] = float(torch.get_num_threads())  # fixed while timing
     report.update(_torch_latencies(cfg, full, small, meta.in_shape, device))
     report.update(_onnx_latencies(cfg, full, Path(model_dir) / ONNX_FILE, meta.in_shape))
+    report.update(_predicted(stored))
     return report
+
+
+def _predicted(stored: dict[str, Any]) -> dict[str, float]:
+    """The speedup ``train`` predicted for a latency target (nothing for other targets)."""
+    ratio = stored.get("train_latency_ratio")
+    if not isinstance(ratio, float) or ratio <= 0:
+        return {}
+    return {f"latency_predicted_speedup_b{LATENCY_BATCHES[-1]}": 1.0 / ratio}
 
 
 def _max_abs_diff_f64(

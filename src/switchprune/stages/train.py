@@ -166,6 +166,8 @@ def _write_outputs(
 ) -> None:
     """Replace ``trained_dir`` (and the history file) with both runs' models, whole."""
     assert result.switcher is not None
+    # A latency target's prediction for the final widths, for evaluate to set beside its own.
+    predicted = {k: result.metrics[k] for k in ("train_latency_ratio",) if k in result.metrics}
     with replacing_dir(trained_dir, TRAINED_FILES, "train") as staged:
         save_model(
             result.model,
@@ -174,6 +176,7 @@ def _write_outputs(
             switcher_spec=result.switcher.spec.to_dict(),
             switcher_state=result.switcher.state_dict(),
             train=to_dict(cfg),
+            **predicted,
             **contract,
         )
         if base is not None:
