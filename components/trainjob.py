@@ -22,14 +22,17 @@ holds ``components/``), and the tests drive it against a stand-in Kubernetes API
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import secrets
 import shutil
+import signal
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -330,7 +333,15 @@ def run(
         kube.gpus_per_node,
         kube.gpu_type,
     )
-    job = follow(client, name, timeout=kube.trainjob_timeout, poll=poll, echo=echo)
+    try:
+        with _stopped_by_sigterm():
+            job = follow(client, name, timeout=kube.trainjob_timeout, poll=poll, echo=echo)
+    except (Stopped, KeyboardInterrupt) as exc:
+        # Terminating the pipeline run stops this pod (SIGTERM): the job must not train on.
+        _delete_job(client, s3, name, files)
+        raise TrainJobError(
+            f"stopped ({exc or type(exc).__name__}): TrainJob {name} and {files.root} deleted"
+        ) from None
     if job.status != constants.TRAINJOB_COMPLETE:
         raise TrainJobError(
             f"TrainJob {name} failed in namespace {where} (its node-0 log is above; "
@@ -340,6 +351,42 @@ def run(
     transfer.delete_prefix(s3, files.root)
     logger.info("TrainJob %s completed; its outputs are the task's", name)
     return metrics
+
+
+class Stopped(BaseException):
+    """The launcher was asked to stop (SIGTERM): not an ``Exception``, so nothing swallows it."""
+
+
+@contextlib.contextmanager
+def _stopped_by_sigterm() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Stopped` while the job is followed (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, _frame: object) -> None:
+        raise Stopped(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _delete_job(client: TrainerClient, s3: Any, name: str, files: JobFiles) -> None:
+    """Delete the TrainJob (its pods go with it) and its S3 folder; report what failed."""
+    try:
+        client.delete_job(name)
+        logger.info("deleted TrainJob %s", name)
+    except Exception as exc:  # still remove the folder, and say why
+        logger.error(
+            "could not delete TrainJob %s (kubectl delete trainjob %s): %s", name, name, _why(exc)
+        )
+    try:
+        transfer.delete_prefix(s3, files.root)
+    except storage.StorageError as exc:
+        logger.error("could not remove %s: %s", files.root, exc)
 
 
 def _why(exc: BaseException) -> str:

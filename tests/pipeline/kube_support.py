@@ -77,6 +77,7 @@ class NodeRun:
         self.lines: list[str] = []
         self.returncode: int | None = None
         self.log_opened = threading.Event()
+        self.stopped = threading.Event()  # the TrainJob was deleted: the node stops
         self._changed = threading.Condition()
 
     def write(self, line: str) -> None:
@@ -123,6 +124,9 @@ class ScriptedNode(Node):
         def play() -> None:
             run.log_opened.wait(30)  # the launcher must be following while the node prints
             for line in self.lines:
+                if run.stopped.is_set():
+                    run.finish(137)  # killed with its pod
+                    return
                 run.write(line)
                 time.sleep(0.05)
             run.finish(self.returncode)
@@ -174,7 +178,12 @@ class CommandNode(Node):
                 run.write(line.rstrip("\n"))
             run.finish(proc.wait())
 
+        def reap() -> None:
+            run.stopped.wait()
+            proc.kill()  # the pod is deleted with its TrainJob
+
         threading.Thread(target=pump, daemon=True).start()
+        threading.Thread(target=reap, daemon=True).start()
         return run
 
 
@@ -194,6 +203,7 @@ class FakeKubernetes:
         secrets: Secret name to its data, for the ``secretKeyRef`` variables of a TrainJob.
         node: What the TrainJob's nodes do.
         created: The body of every TrainJob creation request, in order.
+        deleted: Every deleted TrainJob's node run, by name, in order.
         requests: ``(method, path with query)`` of every request, in order.
         unexpected: The requests answered 404 because nothing here serves them.
     """
@@ -209,6 +219,7 @@ class FakeKubernetes:
         self.secrets = {k: dict(v) for k, v in (secrets or {}).items()}
         self.node = node
         self.created: list[dict[str, Any]] = []
+        self.deleted: dict[str, NodeRun] = {}
         self.requests: list[tuple[str, str]] = []
         self.unexpected: list[tuple[str, str]] = []
         self.jobs: dict[str, _Job] = {}
@@ -288,6 +299,15 @@ class FakeKubernetes:
             return 404, _status(404, f'trainjobs.trainer.kubeflow.org "{name}" not found')
         self.jobs[name].gets += 1
         return 200, self._trainjob(name)
+
+    def delete(self, name: str) -> tuple[int, dict[str, Any]]:
+        with self._lock:
+            job = self.jobs.pop(name, None)
+        if job is None:
+            return 404, _status(404, f'trainjobs.trainer.kubeflow.org "{name}" not found')
+        job.run.stopped.set()
+        self.deleted[name] = job.run
+        return 200, {"kind": "Status", "apiVersion": "v1", "status": "Success"}
 
     def pods(self, selector: str) -> dict[str, Any]:
         name = selector.split(",", 1)[0].split("=", 1)[1]
@@ -468,6 +488,16 @@ def _route(
             name,
         ]:
             return cluster.get_trainjob(name)
+        case "DELETE", [
+            "apis",
+            "trainer.kubeflow.org",
+            "v1alpha1",
+            "namespaces",
+            _,
+            "trainjobs",
+            name,
+        ]:
+            return cluster.delete(name)
         case "GET", ["api", "v1", "namespaces", _, "pods"]:
             return 200, cluster.pods(query.get("labelSelector", [""])[0])
         case "GET", ["api", "v1", "namespaces", _, "pods", pod, "log"]:

@@ -14,7 +14,11 @@ import contextlib
 import hashlib
 import io
 import json
+import os
+import signal
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -458,3 +462,46 @@ def test_the_local_process_backend_cannot_run_the_project_image_command() -> Non
     kube = KubeflowConfig(train_nodes=1, gpus_per_node=2)
     with pytest.raises(ValueError, match="CustomTrainer must be set with LocalProcessBackend"):
         client.train(runtime="torch-distributed", trainer=trainjob.trainer(kube))
+
+
+def test_a_stopped_launcher_deletes_its_trainjob_and_its_s3_folder(
+    s3_env: S3Server, prepared: Path, tmp_path: Path
+) -> None:
+    """Terminating the pipeline run sends the launcher's pod SIGTERM: the job stops with it."""
+    node = ScriptedNode([f"train step {i}" for i in range(2000)])  # ~100 s of training
+    lines: list[str] = []
+    with _cluster_for(s3_env, node) as cluster:
+
+        def terminate_once_training() -> None:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not any(
+                len(job.run.lines) >= 5 for job in list(cluster.jobs.values())
+            ):
+                time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        killer = threading.Thread(target=terminate_once_training, daemon=True)
+        killer.start()
+        with pytest.raises(trainjob.TrainJobError) as info:
+            trainjob.run(
+                sections_from_struct(TINY),
+                KubeflowConfig(train_nodes=1, gpus_per_node=2),
+                prepared_dir=prepared,
+                trained_dir=tmp_path / "trained",
+                history_path=tmp_path / "history.json",
+                backend=cluster.backend(),
+                poll=1,
+                echo=lines.append,
+            )
+        killer.join()
+        ((name, body),) = [(b["metadata"]["name"], b) for b in cluster.created]
+        assert list(cluster.deleted) == [name]
+        assert body["spec"]["trainer"]["numNodes"] == 1
+    message = str(info.value)
+    assert "stopped (SIGTERM)" in message and name in message, message
+    run = cluster.deleted[name]
+    assert 5 <= len(run.lines) < 2000 and run.returncode == 137  # stopped while training
+    assert _objects(s3_env, name) == []  # its inputs and checkpoints are gone
+    assert not (tmp_path / "trained").exists()
+    # The launcher's SIGTERM handling ended with the job: the test process has its own back.
+    assert signal.getsignal(signal.SIGTERM) is not None
