@@ -52,10 +52,13 @@ lock: setup  ## regenerate requirements.lock from the installed environment
 clean:
 	rm -rf data/prepared models checkpoints reports
 
-.PHONY: bench bench-quick bench-archs bench-scaling
+.PHONY: bench bench-quick bench-archs bench-scaling bench-latency
 bench: setup  ## the benchmark (MNIST, every scorer, peer recipe and baseline, ~90 min on 2 cores) -> reports/bench/
 	$(BIN)/python bench/run.py --setting default
 	$(BIN)/python bench/ablations.py --setting default
+
+bench-latency: setup  ## latency targets (2x, 3x) on resnet18 and mobilenet_v2 against MACs targets at equal speedup -> reports/bench/latency.*
+	$(BIN)/python bench/latency_target.py
 
 bench-archs: setup  ## torchvision resnet18 and mobilenet_v2 at 0.3 of the MACs on MNIST (~30 min) -> reports/bench/archs.*
 	$(BIN)/python bench/archs.py

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
+from torch.utils.flop_counter import FlopCounterMode
 
 # Small inputs keep every architecture well under a second on a CPU. 8x8 digits for the plain
 # nets (LeNet pads its convs and keeps a 2x2 map before flattening), 16x16 RGB for the conv nets.
@@ -37,3 +39,13 @@ REPRESENTATIVE_ARCHS = ("mlp", "vgg11_bn", "resnet20", USER_ARCH)
 ALL_ARCH_PARAMS = [
     pytest.param(a, marks=() if a in REPRESENTATIVE_ARCHS else pytest.mark.slow) for a in TEST_ARCHS
 ]
+
+
+def flop_timer(runs: Mapping[str, Callable[[], object]]) -> dict[str, float]:
+    """A scripted device for latency tables: a forward pass takes its MFLOPs in ms."""
+    out = {}
+    for name, run in runs.items():
+        with FlopCounterMode(display=False) as counter:
+            run()
+        out[name] = counter.get_total_flops() / 1e6
+    return out

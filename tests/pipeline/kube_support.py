@@ -478,7 +478,7 @@ def _route(
         case "POST", ["apis", "trainer.kubeflow.org", "v1alpha1", "namespaces", ns, "trainjobs"]:
             assert body is not None
             return cluster.create(ns, body)
-        case "GET", [
+        case ("GET" | "DELETE") as verb, [
             "apis",
             "trainer.kubeflow.org",
             "v1alpha1",
@@ -487,17 +487,7 @@ def _route(
             "trainjobs",
             name,
         ]:
-            return cluster.get_trainjob(name)
-        case "DELETE", [
-            "apis",
-            "trainer.kubeflow.org",
-            "v1alpha1",
-            "namespaces",
-            _,
-            "trainjobs",
-            name,
-        ]:
-            return cluster.delete(name)
+            return cluster.get_trainjob(name) if verb == "GET" else cluster.delete(name)
         case "GET", ["api", "v1", "namespaces", _, "pods"]:
             return 200, cluster.pods(query.get("labelSelector", [""])[0])
         case "GET", ["api", "v1", "namespaces", _, "pods", pod, "log"]:

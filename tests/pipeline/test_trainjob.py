@@ -288,6 +288,22 @@ def _cluster_for(server: S3Server, node: Any) -> FakeKubernetes:
     return FakeKubernetes(node, secrets={"switchprune-s3": secret})
 
 
+def _run_tiny(
+    cluster: FakeKubernetes, kube: KubeflowConfig, prepared: Path, tmp_path: Path, lines: list[str]
+) -> dict[str, float]:
+    """The launcher on TINY's sections against ``cluster``, its log lines into ``lines``."""
+    return trainjob.run(
+        sections_from_struct(TINY),
+        kube,
+        prepared_dir=prepared,
+        trained_dir=tmp_path / "trained",
+        history_path=tmp_path / "history.json",
+        backend=cluster.backend(),
+        poll=1,
+        echo=lines.append,
+    )
+
+
 def test_a_failed_job_fails_the_task_in_one_line_after_streaming_its_log(
     s3_env: S3Server, prepared: Path, tmp_path: Path
 ) -> None:
@@ -296,16 +312,7 @@ def test_a_failed_job_fails_the_task_in_one_line_after_streaming_its_log(
     kube = KubeflowConfig(train_nodes=2, gpus_per_node=4)
     with _cluster_for(s3_env, ScriptedNode(log, returncode=1)) as cluster:
         with pytest.raises(trainjob.TrainJobError) as info:
-            trainjob.run(
-                sections_from_struct(TINY),
-                kube,
-                prepared_dir=prepared,
-                trained_dir=tmp_path / "trained",
-                history_path=tmp_path / "history.json",
-                backend=cluster.backend(),
-                poll=1,
-                echo=lines.append,
-            )
+            _run_tiny(cluster, kube, prepared, tmp_path, lines)
     ((name, job),) = cluster.jobs.items()
     message = str(info.value)
     assert "\n" not in message
@@ -483,15 +490,8 @@ def test_a_stopped_launcher_deletes_its_trainjob_and_its_s3_folder(
         killer = threading.Thread(target=terminate_once_training, daemon=True)
         killer.start()
         with pytest.raises(trainjob.TrainJobError) as info:
-            trainjob.run(
-                sections_from_struct(TINY),
-                KubeflowConfig(train_nodes=1, gpus_per_node=2),
-                prepared_dir=prepared,
-                trained_dir=tmp_path / "trained",
-                history_path=tmp_path / "history.json",
-                backend=cluster.backend(),
-                poll=1,
-                echo=lines.append,
+            _run_tiny(
+                cluster, KubeflowConfig(train_nodes=1, gpus_per_node=2), prepared, tmp_path, lines
             )
         killer.join()
         ((name, body),) = [(b["metadata"]["name"], b) for b in cluster.created]

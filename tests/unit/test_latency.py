@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from model_support import REPRESENTATIVE_ARCHS
+from model_support import REPRESENTATIVE_ARCHS, flop_timer
 from switchprune import latency
 from switchprune.config import TrainConfig
 from switchprune.cost import CostModel
@@ -28,17 +27,7 @@ from switchprune.training import fit
 CPU = torch.device("cpu")
 
 
-def flop_timer(runs: Mapping[str, Callable[[], object]]) -> dict[str, float]:
-    """A device whose time (ms) is a forward pass's MFLOPs."""
-    out = {}
-    for name, run in runs.items():
-        with FlopCounterMode(display=False) as counter:
-            run()
-        out[name] = counter.get_total_flops() / 1e6
-    return out
-
-
-def network_flops(model: TaskNet, widths: Mapping[str, int]) -> float:
+def networkflop_timer(model: TaskNet, widths: Mapping[str, int]) -> float:
     net = latency.narrowed(model, widths)
     return flop_timer({"n": forward_pass(net, model.spec.in_shape, latency.BATCH, CPU)})["n"]
 
@@ -55,14 +44,14 @@ def test_the_table_predicts_the_network_at_any_widths(
     model = tiny_net(arch).eval()
     model.set_factors(None)
     lm = table(model, tmp_path)
-    assert lm() == pytest.approx(network_flops(model, model.group_sizes()), rel=1e-6)
+    assert lm() == pytest.approx(networkflop_timer(model, model.group_sizes()), rel=1e-6)
     g = torch.Generator().manual_seed(0)
     for _ in range(3):  # uneven widths, off the grid and off the calibration points
         widths = {
             name: int(torch.randint(1, size + 1, (1,), generator=g))
             for name, size in model.group_sizes().items()
         }
-        assert lm(widths) == pytest.approx(network_flops(model, widths), rel=1e-6), widths
+        assert lm(widths) == pytest.approx(networkflop_timer(model, widths), rel=1e-6), widths
 
 
 def test_a_rerun_reads_the_cache_and_another_thread_count_measures_again(
@@ -132,7 +121,7 @@ def test_training_to_a_latency_target_reaches_it_and_reports_it(
     widths = {k: max(1, int((v > 0).sum())) for k, v in result.factors.items()}
     full = build_model(spec)
     assert ratio == pytest.approx(
-        network_flops(full, widths) / network_flops(full, full.group_sizes()), rel=1e-6
+        networkflop_timer(full, widths) / networkflop_timer(full, full.group_sizes()), rel=1e-6
     )
     assert all("latency_ratio" in r for r in result.history)
     again = fit(spec, data, None, cfg, progress=False)  # from the cache: the same run
@@ -161,12 +150,10 @@ def test_the_stages_carry_the_prediction_to_the_report(
         progress=False,
     )
     assert 0.3 <= metrics["train_latency_ratio"] <= 0.5 + 1e-9
-    prune.run(PruneConfig(), trained_dir=tmp_path / "trained", model_dir=tmp_path / "m")
+    dirs = {"trained_dir": tmp_path / "trained", "model_dir": tmp_path / "m"}
+    prune.run(PruneConfig(), **dirs)
     report = evaluate.run(
-        EvaluateConfig(latency_warmup=1, latency_repeats=2, device="cpu"),
-        prepared_dir=prepared,
-        trained_dir=tmp_path / "trained",
-        model_dir=tmp_path / "m",
+        EvaluateConfig(latency_repeats=2, device="cpu"), prepared_dir=prepared, **dirs
     )
     predicted = report["latency_predicted_speedup_b256"]
     assert predicted == pytest.approx(1.0 / metrics["train_latency_ratio"])
