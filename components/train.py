@@ -11,6 +11,7 @@ def train(
     data: dict,
     model: dict,
     train: dict,
+    evaluate: dict,
     prepared: Input[Dataset],
     trained: Output[Model],
     history: Output[Artifact],
@@ -24,6 +25,7 @@ def train(
         data: The ``data`` section of ``params.yaml`` (loader, workers, augmentation).
         model: The ``model`` section of ``params.yaml``.
         train: The ``train`` section of ``params.yaml``.
+        evaluate: The ``evaluate`` section: what a latency target's table is measured with.
         prepared: Output of ``preprocess``.
         trained: Output: ``switched.pt`` and ``baseline.pt``.
         history: Output: per-epoch records (``train_history.json``), for the model card.
@@ -36,7 +38,13 @@ def train(
     from pathlib import Path
 
     from switchprune.cli import configure_logging
-    from switchprune.config import DataConfig, ModelConfig, TrainConfig, from_struct
+    from switchprune.config import (
+        DataConfig,
+        EvaluateConfig,
+        ModelConfig,
+        TrainConfig,
+        from_struct,
+    )
     from switchprune.models import provide_source
     from switchprune.stages import train as stage
 
@@ -48,6 +56,7 @@ def train(
             from_struct(TrainConfig, train),
             model_cfg=from_struct(ModelConfig, model),
             data_cfg=from_struct(DataConfig, data),
+            evaluate_cfg=from_struct(EvaluateConfig, evaluate),
             prepared_dir=Path(prepared.path),
             trained_dir=Path(trained.path),
             checkpoint_dir=Path(checkpoint_dir),

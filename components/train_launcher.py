@@ -16,6 +16,7 @@ def train(
     data: dict,
     model: dict,
     train: dict,
+    evaluate: dict,
     kubeflow: dict,
     prepared: Input[Dataset],
     trained: Output[Model],
@@ -35,6 +36,7 @@ def train(
         data: The ``data`` section of ``params.yaml``.
         model: The ``model`` section of ``params.yaml``.
         train: The ``train`` section of ``params.yaml``.
+        evaluate: The ``evaluate`` section: what a latency target's table is measured with.
         kubeflow: The ``kubeflow`` section: nodes, GPUs, placement, S3 folder, deadline.
         prepared: Output of ``preprocess``.
         trained: Output: ``switched.pt`` and ``baseline.pt``.
@@ -52,7 +54,7 @@ def train(
 
     configure_logging()  # the launcher's INFO lines in the task's log, beside node 0's
     out = trainjob.run(
-        sections_from_struct({"data": data, "model": model, "train": train}),
+        sections_from_struct({"data": data, "model": model, "train": train, "evaluate": evaluate}),
         from_struct(KubeflowConfig, kubeflow),
         prepared_dir=Path(prepared.path),
         trained_dir=Path(trained.path),

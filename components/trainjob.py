@@ -5,8 +5,8 @@ pipeline's ``train`` task is a light launcher (``components/train_launcher.py``)
 :func:`run`:
 
 1. It uploads the job's inputs to ``<kubeflow.trainjob_s3_uri>/<job>/``: ``inputs/params.yaml``
-   (the ``data``, ``model`` and ``train`` sections), ``inputs/network.py`` (a network of the
-   user's own file) and ``prepared/`` (the output of ``preprocess``), each verified.
+   (the ``data``, ``model``, ``train`` and ``evaluate`` sections), ``inputs/network.py`` (a
+   network of the user's own file) and ``prepared/`` (the output of ``preprocess``), each verified.
 2. It creates a ``TrainJob`` on the ``torch-distributed`` runtime with the Kubeflow SDK: every
    node runs the project image's ``torchrun … switchprune train`` (``torchrun`` reads the node
    count, rank and rendezvous from the ``PET_*`` variables the runtime sets), which reads its
@@ -93,7 +93,7 @@ class JobFiles:
 
     @property
     def params(self) -> str:
-        """The ``data``, ``model`` and ``train`` sections, as a parameter file."""
+        """The ``data``, ``model``, ``train`` and ``evaluate`` sections, as a parameter file."""
         return f"{self.root}/inputs/params.yaml"
 
     @property
@@ -296,7 +296,8 @@ def run(
     ``kube.s3_secret``), which the nodes get from the same secret.
 
     Args:
-        sections: The validated ``data``, ``model`` and ``train`` sections, as mappings.
+        sections: The validated ``data``, ``model``, ``train`` and ``evaluate`` sections, as
+            mappings.
         kube: The ``kubeflow`` section: nodes, GPUs, placement, the S3 folder, the deadline.
         prepared_dir: Output of ``preprocess``.
         trained_dir: Where ``switched.pt`` and ``baseline.pt`` (and ``network.py``) go.

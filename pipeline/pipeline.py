@@ -199,7 +199,7 @@ def _train_task(
     The launcher needs no GPU, node selector or large limits (the TrainJob's nodes get them),
     but S3: the job's data and models travel there.
     """
-    inputs = {"data": sections["data"], "model": sections["model"], "train": sections["train"]}
+    inputs = {k: sections[k] for k in ("data", "model", "train", "evaluate")}
     if kube.train_gpus > 1:
         task = train_launcher_op(
             **inputs, kubeflow=section_parameter(kube), prepared=prepared, **network

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 
 from switchprune import __version__
 from switchprune.config import OWN_ARCHS, TORCHVISION_ARCHS
-from switchprune.evaluation import LATENCY_BATCHES, NOISY_IQR_SHARE, TRUSTED_REPEATS
+from switchprune.evaluation import NOISY_IQR_SHARE, TRUSTED_REPEATS
 
 CARD_FILE = "model_card.md"
 WIDTHS_PLOT = "widths.png"
@@ -255,8 +256,9 @@ def _evaluation_section(card: CardInputs) -> list[str]:
         if before in report and after in report:
             lines.append(f"| {label} | {fmt(report[before])} | {fmt(report[after])} |")
     timed = False
+    batches = sorted({int(b) for k in report for b in re.findall(r"_b(\d+)", k)})
     for key, runtime in _RUNTIMES:
-        for batch in LATENCY_BATCHES:
+        for batch in batches:
             if key.format("ms", tag="before", batch=batch) not in report:
                 continue
             timed = True

@@ -63,7 +63,8 @@ def _preprocess(args: argparse.Namespace) -> dict[str, float]:
 def _train(args: argparse.Namespace) -> dict[str, float]:
     from switchprune.stages import train
 
-    p = load_params(args.params, ["model", "train", "data"])
+    # evaluate: what a latency target is measured with (a TrainJob's file may not have it).
+    p = load_params(args.params, ["model", "train", "data"], optional=["evaluate"])
     if p["train"].nproc_per_node > 1 and not distributed.launched():
         _relaunch_under_torchrun(p["train"].nproc_per_node, args.argv)
     # Every process of a torchrun job downloads its own copy: none waits on another's files.
@@ -91,6 +92,7 @@ def _train(args: argparse.Namespace) -> dict[str, float]:
             progress=not args.quiet,
             history_path=Path(args.reports_dir) / HISTORY_FILE,
             log_epochs=args.log_epochs,
+            evaluate_cfg=p["evaluate"],
         )
 
 

@@ -9,7 +9,7 @@ for ``true``); only ints widen to floats.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
 from pydantic import ConfigDict, Field, ValidationError, field_validator
@@ -346,6 +346,9 @@ class EvaluateConfig(_Section):
             a figure from fewer than 20 is flagged as noisy.
         threads: CPU threads used for latency (0 keeps torch's default).
         device: ``auto``, ``cpu`` or ``cuda``.
+        runtime: ``torch`` or ``onnxruntime``: whose latency a ``train.target_metric:
+            latency`` target asks for (its table is measured there, at ``batch_size`` and
+            ``threads``), and whose measured speedup the prediction is set beside.
         max_logit_diff: Largest accepted max abs difference (float64) between the logits of the
             gated trained model and the compacted one; above it the compacted model is not
             the trained model's and evaluation is refused.
@@ -356,6 +359,7 @@ class EvaluateConfig(_Section):
     latency_repeats: int = Field(20, ge=1)
     threads: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    runtime: Literal["torch", "onnxruntime"] = "torch"
     max_logit_diff: float = Field(1e-4, gt=0)
 
 
@@ -675,12 +679,15 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
 
-def load_params(path: str | Any, sections: list[str] | None = None) -> dict[str, Any]:
+def load_params(
+    path: str | Any, sections: list[str] | None = None, optional: Sequence[str] = ()
+) -> dict[str, Any]:
     """Read a ``params.yaml`` and build the requested sections' configs.
 
     Args:
         path: Path to the YAML file.
         sections: Sections to build (default: all known sections present or not).
+        optional: Further sections to build, from their defaults where the file has none.
 
     Returns:
         Mapping of section name to config.
@@ -717,7 +724,7 @@ def load_params(path: str | Any, sections: list[str] | None = None) -> dict[str,
     if missing:
         # Silently training on every default is never what a missing section means.
         raise ConfigError(f"parameter file {path} has no section {missing[0]!r}")
-    return {name: from_dict(SECTIONS[name], raw.get(name), name) for name in wanted}
+    return {name: from_dict(SECTIONS[name], raw.get(name), name) for name in [*wanted, *optional]}
 
 
 def _unique_key_loader() -> type:

@@ -166,6 +166,13 @@ def retain_freed_memory() -> bool:
 
 # Batch sizes every latency is timed at: one request, and a batch of offline inference.
 LATENCY_BATCHES = (1, 256)
+
+
+def latency_batches(*more: int) -> tuple[int, ...]:
+    """:data:`LATENCY_BATCHES` and ``more`` (the evaluation batch, a prediction's), sorted."""
+    return tuple(sorted({*LATENCY_BATCHES, *more}))
+
+
 # A latency is trusted only from this many timed passes, with an interquartile range of at most
 # this share of its median; otherwise it is flagged as noisy and no speedup is quoted from it.
 TRUSTED_REPEATS = 20

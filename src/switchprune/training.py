@@ -256,6 +256,7 @@ def fit(
     on_epoch_end: Callable[[int], None] | None = None,
     data: DataConfig | None = None,
     log_epochs: bool = False,
+    timing: latency.Setting | None = None,
 ) -> FitResult:
     """Train a task network, with the scorer when ``switched``, resuming from a checkpoint.
 
@@ -279,17 +280,20 @@ def fit(
             workers when streaming (default: no augmentation, no workers).
         log_epochs: Log one INFO line per epoch (logger ``switchprune.training``): the
             progress report where no bar is shown (Kubeflow task logs).
+        timing: The runtime, batch and threads a latency target is measured in (``evaluate``'s
+            settings; default PyTorch at batch 256), on the training device.
 
     Returns:
         The trained networks, final factors, history and summary metrics (the networks and
         factors are the same on every rank).
     """
     with distributed.session(device or resolve_device(cfg.device)) as device:
-        run = _start(spec, train, val, cfg, switched, device)
+        timing = timing or latency.Setting()
+        run = _start(spec, train, val, cfg, switched, device, timing)
         if data is not None:
             run.augment = augmentation(data, spec.in_shape)
             run.num_workers = data.num_workers
-        fingerprint = _fingerprint(run, spec, switched, len(train))
+        fingerprint = _fingerprint(run, spec, switched, len(train), timing)
         if checkpoint_path is not None:
             distributed.barrier()  # no rank reads while another could still be writing
             if checkpoint_path.is_file():
@@ -351,8 +355,10 @@ def _start(
     cfg: TrainConfig,
     switched: bool,
     device: torch.device,
+    timing: latency.Setting | None = None,
 ) -> _Run:
     """Build the networks, optimisers and data of a run (seeded)."""
+    timing = timing or latency.Setting()
     # ``auto`` becomes the architecture's rate here, so the record says which rate was used.
     cfg = dataclasses.replace(cfg, tnn_lr=recipe_lr(cfg.tnn_lr, spec.arch))
     distributed.check_batch_size(cfg.batch_size, distributed.world_size())
@@ -366,7 +372,7 @@ def _start(
         torch.backends.cudnn.benchmark = False
     torch.manual_seed(cfg.seed)
     tnn = build_model(spec).to(device)
-    scorer = _build_scorer(tnn, cfg, device) if switched else None
+    scorer = _build_scorer(tnn, cfg, device, timing) if switched else None
     opt_t = torch.optim.SGD(
         tnn.parameters(),
         lr=cfg.tnn_lr,
@@ -392,7 +398,7 @@ def _start(
         scorer=scorer,
         opt_t=opt_t,
         opt_s=opt_s,
-        costs=_costs(tnn, cfg, switched, device),
+        costs=_costs(tnn, cfg, switched, device, timing),
         data=data,
         warmup=warmup,
         switch_end=max(warmup + 1, round(cfg.switch_epochs_fraction * cfg.epochs)),
@@ -405,14 +411,16 @@ def _start(
     return run
 
 
-def _costs(tnn: TaskNet, cfg: TrainConfig, switched: bool, device: torch.device) -> CostModel:
+def _costs(
+    tnn: TaskNet, cfg: TrainConfig, switched: bool, device: torch.device, timing: latency.Setting
+) -> CostModel:
     """The network's cost model, with a latency table when the target is a latency."""
     costs = CostModel(tnn)
     if switched and cfg.target_metric == "latency":
         # Rank 0 measures (or reads its cache) and every rank uses its table: the ranks place
         # the same budget line.
         table = (
-            latency.measure(tnn, costs.layers, tnn.spec.in_shape, device)
+            latency.measure(tnn, costs.layers, tnn.spec.in_shape, device, setting=timing)
             if (distributed.is_main())
             else None
         )
@@ -445,18 +453,26 @@ _NO_BUFFER_SYNC = (
 )
 
 
-def _build_scorer(tnn: TaskNet, cfg: TrainConfig, device: torch.device) -> UnitScorer:
+def _build_scorer(
+    tnn: TaskNet, cfg: TrainConfig, device: torch.device, timing: latency.Setting
+) -> UnitScorer:
     """The scorer ``cfg.scorer`` names, for ``tnn`` (seeded: run after ``torch.manual_seed``)."""
     budget = cfg.compression in ("target", "auto")
+    multiple = cfg.width_multiple
+    if cfg.target_metric == "latency":
+        # A unit short of a whole block costs the block's time: keep whole blocks.
+        multiple = math.lcm(multiple, latency.block(device, timing.runtime))
     # The prior and sampled gates act around a budget line; the paper's modes keep the
     # switcher's own ReLU zeros.
     spec = SwitcherSpec(
-        cfg.snn_hidden, "budget" if budget else "relu", cfg.width_multiple, cfg.scorer, budget
+        cfg.snn_hidden, "budget" if budget else "relu", multiple, cfg.scorer, budget
     )
     return build_scorer(spec, tnn, cfg.seed).to(device)
 
 
-def _fingerprint(run: _Run, spec: ModelSpec, switched: bool, n_train: int) -> dict[str, Any]:
+def _fingerprint(
+    run: _Run, spec: ModelSpec, switched: bool, n_train: int, timing: latency.Setting
+) -> dict[str, Any]:
     """What a checkpoint must have been written with to be resumed by this run."""
     fingerprint: dict[str, Any] = {
         # Threads and processes change the speed, not the global batches: a run resumes with
@@ -471,6 +487,8 @@ def _fingerprint(run: _Run, spec: ModelSpec, switched: bool, n_train: int) -> di
     if run.augment is not None:
         # Other batches: a checkpoint made without (or with other) augmentation is not resumed.
         fingerprint["augment"] = dataclasses.asdict(run.augment)
+    if switched and run.cfg.target_metric == "latency":
+        fingerprint["timing"] = dataclasses.asdict(timing)  # another table, another budget line
     return fingerprint
 
 

@@ -102,6 +102,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory, dvc_remote: DvcRemote) -> It
                 data=s["data"],
                 model=s["model"],
                 train=s["train"],
+                evaluate=s["evaluate"],
                 prepared=c.prepared,
                 trained=c.trained,
                 history=c.history,

@@ -2,8 +2,9 @@
 
 A scripted device whose time is a forward pass's FLOPs (``FlopCounterMode``) makes every
 prediction checkable exactly: a layer's FLOPs are bilinear in its input and output widths, so
-the table interpolates them without error, and the network's are the sum of its layers'.
-Whether a real device's times are predicted well is the benchmark's question.
+the table interpolates them without error, and the network's are the sum of its layers'. The
+device's block (the channels a kernel handles at once) is set by each test, not read from the
+machine. Whether a real device's times are predicted well is the benchmark's question.
 """
 
 from __future__ import annotations
@@ -25,6 +26,17 @@ from switchprune.models import ModelSpec, TaskNet, build_model, vgg
 from switchprune.training import fit
 
 CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def blocks(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], None]:
+    """Set the device's block (1 unless a test says otherwise)."""
+
+    def set_block(size: int) -> None:
+        monkeypatch.setattr(latency, "block", lambda device, runtime="torch": size)
+
+    set_block(1)
+    return set_block
 
 
 def networkflop_timer(model: TaskNet, widths: Mapping[str, int]) -> float:
@@ -97,11 +109,42 @@ def test_a_damaged_cache_entry_is_measured_again(
     assert all(json.loads(p.read_text())["key"] for p in tmp_path.glob("*.json"))
 
 
+def test_a_width_is_timed_as_its_whole_blocks(
+    tiny_net: Callable[..., TaskNet], blocks: Callable[[int], None], tmp_path: Path
+) -> None:
+    """33 channels cost what 48 do where kernels work on 16: the table is read at whole blocks."""
+    blocks(4)
+    model = tiny_net("vgg11_bn").eval()
+    model.set_factors(None)
+    lm = table(model, tmp_path)
+    assert lm.block == 4
+    for layer in lm.layers:  # every grid point is a whole number of blocks, or the full width
+        assert all(w % 4 == 0 or w == layer.out_full for w in layer.couts), layer
+    full = model.group_sizes()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        whole = {
+            n: 4 * int(torch.randint(1, s // 4 + 1, (1,), generator=g)) for n, s in full.items()
+        }
+        short = {
+            n: max(1, w - int(torch.randint(0, 4, (1,), generator=g))) for n, w in whole.items()
+        }
+        assert lm(short) == pytest.approx(lm(whole), rel=1e-9), (short, whole)
+        # At whole blocks the table is the device's own time.
+        assert lm(whole) == pytest.approx(networkflop_timer(model, whole), rel=1e-6), whole
+    # One more unit costs a share of the next block's time, not nothing or a whole block.
+    first = model.groups[0].name
+    at = {**full, first: 4}
+    step = lm({**at, first: 8}) - lm(at)
+    assert lm.marginal(at)[first] == pytest.approx(step / 4)
+
+
 def test_training_to_a_latency_target_reaches_it_and_reports_it(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    monkeypatch: pytest.MonkeyPatch, blocks: Callable[[int], None], tmp_path: Path
 ) -> None:
     monkeypatch.setenv(latency.CACHE_ENV, str(tmp_path))
     monkeypatch.setattr(latency, "time_passes", flop_timer)
+    blocks(4)
     spec = ModelSpec("vgg11", (3, 8, 8), 10, vgg.default_widths("vgg11", 0.125))
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 3, 8, 8, generator=g)
@@ -120,12 +163,85 @@ def test_training_to_a_latency_target_reaches_it_and_reports_it(
     # The prediction is the compacted network's own time on that device.
     widths = {k: max(1, int((v > 0).sum())) for k, v in result.factors.items()}
     full = build_model(spec)
+    # Whole blocks kept: every group a multiple of 4 units, or whole.
+    sizes = full.group_sizes()
+    assert all(w % 4 == 0 or w == sizes[k] for k, w in widths.items()), widths
+    assert any(w < sizes[k] for k, w in widths.items()), widths
     assert ratio == pytest.approx(
         networkflop_timer(full, widths) / networkflop_timer(full, full.group_sizes()), rel=1e-6
     )
     assert all("latency_ratio" in r for r in result.history)
     again = fit(spec, data, None, cfg, progress=False)  # from the cache: the same run
     assert all(torch.equal(result.factors[k], again.factors[k]) for k in result.factors)
+
+
+@pytest.mark.parametrize(
+    "module, shape",
+    [
+        (torch.nn.Conv2d(6, 10, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2)), (6, 9, 8)),
+        (torch.nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), (8, 5, 5)),
+        (torch.nn.Linear(12, 7), (12,)),
+    ],
+    ids=["conv", "depthwise", "linear"],
+)
+def test_the_onnxruntime_layers_compute_what_the_torch_layers_do(
+    module: torch.nn.Module, shape: tuple[int, ...]
+) -> None:
+    """The one-node graphs timed for ``evaluate.runtime: onnxruntime`` are the layers."""
+    from switchprune.onnx_export import session
+
+    x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(0))
+    got = session(latency._onnx_layer(module, shape)).run(None, {"x": x.numpy()})[0]
+    with torch.no_grad():
+        assert torch.allclose(torch.from_numpy(got), module(x), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_an_onnxruntime_table_is_measured_in_onnxruntime_and_cached_apart(
+    tiny_net: Callable[..., TaskNet], tmp_path: Path
+) -> None:
+    model = tiny_net("mlp").eval()
+    model.set_factors(None)
+    costs = CostModel(model)
+    setting = latency.Setting(runtime="onnxruntime", batch=8, threads=1)
+
+    def measure(timer: latency.Timer) -> latency.LatencyModel:
+        return latency.measure(
+            model, costs.layers, model.spec.in_shape, CPU, setting=setting, timer=timer,
+            cache=tmp_path,
+        )  # fmt: skip
+
+    seen: list[str] = []
+
+    def real(runs: Mapping[str, Callable[[], object]]) -> dict[str, float]:
+        outputs = [run() for run in runs.values()]  # onnxruntime returns numpy arrays
+        seen.extend(type(o[0]).__module__ for o in outputs)  # type: ignore[index]
+        return latency.time_passes(runs)
+
+    lm = measure(real)
+    assert seen and set(seen) == {"numpy"}
+    assert lm() > 0 and lm.layers and all(v > 0 for layer in lm.layers for r in layer.ms for v in r)
+    keys = [json.loads(p.read_text())["key"] for p in tmp_path.glob("*.json")]
+    assert keys and all(k["runtime"].startswith("onnxruntime ") and k["batch"] == 8 for k in keys)
+    assert all(k["threads"] == 1 for k in keys)
+
+    def refuse(runs: Mapping[str, Callable[[], object]]) -> dict[str, float]:
+        raise AssertionError("measured again")
+
+    assert measure(refuse)() == lm()  # the cache, keyed by runtime, batch and threads
+    with pytest.raises(AssertionError, match="measured again"):  # torch's is another table
+        latency.measure(model, costs.layers, model.spec.in_shape, CPU, timer=refuse, cache=tmp_path)
+
+
+def test_the_report_names_the_prediction_by_runtime_and_batch() -> None:
+    from switchprune.stages.evaluate import _predicted
+
+    assert _predicted({"train_latency_ratio": 0.5}) == {"latency_predicted_speedup_b256": 256}
+    stored = {"train_latency_ratio": 0.5, "train_latency_runtime": "onnxruntime"}
+    assert _predicted({**stored, "train_latency_batch": 64}) == {
+        "onnx_latency_predicted_speedup_b64": 64
+    }
+    assert _predicted({"train_latency_ratio": 0.0}) == {} and _predicted({}) == {}
 
 
 @pytest.mark.slow
@@ -142,19 +258,26 @@ def test_the_stages_carry_the_prediction_to_the_report(
     prepared = tmp_path / "prepared"
     preprocess.run(DataConfig(), raw_dir=tmp_path / "raw", prepared_dir=prepared)
     cfg = TrainConfig(epochs=2, batch_size=128, device="cpu", target_metric="latency")
+    evaluate_cfg = EvaluateConfig(latency_repeats=2, device="cpu", batch_size=64)
     metrics = train_stage.run(
         dataclasses.replace(cfg, target_ratio=0.5),
         model_cfg=ModelConfig(arch="mlp", hidden=(64, 32)),
         prepared_dir=prepared,
         trained_dir=tmp_path / "trained",
         progress=False,
+        evaluate_cfg=evaluate_cfg,
     )
     assert 0.3 <= metrics["train_latency_ratio"] <= 0.5 + 1e-9
     dirs = {"trained_dir": tmp_path / "trained", "model_dir": tmp_path / "m"}
     prune.run(PruneConfig(), **dirs)
-    report = evaluate.run(
-        EvaluateConfig(latency_repeats=2, device="cpu"), prepared_dir=prepared, **dirs
-    )
-    predicted = report["latency_predicted_speedup_b256"]
+    report = evaluate.run(evaluate_cfg, prepared_dir=prepared, **dirs)
+    # The table was measured at the evaluation's batch: the prediction sits beside its timing.
+    predicted = report["latency_predicted_speedup_b64"]
     assert predicted == pytest.approx(1.0 / metrics["train_latency_ratio"])
-    assert "latency_speedup_b256" in report and "latency_noisy_b256" in report
+    assert "latency_speedup_b64" in report and "latency_noisy_b64" in report
+    assert "latency_speedup_b256" in report and "latency_predicted_speedup_b256" not in report
+    assert any(k["batch"] == 64 for k in map(json.loads, _keys(tmp_path / "cache")))
+
+
+def _keys(cache: Path) -> list[str]:
+    return [json.dumps(json.loads(p.read_text())["key"]) for p in cache.rglob("*.json")]

@@ -13,11 +13,11 @@ from torch.utils.data import TensorDataset
 from switchprune.config import DataConfig, EvaluateConfig
 from switchprune.data import load_meta, load_split, open_split, use_streaming
 from switchprune.evaluation import (
-    LATENCY_BATCHES,
     Latency,
     accuracy_from_logits,
     forward_pass,
     interleaved_latency,
+    latency_batches,
     predict_logits,
     retain_freed_memory,
     size_metrics,
@@ -111,18 +111,27 @@ def run(
         report["accuracy_drop"] = report["baseline_accuracy"] - report["test_accuracy"]
     retain_freed_memory()  # steady forward times (see its docstring)
     report["latency_threads"] = float(torch.get_num_threads())  # fixed while timing
-    report.update(_torch_latencies(cfg, full, small, meta.in_shape, device))
-    report.update(_onnx_latencies(cfg, full, Path(model_dir) / ONNX_FILE, meta.in_shape))
-    report.update(_predicted(stored))
-    return report
+    predicted = _predicted(stored)
+    batches = latency_batches(cfg.batch_size, *predicted.values())
+    report.update(_torch_latencies(cfg, full, small, meta.in_shape, device, batches))
+    report.update(_onnx_latencies(cfg, full, Path(model_dir) / ONNX_FILE, meta.in_shape, batches))
+    return report | {k: 1.0 / stored["train_latency_ratio"] for k in predicted}
 
 
-def _predicted(stored: dict[str, Any]) -> dict[str, float]:
-    """The speedup ``train`` predicted for a latency target (nothing for other targets)."""
+def _predicted(stored: dict[str, Any]) -> dict[str, int]:
+    """The report key of the speedup ``train`` predicted for a latency target, to its batch.
+
+    Every latency is timed at 1, 256, the evaluation's batch and the prediction's.
+
+    ``latency_predicted_speedup_b<batch>`` for PyTorch, ``onnx_latency_...`` for onnxruntime:
+    beside the measured ``..._speedup_b<batch>`` of the same runtime. Empty for other targets.
+    """
     ratio = stored.get("train_latency_ratio")
     if not isinstance(ratio, float) or ratio <= 0:
         return {}
-    return {f"latency_predicted_speedup_b{LATENCY_BATCHES[-1]}": 1.0 / ratio}
+    batch = int(stored.get("train_latency_batch", 256))
+    prefix = "onnx_latency" if stored.get("train_latency_runtime") == "onnxruntime" else "latency"
+    return {f"{prefix}_predicted_speedup_b{batch}": batch}
 
 
 def _max_abs_diff_f64(
@@ -147,10 +156,11 @@ def _torch_latencies(
     small: TaskNet,
     in_shape: tuple[int, ...],
     device: torch.device,
+    batches: tuple[int, ...],
 ) -> dict[str, float]:
     """PyTorch forward times (median, IQR) of the unpruned and compacted model, in turns."""
     out: dict[str, float] = {}
-    for batch in LATENCY_BATCHES:
+    for batch in batches:
         runs = {
             "before": forward_pass(full, in_shape, batch, device),
             "after": forward_pass(small, in_shape, batch, device),
@@ -161,7 +171,11 @@ def _torch_latencies(
 
 
 def _onnx_latencies(
-    cfg: EvaluateConfig, full: TaskNet, onnx_after: Path, in_shape: tuple[int, ...]
+    cfg: EvaluateConfig,
+    full: TaskNet,
+    onnx_after: Path,
+    in_shape: tuple[int, ...],
+    batches: tuple[int, ...],
 ) -> dict[str, float]:
     """CPU times under onnxruntime: the unpruned TNN exported as prune exports, and prune's copy.
 
@@ -177,7 +191,7 @@ def _onnx_latencies(
     onnx_models = {"before": export_temporary(full, contract), "after": onnx_after}
     out: dict[str, float] = {}
     threads = torch.get_num_threads()
-    for batch in LATENCY_BATCHES:
+    for batch in batches:
         runs = {t: onnx_pass(m, in_shape, batch, threads) for t, m in onnx_models.items()}
         timed = interleaved_latency(runs, warmup=cfg.latency_warmup, repeats=cfg.latency_repeats)
         out.update(_latency_keys("onnx_latency_{}_b{batch}_{tag}", batch, timed))

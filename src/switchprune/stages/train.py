@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from switchprune import distributed
-from switchprune.config import DataConfig, ModelConfig, TrainConfig, to_dict
+from switchprune import distributed, latency
+from switchprune.config import DataConfig, EvaluateConfig, ModelConfig, TrainConfig, to_dict
 from switchprune.data import load_meta, load_split, open_split, use_streaming
 from switchprune.io import (
     BASELINE_FILE,
@@ -48,6 +48,7 @@ def run(
     data_cfg: DataConfig | None = None,
     history_path: Path | None = None,
     log_epochs: bool = False,
+    evaluate_cfg: EvaluateConfig | None = None,
 ) -> dict[str, float]:
     """Train the switched task network (and the baseline when ``cfg.baseline``).
 
@@ -56,11 +57,9 @@ def run(
         model_cfg: The ``model`` section (architecture and widths).
         prepared_dir: Output of ``preprocess``.
         trained_dir: Where ``switched.pt`` (full-width TNN, its factors, the switcher) and
-            ``baseline.pt`` are written, each with the input contract (``"input"``: raw
-            ``uint8`` shape, mean/std and class names of the prepared data, see
+            ``baseline.pt`` go, each with the input contract (``"input"``, see
             :class:`~switchprune.serving.InputContract`), and ``network.py`` for a network of
-            the user's own file. The folder is replaced whole after both runs, together with
-            ``history_path``; when anything fails both stay as they were.
+            the user's own file. Replaced whole after both runs, with ``history_path``.
         checkpoint_dir: Per-epoch checkpoints: an interrupted run resumes to the same result.
         on_checkpoint: Called on rank 0 with each new checkpoint's path (to copy it away).
         progress: Show progress bars.
@@ -69,6 +68,7 @@ def run(
         history_path: Where the per-epoch records go (JSON list, see :func:`history_records`);
             ``None``: not written.
         log_epochs: Log one INFO line per epoch (where no progress bar is seen).
+        evaluate_cfg: The ``evaluate`` section: what a latency target is measured with.
 
     Returns:
         Validation accuracy, reached compression and time per epoch of both runs (the same on
@@ -87,10 +87,11 @@ def run(
         distributed.check_batch_size(cfg.batch_size, distributed.world_size())  # before any work
         train_set, val_set, spec, contract = _read(prepared_dir, model_cfg, data_cfg)
         # The switched and the baseline run differ only in ``switched`` and their checkpoint.
+        timing = _timing(evaluate_cfg)
         fit_once = partial(fit, spec, train_set, val_set, cfg, device=device, data=data_cfg)
         train_once = partial(
             _fit_checkpointed,
-            partial(fit_once, progress=progress, log_epochs=log_epochs),
+            partial(fit_once, progress=progress, log_epochs=log_epochs, timing=timing),
             checkpoint_dir,
             on_checkpoint,
         )
@@ -105,10 +106,24 @@ def run(
         # baseline from other settings does not survive the swap to be evaluated as this run's.
         if distributed.is_main():
             _write_outputs(
-                cfg, result, base, contract, trained_dir=trained_dir, history_path=history_path
+                cfg,
+                result,
+                base,
+                contract,
+                trained_dir=trained_dir,
+                history_path=history_path,
+                timing=timing,
             )
         distributed.barrier()  # no rank reports done before the files are there
         return metrics
+
+
+def _timing(evaluate_cfg: EvaluateConfig | None) -> latency.Setting:
+    """What a latency target's table is measured with: the ``evaluate`` settings."""
+    if evaluate_cfg is None:
+        return latency.Setting()
+    e = evaluate_cfg
+    return latency.Setting(runtime=e.runtime, batch=e.batch_size, threads=e.threads)
 
 
 def _fit_checkpointed(
@@ -163,11 +178,18 @@ def _write_outputs(
     *,
     trained_dir: Path,
     history_path: Path | None,
+    timing: latency.Setting,
 ) -> None:
     """Replace ``trained_dir`` (and the history file) with both runs' models, whole."""
     assert result.switcher is not None
     # A latency target's prediction for the final widths, for evaluate to set beside its own.
-    predicted = {k: result.metrics[k] for k in ("train_latency_ratio",) if k in result.metrics}
+    predicted: dict[str, Any] = {}
+    if "train_latency_ratio" in result.metrics:
+        predicted = {
+            "train_latency_ratio": result.metrics["train_latency_ratio"],
+            "train_latency_runtime": timing.runtime,
+            "train_latency_batch": timing.batch,
+        }
     with replacing_dir(trained_dir, TRAINED_FILES, "train") as staged:
         save_model(
             result.model,
