@@ -26,7 +26,6 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from switchprune import distributed
 from switchprune.config import load_params
 from switchprune.errors import InputError, UserError
 from switchprune.io import HISTORY_FILE, write_json
@@ -61,6 +60,7 @@ def _preprocess(args: argparse.Namespace) -> dict[str, float]:
 
 
 def _train(args: argparse.Namespace) -> dict[str, float]:
+    from switchprune import distributed
     from switchprune.stages import train
 
     # evaluate: what a latency target is measured with (a TrainJob's file may not have it).
@@ -378,7 +378,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
             raise  # the whole traceback
         return _fail(args.command, exc)
-    if not distributed.is_main():
+    # Only the commands that train load torch.distributed (and may run under torchrun).
+    ranks = sys.modules.get("switchprune.distributed")
+    if ranks is not None and not ranks.is_main():
         return 0  # under torchrun, rank 0 writes the report and prints
     try:
         write_json(metrics, Path(args.metrics))

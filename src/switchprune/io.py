@@ -22,21 +22,17 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from switchprune.errors import InputError, ServiceFailure
-from switchprune.models import (
-    SOURCE_FILE,
-    GraphError,
-    ModelSpec,
-    TaskNet,
-    build_model,
-    is_file_arch,
-    provide_source_file,
-    source_bytes,
-)
+
+if TYPE_CHECKING:
+    import torch
+
+    from switchprune.models import ModelSpec, TaskNet
+
+# torch and the models are imported by the functions that read or write models: the commands
+# that only move files and records (promote) start without them.
 
 # Written by ``train``: the full-width switched network with its factors and switcher, and the
 # plainly trained baseline.
@@ -341,6 +337,8 @@ def _disk_full(folder: Path, margin: int = 1 << 20) -> bool:
 
 def save_torch(obj: dict[str, Any], path: Path) -> None:
     """``torch.save`` atomically; equal content gives equal bytes (see :func:`_canonical`)."""
+    import torch
+
     atomic_write_bytes(path, lambda fh: torch.save(_canonical(obj), fh))
 
 
@@ -352,6 +350,8 @@ def _canonical(obj: Any) -> Any:
     fresh tensor. Cloning makes the bytes a function of the values alone; interning does the same
     for strings.
     """
+    import torch
+
     if isinstance(obj, torch.Tensor):
         return obj.detach().cpu().clone(memory_format=torch.contiguous_format)
     if isinstance(obj, str):
@@ -370,6 +370,8 @@ def content_digest(obj: Any) -> str:
 
     Independent of how the file was written: two files with equal content have one digest.
     """
+    import torch
+
     h = hashlib.sha256()
 
     def feed(value: Any) -> None:
@@ -401,6 +403,8 @@ def model_digest(path: Path) -> str:
 
 def load_torch(path: Path) -> dict[str, Any]:
     """``torch.load(weights_only=True)`` with a readable error for missing or corrupt files."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{path}: file not found")
@@ -438,6 +442,8 @@ def save_model(model: TaskNet, path: Path, **extra: Any) -> None:
     A network built from the user's own file gets a copy of that file beside it
     (:data:`~switchprune.models.SOURCE_FILE`), so the folder loads anywhere.
     """
+    from switchprune.models import SOURCE_FILE, is_file_arch, source_bytes
+
     path = Path(path)
     spec = model.spec
     if is_file_arch(spec.arch):
@@ -456,6 +462,10 @@ def load_model_file(path: Path) -> tuple[TaskNet, dict[str, Any]]:
     Returns:
         The model in eval mode, and the whole stored mapping (for extras such as kept indices).
     """
+    import torch
+
+    from switchprune.models import GraphError, ModelSpec, build_model
+
     blob = load_torch(path)
     try:
         spec = ModelSpec.from_dict(blob["spec"])
@@ -486,6 +496,8 @@ def load_model_file(path: Path) -> tuple[TaskNet, dict[str, Any]]:
 
 def _provide_stored_source(spec: ModelSpec, folder: Path) -> None:
     """Build a user-file network from the copy stored beside its model, when there is one."""
+    from switchprune.models import SOURCE_FILE, is_file_arch, provide_source_file
+
     copy = folder / SOURCE_FILE
     if is_file_arch(spec.arch) and spec.source_sha256 and copy.is_file():
         provide_source_file(copy, spec.source_sha256)
@@ -500,6 +512,8 @@ def load_switched(trained_dir: Path) -> tuple[TaskNet, dict[str, torch.Tensor], 
     Raises:
         ArtifactError: If the file is missing, corrupt or its factors do not fit the network.
     """
+    import torch
+
     path = Path(trained_dir) / SWITCHED_FILE
     model, blob = load_model_file(path)
     factors = blob.get("factors")
@@ -526,6 +540,8 @@ def load_compacted(model_dir: Path) -> tuple[TaskNet, dict[str, torch.Tensor]]:
     Raises:
         ArtifactError: If the file is missing, corrupt or inconsistent.
     """
+    import torch
+
     path = Path(model_dir) / COMPACT_FILE
     model, blob = load_model_file(path)
     kept = blob.get("kept")

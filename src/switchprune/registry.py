@@ -23,13 +23,11 @@ import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import mlflow.pyfunc
-import mlflow.pytorch
+import mlflow
 import numpy
 import requests
-import torch
 from mlflow.artifacts import download_artifacts
 from mlflow.entities import LoggedModel, LoggedModelOutput, Metric, Param, Run, RunTag
 from mlflow.entities.model_registry import ModelVersion
@@ -40,7 +38,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.tracking.context.registry import resolve_tags
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS, MLFLOW_PARENT_RUN_ID
 
-from switchprune import names, serving
+from switchprune import names
 from switchprune.errors import InputError, ServiceFailure, redact_uri, reraised_as
 from switchprune.io import (
     ArtifactError,
@@ -50,6 +48,14 @@ from switchprune.io import (
     move_into,
     staging_dir,
 )
+
+if TYPE_CHECKING:
+    import torch
+
+    from switchprune import serving
+
+# torch, the served form and MLflow's PyTorch flavour are imported where a model is logged:
+# reading versions and moving aliases (promote) starts without them.
 
 DEFAULT_ARTIFACT_ROOT = "mlruns"
 DEFAULT_ALIAS = "champion"
@@ -532,6 +538,10 @@ def _quiet(name: str) -> Iterator[None]:
 
 def _served_contract(registration: Registration) -> serving.InputContract:
     """``model.pt``'s input contract (checked against ``normalization``), else one from its spec."""
+    import torch
+
+    from switchprune import serving
+
     model, normalization = registration.model, registration.normalization
     model_file = Path(registration.files[MODEL_FILE])
     try:
@@ -577,6 +587,12 @@ def _log_model(
     ``mlflow.pytorch.log_model``'s steps without its global tracking URI. No tensor signature
     (MLflow would cast a float batch to ``uint8`` before the model could refuse it).
     """
+    import mlflow.pyfunc
+    import mlflow.pytorch
+    import torch
+
+    from switchprune import serving
+
     model, example = registration.model, registration.input_example
     contract, was_training = _served_contract(registration), model.training
     served = serving.ServedModel(model, contract).eval()

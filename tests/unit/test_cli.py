@@ -403,3 +403,21 @@ def test_promote_exits_3_when_the_gate_refuses_and_0_when_promoted_or_unchanged(
             assert (again["promoted"], again["changed"]) == (True, False)
     finally:
         write_params(root, GOOD_PARAMS)
+
+
+def test_promote_and_the_command_line_start_without_torch() -> None:
+    """Promoting moves files and aliases: its process never imports torch or MLflow's PyTorch
+    flavour (seconds of start-up in every release, on every pod)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from switchprune import cli, promotion, registry; "
+        "from switchprune.stages import promote; "
+        "print(sorted(m for m in ('torch', 'mlflow.pytorch', 'switchprune.models') "
+        "if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
