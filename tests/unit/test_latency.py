@@ -114,7 +114,7 @@ def test_a_width_is_timed_as_its_whole_blocks(
 ) -> None:
     """33 channels cost what 48 do where kernels work on 16: the table is read at whole blocks."""
     blocks(4)
-    model = tiny_net("vgg11_bn").eval()
+    model = tiny_net("resnet20").eval()
     model.set_factors(None)
     lm = table(model, tmp_path)
     assert lm.block == 4
