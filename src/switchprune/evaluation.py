@@ -7,12 +7,13 @@ other.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import io
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -207,6 +208,19 @@ class Latency:
         # "inclusive": the quartiles of the measured times themselves, not of a population.
         q1, _q2, q3 = statistics.quantiles(times_ms, n=4, method="inclusive")
         return cls(float(statistics.median(times_ms)), float(q3 - q1), len(times_ms))
+
+
+@contextlib.contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """Torch's thread count set to ``count`` (``None``: as it is), restored afterwards."""
+    before = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if count is not None:
+            torch.set_num_threads(before)
 
 
 def interleaved_latency(

@@ -2,7 +2,7 @@
 
 ``train.target_metric: latency`` places the budget line on this prediction instead of on
 parameters or MACs. Before switching starts, every ``Conv2d`` and ``Linear`` is timed alone, in
-the evaluation's runtime (``evaluate.runtime``: PyTorch on ``evaluate.device``, or onnxruntime on
+the evaluation's runtime (``evaluate.runtime``: PyTorch on the training device, or onnxruntime on
 the CPU) at its thread count and batch size (``evaluate.threads``, ``evaluate.batch_size``), on
 inputs of the shape it sees in the network, at a grid of input and output widths. The prediction
 is the sum over layers, mapped to the whole network's time through networks measured at uniform
@@ -20,14 +20,13 @@ nothing and predicts the same widths.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
 import os
 import platform
 from bisect import bisect_right
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -35,7 +34,12 @@ from typing import Literal
 import torch
 from torch import nn
 
-from switchprune.evaluation import LATENCY_BATCHES, forward_pass, interleaved_latency
+from switchprune.evaluation import (
+    LATENCY_BATCHES,
+    forward_pass,
+    interleaved_latency,
+    torch_threads,
+)
 from switchprune.io import atomic_write_bytes
 
 # Inputs per timed forward pass, unless ``evaluate.batch_size`` says otherwise.
@@ -214,7 +218,7 @@ def measure(
     # The timing modules must not draw from the global generator: training stays the same
     # whether the times come from the cache or not.
     with (
-        _threads(setting.threads),
+        torch_threads(setting.threads or None),
         torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
     ):
         context = _context(device, setting, size)
@@ -228,18 +232,6 @@ def measure(
                            for s in CALIBRATION)
         ]  # fmt: skip
     return LatencyModel(timed, full, calibration, size)  # type: ignore[arg-type]
-
-
-@contextlib.contextmanager
-def _threads(threads: int) -> Iterator[None]:
-    """Torch's thread count set to ``threads`` (0: unchanged), restored afterwards."""
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @dataclass(frozen=True)

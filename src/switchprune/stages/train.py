@@ -6,17 +6,15 @@ Run by ``torchrun``, both trainings are data-parallel (:mod:`switchprune.distrib
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from switchprune import distributed, latency
 from switchprune.config import DataConfig, EvaluateConfig, ModelConfig, TrainConfig, to_dict
 from switchprune.data import load_meta, load_split, open_split, use_streaming
+from switchprune.evaluation import torch_threads
 from switchprune.io import (
     BASELINE_FILE,
     SWITCHED_FILE,
@@ -82,7 +80,7 @@ def run(
     check_replaceable(trained_dir, TRAINED_FILES, "train")
     with (
         distributed.session(resolve_device(cfg.device)) as device,
-        _threads(distributed.threads(cfg.threads)),
+        torch_threads(distributed.threads(cfg.threads)),
     ):
         distributed.check_batch_size(cfg.batch_size, distributed.world_size())  # before any work
         train_set, val_set, spec, contract = _read(prepared_dir, model_cfg, data_cfg)
@@ -155,19 +153,6 @@ def _read(
     # The model files carry their input contract: prune and every shipped form read it there.
     contract = {INPUT_KEY: InputContract.from_meta(meta).to_dict()}
     return read(prepared_dir, "train"), read(prepared_dir, "val"), spec, contract
-
-
-@contextlib.contextmanager
-def _threads(count: int | None) -> Iterator[None]:
-    """Train with ``count`` torch threads (``None``: as they are), restored afterwards."""
-    before = torch.get_num_threads()
-    if count is not None:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        if count is not None:
-            torch.set_num_threads(before)
 
 
 def _write_outputs(
