@@ -208,10 +208,16 @@ def _processes_of_run(token: str) -> list[psutil.Process]:
     return found
 
 
+def _terminate(proc: psutil.Process) -> None:
+    """SIGTERM, then SIGCONT: a stopped process acts on SIGTERM only once it runs again."""
+    proc.terminate()
+    proc.resume()
+
+
 def _stop_processes(procs: list[psutil.Process], grace: float = 5.0) -> int:
     """SIGTERM ``procs``, SIGKILL those still alive after ``grace`` seconds; how many there were."""
     alive = procs
-    for send in (psutil.Process.terminate, psutil.Process.kill):
+    for send in (_terminate, psutil.Process.kill):
         for proc in alive:
             try:
                 send(proc)

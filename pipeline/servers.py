@@ -349,7 +349,9 @@ class MlflowServer(_Process):
             "--artifacts-destination",
             self.artifacts_destination,
         ]
-        self._spawn(args, {**os.environ, **self.env})
+        # The server's job runner (eight more processes importing MLflow) serves no store here.
+        env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ, **self.env}
+        self._spawn(args, env)
         self._wait_until(self._healthy, timeout)
         return self
 

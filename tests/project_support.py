@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import yaml
+from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -64,3 +69,93 @@ def commit_all(repo: Path) -> None:
     """``git init`` ``repo`` if needed and commit everything in it."""
     for args in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
         run_tool(args, repo)
+
+
+MODEL = "switchprune-test-mlp"  # the registered name of the tiny project's model
+
+
+def tiny_project(dst: Path, project_files: list[str]) -> Path:
+    """A git repository in ``dst`` with the project's files and settings a run takes seconds on."""
+    copy_project(dst, project_files)
+    params = yaml.safe_load((dst / "params.yaml").read_text())
+    params["model"]["hidden"] = [32, 16]
+    params["train"].update(
+        epochs=3, batch_size=128, snn_hidden=8, target_ratio=0.5, tnn_steps_per_snn_step=1
+    )
+    params["evaluate"].update(latency_warmup=1, latency_repeats=2)
+    params["register"]["model_name"] = MODEL
+    params["promote"].update(min_accuracy=0.3, max_accuracy_drop=0.5, max_params_ratio=0.9)
+    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    commit_all(dst)
+    return dst
+
+
+def completed_project(basetemp: Path, project_files: list[str]) -> Path:
+    """The :func:`tiny_project` after one complete ``pipeline/local.py`` run, built once per
+    session: a run is most of a minute, and every test that needs one starts from a copy
+    (:func:`copy_completed`). ``basetemp`` is pytest's; its parent is shared by the
+    pytest-xdist workers of one session, which build it under a file lock."""
+    shared = basetemp.parent if os.environ.get("PYTEST_XDIST_WORKER") else basetemp
+    built = shared / "completed-project"
+    done = shared / "completed-project.done"
+    with FileLock(str(shared / "completed-project.lock")):
+        if not done.exists():
+            if built.exists():
+                shutil.rmtree(built)  # a build that failed in another worker
+            built.mkdir()
+            tiny_project(built, project_files)
+            run = run_pipeline(built, timeout=300)
+            assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+            done.write_text(run.stdout + run.stderr)
+    return built
+
+
+def copy_completed(src: Path, dst: Path) -> Path:
+    """A copy of the completed project ``src`` in ``dst`` (which must not exist) that is its
+    own: the absolute paths MLflow recorded (artifact locations in its SQLite store, model
+    metadata, the register report) are moved along."""
+    shutil.copytree(src, dst, symlinks=True)
+    old, new = str(src), str(dst)
+    db = sqlite3.connect(dst / "mlflow.db")
+    try:
+        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        for table in tables:
+            for _, column, kind, *_ in db.execute(f'PRAGMA table_info("{table}")').fetchall():
+                if kind.upper().startswith(("TEXT", "VARCHAR")):
+                    db.execute(
+                        f'UPDATE "{table}" SET "{column}" = replace("{column}", ?, ?) '
+                        f'WHERE instr("{column}", ?) > 0',
+                        (old, new, old),
+                    )
+        db.commit()
+    finally:
+        db.close()
+    for path in [*(dst / "mlruns").rglob("*"), *(dst / "reports").glob("*.json")]:
+        if path.is_file() and path.stat().st_size < 1 << 20:
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                continue
+            if old in text:
+                path.write_text(text.replace(old, new), encoding="utf-8")
+    return dst
+
+
+def empty_store(tmp_path_factory: pytest.TempPathFactory, db: Path) -> str:
+    """An empty MLflow SQLite store at ``db`` (its URI): a copy of one made once per session and
+    shared by its workers, as a new store runs every schema migration (seconds each time)."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    template = shared / "mlflow-empty.db"
+    with FileLock(str(shared / "mlflow-empty.lock")):
+        if not template.exists():
+            scratch = shared / "mlflow-empty.db.tmp"
+            scratch.unlink(missing_ok=True)
+            store = SqlAlchemyStore(f"sqlite:///{scratch}", str(shared / "mlflow-empty-artifacts"))
+            store.engine.dispose()
+            scratch.rename(template)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, db)
+    return f"sqlite:///{db}"

@@ -34,6 +34,12 @@ ENV = {"OMP_NUM_THREADS": "1", "SWITCHPRUNE_CHECK_RANKS": "1"}
 # digits: 1,293 training samples, so batches of 64 leave a last batch of 13 (not shared).
 MLP = {"arch": "mlp", "hidden": [32, 16]}
 BASE = {"epochs": 3, "batch_size": 64, "device": "cpu", "tnn_steps_per_snn_step": 4}
+# The magnitude MLP of the shared two-process run (baseline too), and of every run compared with
+# it: the killed, the resumed and the self-launched one.
+MAGNITUDE = {**BASE, "scorer": "magnitude", "baseline": True}
+# A small VGG: still a BatchNorm after every conv, at a sixteenth of the widths (4 to 32).
+VGG = {"arch": "vgg11", "width_multiplier": 0.0625}
+VGG_STEPS = {"batch_size": 128, "tnn_steps_per_snn_step": 2}
 AGREED = re.compile(r"train: the 2 ranks agreed after all (\d+) SNN steps and every epoch")
 
 
@@ -114,17 +120,17 @@ def train_two(prepared: Path, project: Path) -> tuple[Path, str]:
     return project / "out" / "trained", proc.stderr
 
 
-def train_one(prepared: Path, project: Path) -> tuple[Path, dict[str, float]]:
-    """The same stage in one process (this one), from the same ``params.yaml``."""
+def train_one(prepared: Path, project: Path, out: Path) -> tuple[Path, dict[str, float]]:
+    """The same stage in one process (this one), from ``project``'s ``params.yaml``, in ``out``."""
     raw = yaml.safe_load((project / "params.yaml").read_text())
-    trained = project / "one" / "trained"
+    trained = out / "one" / "trained"
     metrics = train.run(
         from_dict(TrainConfig, raw["train"]),
         model_cfg=from_dict(ModelConfig, raw["model"]),
         data_cfg=from_dict(DataConfig, raw["data"]),
         prepared_dir=prepared,
         trained_dir=trained,
-        checkpoint_dir=project / "one" / "ckpt",
+        checkpoint_dir=out / "one" / "ckpt",
         progress=False,
     )
     return trained, metrics
@@ -163,137 +169,7 @@ def snn_steps_agreed(stderr: str) -> int:
     return int(found[0])
 
 
-# --- (a) the same updates ---------------------------------------------------------------------
-
-
-def test_magnitude_mlp_on_two_processes_equals_one_process(prepared: Path, tmp_path: Path) -> None:
-    write_params(tmp_path, MLP, {**BASE, "scorer": "magnitude", "baseline": True})
-    two, stderr = train_two(prepared, tmp_path)
-    one, metrics = train_one(prepared, tmp_path)
-    assert snn_steps_agreed(stderr) == 10
-    for name in (SWITCHED_FILE, BASELINE_FILE):  # the baseline trains data-parallel too
-        assert max_diff(state(two / name), state(one / name)) < 1e-4, name
-    assert widths(two / SWITCHED_FILE) == widths(one / SWITCHED_FILE)
-    # Rank 0 alone wrote the report: the metrics of the whole run, as one process has them.
-    report = json.loads((tmp_path / "out" / "reports" / "train.json").read_text())
-    assert report["train_params_ratio"] == pytest.approx(metrics["train_params_ratio"])
-    assert report["val_accuracy"] == pytest.approx(metrics["val_accuracy"])
-    history = json.loads((tmp_path / "out" / "reports" / "train_history.json").read_text())
-    assert [r["epoch"] for r in history] == [1, 2, 3]
-
-
-# --- (b), (c) every SNN step agrees; widths and accuracy are one process's ---------------------
-
-
-@pytest.mark.parametrize(
-    ("model", "overrides"),
-    [
-        (MLP, {"scorer": "switcher", "snn_hidden": 8}),
-        # A BatchNorm net (normalised over the whole global batch, sync_bn: auto). Its learning
-        # rate is 0.01: at the recipe's 0.05 this net's training is chaotic (a 1e-7 change of
-        # one weight, in one process, ends as far from the unchanged run as two processes do).
-        ({"arch": "vgg11", "width_multiplier": 0.25}, {"scorer": "magnitude", "tnn_lr": 0.01}),
-    ],
-    ids=["mlp-switcher", "vgg11-bn-magnitude"],
-)
-def test_ranks_agree_and_match_one_process(
-    prepared: Path, tmp_path: Path, model: dict[str, Any], overrides: dict[str, Any]
-) -> None:
-    write_params(tmp_path, model, {**BASE, "baseline": False, **overrides})
-    two, stderr = train_two(prepared, tmp_path)
-    one, _ = train_one(prepared, tmp_path)
-    assert snn_steps_agreed(stderr) == 10
-    assert widths(two / SWITCHED_FILE) == widths(one / SWITCHED_FILE)
-    acc_two = gated_accuracy(two / SWITCHED_FILE, prepared)
-    acc_one = gated_accuracy(one / SWITCHED_FILE, prepared)
-    assert abs(acc_two - acc_one) <= 0.005, (acc_two, acc_one)
-    # The same keys too: the synchronised BatchNorms were turned back into plain ones.
-    assert max_diff(state(two / SWITCHED_FILE), state(one / SWITCHED_FILE)) < 1e-3
-    compacted = prune.run(PruneConfig(), trained_dir=two, model_dir=tmp_path / "compact")
-    assert compacted["params_after"] < compacted["params_before"]
-
-
-def test_per_process_batchnorm_keeps_the_ranks_equal(prepared: Path, tmp_path: Path) -> None:
-    """``sync_bn: false``: own batch statistics, running statistics averaged every epoch."""
-    model = {"arch": "vgg11", "width_multiplier": 0.25}
-    write_params(tmp_path, model, {**BASE, "baseline": False, "epochs": 2, "sync_bn": False})
-    two, stderr = train_two(prepared, tmp_path)
-    assert snn_steps_agreed(stderr) > 0  # and the task networks after every epoch
-    assert gated_accuracy(two / SWITCHED_FILE, prepared) > 0.5
-
-
-GLOBAL_BN = """
-import copy
-import torch
-from torch import nn
-from switchprune import distributed
-
-torch.manual_seed(0)
-net = nn.Sequential(
-    nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-    nn.Linear(4 * 8 * 8, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3),
-)
-x, y = 3 + torch.randn(10, 1, 8, 8), torch.randint(0, 3, (10,))
-one = copy.deepcopy(net)
-expected = one(x)
-nn.functional.cross_entropy(expected, y).backward()
-with distributed.session(torch.device("cpu")):
-    rank = distributed.rank()
-    assert distributed.to_sync_batchnorm(net, torch.device("cpu")) == 2
-    ddp = nn.parallel.DistributedDataParallel(net)
-    out = ddp(x[rank::2])
-    assert (out - expected[rank::2]).abs().max() < 1e-5
-    nn.functional.cross_entropy(out, y[rank::2]).backward()
-    for p, q in zip(net.parameters(), one.parameters(), strict=True):
-        assert (p.grad - q.grad).abs().max() < 1e-5 * (1 + q.grad.abs().max()), (p.grad, q.grad)
-    for a, b in zip(net.buffers(), one.buffers(), strict=True):
-        assert (a.double() - b.double()).abs().max() < 1e-5, (a, b)
-    print("same as one process", flush=True)
-"""
-
-
-def test_cpu_synchronised_batchnorm_gives_the_one_process_gradients(tmp_path: Path) -> None:
-    """Shares of 5 normalised together: the outputs, gradients and running statistics of 10."""
-    (tmp_path / "global_bn.py").write_text(GLOBAL_BN)
-    proc = torchrun(tmp_path, "global_bn.py")
-    assert proc.stdout.count("same as one process") == 2
-
-
-# --- (d) refusals -----------------------------------------------------------------------------
-
-
-def test_batch_size_the_processes_cannot_share_is_refused(prepared: Path, tmp_path: Path) -> None:
-    write_params(tmp_path, MLP, {**BASE, "batch_size": 33})
-    proc = torchrun(tmp_path, *cli_args(prepared), check=False)
-    assert proc.returncode != 0
-    lines = [line for line in proc.stderr.splitlines() if "batch_size" in line]
-    assert lines and all(
-        line.startswith("switchprune train: error: [train] batch_size 33 does not divide by the 2")
-        for line in lines
-    ), proc.stderr[-4000:]
-    assert not (tmp_path / "out" / "trained").exists()
-
-
-def test_ranks_that_disagree_are_named_with_the_step(tmp_path: Path) -> None:
-    script = tmp_path / "disagree.py"
-    script.write_text(
-        "import torch\n"
-        "from switchprune import distributed\n"
-        "with distributed.session(torch.device('cpu')):\n"
-        "    rank = distributed.rank()\n"
-        "    distributed.check_ranks_agree('after SNN step 7', {'factors': {'a': torch.ones(3)}})\n"
-        "    factors = {'a': torch.tensor([1.0, 0.0, float(rank)])}\n"
-        "    distributed.check_ranks_agree('after SNN step 8', {'factors': factors})\n"
-    )
-    proc = torchrun(tmp_path, str(script), check=False)
-    assert proc.returncode != 0
-    assert "RanksDisagreeError: ranks disagree after SNN step 8: their factors differ" in (
-        proc.stderr
-    ), proc.stderr[-4000:]
-    assert "step 7" not in proc.stderr
-
-
-# --- (e) a process killed mid-epoch: torchrun restarts, every rank resumes ----------------------
+# --- the shared run: the magnitude MLP on two processes, compared by (a), (e) and (f) ------------
 
 KILLER = '''"""``switchprune``; rank 1 SIGKILLs itself at training forward KILL_AT, once."""
 import atexit
@@ -326,44 +202,202 @@ torch.nn.modules.module.register_module_forward_pre_hook(count)
 atexit.register(lambda: Path(f"forwards.{attempt}.{rank}").write_text(str(forwards[0])))
 sys.exit(main(sys.argv[1:]))
 '''
+# An epoch is 21 TNN steps (the magnitude scorer's SNN steps run no forward), and the baseline
+# trains its 3 epochs after the switched run: the 32nd forward is the middle of the switched
+# run's epoch 2, whose checkpoint is not written.
+KILL_AT = 32
+FORWARDS_WHOLE = 2 * 3 * 21
+FORWARDS_AFTER_EPOCH_1 = FORWARDS_WHOLE - 21
+
+
+def killer_run(
+    project: Path, prepared: Path, *extra: str, kill_at: int = 0, **kwargs: Any
+) -> subprocess.CompletedProcess[str]:
+    """The shared run's command (``switchprune train`` counting its forwards) in ``project``."""
+    write_params(project, MLP, MAGNITUDE)
+    (project / "killer.py").write_text(KILLER)
+    args = cli_args(prepared)[2:]  # the command's own arguments, after "-m switchprune"
+    env = {**kwargs.pop("env", {}), "KILL_AT": str(kill_at)}
+    return torchrun(project, "killer.py", *args, *extra, env=env, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def whole(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The uninterrupted two-process run, started by hand; its project folder and stderr."""
+    project = tmp_path_factory.mktemp("whole")
+    return project, killer_run(project, prepared).stderr
+
+
+def trained(project: Path) -> Path:
+    return project / "out" / "trained" / SWITCHED_FILE
+
+
+# --- (a) the same updates ---------------------------------------------------------------------
+
+
+def test_magnitude_mlp_on_two_processes_equals_one_process(
+    prepared: Path, whole: tuple[Path, str], tmp_path: Path
+) -> None:
+    project, stderr = whole
+    two = project / "out" / "trained"
+    one, metrics = train_one(prepared, project, tmp_path)
+    assert snn_steps_agreed(stderr) == 10
+    for name in (SWITCHED_FILE, BASELINE_FILE):  # the baseline trains data-parallel too
+        assert max_diff(state(two / name), state(one / name)) < 1e-4, name
+    assert widths(two / SWITCHED_FILE) == widths(one / SWITCHED_FILE)
+    # Rank 0 alone wrote the report: the metrics of the whole run, as one process has them.
+    report = json.loads((project / "out" / "reports" / "train.json").read_text())
+    assert report["train_params_ratio"] == pytest.approx(metrics["train_params_ratio"])
+    assert report["val_accuracy"] == pytest.approx(metrics["val_accuracy"])
+    history = json.loads((project / "out" / "reports" / "train_history.json").read_text())
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+
+
+# --- (b), (c) every SNN step agrees; widths and accuracy are one process's ---------------------
+
+
+@pytest.mark.parametrize(
+    ("model", "overrides", "snn_steps"),
+    [
+        (MLP, {"scorer": "switcher", "snn_hidden": 8}, 10),
+        # A BatchNorm net (normalised over the whole global batch, sync_bn: auto). Its learning
+        # rate is 0.01: at the recipe's 0.05 this net's training is chaotic (a 1e-7 change of
+        # one weight, in one process, ends as far from the unchanged run as two processes do).
+        # Batches of 128 (11 an epoch, the last of 13 whole): every step of it pays two
+        # all-reduces per BatchNorm, so half the steps, with an SNN step after every second.
+        (VGG, {**VGG_STEPS, "scorer": "magnitude", "tnn_lr": 0.01}, 11),
+    ],
+    ids=["mlp-switcher", "vgg11-bn-magnitude"],
+)
+def test_ranks_agree_and_match_one_process(
+    prepared: Path,
+    tmp_path: Path,
+    model: dict[str, Any],
+    overrides: dict[str, Any],
+    snn_steps: int,
+) -> None:
+    write_params(tmp_path, model, {**BASE, "baseline": False, **overrides})
+    two, stderr = train_two(prepared, tmp_path)
+    one, _ = train_one(prepared, tmp_path, tmp_path)
+    assert snn_steps_agreed(stderr) == snn_steps  # 2 switching epochs of the 3
+    assert widths(two / SWITCHED_FILE) == widths(one / SWITCHED_FILE)
+    acc_two = gated_accuracy(two / SWITCHED_FILE, prepared)
+    acc_one = gated_accuracy(one / SWITCHED_FILE, prepared)
+    assert abs(acc_two - acc_one) <= 0.005, (acc_two, acc_one)
+    # The same keys too: the synchronised BatchNorms were turned back into plain ones.
+    assert max_diff(state(two / SWITCHED_FILE), state(one / SWITCHED_FILE)) < 1e-3
+    compacted = prune.run(PruneConfig(), trained_dir=two, model_dir=tmp_path / "compact")
+    assert compacted["params_after"] < compacted["params_before"]
+
+
+def test_per_process_batchnorm_keeps_the_ranks_equal(prepared: Path, tmp_path: Path) -> None:
+    """``sync_bn: false``: own batch statistics, running statistics averaged every epoch."""
+    write_params(tmp_path, VGG, {**BASE, "baseline": False, "epochs": 2, "sync_bn": False})
+    two, stderr = train_two(prepared, tmp_path)
+    assert snn_steps_agreed(stderr) > 0  # and the task networks after every epoch
+    assert gated_accuracy(two / SWITCHED_FILE, prepared) > 0.5
+
+
+# Two checks of the distributed helpers in one job (each torchrun pays three torch imports): the
+# synchronised BatchNorm first, then two ranks that disagree end the job.
+HELPERS = """
+import copy
+import torch
+from torch import nn
+from switchprune import distributed
+
+torch.manual_seed(0)
+net = nn.Sequential(
+    nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+    nn.Linear(4 * 8 * 8, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3),
+)
+x, y = 3 + torch.randn(10, 1, 8, 8), torch.randint(0, 3, (10,))
+one = copy.deepcopy(net)
+expected = one(x)
+nn.functional.cross_entropy(expected, y).backward()
+with distributed.session(torch.device("cpu")):
+    rank = distributed.rank()
+    assert distributed.to_sync_batchnorm(net, torch.device("cpu")) == 2
+    ddp = nn.parallel.DistributedDataParallel(net)
+    out = ddp(x[rank::2])
+    assert (out - expected[rank::2]).abs().max() < 1e-5
+    nn.functional.cross_entropy(out, y[rank::2]).backward()
+    for p, q in zip(net.parameters(), one.parameters(), strict=True):
+        assert (p.grad - q.grad).abs().max() < 1e-5 * (1 + q.grad.abs().max()), (p.grad, q.grad)
+    for a, b in zip(net.buffers(), one.buffers(), strict=True):
+        assert (a.double() - b.double()).abs().max() < 1e-5, (a, b)
+    print("same as one process", flush=True)
+
+    distributed.check_ranks_agree("after SNN step 7", {"factors": {"a": torch.ones(3)}})
+    factors = {"a": torch.tensor([1.0, 0.0, float(rank)])}
+    distributed.check_ranks_agree("after SNN step 8", {"factors": factors})
+"""
+
+
+@pytest.fixture(scope="module")
+def helpers(tmp_path_factory: pytest.TempPathFactory) -> subprocess.CompletedProcess[str]:
+    project = tmp_path_factory.mktemp("helpers")
+    (project / "helpers.py").write_text(HELPERS)
+    return torchrun(project, "helpers.py", check=False)
+
+
+def test_cpu_synchronised_batchnorm_gives_the_one_process_gradients(
+    helpers: subprocess.CompletedProcess[str],
+) -> None:
+    """Shares of 5 normalised together: the outputs, gradients and running statistics of 10."""
+    assert helpers.stdout.count("same as one process") == 2, helpers.stderr[-4000:]
+
+
+# --- (d) refusals -----------------------------------------------------------------------------
+
+
+def test_batch_size_the_processes_cannot_share_is_refused(prepared: Path, tmp_path: Path) -> None:
+    write_params(tmp_path, MLP, {**BASE, "batch_size": 33})
+    proc = torchrun(tmp_path, *cli_args(prepared), check=False)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if "batch_size" in line]
+    assert lines and all(
+        line.startswith("switchprune train: error: [train] batch_size 33 does not divide by the 2")
+        for line in lines
+    ), proc.stderr[-4000:]
+    assert not (tmp_path / "out" / "trained").exists()
+
+
+def test_ranks_that_disagree_are_named_with_the_step(
+    helpers: subprocess.CompletedProcess[str],
+) -> None:
+    assert helpers.returncode != 0
+    assert "RanksDisagreeError: ranks disagree after SNN step 8: their factors differ" in (
+        helpers.stderr
+    ), helpers.stderr[-4000:]
+    assert "step 7" not in helpers.stderr
+
+
+# --- (e) a process killed mid-epoch: torchrun restarts, every rank resumes ----------------------
 
 
 def test_killed_rank_is_restarted_and_resumes_to_the_same_weights(
-    prepared: Path, tmp_path: Path
+    prepared: Path, whole: tuple[Path, str], tmp_path: Path
 ) -> None:
-    runs = {}
-    for name, kill_at in (("whole", 0), ("killed", 32)):
-        project = tmp_path / name
-        write_params(project, MLP, {**BASE, "scorer": "magnitude", "baseline": False})
-        (project / "killer.py").write_text(KILLER)
-        args = cli_args(prepared)[2:]  # the command's own arguments, after "-m switchprune"
-        proc = torchrun(project, "killer.py", *args, restarts=1, env={"KILL_AT": str(kill_at)})
-        runs[name] = (project, proc.stderr)
-    whole, killed = runs["whole"][0], runs["killed"][0]
-    # An epoch is 21 TNN steps (the magnitude scorer's SNN steps run no forward): the 32nd
-    # forward is the middle of epoch 2, whose checkpoint is not written.
-    assert (killed / "killed").read_text() == "32"
-    assert not (killed / "forwards.0.1").exists()  # SIGKILL: no exit handler ran
-    full = int((whole / "forwards.0.1").read_text())
-    resumed = int((killed / "forwards.1.1").read_text())
-    assert (full, resumed) == (63, 42)  # epoch 1 came from the checkpoint, not trained again
-    a, b = (
-        state(whole / "out" / "trained" / SWITCHED_FILE),
-        state(killed / "out" / "trained" / SWITCHED_FILE),
-    )
+    killer_run(tmp_path, prepared, kill_at=KILL_AT, restarts=1)
+    assert (tmp_path / "killed").read_text() == str(KILL_AT)
+    assert not (tmp_path / "forwards.0.1").exists()  # SIGKILL: no exit handler ran
+    full = int((whole[0] / "forwards.0.1").read_text())
+    resumed = int((tmp_path / "forwards.1.1").read_text())
+    # Epoch 1 of the switched run came from the checkpoint, not trained again.
+    assert (full, resumed) == (FORWARDS_WHOLE, FORWARDS_AFTER_EPOCH_1)
+    a, b = state(trained(whole[0])), state(trained(tmp_path))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert widths(whole / "out" / "trained" / SWITCHED_FILE) == widths(
-        killed / "out" / "trained" / SWITCHED_FILE
-    )
+    assert widths(trained(whole[0])) == widths(trained(tmp_path))
 
 
 def test_a_job_killed_mid_epoch_resumes_on_an_empty_disk_from_its_s3_checkpoints(
-    prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    prepared: Path, whole: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """No restart: the job dies. The same command in an empty folder (a new node, nothing on
     its disk) resumes from the checkpoint rank 0 uploaded and trains the uninterrupted weights."""
-    cfg = {**BASE, "scorer": "magnitude", "baseline": False}
-    args = cli_args(prepared)[2:]
+    uri = ("--checkpoint-uri", "s3://ckpt/job")
+    killed, resumed = tmp_path / "killed", tmp_path / "resumed"
     with S3Server(tmp_path / "s3") as s3:
         env = {
             **s3.environment,
@@ -372,45 +406,32 @@ def test_a_job_killed_mid_epoch_resumes_on_an_empty_disk_from_its_s3_checkpoints
         }
         for key, value in env.items():
             monkeypatch.setenv(key, value)
-        runs = {}
-        for name, kill_at, uri in (
-            ("whole", 0, []),
-            ("killed", 32, ["--checkpoint-uri", "s3://ckpt/job"]),
-            ("resumed", 0, ["--checkpoint-uri", "s3://ckpt/job"]),
-        ):
-            project = tmp_path / name
-            write_params(project, MLP, cfg)
-            (project / "killer.py").write_text(KILLER)
-            runs[name] = torchrun(
-                project, "killer.py", *args, *uri, env={**env, "KILL_AT": str(kill_at)}, check=False
-            )
-            if name == "killed":
-                keys = storage.list_objects(storage.make_client(), "ckpt", "job/")
-                assert [o["Key"] for o in keys] == ["job/switched.ckpt"]
-    assert runs["whole"].returncode == runs["resumed"].returncode == 0, runs["resumed"].stderr
-    killed, resumed, whole = (tmp_path / n for n in ("killed", "resumed", "whole"))
-    assert runs["killed"].returncode != 0 and (killed / "killed").read_text() == "32"
+        died = killer_run(killed, prepared, *uri, kill_at=KILL_AT, env=env, check=False)
+        keys = storage.list_objects(storage.make_client(), "ckpt", "job/")
+        assert [o["Key"] for o in keys] == ["job/switched.ckpt"]
+        proc = killer_run(resumed, prepared, *uri, env=env, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert died.returncode != 0 and (killed / "killed").read_text() == str(KILL_AT)
     assert not (killed / "out" / "trained").exists()
     # Epoch 1 came from S3 (two of three epochs trained), and no checkpoint was kept locally.
-    assert (resumed / "forwards.0.1").read_text() == "42"
+    assert (resumed / "forwards.0.1").read_text() == str(FORWARDS_AFTER_EPOCH_1)
     assert not (resumed / "out" / "ckpt").exists() and not (killed / "out" / "ckpt").exists()
-    a = state(whole / "out" / "trained" / SWITCHED_FILE)
-    b = state(resumed / "out" / "trained" / SWITCHED_FILE)
+    a, b = state(trained(whole[0])), state(trained(resumed))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+# --- (f) the train command launches itself -----------------------------------------------------
+
+
 def test_nproc_per_node_makes_the_train_command_launch_itself_under_torchrun(
-    prepared: Path, tmp_path: Path
+    prepared: Path, whole: tuple[Path, str], tmp_path: Path
 ) -> None:
     """What ``dvc repro`` runs (plain ``switchprune train``) trains on ``nproc_per_node``
     processes, as ``torchrun`` started by hand does."""
-    cfg = {**BASE, "scorer": "magnitude", "baseline": False}
-    write_params(tmp_path / "by-hand", MLP, cfg)
-    by_hand, _ = train_two(prepared, tmp_path / "by-hand")
-    write_params(tmp_path / "by-key", MLP, {**cfg, "nproc_per_node": 2})
+    write_params(tmp_path, MLP, {**MAGNITUDE, "nproc_per_node": 2})
     proc = subprocess.run(
         [sys.executable, *cli_args(prepared)],
-        cwd=tmp_path / "by-key",
+        cwd=tmp_path,
         env={**os.environ, **ENV},
         capture_output=True,
         text=True,
@@ -418,7 +439,6 @@ def test_nproc_per_node_makes_the_train_command_launch_itself_under_torchrun(
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert snn_steps_agreed(proc.stderr) == 10  # two ranks compared their factors
-    by_key = tmp_path / "by-key" / "out" / "trained"
-    a, b = state(by_key / SWITCHED_FILE), state(by_hand / SWITCHED_FILE)
+    a, b = state(trained(tmp_path)), state(trained(whole[0]))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads((tmp_path / "by-key" / "out" / "reports" / "train.json").read_text())
+    assert json.loads((tmp_path / "out" / "reports" / "train.json").read_text())

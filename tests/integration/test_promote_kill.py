@@ -1,9 +1,10 @@
 """A real ``switchprune promote`` killed (SIGKILL) at every step converges on the next run.
 
-The killed process is the real command in its own interpreter, started through a small wrapper
-that counts the calls of one library function (``storage.put_object``: the marker, each file,
-the manifest; ``registry.set_alias``) and kills its own process right before or after the N-th.
-SIGKILL runs no clean-up at all, so S3 and the registry are left exactly as the step left them.
+The killed process is the real command (``cli.main``) in its own process, forked from a server
+that imported the command's modules once, with one library function wrapped to count its calls
+(``storage.put_object``: the marker, each file, the manifest; ``registry.set_alias``) and kill
+the process right before or after the N-th. SIGKILL runs no clean-up at all, so S3 and the
+registry are left exactly as the step left them.
 
 S3 is a real ``rclone serve s3`` on 127.0.0.1 and the registry a real MLflow SQLite store. Three
 versions are registered once; every case gets its own S3 prefix with version 1 promoted
@@ -15,10 +16,13 @@ folder is left behind.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import itertools
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -34,6 +38,7 @@ import torch
 import yaml
 from pipeline.servers import S3Server
 
+from project_support import empty_store
 from switchprune import cli, promotion, registry, storage
 from switchprune.config import PromoteConfig
 from switchprune.io import save_model, write_json
@@ -62,33 +67,100 @@ GATE = {
 }
 DEFAULT_WINDOW = PromoteConfig().remove_incomplete_after  # an hour
 
-# Kills the process right before or after the N-th call of storage.put_object or
-# registry.set_alias, then runs `switchprune promote` with the remaining arguments.
-KILLER = textwrap.dedent(
+# Forks a child per request (one JSON line on stdin: argv, function, when, nth, cwd, env, log):
+# the child wraps the function, runs `switchprune promote` as the command line does, and kills
+# itself right before or after the N-th call. The server answers with the child's wait status.
+# Importing the command's modules once here, not per kill, saves an interpreter start-up and
+# MLflow's import in every case; nothing here opens a store or a connection before the fork.
+FORK_SERVER = textwrap.dedent(
     """
-    import os, signal, sys
+    import json, os, signal, sys, tempfile, traceback
 
-    from switchprune import cli, registry, storage
+    import mlflow.store.model_registry.sqlalchemy_store
+    import mlflow.store.tracking.sqlalchemy_store
+    from switchprune import cli, promotion, registry, storage
+    from switchprune.stages import promote
 
-    function, when, nth = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    module = {"put_object": storage, "set_alias": registry}[function]
-    real = getattr(module, function)
-    calls = 0
+    def child(job):
+        os.chdir(job["cwd"])
+        os.environ.clear()
+        os.environ.update(job["env"])
+        tempfile.tempdir = None  # TMPDIR from the job's environment
+        log = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        function, when, nth = job["function"], job["when"], job["nth"]
+        module = {"put_object": storage, "set_alias": registry}[function]
+        real = getattr(module, function)
+        calls = 0
 
-    def wrapped(*args, **kwargs):
-        global calls
-        calls += 1
-        if calls == nth and when == "before":
-            os.kill(os.getpid(), signal.SIGKILL)
-        result = real(*args, **kwargs)
-        if calls == nth and when == "after":
-            os.kill(os.getpid(), signal.SIGKILL)
-        return result
+        def wrapped(*args, **kwargs):
+            nonlocal calls
+            calls += 1
+            if calls == nth and when == "before":
+                os.kill(os.getpid(), signal.SIGKILL)
+            result = real(*args, **kwargs)
+            if calls == nth and when == "after":
+                os.kill(os.getpid(), signal.SIGKILL)
+            return result
 
-    setattr(module, function, wrapped)
-    sys.exit(cli.main(sys.argv[4:]))
+        setattr(module, function, wrapped)
+        code = cli.main(job["argv"])
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+    for line in sys.stdin:
+        job = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                child(job)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(99)
+        _, status = os.waitpid(pid, 0)
+        print(json.dumps(os.waitstatus_to_exitcode(status)), flush=True)
     """
 )
+
+
+class ForkServer:
+    """The :data:`FORK_SERVER` process: :meth:`run` returns a child's exit code (negative: the
+    signal that ended it)."""
+
+    def __init__(self, folder: Path) -> None:
+        script = folder / "fork_server.py"
+        script.write_text(FORK_SERVER)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(script)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=folder,
+        )
+
+    def run(self, argv: list[str], function: str, when: str, nth: int, **job: Any) -> int:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        request = {"argv": argv, "function": function, "when": when, "nth": nth, **job}
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        ready, _, _ = select.select([self.proc.stdout], [], [], 120)
+        assert ready, "the promotion neither reached its kill point nor ended within 120 s"
+        answer = self.proc.stdout.readline()
+        assert answer, f"the fork server died (exit {self.proc.poll()})"
+        return int(json.loads(answer))
+
+    def close(self) -> None:
+        # Every child was waited for: nothing is left to clean up, and the interpreter's own
+        # exit (MLflow's exit handlers) takes seconds.
+        self.proc.kill()
+        self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                pipe.close()
+
 
 _cases = itertools.count()
 
@@ -99,8 +171,14 @@ class Stack:
     tracking_uri: str
     root: Path
     files: dict[int, dict[str, tuple[int, str]]]  # version -> name -> (size, sha256)
+    forks: ForkServer
 
     def client(self) -> Any:
+        """One client for every check (a new one loads botocore's service model again)."""
+        return self._client
+
+    @functools.cached_property
+    def _client(self) -> Any:
         return storage.make_client(self.s3.endpoint)
 
     def env(self) -> dict[str, str]:
@@ -163,8 +241,13 @@ def _digest(path: Path) -> tuple[int, str]:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """The S3 server, a SQLite MLflow store, and versions 1..3 registered (different content)."""
     root = tmp_path_factory.mktemp("promote-kill")
-    tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
-    with S3Server(root / "s3", log_path=root / "s3.log") as s3, pytest.MonkeyPatch.context() as mp:
+    forks = ForkServer(root)  # started first: its imports overlap the registrations below
+    tracking_uri = empty_store(tmp_path_factory, root / "mlflow.db")
+    with (
+        S3Server(root / "s3", log_path=root / "s3.log") as s3,
+        pytest.MonkeyPatch.context() as mp,
+        contextlib.closing(forks),
+    ):
         for key, value in s3.environment.items():
             mp.setenv(key, value)
         mp.setenv("MLFLOW_TRACKING_URI", tracking_uri)
@@ -197,7 +280,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             registry.download_model_version(tracking_uri, ModelRef(NAME, version=version), pulled)
             files[version] = {p.name: _digest(p) for p in sorted(pulled.iterdir())}
             assert set(files[version]) == set(FILES)
-        yield Stack(s3, tracking_uri, root, files)
+        yield Stack(s3, tracking_uri, root, files, forks)
 
 
 @pytest.fixture
@@ -257,21 +340,21 @@ def _markers(scene: Case) -> set[str]:
 
 
 def _kill(scene: Case, argv: list[str], function: str, when: str, nth: int) -> None:
-    script = scene.folder / "killer.py"
-    script.write_text(KILLER)
     # A killed process cannot remove its scratch folder: keep it in the test's own folder.
     scratch = scene.folder / "tmp"
     scratch.mkdir(exist_ok=True)
-    proc = subprocess.run(
-        [sys.executable, str(script), function, when, str(nth), *argv],
-        cwd=scene.folder,
+    log = scene.folder / "killed.log"
+    code = scene.stack.forks.run(
+        argv,
+        function,
+        when,
+        nth,
+        cwd=str(scene.folder),
         env={**scene.stack.env(), "TMPDIR": str(scratch)},
-        capture_output=True,
-        text=True,
-        timeout=120,
+        log=str(log),
     )
     # Killed at the step, not finished (or failed) before reaching it.
-    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr[-3000:])
+    assert code == -signal.SIGKILL, (code, log.read_text()[-3000:])
 
 
 def _recover(scene: Case, version: int, window: float) -> dict[str, Any]:

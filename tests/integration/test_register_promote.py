@@ -19,6 +19,7 @@ import pytest
 from botocore.exceptions import EndpointConnectionError
 from pipeline.servers import MlflowServer, S3Server, free_port
 
+from project_support import empty_store
 from switchprune import cli, load_model, registry, storage
 from switchprune.config import (
     DataConfig,
@@ -45,9 +46,15 @@ class Stack:
     s3: S3Server
     mlflow: MlflowServer
     work: Path
+    # threshold -> register's result: each version is pruned, evaluated and registered once
+    registered: dict[float, dict[str, object]] = dataclasses.field(default_factory=dict)
+    _client: object | None = None
 
     def client(self) -> object:
-        return storage.make_client(self.s3.endpoint)
+        """One client for the module (a new one loads botocore's service model again)."""
+        if self._client is None:
+            self._client = storage.make_client(self.s3.endpoint)
+        return self._client
 
     @property
     def model_root(self) -> Path:
@@ -84,6 +91,9 @@ def _chain(work: Path, threshold: float) -> Path:
             progress=False,
         )
     model_dir = work / f"compact-{threshold}"
+    reports = work / f"reports-{threshold}"
+    if (reports / "evaluate.json").exists():
+        return reports  # pruned and evaluated by an earlier test
     prune.run(PruneConfig(threshold=threshold), trained_dir=trained, model_dir=model_dir)
     report = evaluate.run(
         EvaluateConfig(latency_warmup=0, latency_repeats=1, device="cpu"),
@@ -91,12 +101,14 @@ def _chain(work: Path, threshold: float) -> Path:
         trained_dir=trained,
         model_dir=model_dir,
     )
-    reports = work / f"reports-{threshold}"
     write_json(report, reports / "evaluate.json")
     return reports
 
 
 def _register(stack: Stack, threshold: float) -> dict[str, object]:
+    """The version of ``threshold``'s model, registered by the first test that needs it."""
+    if threshold in stack.registered:
+        return stack.registered[threshold]
     reports = _chain(stack.work, threshold)
     result = register.run(
         RegisterConfig(model_name=NAME),
@@ -107,6 +119,7 @@ def _register(stack: Stack, threshold: float) -> dict[str, object]:
         tracking_uri=stack.mlflow.uri,
     )
     write_json(result, reports / "register.json")
+    stack.registered[threshold] = result
     return result
 
 
@@ -120,9 +133,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             mp.setenv(key, value)
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         server = MlflowServer(
-            f"sqlite:///{root / 'mlflow.db'}",
+            empty_store(tmp_path_factory, root / "mlflow.db"),
             "s3://mlflow-artifacts/mlflow",
-            env=s3.environment,
+            # No background job runner (two more processes importing MLflow): tracking and the
+            # registry use none.
+            env={**s3.environment, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
             log_path=root / "mlflow.log",
         )
         with server:
@@ -336,7 +351,8 @@ def test_concurrent_promotions_leave_s3_and_the_alias_agreeing(
     import random
     import threading
 
-    versions = {t: _register(stack, t)["version"] for t in (0.02, 0.03)}
+    # Two registered versions: each model is registered once per module (seconds each).
+    versions = {t: _register(stack, t)["version"] for t in (0.0, 0.05)}
     assert len(set(versions.values())) == 2
     real = registry.set_alias
     rng = random.Random(0)
@@ -355,7 +371,7 @@ def test_concurrent_promotions_leave_s3_and_the_alias_agreeing(
             errors.append(exc)
 
     for round_ in range(6):
-        order = (0.02, 0.03) if round_ % 2 else (0.03, 0.02)
+        order = (0.0, 0.05) if round_ % 2 else (0.05, 0.0)
 
         threads = [threading.Thread(target=run, args=(t,)) for t in order]
         for t in threads:
@@ -372,7 +388,9 @@ def test_concurrent_promotions_leave_s3_and_the_alias_agreeing(
 def test_a_crash_after_the_manifest_converges_on_the_next_run(
     stack: Stack, promoted: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    version = _register(stack, 0.04)["version"]
+    _promote(stack, 0.0)  # a known state: version 1 everywhere, the other one not champion
+    assert _champions(stack) == (1, 1)
+    version = _register(stack, 0.05)["version"]
     real = registry.set_alias
 
     def crash(*_args: object, **_kwargs: object) -> None:
@@ -380,11 +398,11 @@ def test_a_crash_after_the_manifest_converges_on_the_next_run(
 
     monkeypatch.setattr(registry, "set_alias", crash)
     with pytest.raises(KeyboardInterrupt):
-        _promote(stack, 0.04)
+        _promote(stack, 0.05)
     manifest_version, alias_version = _champions(stack)
     assert manifest_version == version != alias_version  # apart, as after a crash
     monkeypatch.setattr(registry, "set_alias", real)
-    _promote(stack, 0.04)
+    _promote(stack, 0.05)
     assert _champions(stack) == (version, version)
 
 
@@ -394,7 +412,7 @@ def test_alias_failure_with_s3_down_reports_both_and_converges_next_run(
     _promote(stack, 0.0)  # a known state: version 1 everywhere
     assert _champions(stack) == (1, 1)
     version = _register(stack, 0.06)["version"]
-    client = stack.client()
+    client = storage.make_client(stack.s3.endpoint)  # its own: it loses S3 below
 
     def s3_down(**_kwargs: object) -> None:
         raise EndpointConnectionError(endpoint_url=stack.s3.endpoint)

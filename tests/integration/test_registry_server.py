@@ -7,10 +7,13 @@ the server), and the S3 credentials must never show up in the run or the registr
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +25,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from pipeline.servers import MlflowServer, S3Server
 
+from project_support import empty_store
 from switchprune import registry
 from switchprune.io import save_model
 from switchprune.models import ModelSpec, TaskNet, build_model
@@ -60,9 +64,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             mp.setenv(key, value)
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         server = MlflowServer(
-            f"sqlite:///{root}/mlflow.db",
+            empty_store(tmp_path_factory, root / "mlflow.db"),
             f"s3://{BUCKET}/{PREFIX}",
-            env=s3.environment,
+            # No background job runner (two more processes importing MLflow): tracking and the
+            # registry use none.
+            env={**s3.environment, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
             log_path=root / "mlflow.log",
         )
         with server:
@@ -99,11 +105,38 @@ def register(stack: Stack, model: TaskNet, files: dict[str, Path]) -> dict[str, 
     )
 
 
+@contextlib.contextmanager
+def captured() -> Iterator[dict[str, str]]:
+    """What is written to stdout and stderr meanwhile, by Python or straight to the file
+    descriptors (as ``capfd`` sees it, for a module-scoped fixture): ``out`` and ``err``."""
+    seen: dict[str, str] = {}
+    streams = {"out": (1, io.StringIO()), "err": (2, io.StringIO())}
+    files = {key: tempfile.TemporaryFile() for key in streams}
+    saved = {key: os.dup(fd) for key, (fd, _) in streams.items()}
+    try:
+        for key, (fd, _) in streams.items():
+            os.dup2(files[key].fileno(), fd)
+        with (
+            contextlib.redirect_stdout(streams["out"][1]),
+            contextlib.redirect_stderr(streams["err"][1]),
+        ):
+            yield seen
+    finally:
+        for key, (fd, text) in streams.items():
+            os.dup2(saved[key], fd)
+            os.close(saved[key])
+            files[key].seek(0)
+            seen[key] = text.getvalue() + files[key].read().decode(errors="replace")
+            files[key].close()
+
+
 @pytest.fixture(scope="module")
 def registered(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     model = tiny_model(0)
     files = model_files(tmp_path_factory.mktemp("files"), model)
-    return {"model": model, "files": files, "result": register(stack, model, files)}
+    with captured() as output:
+        result = register(stack, model, files)
+    return {"model": model, "files": files, "result": result, "output": output}
 
 
 def test_register_alias_and_artifacts_in_s3(stack: Stack, registered: dict[str, Any]) -> None:
@@ -195,15 +228,8 @@ def test_unknown_alias_names_it(stack: Stack, registered: dict[str, Any]) -> Non
         registry.version_info(stack.mlflow.uri, ModelRef("ghost", version=1))
 
 
-def test_stdout_stays_clean(
-    stack: Stack, tmp_path: Path, capfd: pytest.CaptureFixture[str]
-) -> None:
-    model = tiny_model(1)
-    files = model_files(tmp_path, model)
-    result = registry.log_and_register(
-        stack.mlflow.uri, Registration("served", "quiet-model", "candidate", model, files, EXAMPLE)
-    )
-    assert result["version"] == 1
-    out, err = capfd.readouterr()
-    assert out == ""  # MLflow's "View run ... at <url>" lines went to stderr
-    assert "View run" in err
+def test_stdout_stays_clean(registered: dict[str, Any]) -> None:
+    assert registered["result"]["version"] == 1
+    output = registered["output"]
+    assert output["out"] == ""  # MLflow's "View run ... at <url>" lines went to stderr
+    assert "View run" in output["err"]

@@ -1,9 +1,10 @@
-"""``make run``'s runner killed mid-run, hung up on, and failing in a stage, in a throwaway copy.
+"""``make run``'s runner stopped mid-run, killed, and failing in a stage, in throwaway copies.
 
 Real processes only: ``pipeline/local.py`` with its embedded ``rclone serve s3``, ``dvc repro``
-and the stage it runs. A run killed with SIGKILL leaves nothing running (its children get a
-signal from the kernel when it dies); the next run cleans up what it left and completes. A
-failing stage is named, its exit status passed on, and its last good outputs restored.
+and the stage it runs. A run stopped with SIGTERM or SIGHUP stops everything it started itself;
+a run killed with SIGKILL leaves nothing running (its children get a signal from the kernel when
+it dies), and the next run cleans up what it left and completes. A failing stage is named, its
+exit status passed on, and its last good outputs restored.
 """
 
 from __future__ import annotations
@@ -16,44 +17,29 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 import yaml
 
-from project_support import commit_all, copy_project, run_pipeline, tool_env
+from project_support import completed_project, copy_completed, run_pipeline, tool_env
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def project(tmp_path_factory: pytest.TempPathFactory, project_files: list[str]) -> Path:
-    """A git repository with the project's files, tiny settings, and one complete run done."""
-    dst = copy_project(tmp_path_factory.mktemp("repo"), project_files)
-    params = yaml.safe_load((dst / "params.yaml").read_text())
-    params["model"]["hidden"] = [32, 16]
-    params["train"].update(
-        epochs=3, batch_size=128, snn_hidden=8, target_ratio=0.5, tnn_steps_per_snn_step=1
-    )
-    params["evaluate"].update(latency_warmup=1, latency_repeats=2)
-    params["register"]["model_name"] = "switchprune-test-faults"
-    params["promote"].update(min_accuracy=0.3, max_accuracy_drop=0.5, max_params_ratio=0.9)
-    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    commit_all(dst)
-    done = run_pipeline(dst, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return dst
+    """A copy of a git repository with the project's files and tiny settings after one complete
+    run (made once: it takes most of a minute)."""
+    done = completed_project(tmp_path_factory.getbasetemp(), project_files)
+    return copy_completed(done, tmp_path_factory.mktemp("repo") / "project")
 
 
 @pytest.fixture
-def params(project: Path) -> Iterator[Path]:
-    """``params.yaml``, put back as it was after the test."""
-    path = project / "params.yaml"
-    original = path.read_text()
-    yield path
-    path.write_text(original)
+def params(project: Path) -> Path:
+    """The copy's ``params.yaml``."""
+    return project / "params.yaml"
 
 
 def _set(path: Path, section: str, **values: object) -> None:
@@ -143,50 +129,106 @@ def _wait_gone(family: Family, timeout: float = 20.0) -> list[str]:
     return alive
 
 
-@pytest.mark.parametrize("also_supervisor", [False, True], ids=["runner", "runner-and-supervisor"])
-def test_a_run_killed_with_sigkill_leaves_nothing_and_the_next_run_cleans_up(
-    project: Path, params: Path, tmp_path: Path, also_supervisor: bool
-) -> None:
-    """``kill -KILL -- -<pgid>`` of the runner: its S3 server, DVC and the stage die with it.
+def _dead_run_notice(output: str, pid: int) -> str:
+    """The one line a run printed about cleaning up after the dead run ``pid``."""
+    notices = [ln for ln in output.splitlines() if "cleaned up a dead run" in ln]
+    assert len(notices) == 1, output[-3000:]
+    assert f"(pid {pid})" in notices[0]
+    assert "removed the S3 endpoint it left in .dvc/config.local" in notices[0]
+    return notices[0]
 
-    With ``also_supervisor`` the process that leads DVC's group is SIGKILLed first, and the
-    stage (a grandchild of the runner) is frozen with SIGSTOP so that it cannot end by itself
-    either (writing to its closed stderr): only the next run can stop it, finding it by the dead
-    run's token.
+
+def _stopped_by(
+    project: Path,
+    runner: subprocess.Popen[str],
+    family: Family,
+    log: Path,
+    sig: signal.Signals,
+    within: float,
+) -> None:
+    """The run exited with ``128 + sig`` saying so, and within ``within`` seconds nothing it
+    started is left; its lock record and S3 endpoint are gone."""
+    assert runner.wait(timeout=60) == 128 + sig
+    assert f"make run: stopped by {sig.name}" in log.read_text()
+    assert _wait_gone(family, timeout=within) == []
+    assert not (project / ".switchprune-run.lock").read_text().strip()
+    assert "endpointurl" not in (project / ".dvc" / "config.local").read_text()
+
+
+def test_runs_stopped_or_killed_leave_nothing_and_the_next_run_cleans_up_and_completes(
+    project: Path, params: Path, tmp_path: Path
+) -> None:
+    """Four runs stopped while training, one after the other, then one that completes.
+
+    1. SIGTERM to the runner alone: it stops everything it started and undoes its settings.
+    2. SIGHUP to its whole group (the terminal closed): handled like SIGTERM.
+    3. ``kill -KILL -- -<pgid>`` of the runner: its S3 server, DVC and the stage die with it.
+    4. SIGKILL of the process that leads DVC's group, the stage (a grandchild of the runner)
+       frozen with SIGSTOP first so that it cannot end by itself either (writing to its closed
+       stderr), then of the runner's group: only the next run can stop the stage, finding it
+       by the dead run's token.
+
+    Each run starts normally after the one before (a run that ends with a signal it handles
+    leaves nothing to clean up); after a SIGKILLed run the next one says in one line what it
+    cleaned up. The last one completes, and nothing of any of them is left.
     """
-    runner, family = _start_a_long_run(project, params, tmp_path / "first.log")
-    record = json.loads((project / ".switchprune-run.lock").read_text())
+    lock = project / ".switchprune-run.lock"
+    config_local = project / ".dvc" / "config.local"
+    families: list[Family] = []
     try:
-        if also_supervisor:
-            stage = _train_running(family)
-            assert stage is not None
-            stage.suspend()
-            os.kill(record["dvc_pgid"], signal.SIGKILL)
+        runner, family = _start_a_long_run(project, params, tmp_path / "sigterm.log")
+        families.append(family)
+        runner.send_signal(signal.SIGTERM)  # the runner alone: it stops the others itself
+        _stopped_by(project, runner, family, tmp_path / "sigterm.log", signal.SIGTERM, 1.0)
+
+        runner, family = _start_a_long_run(project, params, tmp_path / "sighup.log")
+        families.append(family)
+        assert "cleaned up a dead run" not in (tmp_path / "sighup.log").read_text()
+        os.killpg(runner.pid, signal.SIGHUP)  # the terminal closed: the whole group gets it
+        _stopped_by(project, runner, family, tmp_path / "sighup.log", signal.SIGHUP, 5.0)
+
+        log = tmp_path / "sigkill.log"
+        runner, family = _start_a_long_run(project, params, log)
+        families.append(family)
+        assert "cleaned up a dead run" not in log.read_text()
+        killed = json.loads(lock.read_text())
         os.killpg(runner.pid, signal.SIGKILL)
         runner.wait(timeout=10)
-        if also_supervisor:
-            time.sleep(1)
-            assert _train_running(family) is not None, "the stage should be orphaned"
-        else:
-            assert _wait_gone(family) == []
+        assert _wait_gone(family) == []  # its S3 server (in the family) included
+
+        log = tmp_path / "orphan.log"
+        runner, family = _start_a_long_run(project, params, log)
+        families.append(family)
+        _dead_run_notice(log.read_text(), killed["pid"])
+        assert "is busy" not in log.read_text()
+        orphaned = json.loads(lock.read_text())
+        stage = _train_running(family)
+        assert stage is not None
+        stage.suspend()
+        os.kill(orphaned["dvc_pgid"], signal.SIGKILL)
+        os.killpg(runner.pid, signal.SIGKILL)
+        runner.wait(timeout=10)
+        time.sleep(1)
+        assert _train_running(family) is not None, "the stage should be orphaned"
+
         params.write_text(params.read_text().replace("epochs: 500", "epochs: 3"))
-        second = run_pipeline(project)
-        assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-        notices = [ln for ln in second.stderr.splitlines() if "cleaned up a dead run" in ln]
-        assert len(notices) == 1, second.stderr[-3000:]
-        assert f"(pid {runner.pid})" in notices[0]
-        assert "removed the S3 endpoint it left in .dvc/config.local" in notices[0]
-        if also_supervisor:
-            # The stage, and whatever shell DVC ran it through: at least one process.
-            assert re.search(r"stopped [1-9]\d* process", notices[0]), notices[0]
-        assert "is busy" not in second.stderr
-        # Nothing of the first run is alive: no rclone, no DVC, no stage.
-        assert _alive(family) == []
-        assert record["s3_pid"] in family
-        assert _rclones_of(project) == []  # neither run's S3 server is left
-        assert not (project / ".switchprune-run.lock").read_text().strip()
-        assert "endpointurl" not in (project / ".dvc" / "config.local").read_text()
+        last = run_pipeline(project)
+        assert last.returncode == 0, last.stdout[-3000:] + last.stderr[-3000:]
+        notice = _dead_run_notice(last.stderr, runner.pid)
+        # The stage, and whatever shell DVC ran it through: at least one process.
+        assert re.search(r"stopped [1-9]\d* process", notice), notice
+        assert "is busy" not in last.stderr
+        # Nothing of any run is alive: no rclone, no DVC, no stage.
+        assert [_alive(f) for f in families] == [[]] * len(families)
+        assert _rclones_of(project) == []  # nor the last run's S3 server
+        assert not lock.read_text().strip()
+        assert "endpointurl" not in config_local.read_text()
     finally:
+        _kill_what_is_left(families)
+
+
+def _kill_what_is_left(families: list[Family]) -> None:
+    for family in families:
         for pid in family:
             if _alive({pid: family[pid]}):
                 os.kill(pid, signal.SIGKILL)
@@ -201,30 +243,6 @@ def _rclones_of(project: Path) -> list[int]:
         except psutil.Error:
             continue
     return found
-
-
-def test_a_run_hung_up_on_stops_everything_and_the_next_run_is_normal(
-    project: Path, params: Path, tmp_path: Path
-) -> None:
-    """SIGHUP (the terminal closed) is handled like SIGTERM: the run cleans up and exits."""
-    log = tmp_path / "first.log"
-    runner, family = _start_a_long_run(project, params, log)
-    try:
-        os.killpg(runner.pid, signal.SIGHUP)
-        assert runner.wait(timeout=60) == 128 + signal.SIGHUP
-        assert "make run: stopped by SIGHUP" in log.read_text()
-        assert _wait_gone(family, timeout=5) == []
-        assert not (project / ".switchprune-run.lock").read_text().strip()
-        assert "endpointurl" not in (project / ".dvc" / "config.local").read_text()
-        params.write_text(params.read_text().replace("epochs: 500", "epochs: 3"))
-        second = run_pipeline(project)
-        assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-        assert "cleaned up a dead run" not in second.stderr
-        assert _rclones_of(project) == []
-    finally:
-        for pid in family:
-            if _alive({pid: family[pid]}):
-                os.kill(pid, signal.SIGKILL)
 
 
 def _digests(folder: Path) -> dict[str, str]:

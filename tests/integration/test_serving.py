@@ -21,6 +21,7 @@ import torch
 from pipeline.servers import ModelServer
 
 import switchprune
+from project_support import empty_store
 from switchprune import registry
 from switchprune.io import save_model
 from switchprune.models import ModelSpec, TaskNet, build_model
@@ -35,7 +36,7 @@ NAME = "served-tiny"
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("serving")
-    uri = f"sqlite:///{root}/mlflow.db"
+    uri = empty_store(tmp_path_factory, root / "mlflow.db")
     torch.manual_seed(0)
     model = build_model(SPEC).eval()
     save_model(model, root / "model.pt", **{INPUT_KEY: CONTRACT.to_dict()})
@@ -79,12 +80,18 @@ def loaded(served: dict) -> ServedModel:
 
 
 def expected_logits(served: dict) -> np.ndarray:
-    with torch.no_grad():
-        return loaded(served)(torch.from_numpy(served["images"])).numpy()
+    """What ``load_model`` computes on the batch (loaded once per module)."""
+    if "expected" not in served:
+        with torch.no_grad():
+            served["expected"] = loaded(served)(torch.from_numpy(served["images"])).numpy()
+    return served["expected"]
 
 
 def onnx_logits(served: dict) -> np.ndarray:
-    return session(served["root"] / ONNX_FILE).run(None, {"input": served["images"]})[0]
+    if "onnx" not in served:
+        runner = session(served["root"] / ONNX_FILE)
+        served["onnx"] = runner.run(None, {"input": served["images"]})[0]
+    return served["onnx"]
 
 
 def logits_of(predictions: Any) -> np.ndarray:
@@ -124,28 +131,37 @@ def test_load_model_takes_uint8_and_refuses_floats(served: dict) -> None:
     assert np.abs(got - bare).max() <= ATOL + RTOL * np.abs(bare).max()
 
 
-def predict_cli(served: dict, payload: dict, name: str) -> subprocess.CompletedProcess:
+def predict_cli(served: dict, payload: dict, name: str) -> subprocess.Popen[str]:
+    """``mlflow models predict`` of ``payload``, started (its answer goes to ``<name>.out``)."""
     work = served["work"]
     (work / f"{name}.json").write_text(json.dumps(payload))
     (work / f"{name}.out").unlink(missing_ok=True)
     command = [sys.executable, "-m", "mlflow", "models", "predict"]
     command += ["-m", f"models:/{NAME}@champion", "--env-manager", "local"]
     command += ["-i", str(work / f"{name}.json"), "-t", "json", "-o", str(work / f"{name}.out")]
-    return subprocess.run(
-        command, env=served["env"], cwd=work, capture_output=True, text=True, timeout=300
+    return subprocess.Popen(
+        command,
+        env=served["env"],
+        cwd=work,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
 def test_mlflow_models_predict_answers_uint8_and_refuses_floats(served: dict) -> None:
-    proc = predict_cli(served, {"inputs": served["images"].tolist()}, "pixels")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Both commands at once: independent processes, each mostly interpreter start-up.
+    pixels = predict_cli(served, {"inputs": served["images"].tolist()}, "pixels")
+    floats = predict_cli(served, {"inputs": (served["images"] / 255.0).tolist()}, "floats")
+    _, pixels_err = pixels.communicate(timeout=300)
+    _, floats_err = floats.communicate(timeout=300)
+
+    assert pixels.returncode == 0, pixels_err[-3000:]
     got = logits_of(json.loads((served["work"] / "pixels.out").read_text()))
     assert_same_logits(got, expected_logits(served))
 
-    floats = (served["images"] / 255.0).tolist()
-    proc = predict_cli(served, {"inputs": floats}, "floats")
-    assert proc.returncode != 0
-    assert "expected uint8 pixels 0..255 of shape N×1×8×8" in proc.stderr, proc.stderr[-3000:]
+    assert floats.returncode != 0
+    assert "expected uint8 pixels 0..255 of shape N×1×8×8" in floats_err, floats_err[-3000:]
     assert not (served["work"] / "floats.out").exists()
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,23 +21,27 @@ import pytest
 import yaml
 from pipeline.servers import ModelServer
 
-from project_support import BIN, ROOT, commit_all, copy_project, run_tool, tool_env
+from project_support import BIN, ROOT, commit_all, copy_project, empty_store, run_tool, tool_env
 
 MODEL = "switchprune-test-own-net"
 ARCH = "mynets/net.py:build_mixed"
 
 pytestmark = pytest.mark.slow
 
-# Run in the folder without the network's file: every form on the same batch, logits saved.
+# Run in the folder without the network's file: the model loaded from the registry first, then
+# `switchprune pull` of the champion (the command's own code, in this process) and onnxruntime
+# on its model.onnx; every form on the same batch, logits saved.
 LOAD_EVERY_FORM = """
 import json, sys
 import numpy as np, onnxruntime, torch
 import switchprune
+from switchprune import cli
 torch.set_num_threads(1)
 x = np.load("batch.npy")
 model = switchprune.load_model(sys.argv[1])
 with torch.no_grad():
     np.save("load_model.npy", model(torch.from_numpy(x)).numpy())
+assert cli.main(["pull", sys.argv[2], "--out", "champion"]) == 0
 session = onnxruntime.InferenceSession("champion/model.onnx", providers=["CPUExecutionProvider"])
 np.save("onnx.npy", session.run(None, {session.get_inputs()[0].name: x})[0])
 print(json.dumps(type(model).__module__))
@@ -57,6 +62,7 @@ def released(tmp_path_factory: pytest.TempPathFactory, project_files: list[str])
     params["promote"].update(min_accuracy=0.2, max_accuracy_drop=0.6, max_params_ratio=0.95)
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     commit_all(dst)
+    empty_store(tmp_path_factory, dst / "mlflow.db")  # the embedded store, migrated
     run_tool([str(BIN / "dvc"), "repro"], dst)
     run_tool([sys.executable, "pipeline/local.py", "--release"], dst)
     return dst
@@ -69,11 +75,10 @@ def elsewhere(tmp_path_factory: pytest.TempPathFactory, released: Path) -> dict[
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{released / 'mlflow.db'}"}
     batch = np.random.default_rng(0).integers(0, 256, size=(5, 1, 8, 8), dtype=np.uint8)
     np.save(work / "batch.npy", batch)
-    run_tool(
-        [str(BIN / "switchprune"), "pull", f"{MODEL}@champion", "--out", "champion"], work, **env
-    )
     out = run_tool(
-        [sys.executable, "-c", LOAD_EVERY_FORM, f"models:/{MODEL}@champion"], work, **env
+        [sys.executable, "-c", LOAD_EVERY_FORM, f"models:/{MODEL}@champion", f"{MODEL}@champion"],
+        work,
+        **env,
     )
     return {"work": work, "env": env, "batch": batch, "stdout": out}
 
@@ -99,10 +104,16 @@ def test_every_form_gives_the_same_logits_in_a_folder_without_the_file(elsewhere
     (work / "input.json").write_text(json.dumps({"inputs": elsewhere["batch"].tolist()}))
     args = ["models", "predict", "-m", f"models:/{MODEL}@champion", "--env-manager", "local"]
     args += ["-i", "input.json", "-t", "json", "-o", "predicted.json"]
-    run_tool([sys.executable, "-m", "mlflow", *args], work, **elsewhere["env"])
-    predicted = json.loads((work / "predicted.json").read_text())
-    np.testing.assert_allclose(_logits(predicted), reference, rtol=1e-5, atol=1e-6)
-
+    # Started before the server, and checked after it: two independent processes, each mostly
+    # interpreter start-up, run at once.
+    predict = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", *args],
+        cwd=work,
+        env=tool_env(**elsewhere["env"]),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     server = ModelServer(
         f"models:/{MODEL}@champion",
         env=tool_env(**elsewhere["env"]),
@@ -118,6 +129,11 @@ def test_every_form_gives_the_same_logits_in_a_folder_without_the_file(elsewhere
         status, answer = server.invoke({"inputs": floats})
         assert 400 <= status < 500, answer
         assert "uint8" in json.dumps(answer)
+
+    out, err = predict.communicate(timeout=600)
+    assert predict.returncode == 0, f"{out[-3000:]}\n{err[-3000:]}"
+    predicted = json.loads((work / "predicted.json").read_text())
+    np.testing.assert_allclose(_logits(predicted), reference, rtol=1e-5, atol=1e-6)
 
 
 def _logits(answer: Any) -> np.ndarray:

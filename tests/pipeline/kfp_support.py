@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import kfp.local
 import pytest
@@ -35,6 +36,19 @@ PROMOTE_URI = "s3://kfp-models/team"
 MODEL_NAME = "switchprune-kfp-test"
 COMMIT = "kfp-local-test-commit"
 USER_ARCH = "mynets/net.py:build_mixed"
+
+T = TypeVar("T")
+
+
+def in_fresh_thread(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``func(*args, **kwargs)`` on a thread of its own: its result, or its exception.
+
+    Building a pipeline calls ``inspect.stack()`` for every task setting; under pytest that
+    walks (and looks up the module of) every frame of the runner below the test, seconds per
+    build. A new thread's stack holds only the call itself.
+    """
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(func, *args, **kwargs).result()
 
 
 def tiny_params() -> dict[str, Any]:
@@ -115,7 +129,8 @@ def run_pipeline_locally(
             keys, tracking URI: what Kubernetes secrets give a pod), which is also set here.
     """
     source, sha256 = network_source(USER_ARCH, params_file.parent)
-    pipeline_func = build_pipeline(
+    pipeline_func = in_fresh_thread(
+        build_pipeline,
         load_params(params_file),
         dvc_remote=dvc_remote.url,
         data_md5=dvc_remote.md5,
@@ -129,7 +144,9 @@ def run_pipeline_locally(
     server = MlflowServer(
         f"sqlite:///{work / 'mlflow.db'}",
         "s3://mlflow-artifacts/kfp",
-        env=dvc_remote.server.environment,
+        # Server-side jobs (a runner and seven consumer processes, each importing MLflow) serve
+        # no request of the pipeline's: without them the server starts and stops in seconds.
+        env={**dvc_remote.server.environment, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         log_path=work / "mlflow.log",
     )
     with server, pytest.MonkeyPatch.context() as mp:

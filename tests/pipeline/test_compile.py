@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import yaml
 from components.image import IMAGE
-from kfp_support import ROOT, USER_FILE
-from pipeline.compile import compile_pipeline, data_version
+from kfp_support import ROOT, USER_FILE, in_fresh_thread
+from pipeline.compile import compile_pipeline, data_version, main
 from pipeline.pipeline import SECTIONS
 
 from switchprune.config import SECTIONS as CONFIGS
@@ -55,8 +55,15 @@ class Compiled:
         return out
 
 
-def _compile(tmp: Path, params: Path) -> Compiled:
-    return Compiled(compile_pipeline(params, tmp / "pipeline.yaml"))
+def _compile(tmp: Path, params: Path, root: Path = ROOT) -> Compiled:
+    return Compiled(in_fresh_thread(compile_pipeline, params, tmp / "pipeline.yaml", root))
+
+
+def _main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """``pipeline/compile.py ARGV`` in this process: its exit status and its stderr."""
+    capsys.readouterr()
+    code = in_fresh_thread(main, argv)
+    return code, capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -213,26 +220,26 @@ def test_the_kubeflow_section_shapes_the_yaml(tmp_path: Path) -> None:
     assert out.inputs["train"]["defaultValue"]["epochs"] == 7
 
 
-def test_compile_script_writes_the_file_and_refuses_bad_params(tmp_path: Path) -> None:
+def test_compile_script_writes_the_file_and_refuses_bad_params(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "pipeline.yaml"
     script = [sys.executable, str(ROOT / "pipeline" / "compile.py")]
     ok = subprocess.run([*script, "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
+    # Nothing on stderr: a refusal below is the only line the script writes there.
+    assert ok.stderr == ""
     assert len(list(yaml.safe_load_all(out.read_text()))) == 2
 
+    # The script is ``main``: its refusals are checked without another interpreter start.
     bad = tmp_path / "bad.yaml"
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["train"]["epochs"] = 2.5
     bad.write_text(yaml.safe_dump(params))
     refused = tmp_path / "refused.yaml"
-    proc = subprocess.run(
-        [*script, "--params", str(bad), "--out", str(refused)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
+    code, err = _main(["--params", str(bad), "--out", str(refused)], capsys)
+    assert code == 2
+    assert err.strip().splitlines() == [
         "compile: error: [train] epochs must be an integer, got 2.5"
     ]
     assert not refused.exists()
@@ -338,7 +345,7 @@ def test_a_user_file_network_travels_in_the_compiled_pipeline(tmp_path: Path) ->
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["model"]["arch"] = "mynets/net.py:build_mixed"
     (project / "params.yaml").write_text(yaml.safe_dump(params))
-    out = Compiled(compile_pipeline(project / "params.yaml", tmp_path / "p.yaml", project))
+    out = _compile(tmp_path, project / "params.yaml", project)
     text = (project / "mynets" / "net.py").read_text()
     digest = hashlib.sha256(text.encode()).hexdigest()
     for verb in ("train", "prune", "evaluate"):
@@ -361,22 +368,21 @@ def test_a_built_in_network_carries_no_source(compiled: Compiled) -> None:
     ],
 )
 def test_make_compile_refuses_an_arch_the_cluster_could_not_build(
-    tmp_path: Path, arch: str, message: str
+    tmp_path: Path,
+    arch: str,
+    message: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["model"]["arch"] = arch
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     out = tmp_path / "pipeline.yaml"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "pipeline" / "compile.py"), "--params", "params.yaml"]
-        + ["--out", str(out)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], proc.stderr
+    monkeypatch.chdir(tmp_path)
+    code, err = _main(["--params", "params.yaml", "--out", str(out)], capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], err
     assert not out.exists()
 
 

@@ -55,7 +55,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     params = yaml.safe_load((dst / "params.yaml").read_text())
     params["model"]["hidden"] = [32, 16]
     params["train"].update(epochs=3, batch_size=128, snn_hidden=8, baseline=True)
-    params["evaluate"].update(latency_warmup=1, latency_repeats=2)
+    params["evaluate"].update(latency_warmup=0, latency_repeats=1)
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     # As in a clone: data/raw holds only its .gitignore; preprocess exports the bundled digits.
     (dst / "data" / "raw").mkdir(parents=True)
@@ -79,8 +79,15 @@ def _stages_run(output: str) -> set[str]:
     }
 
 
-def test_repro_runs_all_stages_then_nothing(project: Path) -> None:
-    first = _run([str(BIN / "dvc"), "repro", "evaluate"], project)
+@pytest.fixture(scope="module")
+def completed(project: Path) -> str:
+    """The output of the project's first ``dvc repro evaluate``; the tests below read its
+    result in file order, each leaving the pipeline up to date for the next (or restored)."""
+    return _run([str(BIN / "dvc"), "repro", "evaluate"], project)
+
+
+def test_repro_runs_all_stages_then_nothing(project: Path, completed: str) -> None:
+    first = completed
     assert _stages_run(first) == {"preprocess", "train", "prune", "evaluate"}
     report = json.loads((project / "reports" / "evaluate.json").read_text())
     assert report["params_after"] < report["params_before"]
@@ -94,8 +101,39 @@ def test_repro_runs_all_stages_then_nothing(project: Path) -> None:
     assert "up to date" in status
 
 
-def test_changing_the_threshold_reruns_only_the_stages_after_training(project: Path) -> None:
-    _run([str(BIN / "dvc"), "repro", "evaluate"], project)  # up to date whatever ran before
+def test_training_curves_are_dvc_plots(project: Path, completed: str) -> None:
+    history = json.loads((project / "reports" / "train_history.json").read_text())
+    epochs = yaml.safe_load((project / "params.yaml").read_text())["train"]["epochs"]
+    assert [r["epoch"] for r in history] == list(range(1, epochs + 1))
+    assert {"loss", "val_accuracy", "params_ratio", "baseline_loss"} <= set(history[0])
+    stage = yaml.safe_load((project / "dvc.lock").read_text())["stages"]["train"]
+    assert "reports/train_history.json" in {o["path"] for o in stage["outs"]}
+
+    shown = json.loads(_stdout([str(BIN / "dvc"), "plots", "show", "--json"], project))["data"]
+    for key in ("loss", "val_accuracy", "params_ratio"):
+        (plot,) = shown[key]
+        assert plot["type"] == "vega" and plot["revisions"] == ["workspace"]
+        spec = plot["content"]
+        assert spec["encoding"]["x"]["field"] == "epoch"
+        assert f'"field": "{key}"' in json.dumps(spec)  # the y axis (inside Vega-Lite layers)
+        points = [(v["epoch"], v[key]) for v in spec["data"]["values"]]
+        assert points == [(r["epoch"], r[key]) for r in history]
+    # The history is committed like the other reports: diff the workspace against HEAD.
+    _run(["git", "add", "-f", "reports/train_history.json", "dvc.lock"], project)
+    _run(["git", "commit", "-qm", "curves"], project)
+    diff = json.loads(_stdout([str(BIN / "dvc"), "plots", "diff", "HEAD", "--json"], project))
+    assert not diff.get("errors"), diff["errors"]
+    for key in ("loss", "val_accuracy", "params_ratio"):
+        (plot,) = diff["data"][key]
+        assert sorted(plot["revisions"]) == ["HEAD", "workspace"]
+        values = plot["content"]["data"]["values"]
+        assert sorted({v["rev"] for v in values}) == ["HEAD", "workspace"]
+        assert len(values) == 2 * len(history)
+
+
+def test_changing_the_threshold_reruns_only_the_stages_after_training(
+    project: Path, completed: str
+) -> None:
     trained = (project / "models" / "trained" / "switched.pt").read_bytes()
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["prune"]["threshold"] = 0.5
@@ -108,8 +146,7 @@ def test_changing_the_threshold_reruns_only_the_stages_after_training(project: P
     assert prune["params_after"] < prune["params_before"]
 
 
-def test_a_bad_parameter_keeps_the_last_good_report(project: Path) -> None:
-    _run([str(BIN / "dvc"), "repro", "evaluate"], project)
+def test_a_bad_parameter_keeps_the_last_good_report(project: Path, completed: str) -> None:
     good = (project / "reports" / "train.json").read_text()
     text = (project / "params.yaml").read_text()
     params = yaml.safe_load(text)
@@ -155,104 +192,3 @@ def test_changed_idx_labels_rerun_preprocess(project: Path, tmp_path: Path) -> N
         assert _stages_run(out) == {"preprocess"}, out
     finally:
         (project / "params.yaml").write_text(text)
-
-
-def test_image_folder_with_resnet18_streamed_then_released(project: Path) -> None:
-    """An image folder is the preprocess stage's data; torchvision's ResNet-18 (small-image
-    stem) trains and evaluates on it streamed, then the model is registered and promoted."""
-    from pipeline.servers import S3Server
-
-    from folder_support import write_digits_folder
-    from switchprune.dvcfiles import dvc_md5
-
-    folder = write_digits_folder(
-        project / "data" / "folder", per_class=15, splits=("train", "test")
-    )
-    text = (project / "params.yaml").read_text()
-    params = yaml.safe_load(text)
-    params["data"].update(
-        dataset="folder",
-        folder_dir="data/folder",
-        loader="stream",
-        augment="standard",
-    )
-    params["model"].update(arch="resnet18", small_input=True)
-    params["train"].update(epochs=1, batch_size=32, target_metric="macs", target_ratio=0.5)
-    params["register"]["model_name"] = "switchprune-test-resnet18"
-    params["promote"].update(min_accuracy=0.0, max_accuracy_drop=1.0, max_params_ratio=0.9)
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    try:
-        out = _run([str(BIN / "dvc"), "repro", "evaluate"], project)
-        assert _stages_run(out) == {"preprocess", "train", "prune", "evaluate"}, out
-        meta = json.loads((project / "data" / "prepared" / "meta.json").read_text())
-        assert meta["storage"] == "npy" and meta["in_shape"] == [1, 8, 8]
-        assert meta["class_names"] == sorted(meta["class_names"]) and len(meta["class_names"]) == 10
-        report = json.loads((project / "reports" / "evaluate.json").read_text())
-        assert report["data_md5"] == dvc_md5(folder)
-        assert report["n_test"] == 30
-        assert report["max_abs_logit_diff_f64"] <= 1e-6
-        assert report["macs_ratio"] <= 0.5 + 1e-9
-
-        # The release steps on that result: a real S3 server and a SQLite registry.
-        (project / ".s3" / "switchprune-models").mkdir(parents=True, exist_ok=True)
-        with S3Server(project / ".s3", log_path=project / "s3.log") as s3:
-            env = {
-                **_env(),
-                **s3.environment,
-                "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
-            }
-            for verb in ("register", "promote"):
-                done = subprocess.run(
-                    [str(BIN / "switchprune"), verb],
-                    cwd=project,
-                    env=env,
-                    capture_output=True,
-                    text=True,
-                    timeout=300,
-                )
-                assert done.returncode == 0, done.stderr[-3000:]
-        promote = json.loads((project / "reports" / "promote.json").read_text())
-        assert promote["promoted"] is True, promote
-        bucket = project / ".s3" / "switchprune-models" / "switchprune-test-resnet18"
-        manifest = json.loads((bucket / "current.json").read_text())
-        assert {"model.pt", "model.onnx"} <= {f["name"] for f in manifest["files"]}
-
-        # One changed image is a new data version: preprocess (and all after it) is out of date.
-        first = next((folder / "train" / "one").iterdir())
-        first.write_bytes(next((folder / "train" / "two").iterdir()).read_bytes())
-        status = json.loads(_stdout([str(BIN / "dvc"), "status", "--json"], project))
-        changed = [e for e in status.get("preprocess", []) if isinstance(e, dict)]
-        assert any("data/folder" in e.get("changed deps", {}) for e in changed), status
-    finally:
-        (project / "params.yaml").write_text(text)
-
-
-def test_training_curves_are_dvc_plots(project: Path) -> None:
-    _run([str(BIN / "dvc"), "repro", "evaluate"], project)
-    history = json.loads((project / "reports" / "train_history.json").read_text())
-    epochs = yaml.safe_load((project / "params.yaml").read_text())["train"]["epochs"]
-    assert [r["epoch"] for r in history] == list(range(1, epochs + 1))
-    assert {"loss", "val_accuracy", "params_ratio", "baseline_loss"} <= set(history[0])
-    stage = yaml.safe_load((project / "dvc.lock").read_text())["stages"]["train"]
-    assert "reports/train_history.json" in {o["path"] for o in stage["outs"]}
-
-    shown = json.loads(_stdout([str(BIN / "dvc"), "plots", "show", "--json"], project))["data"]
-    for key in ("loss", "val_accuracy", "params_ratio"):
-        (plot,) = shown[key]
-        assert plot["type"] == "vega" and plot["revisions"] == ["workspace"]
-        spec = plot["content"]
-        assert spec["encoding"]["x"]["field"] == "epoch"
-        assert f'"field": "{key}"' in json.dumps(spec)  # the y axis (inside Vega-Lite layers)
-        points = [(v["epoch"], v[key]) for v in spec["data"]["values"]]
-        assert points == [(r["epoch"], r[key]) for r in history]
-    # The history is committed like the other reports: diff the workspace against HEAD.
-    _run(["git", "add", "-f", "reports/train_history.json", "dvc.lock"], project)
-    _run(["git", "commit", "-qm", "curves"], project)
-    diff = json.loads(_stdout([str(BIN / "dvc"), "plots", "diff", "HEAD", "--json"], project))
-    assert not diff.get("errors"), diff["errors"]
-    for key in ("loss", "val_accuracy", "params_ratio"):
-        (plot,) = diff["data"][key]
-        assert sorted(plot["revisions"]) == ["HEAD", "workspace"]
-        values = plot["content"]["data"]["values"]
-        assert sorted({v["rev"] for v in values}) == ["HEAD", "workspace"]
-        assert len(values) == 2 * len(history)

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
-from kfp_support import ROOT
+from kfp_support import ROOT, in_fresh_thread
 from pipeline.compile import compile_pipeline
 from pipeline.servers import free_port
 
@@ -67,7 +67,8 @@ def kfp_api() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def package(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return compile_pipeline(ROOT / "params.yaml", tmp_path_factory.mktemp("pkg") / "pipeline.yaml")
+    out = tmp_path_factory.mktemp("pkg") / "pipeline.yaml"
+    return in_fresh_thread(compile_pipeline, ROOT / "params.yaml", out)
 
 
 def _posted(path: str) -> dict[str, Any]:

@@ -27,7 +27,7 @@ import pytest
 import yaml
 from components import trainjob
 from components.image import IMAGE
-from kfp_support import ROOT, USER_FILE
+from kfp_support import ROOT, USER_FILE, in_fresh_thread
 from kube_support import CommandNode, FakeKubernetes, ScriptedNode
 from kubeflow.trainer import LocalProcessBackendConfig, TrainerClient
 from pipeline.compile import compile_pipeline
@@ -47,6 +47,8 @@ from switchprune.io import HISTORY_FILE
 from switchprune.stages import preprocess, prune
 
 NAME = "switchprune-0a1b2c3d"
+# Seconds between the launcher's looks at the job: the stand-in answers at once.
+POLL = 0.2
 BUCKET = "switchprune-trainjobs"
 TINY = {
     "data": {"dataset": "digits"},
@@ -199,7 +201,8 @@ def _compile(tmp_path: Path, **kubeflow: Any) -> tuple[dict[str, Any], dict[str,
     params["kubeflow"].update(kubeflow)
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
-    spec, platform = yaml.safe_load_all(compile_pipeline(path, tmp_path / "p.yaml").read_text())
+    compiled = in_fresh_thread(compile_pipeline, path, tmp_path / "p.yaml")
+    spec, platform = yaml.safe_load_all(compiled.read_text())
     return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
 
 
@@ -299,7 +302,7 @@ def _run_tiny(
         trained_dir=tmp_path / "trained",
         history_path=tmp_path / "history.json",
         backend=cluster.backend(),
-        poll=1,
+        poll=POLL,
         echo=lines.append,
     )
 
@@ -357,7 +360,7 @@ def test_the_job_trains_from_s3_and_the_launcher_gets_its_outputs(
             arch_source=source,
             arch_sha256=sha,
             backend=cluster.backend(),
-            poll=1,
+            poll=POLL,
             echo=lines.append,
         )
     ((name, job),) = cluster.jobs.items()

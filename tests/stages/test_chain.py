@@ -25,7 +25,8 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     [
         (ModelConfig(arch="mlp", hidden=(64, 32)), 4),
         (ModelConfig(arch="lenet5"), 2),
-        (ModelConfig(arch="resnet20", width_multiplier=0.5), 1),
+        # A quarter width: the chain's residual path is the subject, not the network's size.
+        (ModelConfig(arch="resnet20", width_multiplier=0.25), 1),
     ],
     ids=["mlp", "lenet5", "resnet20"],
 )

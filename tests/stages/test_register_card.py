@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from project_support import empty_store
+from switchprune import cli
 from switchprune.card import format_number
 from switchprune.config import (
     DataConfig,
@@ -52,7 +54,7 @@ def registered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
         model_dir=root / "compact",
     )
     (root / "reports" / "evaluate.json").write_text(json.dumps(report))
-    uri = f"sqlite:///{root}/mlflow.db"
+    uri = empty_store(tmp_path_factory, root / "mlflow.db")
     (root / "params.yaml").write_text("{}\n")  # marks the project's root
     (root / "sub").mkdir()
     with pytest.MonkeyPatch.context() as mp:
@@ -158,7 +160,7 @@ def _snippet(card: str) -> str:
 
 
 def test_the_cards_loading_snippet_runs_in_a_clean_folder(
-    registered: dict[str, object], tmp_path: Path
+    registered: dict[str, object], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The snippet as printed, against the registry and against a pulled folder."""
     out = registered["out"]
@@ -177,15 +179,11 @@ def test_the_cards_loading_snippet_runs_in_a_clean_folder(
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() in {str(i) for i in range(10)}
-    # A pulled folder, offline: no tracking URI at all.
-    pulled = subprocess.run(
-        [sys.executable, "-m", "switchprune", "pull", "card-test@champion", "--out", "champion"],
-        cwd=clean,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert pulled.returncode == 0, pulled.stderr[-3000:]
+    # A pulled folder, offline: no tracking URI at all. The pull is the command's own code,
+    # run here: only the snippets need fresh interpreters.
+    monkeypatch.chdir(clean)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
+    assert cli.main(["pull", "card-test@champion", "--out", "champion"]) == 0
     (clean / "folder.py").write_text(code.replace("models:/card-test@champion", "champion/"))
     del env["MLFLOW_TRACKING_URI"]
     again = subprocess.run(

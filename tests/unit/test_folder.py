@@ -582,3 +582,12 @@ def test_memory_and_stream_inputs_are_both_accepted_for_validation(prepared: Pat
     b = fit(spec, open_split(prepared, "train"), load_split(prepared, "val"), cfg, progress=False)
     assert same_result(a, b)
     assert isinstance(load_split(prepared, "val"), TensorDataset)
+
+
+def test_image_endings_are_torchvisions() -> None:
+    """The endings kept without importing torchvision are those its ImageFolder reads."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    from switchprune.data import folder
+
+    assert folder.IMG_EXTENSIONS == IMG_EXTENSIONS

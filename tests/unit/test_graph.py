@@ -12,12 +12,12 @@ import pytest
 import torch
 from torch import nn
 
-from model_support import IN_SHAPES, USER_ARCH
+from model_support import IN_SHAPES, USER_ARCH, make_tiny_net
 from switchprune.config import ConfigError, ModelConfig, load_params
 from switchprune.cost import CostModel
 from switchprune.evaluation import count_macs, count_params
 from switchprune.io import ArtifactError, load_model_file, save_model
-from switchprune.models import GraphError, build_model, spec_from_config
+from switchprune.models import GraphError, ModelSpec, build_model, spec_from_config
 from switchprune.pruning import compact
 from switchprune.pruning.compaction import layer_widths
 
@@ -40,22 +40,78 @@ def _residual_sparse_factors(model, seed: int) -> dict[str, torch.Tensor]:
     return factors
 
 
-@pytest.mark.slow  # a fresh Python process or an MLflow store
-@pytest.mark.parametrize("arch", GRAPH_ARCHS)
-def test_compacted_file_alone_rebuilds_the_gated_network(arch, tiny_net, tmp_path):
-    """Compaction with zeros (a residual group down to one unit), saved, loaded in a new process."""
-    model = tiny_net(arch)
-    if arch != "vgg16_bn":
-        assert any(len(g.writers) > 1 for g in model.groups), "a group tied by an addition"
-    if arch in ("mobilenet_v2", USER_ARCH):
-        modules = dict(model.named_modules())
-        depthwise = [
-            w
-            for g in model.groups
-            for w in g.writers
-            if isinstance(modules[w], nn.Conv2d) and modules[w].groups > 1
-        ]
-        assert depthwise, "depthwise convs are writers of their input's group"
+_LOAD_ALL = """
+import json, sys, torch
+from pathlib import Path
+from switchprune.evaluation import count_macs, count_params
+from switchprune.io import load_model_file
+torch.set_num_threads(1)
+results = {}
+for job in sorted(Path(".").iterdir()):
+    if not job.is_dir():
+        continue
+    try:
+        m, _ = load_model_file(Path(job.joinpath("path.txt").read_text()))
+        x = torch.load(job / "x.pt", weights_only=True)
+        with torch.no_grad():
+            torch.save(m(x), job / "out.pt")
+        results[job.name] = {
+            "module": type(m.net).__module__,
+            "params": count_params(m),
+            "macs": count_macs(m, tuple(x.shape[1:])),
+        }
+    except Exception as exc:
+        results[job.name] = {"error": f"{type(exc).__name__}: {exc}"}
+print(json.dumps(results))
+"""
+
+
+class FreshLoads:
+    """Model files queued for loading in one fresh Python process (started on first read).
+
+    One process for the whole module: each load still happens in a process that never built
+    the network, and a torch start-up is paid once instead of once per model.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.root.mkdir()
+        self.results: dict[str, dict] | None = None
+
+    def add(self, name: str, model_path: Path, x: torch.Tensor) -> None:
+        assert self.results is None, "queue every load before the first result is read"
+        job = self.root / name
+        job.mkdir()
+        (job / "path.txt").write_text(str(model_path))
+        torch.save(x, job / "x.pt")
+
+    def result(self, name: str) -> tuple[dict, torch.Tensor | None]:
+        if self.results is None:
+            # The working directory holds the queued inputs and nothing else.
+            done = subprocess.run(
+                [sys.executable, "-c", _LOAD_ALL],
+                cwd=self.root,
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+            assert done.returncode == 0, done.stderr
+            self.results = json.loads(done.stdout.strip().splitlines()[-1])
+        got = self.results[name]
+        out = self.root / name / "out.pt"
+        return got, torch.load(out, weights_only=True) if "error" not in got else None
+
+
+def _gated_arch_case(arch: str, folder: Path) -> dict:
+    """Compaction with zeros (a residual group down to one unit) of ``arch``, saved."""
+    model = make_tiny_net(arch)
+    modules = dict(model.named_modules())
+    depthwise = [
+        w
+        for g in model.groups
+        for w in g.writers
+        if isinstance(modules[w], nn.Conv2d) and modules[w].groups > 1
+    ]
     factors = _residual_sparse_factors(model, seed=3)
     kept = {k: torch.nonzero(v > 0).flatten() for k, v in factors.items()}
     x = torch.randn(5, *IN_SHAPES[arch], generator=torch.Generator().manual_seed(4))
@@ -64,33 +120,56 @@ def test_compacted_file_alone_rebuilds_the_gated_network(arch, tiny_net, tmp_pat
         model.set_factors(factors)
         gated = model(x)
         model.set_factors(None)
-    assert (gated - plain).abs().max() > 1e-3
     small = compact(model, factors, kept)
-    save_model(small, tmp_path / "model.pt")
-    torch.save(x, tmp_path / "x.pt")
-    script = (
-        "import json, sys, torch\n"
-        "from switchprune.io import load_model_file\n"
-        "from switchprune.evaluation import count_macs, count_params\n"
-        "m, _ = load_model_file(sys.argv[1] + '/model.pt')\n"
-        "x = torch.load(sys.argv[1] + '/x.pt', weights_only=True)\n"
-        "with torch.no_grad():\n"
-        "    torch.save(m(x), sys.argv[1] + '/out.pt')\n"
-        "macs = count_macs(m, tuple(x.shape[1:]))\n"
-        "print(json.dumps({'params': count_params(m), 'macs': macs}))\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, check=False
-    )
-    assert done.returncode == 0, done.stderr
-    out = torch.load(tmp_path / "out.pt", weights_only=True)
-    assert (out - gated).abs().max() <= 1e-5
-    counted = json.loads(done.stdout.strip().splitlines()[-1])
+    save_model(small, folder / "model.pt")
     widths = {k: int(v.numel()) for k, v in kept.items()}
     cost = CostModel(model)
-    assert counted["params"] == cost.params(widths) == count_params(small)
-    assert counted["macs"] == cost.macs(widths) == count_macs(small, IN_SHAPES[arch])
-    assert counted["params"] < count_params(model)
+    return {
+        "tied": any(len(g.writers) > 1 for g in model.groups),
+        "depthwise": depthwise,
+        "x": x,
+        "plain": plain,
+        "gated": gated,
+        "cost_params": cost.params(widths),
+        "cost_macs": cost.macs(widths),
+        "small_params": count_params(small),
+        "small_macs": count_macs(small, IN_SHAPES[arch]),
+        "full_params": count_params(model),
+    }
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory: pytest.TempPathFactory) -> tuple[FreshLoads, dict, Path]:
+    """Every model this module loads in a fresh process, saved first, then loaded in one go."""
+    base = tmp_path_factory.mktemp("graph")
+    loads = FreshLoads(base / "elsewhere")
+    cases = {}
+    for i, arch in enumerate(GRAPH_ARCHS):
+        folder = base / f"arch{i}"
+        folder.mkdir()
+        cases[arch] = _gated_arch_case(arch, folder)
+        loads.add(f"arch{i}", folder / "model.pt", cases[arch]["x"])
+    _queue_user_network_cases(base, loads, cases)
+    return loads, cases, base
+
+
+@pytest.mark.slow  # a fresh Python process or an MLflow store
+@pytest.mark.parametrize("arch", GRAPH_ARCHS)
+def test_compacted_file_alone_rebuilds_the_gated_network(arch, fresh):
+    """Compaction with zeros (a residual group down to one unit), saved, loaded in a new process."""
+    loads, cases, _ = fresh
+    case = cases[arch]
+    if arch != "vgg16_bn":
+        assert case["tied"], "a group tied by an addition"
+    if arch in ("mobilenet_v2", USER_ARCH):
+        assert case["depthwise"], "depthwise convs are writers of their input's group"
+    assert (case["gated"] - case["plain"]).abs().max() > 1e-3
+    counted, out = loads.result(f"arch{GRAPH_ARCHS.index(arch)}")
+    assert "error" not in counted, counted
+    assert (out - case["gated"]).abs().max() <= 1e-5
+    assert counted["params"] == case["cost_params"] == case["small_params"]
+    assert counted["macs"] == case["cost_macs"] == case["small_macs"]
+    assert counted["params"] < case["full_params"]
 
 
 def test_concatenation_and_flatten_are_exact(tmp_path):
@@ -140,59 +219,62 @@ def test_concatenation_and_flatten_are_exact(tmp_path):
     assert rebuilt.group_sizes() == {"net.a": 2, "net.b": 3, "net.mix": 6}
 
 
-_LOAD_ELSEWHERE = """
-import sys, torch
-from switchprune.io import load_model_file
-torch.set_num_threads(1)
-model, _ = load_model_file(sys.argv[1])
-x = torch.load(sys.argv[2], weights_only=True)
-with torch.no_grad():
-    torch.save(model(x), sys.argv[3])
-print(type(model.net).__module__)
-"""
+def _queue_user_network_cases(base: Path, loads: FreshLoads, cases: dict) -> None:
+    """Save the user-network models the tests below load in the fresh process."""
 
+    # A network is run once per content in a process: each case gets content of its own, so
+    # that the shared process has not run it for an earlier model.
+    def own_copy(source: Path, name: str) -> None:
+        source.write_bytes(USER_FILE.read_bytes() + f"# the {name} case\n".encode())
 
-def _load_in_fresh_process(model_path, x, tmp_path):
-    """Load ``model_path`` in a new process whose working directory holds nothing else."""
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir(exist_ok=True)
-    torch.save(x, elsewhere / "x.pt")
-    done = subprocess.run(
-        [sys.executable, "-c", _LOAD_ELSEWHERE, str(model_path), "x.pt", "y.pt"],
-        cwd=elsewhere,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    out = torch.load(elsewhere / "y.pt", weights_only=True) if done.returncode == 0 else None
-    return done, out
-
-
-@pytest.mark.slow  # a fresh Python process or an MLflow store
-def test_a_user_network_travels_with_its_file_and_loads_from_the_copy_anywhere(tmp_path):
-    source = tmp_path / "mynets" / "net.py"
+    # Travels with its file: the original is removed, the model loads from its copy.
+    source = base / "mynets" / "net.py"
     source.parent.mkdir()
-    shutil.copy(USER_FILE, source)
+    own_copy(source, "travels")
     spec = spec_from_config(ModelConfig(arch=f"{source}:build"), (3, 16, 16), 5)
-    assert len(spec.source_sha256) == 64
     model = build_model(spec).eval()
-    save_model(model, tmp_path / "model" / "model.pt")
-    copy = tmp_path / "model" / "network.py"
-    assert copy.read_bytes() == source.read_bytes()
+    save_model(model, base / "model" / "model.pt")
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         expected = model(x)
-    # The original file is gone: the model still loads from its copy, in another folder and
-    # process, under a private module name.
+    cases["travels"] = {"spec": spec, "x": x, "expected": expected, "bytes": source.read_bytes()}
     shutil.rmtree(source.parent)
-    done, out = _load_in_fresh_process(tmp_path / "model" / "model.pt", x, tmp_path)
-    assert done.returncode == 0, done.stderr
-    assert torch.equal(out, expected)
-    assert done.stdout.strip().startswith("switchprune_user_")
+    loads.add("travels", base / "model" / "model.pt", x)
+    # No copy, and the file at the arch's path edited; and no copy, the file gone.
+    marker = base / "ran"
+    for name in ("edited", "gone"):
+        source = base / f"{name}.py"
+        own_copy(source, name)
+        arch = f"{source}:build"
+        model = build_model(spec_from_config(ModelConfig(arch=arch), (3, 16, 16), 5))
+        save_model(model, base / name / "model.pt")
+        (base / name / "network.py").unlink()
+        if name == "edited":
+            source.write_text(source.read_text() + f"\nopen({str(marker)!r}, 'w').close()\n")
+        else:
+            source.unlink()
+        loads.add(name, base / name / "model.pt", torch.zeros(1))
+    cases["marker"] = marker
 
 
 @pytest.mark.slow  # a fresh Python process or an MLflow store
-def test_a_changed_copy_or_a_changed_file_is_refused_before_it_runs(tmp_path):
+def test_a_user_network_travels_with_its_file_and_loads_from_the_copy_anywhere(fresh):
+    loads, cases, base = fresh
+    case = cases["travels"]
+    assert len(case["spec"].source_sha256) == 64
+    copy = base / "model" / "network.py"
+    assert copy.read_bytes() == case["bytes"]
+    # The original file is gone (removed before the process starts): the model still loads
+    # from its copy, in another folder and process, under a private module name.
+    assert not (base / "mynets").exists()
+    got, out = loads.result("travels")
+    assert "error" not in got, got
+    assert torch.equal(out, case["expected"])
+    assert got["module"].startswith("switchprune_user_")
+
+
+@pytest.mark.slow  # a fresh Python process or an MLflow store
+def test_a_changed_copy_or_a_changed_file_is_refused_before_it_runs(tmp_path, fresh):
     source = tmp_path / "mynet.py"
     shutil.copy(USER_FILE, source)
     model = build_model(spec_from_config(ModelConfig(arch=f"{source}:build"), (3, 16, 16), 5))
@@ -204,15 +286,12 @@ def test_a_changed_copy_or_a_changed_file_is_refused_before_it_runs(tmp_path):
         load_model_file(tmp_path / "model" / "model.pt")
     assert not marker.exists()
     # No copy, and the file at the arch's path edited: refused in a process that never ran it.
-    copy.unlink()
-    source.write_text(source.read_text() + f"\nopen({str(marker)!r}, 'w').close()\n")
-    done, _ = _load_in_fresh_process(tmp_path / "model" / "model.pt", torch.zeros(1), tmp_path)
-    assert done.returncode != 0
-    assert "changed since this model was saved" in done.stderr
-    assert not marker.exists()
-    source.unlink()
-    done, _ = _load_in_fresh_process(tmp_path / "model" / "model.pt", torch.zeros(1), tmp_path)
-    assert "the network's source" in done.stderr and "no stored copy (network.py)" in done.stderr
+    loads, cases, _ = fresh
+    got, _ = loads.result("edited")
+    assert "changed since this model was saved" in got["error"]
+    assert not cases["marker"].exists()
+    got, _ = loads.result("gone")
+    assert "the network's source" in got["error"] and "no stored copy (network.py)" in got["error"]
 
 
 def test_package_module_builder(tmp_path, monkeypatch):
@@ -279,19 +358,24 @@ def test_a_network_without_a_linear_classifier_is_refused():
 
 
 def test_small_input_stems():
-    small = build_model(spec_from_config(ModelConfig(arch="resnet18"), (1, 28, 28), 10))
+    def spec(arch: str, shape: tuple[int, int, int], **options: bool) -> ModelSpec:
+        # Quarter widths: the stems are the subject, and a narrow network's graph is traced in
+        # a fraction of the time of a full-width one (a 96 px ResNet-18 above all).
+        return spec_from_config(ModelConfig(arch=arch, width_multiplier=0.25, **options), shape, 10)
+
+    small = build_model(spec("resnet18", (1, 28, 28)))
     assert small.spec.options["small_input"] is True
     assert small.net.conv1.kernel_size == (3, 3) and small.net.conv1.stride == (1, 1)
     assert isinstance(small.net.maxpool, nn.Identity)
-    big = build_model(spec_from_config(ModelConfig(arch="resnet18"), (3, 96, 96), 10))
+    big = build_model(spec("resnet18", (3, 96, 96)))
     assert big.spec.options["small_input"] is False
     assert big.net.conv1.kernel_size == (7, 7) and isinstance(big.net.maxpool, nn.MaxPool2d)
-    forced = spec_from_config(ModelConfig(arch="resnet18", small_input=False), (1, 28, 28), 10)
+    forced = spec("resnet18", (1, 28, 28), small_input=False)
     assert forced.options["small_input"] is False
-    mobile = build_model(spec_from_config(ModelConfig(arch="mobilenet_v2"), (1, 28, 28), 10))
+    mobile = build_model(spec("mobilenet_v2", (1, 28, 28)))
     assert mobile.net.features[0][0].stride == (1, 1)
     assert mobile.net.features[2].conv[1][0].stride == (1, 1)
-    vgg = build_model(spec_from_config(ModelConfig(arch="vgg11_bn"), (1, 8, 8), 10))
+    vgg = build_model(spec("vgg11_bn", (1, 8, 8)))
     pools = [m for m in vgg.net.features if isinstance(m, nn.MaxPool2d)]
     assert len(pools) == 3  # 8 -> 4 -> 2 -> 1, the others would empty the map
     assert vgg(torch.zeros(2, 1, 8, 8)).shape == (2, 10)

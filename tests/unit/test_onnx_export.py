@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import onnx
 import pytest
 import torch
 
-from model_support import IN_SHAPES, REPRESENTATIVE_ARCHS
+from model_support import IN_SHAPES, REPRESENTATIVE_ARCHS, make_tiny_net
 from switchprune import onnx_export
 from switchprune.onnx_export import (
     ATOL,
@@ -37,14 +38,32 @@ def contract_for(model: torch.nn.Module, mean: float = 0.4) -> InputContract:
     )
 
 
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """``exported(arch)``: the checked export of ``make_tiny_net(arch)`` behind
+    ``contract_for``, made once per module (an export costs a trace of the network)."""
+    root = tmp_path_factory.mktemp("onnx")
+    paths: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in paths:
+            model = make_tiny_net(arch)
+            folder = root / str(len(paths))
+            folder.mkdir()
+            export_checked(model, contract_for(model), folder / ONNX_FILE)
+            paths[arch] = folder / ONNX_FILE
+        return paths[arch]
+
+    return get
+
+
 @pytest.mark.parametrize("arch", REPRESENTATIVE_ARCHS)
-def test_every_arch_exports_and_matches_pytorch(arch: str, tiny_net, tmp_path: Path) -> None:
+def test_every_arch_exports_and_matches_pytorch(arch: str, tiny_net, exported) -> None:
     # Random full-width nets, logits unscaled: deep ones reach large logits, where float32
     # rounding alone exceeds an absolute 1e-4; the tolerance follows their scale.
     model = tiny_net(arch)
     contract = contract_for(model)
-    path = tmp_path / ONNX_FILE
-    export_checked(model, contract, path)
+    path = exported(arch)
     # A fresh session on the file, raw pixels at a batch size the export never saw.
     x = random_pixels(5, IN_SHAPES[arch], seed=7)
     got = session(path).run(None, {"input": x.numpy()})[0]
@@ -58,11 +77,8 @@ def test_every_arch_exports_and_matches_pytorch(arch: str, tiny_net, tmp_path: P
     assert (got.argmax(1) == expected.argmax(1)).all()
 
 
-def test_the_graph_takes_uint8_and_refuses_floats(tiny_net, tmp_path: Path) -> None:
-    model = tiny_net("lenet5")
-    path = tmp_path / ONNX_FILE
-    export_checked(model, contract_for(model), path)
-    sess = session(path)
+def test_the_graph_takes_uint8_and_refuses_floats(exported) -> None:
+    sess = session(exported("lenet5"))
     (declared,) = sess.get_inputs()
     assert declared.type == "tensor(uint8)" and declared.shape[1:] == [1, 8, 8]
     floats = np.random.default_rng(0).random((2, 1, 8, 8), dtype=np.float32)
@@ -70,11 +86,10 @@ def test_the_graph_takes_uint8_and_refuses_floats(tiny_net, tmp_path: Path) -> N
         sess.run(None, {"input": floats})
 
 
-def test_the_file_carries_the_contract(tiny_net, tmp_path: Path) -> None:
+def test_the_file_carries_the_contract(tiny_net, exported) -> None:
     model = tiny_net("mlp")
     contract = contract_for(model)
-    path = tmp_path / ONNX_FILE
-    export_checked(model, contract, path)
+    path = exported("mlp")
     props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
     assert json.loads(props["classes"]) == [f"class-{i}" for i in range(model.spec.num_classes)]
     assert json.loads(props["input_dtype"]) == "uint8"
@@ -107,23 +122,21 @@ def test_the_tolerance_catches_a_wrong_normalisation(arch: str, tiny_net) -> Non
     assert same <= ATOL + RTOL * scale
 
 
-def test_latency_is_measured_at_both_batch_sizes(tiny_net, tmp_path: Path) -> None:
+def test_latency_is_measured_at_both_batch_sizes(tiny_net, exported) -> None:
     model = tiny_net("lenet5")
-    path = tmp_path / ONNX_FILE
-    export_checked(model, contract_for(model), path)
+    path = exported("lenet5")
     for batch in (1, 256):
         run = onnx_pass(path, IN_SHAPES["lenet5"], batch, threads=1)
         (logits,) = run()
         assert logits.shape == (batch, model.spec.num_classes)
 
 
-def test_the_file_names_no_path_of_this_machine(tiny_net) -> None:
+def test_the_file_names_no_path_of_this_machine(exported) -> None:
     # The exporter records each node's stack trace, with absolute source paths: dropped, so
-    # the same model gives the same bytes in any checkout.
+    # the same model gives the same bytes in any checkout. (The file holds export_bytes' bytes.)
     import switchprune
 
-    model = tiny_net("lenet5")
-    data = onnx_export.export_bytes(model, contract_for(model))
+    data = exported("lenet5").read_bytes()
     source_root = str(Path(switchprune.__file__).resolve().parents[1]).encode()
     assert source_root not in data and onnx_export.STACK_TRACE_KEY.encode() not in data
     assert b"pkg.torch.onnx.class_hierarchy" in data  # the rest of the metadata stays

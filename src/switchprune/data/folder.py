@@ -29,6 +29,9 @@ from switchprune.io import atomic_write_bytes
 
 # PIL modes without colour: a folder whose images all have one of them is prepared as 1 channel.
 _GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
+# torchvision's ImageFolder's endings (``torchvision.datasets.folder.IMG_EXTENSIONS``), any
+# case: importing torchvision for them costs every preprocess seconds (a test checks they agree).
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 _FolderSplits = dict[str, tuple[list[Path], np.ndarray]]
 
@@ -132,10 +135,6 @@ def _scan(split_dir: Path, classes: list[str]) -> tuple[list[Path], np.ndarray]:
             f"class folder {split_dir / unknown[0]} has no counterpart in train/ "
             f"(train classes: {', '.join(classes)})"
         )
-    # torchvision's ImageFolder's endings, any case; imported here because importing torchvision
-    # takes seconds, which every CLI command would pay.
-    from torchvision.datasets.folder import IMG_EXTENSIONS
-
     files: list[Path] = []
     labels: list[int] = []
     for name in found:
