@@ -90,12 +90,18 @@ def tiny_project(dst: Path, project_files: list[str]) -> Path:
     return dst
 
 
+def shared_dir(basetemp: Path) -> Path:
+    """The folder of this test session that every pytest-xdist worker sees (``basetemp``'s
+    parent under xdist, ``basetemp`` itself without it): things built once go there."""
+    return basetemp.parent if os.environ.get("PYTEST_XDIST_WORKER") else basetemp
+
+
 def completed_project(basetemp: Path, project_files: list[str]) -> Path:
     """The :func:`tiny_project` after one complete ``pipeline/local.py`` run, built once per
     session: a run is most of a minute, and every test that needs one starts from a copy
     (:func:`copy_completed`). ``basetemp`` is pytest's; its parent is shared by the
     pytest-xdist workers of one session, which build it under a file lock."""
-    shared = basetemp.parent if os.environ.get("PYTEST_XDIST_WORKER") else basetemp
+    shared = shared_dir(basetemp)
     built = shared / "completed-project"
     done = shared / "completed-project.done"
     with FileLock(str(shared / "completed-project.lock")):
@@ -146,8 +152,7 @@ def empty_store(tmp_path_factory: pytest.TempPathFactory, db: Path) -> str:
     shared by its workers, as a new store runs every schema migration (seconds each time)."""
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-    base = tmp_path_factory.getbasetemp()
-    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    shared = shared_dir(tmp_path_factory.getbasetemp())
     template = shared / "mlflow-empty.db"
     with FileLock(str(shared / "mlflow-empty.lock")):
         if not template.exists():
