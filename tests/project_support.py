@@ -42,6 +42,16 @@ def run_tool(args: list[str], cwd: Path, **extra: str) -> str:
     return proc.stdout + proc.stderr
 
 
+def tool_stdout(args: list[str], cwd: Path, **extra: str) -> str:
+    """Run ``args`` in ``cwd`` with :func:`tool_env`; it must succeed. Its stdout alone (tools
+    such as DVC may warn on stderr)."""
+    proc = subprocess.run(
+        args, cwd=cwd, env=tool_env(**extra), capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
 def run_pipeline(project: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """``make run``'s runner in ``project``: its result, whatever its status."""
     return subprocess.run(

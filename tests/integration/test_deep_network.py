@@ -21,7 +21,7 @@ from pipeline.servers import S3Server
 
 import switchprune
 from folder_support import write_digits_folder
-from project_support import BIN, copy_project, run_tool, tool_env
+from project_support import BIN, copy_project, run_tool, tool_env, tool_stdout
 from switchprune.dvcfiles import dvc_md5
 
 pytestmark = pytest.mark.slow
@@ -120,15 +120,6 @@ def test_image_folder_with_resnet18_streamed_then_released(resnet18: Path) -> No
     # One changed image is a new data version: preprocess (and all after it) is out of date.
     first = next((folder / "train" / "one").iterdir())
     first.write_bytes(next((folder / "train" / "two").iterdir()).read_bytes())
-    proc = subprocess.run(
-        [str(BIN / "dvc"), "status", "--json"],
-        cwd=resnet18,
-        env=tool_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr
-    status = json.loads(proc.stdout)  # stdout alone: DVC may warn on stderr
+    status = json.loads(tool_stdout([str(BIN / "dvc"), "status", "--json"], resnet18))
     changed = [e for e in status.get("preprocess", []) if isinstance(e, dict)]
     assert any("data/folder" in e.get("changed deps", {}) for e in changed), status
