@@ -38,7 +38,11 @@ from measurement import load_dataset, measure, run_ours  # noqa: E402
 from settings import ARCHS, MNIST_DIR, ROOT, TORCHVISION, train_config  # noqa: E402
 
 from switchprune import latency  # noqa: E402
-from switchprune.evaluation import forward_pass, interleaved_latency  # noqa: E402
+from switchprune.evaluation import (  # noqa: E402
+    forward_pass,
+    interleaved_latency,
+    retain_freed_memory,
+)
 from switchprune.models import build_model, spec_from_config  # noqa: E402
 
 
@@ -235,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setting = SETTINGS[args.setting]
     torch.set_num_threads(args.threads)
+    retained = retain_freed_memory()  # steady forward times, as evaluate and the table time
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="switchprune-bench-latency-") as tmp:
         data = load_dataset("mnist", Path(args.mnist_dir), Path(tmp), setting.data_limit)
@@ -257,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         "setting": args.setting,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "threads": args.threads,
+        "retained_memory": retained,
         "seeds": list(setting.seeds),
         "epochs": setting.epochs,
         "n_train": len(data["train"]),

@@ -38,6 +38,7 @@ from switchprune.evaluation import (
     LATENCY_BATCHES,
     forward_pass,
     interleaved_latency,
+    retain_freed_memory,
     torch_threads,
 )
 from switchprune.io import atomic_write_bytes
@@ -215,13 +216,16 @@ def measure(
     device = device if setting.runtime == "torch" else torch.device("cpu")
     model = copy.deepcopy(model).eval()
     size = block(device, setting.runtime)
+    # As ``evaluate`` times: with the allocator's page faults in them, whole-network times at
+    # batch 256 vary by up to 40 % with the process's history, and the table with them.
+    retained = retain_freed_memory()
     # The timing modules must not draw from the global generator: training stays the same
     # whether the times come from the cache or not.
     with (
         torch_threads(setting.threads or None),
         torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
     ):
-        context = _context(device, setting, size)
+        context = {**_context(device, setting, size), "retained_memory": retained}
         runner = _Runner(setting, device, in_shape)
         timed = [_timed_layer(layer, runner, size, context, timer, cache) for layer in layers]
         full = {g: int(w) for g, w in model.group_sizes().items()}  # type: ignore[operator]

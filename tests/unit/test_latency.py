@@ -110,6 +110,33 @@ def test_a_damaged_cache_entry_is_measured_again(
     assert all(json.loads(p.read_text())["key"] for p in tmp_path.glob("*.json"))
 
 
+def test_the_table_is_timed_with_freed_memory_retained_as_evaluate_times(
+    tiny_net: Callable[..., TaskNet], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Page faults of a process's allocator would be in the table but not in ``evaluate``'s
+    times; a table measured otherwise is not read back."""
+    model = tiny_net("mlp").eval()
+    retained: list[bool] = []
+    monkeypatch.setattr(latency, "retain_freed_memory", lambda: retained.append(True) or True)
+
+    def after_retaining(runs: Mapping[str, Callable[[], object]]) -> dict[str, float]:
+        assert retained, "timed before the allocator retains freed memory"
+        return flop_timer(runs)
+
+    table(model, tmp_path, timer=after_retaining)
+    keys = [json.loads(p.read_text())["key"] for p in tmp_path.glob("*.json")]
+    assert keys and all(k["retained_memory"] is True for k in keys)
+    monkeypatch.setattr(latency, "retain_freed_memory", lambda: False)
+    calls: list[int] = []
+
+    def counting(runs: Mapping[str, Callable[[], object]]) -> dict[str, float]:
+        calls.append(len(runs))
+        return flop_timer(runs)
+
+    table(model, tmp_path, timer=counting)
+    assert calls  # where memory is not retained, the retained table is not reused
+
+
 def test_a_width_is_timed_as_its_whole_blocks(
     tiny_net: Callable[..., TaskNet], blocks: Callable[[int], None], tmp_path: Path
 ) -> None:
