@@ -135,9 +135,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         server = MlflowServer(
             empty_store(tmp_path_factory, root / "mlflow.db"),
             "s3://mlflow-artifacts/mlflow",
-            # No background job runner (two more processes importing MLflow): tracking and the
-            # registry use none.
-            env={**s3.environment, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            env=s3.environment,
             log_path=root / "mlflow.log",
         )
         with server:

@@ -144,9 +144,7 @@ def run_pipeline_locally(
     server = MlflowServer(
         f"sqlite:///{work / 'mlflow.db'}",
         "s3://mlflow-artifacts/kfp",
-        # Server-side jobs (a runner and seven consumer processes, each importing MLflow) serve
-        # no request of the pipeline's: without them the server starts and stops in seconds.
-        env={**dvc_remote.server.environment, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        env=dvc_remote.server.environment,
         log_path=work / "mlflow.log",
     )
     with server, pytest.MonkeyPatch.context() as mp:
