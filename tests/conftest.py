@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
 
-from switchprune.models import TaskNet
+from switchprune.cli import GC_THRESHOLD
+
+# As in a command's process (``switchprune.cli.entry``): the collector runs less often while the
+# libraries import; pytest_collection_finish then leaves their objects out of it.
+gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
+
+import torch  # noqa: E402
+
+from switchprune.models import TaskNet  # noqa: E402
 
 # No analytics or telemetry calls from the tools the tests run (the network is closed anyway).
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
@@ -131,3 +139,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         parts = item.path.resolve().relative_to(tests).parts
         if parts and (parts[0] in SLOW_FOLDERS or parts[-1] in SLOW_MODULES):
             item.add_marker(pytest.mark.slow)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Leave the objects of every imported library out of the collector's later passes: they
+    live until the worker exits, and walking them again in each full collection is wasted."""
+    gc.collect()
+    gc.freeze()

@@ -1,7 +1,5 @@
 """``python -m switchprune``."""
 
-import sys
+from switchprune.cli import entry
 
-from switchprune.cli import main
-
-sys.exit(main())
+entry()

@@ -421,3 +421,27 @@ def test_promote_and_the_command_line_start_without_torch() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def test_the_program_exits_with_the_commands_status_and_runs_the_collector_less(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``switchprune`` (``cli.entry``) exits with :func:`cli.main`'s status, its collector
+    threshold raised and every object frozen before the exit."""
+    import gc
+
+    monkeypatch.chdir(tmp_path)  # no params.yaml here: exit status 2
+    monkeypatch.setattr("sys.argv", ["switchprune", "train", "-q"])
+    before = gc.get_threshold()
+    gc.unfreeze()
+    gc.set_threshold(700, *before[1:])
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            cli.entry()
+        assert stopped.value.code == 2
+        assert "params.yaml" in capsys.readouterr().err
+        assert gc.get_threshold()[0] == cli.GC_THRESHOLD
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.set_threshold(*before)
+        gc.freeze()
