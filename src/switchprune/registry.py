@@ -20,8 +20,8 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -721,11 +721,22 @@ def _result(model_name: str, run_id: str, version: str | int, *, changed: bool) 
     return {"run_id": run_id, "version": int(version), "model_uri": model_uri, "changed": changed}
 
 
-def log_and_register(tracking_uri: str, registration: Registration) -> dict[str, Any]:
+def log_and_register(
+    tracking_uri: str,
+    registration: Registration,
+    describe: Callable[[Path], tuple[str, Mapping[str, Path]]] | None = None,
+) -> dict[str, Any]:
     """Log one run, register its model as a new version and set the alias.
 
     A version with the same ``model_content_sha256`` is reused (only the alias is set). On a
     failure the run is marked ``FAILED`` and a version without its alias deleted (best effort).
+
+    Args:
+        tracking_uri: The MLflow tracking URI.
+        registration: What to log and register.
+        describe: Writes a new version's description and the run's extra artifacts into the
+            folder it is given, and returns them (they join ``registration``'s). Called only
+            when a new version is made: a reused one needs no card drawn.
 
     Returns:
         ``run_id``, ``version`` (int), ``model_uri`` and ``changed`` (False if reused).
@@ -750,20 +761,35 @@ def log_and_register(tracking_uri: str, registration: Registration) -> dict[str,
             with _translated(f"setting alias {alias!r} of {name!r}", tracking_uri):
                 client.set_registered_model_alias(name, alias, existing.version)
             return _result(name, existing.run_id, existing.version, changed=False)
-        with _translated(f"opening experiment {registration.experiment!r}", tracking_uri):
-            run = _start_run(client, tracking_uri, registration)
-        tags = {**{k: str(v) for k, v in registration.tags.items()}, **identity}
-        attempt = _Attempt(run.info.run_id)
-        try:
-            version = _log_and_register_run(client, run, registration, tags, attempt)
-        except BaseException as exc:
-            outcome = _roll_back(client, name, attempt)
-            if not isinstance(exc, Exception):
-                raise
-            raise RegistryError(
-                f"registering {name!r} at {redact_uri(tracking_uri)} failed while "
-                f"{attempt.step} ({outcome}): {_short(exc)}"
-            ) from exc
-        with _translated(f"finishing run {attempt.run_id}", tracking_uri):
-            _terminate(client, attempt.run_id, "FINISHED")
-    return _result(name, attempt.run_id, version, changed=True)
+        with tempfile.TemporaryDirectory(prefix="switchprune-describe-") as scratch:
+            if describe is not None:
+                text, extra = describe(Path(scratch))
+                artifacts = {**registration.artifacts, **extra}
+                registration = replace(registration, description=text, artifacts=artifacts)
+                _check(registration)
+            run_id, version = _new_version(client, tracking_uri, registration, identity)
+    return _result(name, run_id, version, changed=True)
+
+
+def _new_version(
+    client: MlflowClient, tracking_uri: str, registration: Registration, identity: dict[str, str]
+) -> tuple[str, int]:
+    """Start the run, log and register it (rolled back on failure), finish it: (run id, version)."""
+    name = registration.model_name
+    with _translated(f"opening experiment {registration.experiment!r}", tracking_uri):
+        run = _start_run(client, tracking_uri, registration)
+    tags = {**{k: str(v) for k, v in registration.tags.items()}, **identity}
+    attempt = _Attempt(run.info.run_id)
+    try:
+        version = _log_and_register_run(client, run, registration, tags, attempt)
+    except BaseException as exc:
+        outcome = _roll_back(client, name, attempt)
+        if not isinstance(exc, Exception):
+            raise
+        raise RegistryError(
+            f"registering {name!r} at {redact_uri(tracking_uri)} failed while "
+            f"{attempt.step} ({outcome}): {_short(exc)}"
+        ) from exc
+    with _translated(f"finishing run {attempt.run_id}", tracking_uri):
+        _terminate(client, attempt.run_id, "FINISHED")
+    return attempt.run_id, version

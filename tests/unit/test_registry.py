@@ -75,8 +75,9 @@ class Store:
             input_example=EXAMPLE,
             artifact_location=str(self.artifacts),
         )
+        describe = kw.pop("describe", None)
         args.update(kw)
-        return registry.log_and_register(self.uri, Registration(**args))
+        return registry.log_and_register(self.uri, Registration(**args), describe)
 
     def client(self) -> MlflowClient:
         return MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
@@ -183,6 +184,30 @@ def test_same_model_file_reuses_version_and_new_model_adds_one(
     assert second["run_id"] != first["run_id"]
     assert len(store.client().search_runs([exp.experiment_id])) == 2
     assert alias_version(store.client(), name, "candidate") == 2
+
+
+def test_the_description_is_drawn_only_for_a_new_version(store: Store, tmp_path: Path) -> None:
+    """``describe`` (the model card, seconds to draw) runs for a new version only; its text is
+    the version's description and its files join the run's artifacts."""
+    name, experiment = "described", "described-exp"
+    drawn: list[Path] = []
+
+    def describe(folder: Path) -> tuple[str, dict[str, Path]]:
+        drawn.append(folder)
+        (folder / "card.md").write_text("# the card\n")
+        return "# the card\n", {"card.md": folder / "card.md"}
+
+    model = tiny_model(5)
+    files = model_files(tmp_path / "a", model)
+    first = store.register(model, files, model_name=name, experiment=experiment, describe=describe)
+    assert first["changed"] is True and len(drawn) == 1
+    assert not drawn[0].exists()  # its scratch folder is gone
+    client = store.client()
+    assert client.get_model_version(name, str(first["version"])).description == "# the card\n"
+    assert "card.md" in {a.path for a in client.list_artifacts(first["run_id"])}
+    again = store.register(model, files, model_name=name, experiment=experiment, describe=describe)
+    assert again == {**first, "changed": False}
+    assert len(drawn) == 1
 
 
 def test_get_alias_version_and_set_alias(store: Store, tmp_path: Path) -> None:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -104,14 +102,14 @@ def run(
 
 
 def _register_with_card(uri: str, registration: Registration, card: CardInputs) -> dict[str, Any]:
-    """Register with the card as the version's description, and its files in the run."""
+    """Register; a new version gets the card as its description, and its files in the run."""
     from switchprune import registry
 
-    with tempfile.TemporaryDirectory(prefix="switchprune-card-") as card_dir:
-        card_files = write_card(Path(card_dir), card)
-        text = card_files[CARD_FILE].read_text(encoding="utf-8")
-        with_card = dataclasses.replace(registration, description=text, artifacts=card_files)
-        return registry.log_and_register(uri, with_card)
+    def describe(folder: Path) -> tuple[str, dict[str, Path]]:
+        card_files = write_card(folder, card)
+        return card_files[CARD_FILE].read_text(encoding="utf-8"), card_files
+
+    return registry.log_and_register(uri, registration, describe)
 
 
 def _model_files(prepared_dir: Path, model_dir: Path, evaluate_path: Path) -> dict[str, Path]:
