@@ -132,13 +132,36 @@ SLOW_MODULES = (
 )
 
 
+# The longest modules (a minute or more of real process chains each), longest first: pytest-xdist
+# hands whole modules to the workers in collection order (``--no-loadscope-reorder``), and a long
+# module started last would leave one core idle while the other finishes it.
+LONGEST_FIRST = (
+    "test_local_run.py",
+    "test_distributed.py",
+    "test_kfp_local.py",
+    "test_dvc.py",
+    "test_user_network.py",
+    "test_deep_network.py",
+    "test_run_faults.py",  # after test_local_run: both wait for one completed project
+    "test_register_promote.py",
+    "test_bench.py",
+)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark every test under :data:`SLOW_FOLDERS` or in :data:`SLOW_MODULES` ``slow``."""
+    """Mark every test under :data:`SLOW_FOLDERS` or in :data:`SLOW_MODULES` ``slow``; run the
+    :data:`LONGEST_FIRST` modules first, then the other slow ones, then the unit tests."""
     tests = Path(__file__).resolve().parent
+    rank: dict[str, int] = {}
     for item in items:
         parts = item.path.resolve().relative_to(tests).parts
-        if parts and (parts[0] in SLOW_FOLDERS or parts[-1] in SLOW_MODULES):
+        slow = bool(parts) and (parts[0] in SLOW_FOLDERS or parts[-1] in SLOW_MODULES)
+        if slow:
             item.add_marker(pytest.mark.slow)
+        name = item.path.name
+        first = LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+        rank[item.nodeid] = first if slow or first < len(LONGEST_FIRST) else first + 1
+    items.sort(key=lambda item: rank[item.nodeid])  # stable: each module keeps its order
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
