@@ -229,13 +229,37 @@ def measure(
         runner = _Runner(setting, device, in_shape)
         timed = [_timed_layer(layer, runner, size, context, timer, cache) for layer in layers]
         full = {g: int(w) for g, w in model.group_sizes().items()}  # type: ignore[operator]
-        calibration = [
-            (widths, _cached(cache, {"network": _signature(model, widths), **context},
-                             lambda w=widths: timer({"n": runner.network(model, w)})["n"]))
-            for widths in ({g: int(_up(max(1, round(s * n)), size, n)) for g, n in full.items()}
-                           for s in CALIBRATION)
-        ]  # fmt: skip
+        calibration = _calibration(model, full, runner, size, context, timer, cache)
     return LatencyModel(timed, full, calibration, size)  # type: ignore[arg-type]
+
+
+def _calibration(
+    model: nn.Module,
+    full: Mapping[str, int],
+    runner: _Runner,
+    size: int,
+    context: dict[str, object],
+    timer: Timer,
+    cache: Path,
+) -> list[tuple[dict[str, int], float]]:
+    """The whole network timed at each :data:`CALIBRATION` share of its widths, in turns.
+
+    One timer call times them all, interleaved: the predicted speedup is a ratio of these
+    times, and networks timed in separate calls carry the machine's drift between the calls
+    (up to a fifth on a busy machine) straight into it.
+    """
+    grids = [
+        {g: int(_up(max(1, round(s * n)), size, n)) for g, n in full.items()} for s in CALIBRATION
+    ]
+    key = {"networks": [_signature(model, w) for w in grids], **context}
+
+    def run() -> list[float]:
+        ms = timer({str(i): runner.network(model, w) for i, w in enumerate(grids)})
+        return [ms[str(i)] for i in range(len(grids))]
+
+    times = _cached(cache, key, run)
+    assert isinstance(times, list)
+    return [(w, float(t)) for w, t in zip(grids, times, strict=True)]
 
 
 @dataclass(frozen=True)

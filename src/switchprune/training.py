@@ -425,7 +425,37 @@ def _costs(
             else None
         )
         costs.latency = distributed.broadcast_object(table)
+        _warn_beyond_the_floor(costs, cfg, device, timing)
     return costs
+
+
+def _warn_beyond_the_floor(
+    costs: CostModel, cfg: TrainConfig, device: torch.device, timing: latency.Setting
+) -> None:
+    """Warn when the target asks for more speed than the narrowest network is predicted to give.
+
+    The narrowest network keeps one width multiple per group: training stops at that floor.
+    """
+    multiple = _width_multiple(cfg, device, timing)
+    narrowest = {g: min(multiple, int(n)) for g, n in costs.full.items()}
+    floor = float(costs.cost("latency", narrowest)) / float(costs.cost("latency"))
+    if cfg.target_ratio < floor and distributed.is_main():
+        logger.warning(
+            "train.target_ratio %.3g asks for %.2fx the speed; the latency table predicts at most "
+            "%.2fx (every group at %d units), and training stops there",
+            cfg.target_ratio,
+            1 / cfg.target_ratio,
+            1 / floor,
+            multiple,
+        )
+
+
+def _width_multiple(cfg: TrainConfig, device: torch.device, timing: latency.Setting) -> int:
+    """Units a group keeps a multiple of; for a latency target, whole blocks as well."""
+    if cfg.target_metric != "latency":
+        return cfg.width_multiple
+    # A unit short of a whole block costs the block's time: keep whole blocks.
+    return math.lcm(cfg.width_multiple, latency.block(device, timing.runtime))
 
 
 def _parallel(run: _Run) -> None:
@@ -458,10 +488,7 @@ def _build_scorer(
 ) -> UnitScorer:
     """The scorer ``cfg.scorer`` names, for ``tnn`` (seeded: run after ``torch.manual_seed``)."""
     budget = cfg.compression in ("target", "auto")
-    multiple = cfg.width_multiple
-    if cfg.target_metric == "latency":
-        # A unit short of a whole block costs the block's time: keep whole blocks.
-        multiple = math.lcm(multiple, latency.block(device, timing.runtime))
+    multiple = _width_multiple(cfg, device, timing)
     # The prior and sampled gates act around a budget line; the paper's modes keep the
     # switcher's own ReLU zeros.
     spec = SwitcherSpec(

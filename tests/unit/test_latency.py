@@ -203,6 +203,58 @@ def test_training_to_a_latency_target_reaches_it_and_reports_it(
     assert all(torch.equal(result.factors[k], again.factors[k]) for k in result.factors)
 
 
+def test_drift_between_timer_calls_does_not_reach_the_predicted_speedups(
+    tiny_net: Callable[..., TaskNet], tmp_path: Path
+) -> None:
+    """A machine that gets slower from one timer call to the next (a busy neighbour) moves every
+    time alike within a call: the whole networks are timed in one call, and the speedups the
+    table predicts at its calibration points stay the device's own."""
+    model = tiny_net("resnet20").eval()
+    model.set_factors(None)
+    calls: list[int] = []
+
+    def drifting(runs: Mapping[str, Callable[[], object]]) -> dict[str, float]:
+        calls.append(len(runs))
+        return {k: v * 1.2 ** len(calls) for k, v in flop_timer(runs).items()}
+
+    lm = table(model, tmp_path, timer=drifting)
+    assert len(calls) > 1  # the drift did reach the layers' calls
+    full = model.group_sizes()
+    for share in latency.CALIBRATION:
+        widths = {g: max(1, round(share * n)) for g, n in full.items()}
+        expected = networkflop_timer(model, full) / networkflop_timer(model, widths)
+        assert lm() / lm(widths) == pytest.approx(expected, rel=1e-6), share
+
+
+def test_a_target_beyond_the_tables_floor_is_named_before_training(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    monkeypatch.setenv(latency.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(latency, "time_passes", flop_timer)
+    spec = ModelSpec("mlp", (1, 8, 8), 10, {"fc1": 16, "fc2": 8})
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(
+        torch.randn(32, 1, 8, 8, generator=g), torch.randint(0, 10, (32,), generator=g)
+    )
+    for ratio, warned in ((0.5, False), (0.02, True)):
+        caplog.clear()
+        cfg = TrainConfig(
+            epochs=1,
+            batch_size=16,
+            device="cpu",
+            baseline=False,
+            target_metric="latency",
+            target_ratio=ratio,
+            width_multiple=4,
+        )
+        with caplog.at_level("WARNING", logger="switchprune.training"):
+            fit(spec, data, None, cfg, progress=False)
+        lines = [r.getMessage() for r in caplog.records if "predicts at most" in r.getMessage()]
+        assert bool(lines) is warned, lines
+        if warned:
+            assert "train.target_ratio 0.02" in lines[0] and "every group at 4 units" in lines[0]
+
+
 @pytest.mark.parametrize(
     "module, shape",
     [
