@@ -138,6 +138,7 @@ SLOW_MODULES = (
 LONGEST_FIRST = (
     "test_local_run.py",
     "test_distributed.py",
+    "test_image.py",  # the components inside the built image (skipped at once without it)
     "test_kfp_local.py",
     "test_dvc.py",
     "test_user_network.py",

@@ -13,6 +13,7 @@ import dataclasses
 import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ from switchprune.config import TrainConfig
 from switchprune.cost import CostModel
 from switchprune.evaluation import forward_pass
 from switchprune.models import ModelSpec, TaskNet, build_model, vgg
-from switchprune.training import fit
+from switchprune.training import FitResult, fit
 
 CPU = torch.device("cpu")
 
@@ -167,6 +168,15 @@ def test_a_width_is_timed_as_its_whole_blocks(
     assert lm.marginal(at)[first] == pytest.approx(step / 4)
 
 
+def fit_to_latency(spec: ModelSpec, samples: int, **train: Any) -> FitResult:
+    """``fit`` to a latency target on ``samples`` random inputs of ten classes (seeded)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(samples, *spec.in_shape, generator=g)
+    data = torch.utils.data.TensorDataset(x, torch.randint(0, 10, (samples,), generator=g))
+    cfg = TrainConfig(device="cpu", baseline=False, target_metric="latency", **train)
+    return fit(spec, data, None, cfg, progress=False)
+
+
 def test_training_to_a_latency_target_reaches_it_and_reports_it(
     monkeypatch: pytest.MonkeyPatch, blocks: Callable[[int], None], tmp_path: Path
 ) -> None:
@@ -174,18 +184,7 @@ def test_training_to_a_latency_target_reaches_it_and_reports_it(
     monkeypatch.setattr(latency, "time_passes", flop_timer)
     blocks(4)
     spec = ModelSpec("vgg11", (3, 8, 8), 10, vgg.default_widths("vgg11", 0.125))
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(64, 3, 8, 8, generator=g)
-    data = torch.utils.data.TensorDataset(x, torch.randint(0, 10, (64,), generator=g))
-    cfg = TrainConfig(
-        epochs=3,
-        batch_size=32,
-        device="cpu",
-        baseline=False,
-        target_metric="latency",
-        target_ratio=0.5,
-    )
-    result = fit(spec, data, None, cfg, progress=False)
+    result = fit_to_latency(spec, 64, epochs=3, batch_size=32, target_ratio=0.5)
     ratio = result.metrics["train_latency_ratio"]
     assert 0.4 <= ratio <= 0.5 + 1e-9
     # The prediction is the compacted network's own time on that device.
@@ -199,7 +198,7 @@ def test_training_to_a_latency_target_reaches_it_and_reports_it(
         networkflop_timer(full, widths) / networkflop_timer(full, full.group_sizes()), rel=1e-6
     )
     assert all("latency_ratio" in r for r in result.history)
-    again = fit(spec, data, None, cfg, progress=False)  # from the cache: the same run
+    again = fit_to_latency(spec, 64, epochs=3, batch_size=32, target_ratio=0.5)  # from the cache
     assert all(torch.equal(result.factors[k], again.factors[k]) for k in result.factors)
 
 
@@ -232,23 +231,10 @@ def test_a_target_beyond_the_tables_floor_is_named_before_training(
     monkeypatch.setenv(latency.CACHE_ENV, str(tmp_path))
     monkeypatch.setattr(latency, "time_passes", flop_timer)
     spec = ModelSpec("mlp", (1, 8, 8), 10, {"fc1": 16, "fc2": 8})
-    g = torch.Generator().manual_seed(0)
-    data = torch.utils.data.TensorDataset(
-        torch.randn(32, 1, 8, 8, generator=g), torch.randint(0, 10, (32,), generator=g)
-    )
     for ratio, warned in ((0.5, False), (0.02, True)):
         caplog.clear()
-        cfg = TrainConfig(
-            epochs=1,
-            batch_size=16,
-            device="cpu",
-            baseline=False,
-            target_metric="latency",
-            target_ratio=ratio,
-            width_multiple=4,
-        )
         with caplog.at_level("WARNING", logger="switchprune.training"):
-            fit(spec, data, None, cfg, progress=False)
+            fit_to_latency(spec, 32, epochs=1, batch_size=16, target_ratio=ratio, width_multiple=4)
         lines = [r.getMessage() for r in caplog.records if "predicts at most" in r.getMessage()]
         assert bool(lines) is warned, lines
         if warned:
