@@ -15,7 +15,7 @@ import torch
 import torch_pruning as tp
 from baselines import prune_to_target, slimming_importance, train_sgd, train_slimming
 from recipes import RECIPES, Budget, budget_of, choose, run_recipe
-from settings import ARCHS, BASELINES, LEARNING_RATES, TARGETS, Setting, scorers_for, train_config
+from settings import ARCHS, BASELINES, LEARNING_RATES, TARGETS, Setting, train_config
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -362,8 +362,9 @@ def run_tnn(
         arch: Key of :data:`settings.ARCHS`.
         seed: Seeds every run.
         setting: Epochs and fine-tuning budget.
-        scorers: The unit scorers of ours (a torchvision TNN runs the default only, see
-            :func:`settings.scorers_for`).
+        scorers: The unit scorers of ours (a torchvision TNN runs the default only, and the
+            controls run only at the setting's control targets: see
+            :meth:`settings.Setting.scorers_at`).
         choices: The peer recipes' strengths per target (:func:`recipes.choose`, with the
             ``seed`` they were chosen on); none: no recipe is run.
 
@@ -382,7 +383,7 @@ def run_tnn(
     cell = Cell(data, arch, seed, setting, spec, plain.model, slimmed, base, choices or {})
     groups = []
     for target in TARGETS[arch]:
-        target_rows, timed = run_target(cell, target, scorers_for(arch, scorers))
+        target_rows, timed = run_target(cell, target, setting.scorers_at(arch, target, scorers))
         rows += target_rows
         groups.append(timed)
     return rows, groups

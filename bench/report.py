@@ -156,17 +156,28 @@ def _intro(meta: dict[str, Any]) -> list[str]:
 
 
 def _per_arch(meta: dict[str, Any]) -> list[str]:
-    """A line on the TNNs whose seeds or epochs differ from the setting's."""
+    """A line on the TNNs whose seeds, epochs or scorers differ from the setting's."""
     seeds, epochs = meta.get("arch_seeds", {}), meta.get("arch_epochs", {})
+    controls = meta.get("control_targets", {})
     other = [a for a in seeds if seeds[a] != meta["seeds"] or epochs.get(a) != meta["epochs"]]
-    if not other:
-        return []
-    return [
-        "Other budgets: "
-        + "; ".join(f"{a}: seeds {seeds[a]}, {epochs[a]} epochs" for a in other)
-        + " (ours with the default scorer only).",
-        "",
-    ]
+    lines = []
+    if other:
+        lines += [
+            "Other budgets (every method of the TNN alike): "
+            + "; ".join(f"{a}: seeds {seeds[a]}, {epochs[a]} epochs" for a in other)
+            + ".",
+            "",
+        ]
+    if controls:
+        lines += [
+            "The scorer controls run only at: "
+            + "; ".join(
+                f"{a}: " + ", ".join(f"{m} {r}" for m, r in ts) for a, ts in controls.items()
+            )
+            + " (elsewhere ours has the default scorer only, as on the torchvision TNNs).",
+            "",
+        ]
+    return lines
 
 
 def _cell_tables(rows: list[dict[str, Any]]) -> list[str]:

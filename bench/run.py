@@ -231,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         "finetune_epochs": setting.finetune_epochs,
         "arch_seeds": {a: list(setting.seeds_for(a)) for a in setting.archs},
         "arch_epochs": {a: setting.epochs_for(a) for a in setting.archs},
+        "control_targets": {a: [list(t) for t in ts] for a, ts in setting.control_targets.items()},
         "n_train": len(mnist["train"]),
         "n_test": len(mnist["test"]),
         "archs": {a: dataclasses.asdict(ARCHS[a]) for a in setting.archs},

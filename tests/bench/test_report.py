@@ -9,6 +9,8 @@ import pytest
 from bench_support import load_bench_script
 from torch import nn
 
+from switchprune.config import TrainConfig
+
 R = load_bench_script("report")
 M = load_bench_script("measurement")
 SCORERS = ("switcher", "magnitude", "random")
@@ -182,3 +184,16 @@ def test_a_cell_without_some_scorers_is_reported_with_the_ones_that_ran() -> Non
     md = R.markdown(rows, META, SCORERS)
     assert "| resnet18, params 0.3 | – | – | yes | yes | – | – |" in md
     assert "| resnet18, params 0.3 | magnitude | +9.00 ±" in md
+
+
+def test_the_scorer_controls_run_only_at_their_targets() -> None:
+    setting = load_bench_script("settings").SETTINGS["default"]
+    default = TrainConfig().scorer
+    every = ("switcher", "magnitude", "group_norm", "random")
+    (control_target,) = setting.control_targets["vgg"]
+    assert setting.scorers_at("vgg", control_target, every) == every
+    assert setting.scorers_at("vgg", ("params", 0.3), every) == (default,)
+    assert setting.scorers_at("mlp", ("params", 0.3), every) == every
+    assert setting.scorers_at("resnet18", ("macs", 0.3), every) == (default,)
+    # Without the default among them, the first one asked for stands in.
+    assert setting.scorers_at("vgg", ("params", 0.3), ("switcher", "random")) == ("switcher",)
