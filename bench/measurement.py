@@ -416,15 +416,17 @@ def add_latency(
 
     Args:
         rows: The records of one :func:`run_tnn`, updated in place.
-        groups: Its models to time, one group per target, in the records' order.
+        groups: Its models to time, one group per target, in the order the records name the
+            targets.
         in_shape: Shape of one input, without the batch dimension.
         repeats: Timed rounds at batch 1.
     """
     targeted = [r for r in rows if r["target_ratio"] is not None]
-    per_target = len(targeted) // max(1, len(groups))
-    for index, timed in enumerate(groups):
+    # Targets in the records' order; they may hold different numbers of methods.
+    targets = list(dict.fromkeys((r["target_metric"], r["target_ratio"]) for r in targeted))
+    for timed, target in zip(groups, targets, strict=True):
         latency = interleaved_latency(timed, in_shape, repeats)
-        for row in targeted[index * per_target : (index + 1) * per_target]:
+        for row in (r for r in targeted if (r["target_metric"], r["target_ratio"]) == target):
             timing = latency[label(row).removesuffix("+ft")]
             row.update(timing)
             for b in LATENCY_BATCHES:

@@ -125,6 +125,27 @@ def test_interleaved_latency_times_every_model_at_both_batch_sizes() -> None:
         assert timing["latency_noisy_b1"] == 1.0  # two rounds are too few to be trusted
 
 
+def test_latency_reaches_every_target_when_the_targets_hold_different_methods() -> None:
+    # The scorer controls may run at one target only: its group is larger than the others.
+    rows = [_row("unpruned", None, 0, 0.9, target=False)]
+    rows += [_row(m, s, 0, 0.8) | {"target_ratio": 0.3} for m, s in
+             (("ours", "magnitude"), ("ours", "random"), ("l1norm", None))]  # fmt: skip
+    rows += [_row(m, s, 0, 0.8) | {"target_ratio": 0.13} for m, s in
+             (("ours", "magnitude"), ("l1norm", None))]  # fmt: skip
+    wide, narrow = nn.Linear(64, 512), nn.Linear(64, 2)
+    groups = [
+        {"unpruned": wide, "ours[magnitude]": narrow, "ours[random]": wide, "l1norm": narrow},
+        {"unpruned": wide, "ours[magnitude]": wide, "l1norm": narrow},
+    ]
+    M.add_latency(rows, groups, (64,), repeats=2)
+    for row in rows[1:]:
+        assert row["latency_ms_b1"] > 0 and row["latency_speedup_b256"] > 0, row
+    by_label = {(M.label(r), r["target_ratio"]): r for r in rows[1:]}
+    # The same model as the unpruned one times the same, within the machine's noise.
+    assert by_label["ours[random]", 0.3]["latency_speedup_b256"] < 3
+    assert by_label["ours[magnitude]", 0.3]["latency_speedup_b256"] > 3
+
+
 def test_a_noisy_speedup_is_marked_with_its_seed_count() -> None:
     rows = [
         {"latency_speedup_b256": 2.0, "latency_noisy_b256": 1.0},
