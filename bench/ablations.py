@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import statistics
 import sys
 import tempfile
@@ -18,11 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from measurement import load_dataset, measure, run_ours  # noqa: E402
+from measurement import WORKER_DATA, load_dataset, measure, run_ours, worker_pool  # noqa: E402
 from settings import ARCHS, MNIST_DIR, SETTINGS, out_dir, train_config  # noqa: E402
 
 from switchprune.models import spec_from_config  # noqa: E402
@@ -43,23 +40,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
 ARCH, METRIC, RATIO = "mlp", "params", 0.13
 
 
-_DATA: dict[str, Any] = {}
-
-
-def _init_worker(data: dict[str, Any], threads: int) -> None:
-    torch.set_num_threads(threads)
-    _DATA.update(data)
-
-
 def run_variant(job: tuple[str, int, int]) -> dict[str, Any]:
     """One variant and seed: ``(variant, seed, epochs)`` -> its record."""
     variant, seed, epochs = job
-    meta = _DATA["meta"]
+    meta = WORKER_DATA["meta"]
     spec = spec_from_config(ARCHS[ARCH], meta.in_shape, meta.num_classes)
     cfg = train_config(epochs, seed, ARCH, target_metric=METRIC, target_ratio=RATIO,
                        **VARIANTS[variant])  # fmt: skip
-    ours = run_ours(spec, _DATA, cfg)
-    m = measure(ours.model, _DATA, {"params": 1.0, "macs": 1.0})
+    ours = run_ours(spec, WORKER_DATA, cfg)
+    m = measure(ours.model, WORKER_DATA, {"params": 1.0, "macs": 1.0})
     return {"variant": variant, "seed": seed, "accuracy": m["accuracy"], "params": m["params"],
             "widths": ours.widths}  # fmt: skip
 
@@ -82,14 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="switchprune-ablations-") as tmp:
         data = load_dataset("mnist", Path(args.mnist_dir), Path(tmp), setting.data_limit)
     jobs = [(v, seed, setting.epochs) for v in VARIANTS for seed in setting.seeds]
-    if args.workers <= 1:
-        _init_worker(data, args.threads)
-        records = [run_variant(job) for job in jobs]
-    else:
-        # Small networks train faster on one thread each than on two threads in turn.
-        ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(args.workers, initializer=_init_worker, initargs=(data, 1)) as pool:
-            records = pool.map(run_variant, jobs)
+    with worker_pool(data, args.workers, args.threads) as run:
+        records = list(run(run_variant, jobs))
     for variant in VARIANTS:
         accs = [100 * r["accuracy"] for r in records if r["variant"] == variant]
         print(f"bench: ablation {variant}: {statistics.fmean(accs):.2f}%", flush=True)

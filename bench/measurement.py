@@ -6,8 +6,11 @@ fine-tuning budget; each run becomes one record (a row of ``results.json``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import multiprocessing
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +98,41 @@ def measure(model: nn.Module, data: dict[str, Any], base: dict[str, float]) -> d
         "params_ratio": params / base["params"] if base else 1.0,
         "macs_ratio": macs / base["macs"] if base else 1.0,
     }
+
+
+# What every pool worker holds, set once per process by :func:`init_worker`, read by the job
+# functions (the data reaches each worker once, not with every job).
+WORKER_DATA: dict[str, Any] = {}
+Mapper = Callable[[Callable[[Any], Any], Iterable[Any]], Iterator[Any]]
+
+
+def init_worker(data: dict[str, Any], threads: int) -> None:
+    """Give this process ``data`` (as :data:`WORKER_DATA`) and ``threads`` torch threads."""
+    torch.set_num_threads(threads)
+    WORKER_DATA.update(data)
+
+
+@contextlib.contextmanager
+def worker_pool(data: dict[str, Any], workers: int, threads: int = 1) -> Iterator[Mapper]:
+    """An ordered ``map(fn, jobs)`` on ``workers`` spawned processes of one thread each.
+
+    Small networks train faster on one thread per core than on two threads in turn.
+
+    Args:
+        data: What each worker holds in :data:`WORKER_DATA`.
+        workers: Processes (1 or fewer: the jobs run in this process).
+        threads: Torch threads when the jobs run in this process.
+
+    Yields:
+        The map: results in the jobs' order, each as soon as it and those before it end.
+    """
+    if workers <= 1:
+        init_worker(data, threads)
+        yield map
+        return
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(workers, initializer=init_worker, initargs=(data, 1)) as pool:
+        yield pool.imap
 
 
 # switchprune.evaluation.measure_latency times one model alone; ratios need the models in turns.

@@ -26,14 +26,12 @@ The runs are in ``bench/measurement.py``, the tables in ``bench/report.py``, the
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import os
 import platform
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +41,14 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from measurement import (  # noqa: E402
+    WORKER_DATA,
     add_latency,
     label,
     load_dataset,
     run_claims,
     run_grid,
     run_tnn,
+    worker_pool,
 )
 from recipes import GRIDS, RECIPES  # noqa: E402
 from report import write_results  # noqa: E402
@@ -62,15 +62,6 @@ from switchprune.scoring import SCORERS  # noqa: E402
 Job = tuple[str, Any, Any, Setting, tuple[str, ...], dict[str, Any]]
 Rows = list[dict[str, Any]]
 Choices = dict[str, dict[str, dict[tuple[str, float], dict[str, Any]]]]
-
-# One process per core: small networks train faster on one thread each than on two threads in
-# turn. The data reaches each worker once.
-_WORKER_DATA: dict[str, Any] = {}
-
-
-def _init_worker(datasets: dict[str, Any]) -> None:
-    torch.set_num_threads(1)
-    _WORKER_DATA.update(datasets)
 
 
 def run_job(job: Job) -> tuple[Any, ...]:
@@ -86,27 +77,13 @@ def run_job(job: Job) -> tuple[Any, ...]:
     kind, arch, key, setting, scorers, choices = job
     t0 = time.perf_counter()
     if kind == "claims":
-        rows = run_claims(_WORKER_DATA, setting, (key,))
+        rows = run_claims(WORKER_DATA, setting, (key,))
         return kind, arch, key, rows, [], time.perf_counter() - t0
     if kind == "grid":
-        chosen = run_grid(_WORKER_DATA["mnist"], arch, key, setting)
+        chosen = run_grid(WORKER_DATA["mnist"], arch, key, setting)
         return kind, arch, key, chosen, [], time.perf_counter() - t0
-    rows, groups = run_tnn(_WORKER_DATA["mnist"], arch, key, setting, scorers, choices)
+    rows, groups = run_tnn(WORKER_DATA["mnist"], arch, key, setting, scorers, choices)
     return kind, arch, key, rows, groups, time.perf_counter() - t0
-
-
-@contextlib.contextmanager
-def _runner(datasets: dict[str, Any], workers: int) -> Iterator[Callable[[list[Job]], Iterator]]:
-    """A function that runs jobs on ``workers`` processes and yields each result as it ends."""
-    if workers <= 1:
-        _init_worker(datasets)
-        yield lambda jobs: map(run_job, jobs)
-        return
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(datasets,)) as pool:
-        yield lambda jobs: pool.imap_unordered(run_job, jobs)
 
 
 def _longest_first(archs: tuple[str, ...]) -> list[str]:
@@ -155,13 +132,15 @@ def train_all(
     rows: Rows = []
     latency_groups: list[tuple[Rows, list[dict[str, nn.Module]]]] = []
     choices: Choices = {}
-    with _runner(datasets, workers) as run:
-        for _kind, arch, recipe, chosen, _, seconds in run(_grid_jobs(setting, recipes)):
+    with worker_pool(datasets, workers) as run:
+        for _kind, arch, recipe, chosen, _, seconds in run(run_job, _grid_jobs(setting, recipes)):
             choices.setdefault(arch, {})[recipe] = chosen
             print(f"bench: grid {arch}/{recipe}: "
                   + ", ".join(f"{m} {r}: {c['strength']:g}" for (m, r), c in chosen.items())
                   + f" ({seconds:.0f} s)", flush=True)  # fmt: skip
-        for kind, arch, seed, new, groups, seconds in run(_jobs(setting, scorers, claims, choices)):
+        for kind, arch, seed, new, groups, seconds in run(
+            run_job, _jobs(setting, scorers, claims, choices)
+        ):
             rows += new
             if groups:
                 latency_groups.append((new, groups))
