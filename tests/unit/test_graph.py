@@ -269,7 +269,8 @@ def test_a_user_network_travels_with_its_file_and_loads_from_the_copy_anywhere(f
     assert not (base / "mynets").exists()
     got, out = loads.result("travels")
     assert "error" not in got, got
-    assert torch.equal(out, case["expected"])
+    # Another process may pick another kernel: equal up to float32 rounding, as above.
+    assert (out - case["expected"]).abs().max() <= 1e-5
     assert got["module"].startswith("switchprune_user_")
 
 
