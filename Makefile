@@ -56,7 +56,7 @@ clean:
 bench: setup  ## the benchmark (MNIST, every scorer, peer recipe and baseline, under 90 min on 2 cores) -> reports/bench/results.*
 	$(BIN)/python bench/run.py --setting default
 
-bench-ablations: setup  ## the switcher mechanisms against the fixed scorers (MLP, ~6 min) -> reports/bench/ablations.*
+bench-ablations: setup  ## the switcher mechanisms against the fixed scorers (MLP, ~1 min) -> reports/bench/ablations.*
 	$(BIN)/python bench/ablations.py --setting default
 
 bench-latency: setup  ## latency targets (2x, 3x) on resnet18 and mobilenet_v2 against MACs targets at equal speedup -> reports/bench/latency.*
