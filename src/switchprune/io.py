@@ -464,7 +464,7 @@ def load_model_file(path: Path) -> tuple[TaskNet, dict[str, Any]]:
     """
     import torch
 
-    from switchprune.models import GraphError, ModelSpec, build_model
+    from switchprune.models import GraphError, ModelSpec, build_model, build_with_state
 
     blob = load_torch(path)
     try:
@@ -482,8 +482,7 @@ def load_model_file(path: Path) -> tuple[TaskNet, dict[str, Any]]:
             raise ArtifactError(
                 f"{path}: its spec does not match its weights (first mismatch: {bad[0]!r})"
             )
-        model = build_model(spec)
-        model.load_state_dict(state, strict=True)
+        model = build_with_state(spec, state, meta=skeleton)
     except GraphError as exc:
         # The network's own code (its source missing, changed or failing), not the file.
         raise ArtifactError(f"cannot build the network of {path}: {exc}") from exc

@@ -365,22 +365,25 @@ def test_small_input_stems():
         # a fraction of the time of a full-width one (a 96 px ResNet-18 above all).
         return spec_from_config(ModelConfig(arch=arch, width_multiplier=0.25, **options), shape, 10)
 
-    small = build_model(spec("resnet18", (1, 28, 28)))
+    # On the meta device: structure and shapes only, no weights to initialise at full width.
+    meta = torch.device("meta")
+    with meta:
+        small = build_model(spec("resnet18", (1, 28, 28)))
+        big = build_model(spec("resnet18", (3, 96, 96)))
+        mobile = build_model(spec("mobilenet_v2", (1, 28, 28)))
+        vgg = build_model(spec("vgg11_bn", (1, 8, 8)))
     assert small.spec.options["small_input"] is True
     assert small.net.conv1.kernel_size == (3, 3) and small.net.conv1.stride == (1, 1)
     assert isinstance(small.net.maxpool, nn.Identity)
-    big = build_model(spec("resnet18", (3, 96, 96)))
     assert big.spec.options["small_input"] is False
     assert big.net.conv1.kernel_size == (7, 7) and isinstance(big.net.maxpool, nn.MaxPool2d)
     forced = spec("resnet18", (1, 28, 28), small_input=False)
     assert forced.options["small_input"] is False
-    mobile = build_model(spec("mobilenet_v2", (1, 28, 28)))
     assert mobile.net.features[0][0].stride == (1, 1)
     assert mobile.net.features[2].conv[1][0].stride == (1, 1)
-    vgg = build_model(spec("vgg11_bn", (1, 8, 8)))
     pools = [m for m in vgg.net.features if isinstance(m, nn.MaxPool2d)]
     assert len(pools) == 3  # 8 -> 4 -> 2 -> 1, the others would empty the map
-    assert vgg(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+    assert vgg(torch.zeros(2, 1, 8, 8, device=meta)).shape == (2, 10)
 
 
 def test_width_multiplier_keeps_the_first_units_of_every_group():

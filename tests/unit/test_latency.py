@@ -27,6 +27,8 @@ from switchprune.models import ModelSpec, TaskNet, build_model, vgg
 from switchprune.training import FitResult, fit
 
 CPU = torch.device("cpu")
+# The tables here count FLOPs, linear in the batch: a small one tests the same sums, quicker.
+SETTING = latency.Setting(batch=8)
 
 
 @pytest.fixture(autouse=True)
@@ -42,12 +44,14 @@ def blocks(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], None]:
 
 def networkflop_timer(model: TaskNet, widths: Mapping[str, int]) -> float:
     net = latency.narrowed(model, widths)
-    return flop_timer({"n": forward_pass(net, model.spec.in_shape, latency.BATCH, CPU)})["n"]
+    return flop_timer({"n": forward_pass(net, model.spec.in_shape, SETTING.batch, CPU)})["n"]
 
 
 def table(model: TaskNet, cache: Path, timer: latency.Timer = flop_timer) -> latency.LatencyModel:
     costs = CostModel(model)
-    return latency.measure(model, costs.layers, model.spec.in_shape, CPU, timer=timer, cache=cache)
+    return latency.measure(
+        model, costs.layers, model.spec.in_shape, CPU, setting=SETTING, timer=timer, cache=cache
+    )
 
 
 @pytest.mark.parametrize("arch", REPRESENTATIVE_ARCHS)

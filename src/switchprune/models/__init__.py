@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import torch
+
 from switchprune.config import OWN_ARCHS, TORCHVISION_ARCHS, ConfigError, ModelConfig
 from switchprune.models import lenet, mlp, resnet, vgg
 from switchprune.models.base import Gate, GateGroup, ModelSpec, TaskNet
@@ -12,6 +16,7 @@ from switchprune.models.zoo import (
     graph_spec,
     is_file_arch,
     is_graph_arch,
+    is_user_arch,
     provide_source,
     provide_source_file,
     source_bytes,
@@ -63,6 +68,36 @@ def build_model(spec: ModelSpec) -> TaskNet:
     raise ConfigError(f"unknown architecture {spec.arch!r} (known: {', '.join(ARCHS)})")
 
 
+def build_with_state(
+    spec: ModelSpec, state: Mapping[str, torch.Tensor], meta: TaskNet | None = None
+) -> TaskNet:
+    """The network of ``spec`` holding ``state``: every parameter and buffer, checked strictly.
+
+    Networks whose code is known (the hand-written ones and torchvision's) are built on the meta
+    device and only then allocated, for ``state`` to fill: their random initialisation would be
+    thrown away, and a torchvision network is initialised at full width before it is cut to
+    ``spec``'s (seconds for a VGG-16). A user's network is built as it is written: its
+    constructor may keep tensors that ``state`` does not hold.
+
+    Args:
+        spec: The network's spec.
+        state: Its ``state_dict``.
+        meta: The network of ``spec`` already built on the meta device (used, not copied).
+
+    Raises:
+        RuntimeError: ``state`` misses a key of the network, has another, or another shape.
+    """
+    if is_user_arch(spec.arch):
+        model = build_model(spec)
+    else:
+        if meta is None:
+            with torch.device("meta"):
+                meta = build_model(spec)
+        model = meta.to_empty(device="cpu")
+    model.load_state_dict(state, strict=True)
+    return model
+
+
 __all__ = [
     "ARCHS",
     "SOURCE_FILE",
@@ -73,8 +108,10 @@ __all__ = [
     "ModelSpec",
     "TaskNet",
     "build_model",
+    "build_with_state",
     "is_file_arch",
     "is_graph_arch",
+    "is_user_arch",
     "provide_source",
     "provide_source_file",
     "source_bytes",

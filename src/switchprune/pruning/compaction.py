@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from switchprune.models import ModelSpec, TaskNet, build_model, is_graph_arch
+from switchprune.models import ModelSpec, TaskNet, build_with_state, is_graph_arch
 from switchprune.models.graph import cut_units
 
 
@@ -97,9 +97,7 @@ def compact(
         spec: ModelSpec = work.spec.with_widths(widths, units)
     else:
         spec = work.spec.with_widths(widths)
-    small = build_model(spec)
-    small.load_state_dict(work.state_dict(), strict=True)
-    return small.eval()
+    return build_with_state(spec, work.state_dict()).eval()
 
 
 def layer_widths(model: TaskNet, kept: Mapping[str, int]) -> dict[str, dict[str, Any]]:
