@@ -126,6 +126,11 @@ def completed_project(basetemp: Path, project_files: list[str]) -> Path:
     return built
 
 
+def completed_output(basetemp: Path) -> str:
+    """What the run of :func:`completed_project` printed (its ``dvc repro`` among it)."""
+    return (shared_dir(basetemp) / "completed-project.done").read_text()
+
+
 def copy_completed(src: Path, dst: Path) -> Path:
     """A copy of the completed project ``src`` in ``dst`` (which must not exist) that is its
     own: the absolute paths MLflow recorded (artifact locations in its SQLite store, model

@@ -1,76 +1,39 @@
 """The real ``dvc repro`` on the project's own dvc.yaml, in a throwaway copy of the repository.
 
-Only the stages up to ``evaluate`` run here (no S3 or MLflow needed); the whole chain with
-``register`` and ``promote`` runs in tests/integration.
+The project is the session's tiny one after its complete run (``make run``, see
+tests/integration/test_local_run.py); only the stages up to ``evaluate`` run again here (no S3
+or MLflow needed).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from project_support import (
+    BIN,
+    completed_output,
+    completed_project,
+    copy_completed,
+    run_tool,
+    tool_env,
+    tool_stdout,
+)
 from switchprune.data import export_digits
-
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 
 pytestmark = pytest.mark.slow
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["DVC_NO_ANALYTICS"] = "1"
-    env.setdefault("GIT_AUTHOR_NAME", "test")
-    env.setdefault("GIT_AUTHOR_EMAIL", "test@example.invalid")
-    env.setdefault("GIT_COMMITTER_NAME", "test")
-    env.setdefault("GIT_COMMITTER_EMAIL", "test@example.invalid")
-    return env
-
-
-def _run(args: list[str], cwd: Path) -> str:
-    proc = subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout + proc.stderr
-
-
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A git repository holding the project's pipeline files, with a tiny training budget."""
-    dst = tmp_path_factory.mktemp("project")
-    for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
-        shutil.copy(ROOT / name, dst / name)
-    (dst / ".dvc").mkdir()
-    shutil.copy(ROOT / ".dvc" / "config", dst / ".dvc" / "config")
-    shutil.copytree(
-        ROOT / "src", dst / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
-    )
-    params = yaml.safe_load((dst / "params.yaml").read_text())
-    params["model"]["hidden"] = [32, 16]
-    params["train"].update(epochs=3, batch_size=128, snn_hidden=8, baseline=True)
-    params["evaluate"].update(latency_warmup=0, latency_repeats=1)
-    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    # As in a clone: data/raw holds only its .gitignore; preprocess exports the bundled digits.
-    (dst / "data" / "raw").mkdir(parents=True)
-    shutil.copy(ROOT / "data" / "raw" / ".gitignore", dst / "data" / "raw" / ".gitignore")
-    _run(["git", "init", "-q"], dst)
-    _run(["git", "add", "-A"], dst)
-    _run(["git", "commit", "-qm", "init"], dst)
-    return dst
-
-
-def _stdout(args: list[str], cwd: Path) -> str:
-    """A command's stdout alone (DVC may warn on stderr)."""
-    proc = subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout
+def project(tmp_path_factory: pytest.TempPathFactory, project_files: list[str]) -> Path:
+    """A copy of the session's tiny project (a clone of this repository, tiny settings) after
+    its one complete run: the tests below change it in file order."""
+    done = completed_project(tmp_path_factory.getbasetemp(), project_files)
+    return copy_completed(done, tmp_path_factory.mktemp("project") / "project")
 
 
 def _stages_run(output: str) -> set[str]:
@@ -80,10 +43,11 @@ def _stages_run(output: str) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def completed(project: Path) -> str:
-    """The output of the project's first ``dvc repro evaluate``; the tests below read its
-    result in file order, each leaving the pipeline up to date for the next (or restored)."""
-    return _run([str(BIN / "dvc"), "repro", "evaluate"], project)
+def completed(project: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The output of the project's first run (``make run``'s ``dvc repro``, from a clone where
+    ``data/raw`` holds only its ``.gitignore``); the tests below read its result in file
+    order, each leaving the pipeline up to date for the next (or restored)."""
+    return completed_output(tmp_path_factory.getbasetemp())
 
 
 def test_repro_runs_all_stages_then_nothing(project: Path, completed: str) -> None:
@@ -95,9 +59,9 @@ def test_repro_runs_all_stages_then_nothing(project: Path, completed: str) -> No
     assert (project / "models" / "compact" / "model.pt").is_file()
     assert (project / "dvc.lock").is_file()
 
-    second = _run([str(BIN / "dvc"), "repro", "evaluate"], project)
+    second = run_tool([str(BIN / "dvc"), "repro", "evaluate"], project)
     assert _stages_run(second) == set(), second
-    status = _run([str(BIN / "dvc"), "status", "evaluate"], project)
+    status = run_tool([str(BIN / "dvc"), "status", "evaluate"], project)
     assert "up to date" in status
 
 
@@ -109,7 +73,7 @@ def test_training_curves_are_dvc_plots(project: Path, completed: str) -> None:
     stage = yaml.safe_load((project / "dvc.lock").read_text())["stages"]["train"]
     assert "reports/train_history.json" in {o["path"] for o in stage["outs"]}
 
-    shown = json.loads(_stdout([str(BIN / "dvc"), "plots", "show", "--json"], project))["data"]
+    shown = json.loads(tool_stdout([str(BIN / "dvc"), "plots", "show", "--json"], project))["data"]
     for key in ("loss", "val_accuracy", "params_ratio"):
         (plot,) = shown[key]
         assert plot["type"] == "vega" and plot["revisions"] == ["workspace"]
@@ -119,9 +83,9 @@ def test_training_curves_are_dvc_plots(project: Path, completed: str) -> None:
         points = [(v["epoch"], v[key]) for v in spec["data"]["values"]]
         assert points == [(r["epoch"], r[key]) for r in history]
     # The history is committed like the other reports: diff the workspace against HEAD.
-    _run(["git", "add", "-f", "reports/train_history.json", "dvc.lock"], project)
-    _run(["git", "commit", "-qm", "curves"], project)
-    diff = json.loads(_stdout([str(BIN / "dvc"), "plots", "diff", "HEAD", "--json"], project))
+    run_tool(["git", "add", "-f", "reports/train_history.json", "dvc.lock"], project)
+    run_tool(["git", "commit", "-qm", "curves"], project)
+    diff = json.loads(tool_stdout([str(BIN / "dvc"), "plots", "diff", "HEAD", "--json"], project))
     assert not diff.get("errors"), diff["errors"]
     for key in ("loss", "val_accuracy", "params_ratio"):
         (plot,) = diff["data"][key]
@@ -139,7 +103,7 @@ def test_changing_the_threshold_reruns_only_the_stages_after_training(
     params["prune"]["threshold"] = 0.5
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
-    out = _run([str(BIN / "dvc"), "repro", "evaluate"], project)
+    out = run_tool([str(BIN / "dvc"), "repro", "evaluate"], project)
     assert _stages_run(out) == {"prune", "evaluate"}, out
     assert (project / "models" / "trained" / "switched.pt").read_bytes() == trained
     prune = json.loads((project / "reports" / "prune.json").read_text())
@@ -156,7 +120,7 @@ def test_a_bad_parameter_keeps_the_last_good_report(project: Path, completed: st
         proc = subprocess.run(
             [str(BIN / "dvc"), "repro", "evaluate"],
             cwd=project,
-            env=_env(),
+            env=tool_env(),
             capture_output=True,
             text=True,
             timeout=600,
@@ -179,8 +143,8 @@ def test_changed_idx_labels_rerun_preprocess(project: Path, tmp_path: Path) -> N
     params["data"].update(dataset="idx", idx_dir=str(idx_dir))
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     try:
-        _run([str(BIN / "dvc"), "repro", "preprocess"], project)
-        again = _run([str(BIN / "dvc"), "repro", "preprocess"], project)
+        run_tool([str(BIN / "dvc"), "repro", "preprocess"], project)
+        again = run_tool([str(BIN / "dvc"), "repro", "preprocess"], project)
         assert _stages_run(again) == set(), again
         labels = next(idx_dir.glob("*labels-idx1-ubyte*"))
         before = read_idx(labels)
@@ -188,7 +152,7 @@ def test_changed_idx_labels_rerun_preprocess(project: Path, tmp_path: Path) -> N
         header = len(raw) - before.size
         raw[header] = (raw[header] + 1) % 10  # one label changed, still a valid class
         labels.write_bytes(bytes(raw))
-        out = _run([str(BIN / "dvc"), "repro", "preprocess"], project)
+        out = run_tool([str(BIN / "dvc"), "repro", "preprocess"], project)
         assert _stages_run(out) == {"preprocess"}, out
     finally:
         (project / "params.yaml").write_text(text)
