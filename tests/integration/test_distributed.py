@@ -1,7 +1,8 @@
 """Data-parallel ``train`` under ``torchrun``: two processes train what one process trains.
 
-Every run here is ``torchrun --standalone --nproc_per_node 2`` of the real command line in a
-temporary project, with ``SWITCHPRUNE_CHECK_RANKS=1``: the two processes compare their factors
+Every run here is the real command line on two processes in a temporary project (``torchrun
+--standalone --nproc_per_node 2``, started by hand or by the command itself), with
+``SWITCHPRUNE_CHECK_RANKS=1``: the two processes compare their factors
 and scorer after every SNN step and their task network after every epoch, and stop at the first
 difference. The one-process reference runs the same stage in this process.
 """
@@ -50,20 +51,11 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def torchrun(
-    project: Path,
-    *command: str,
-    restarts: int = 0,
-    env: dict[str, str] | None = None,
-    check: bool = True,
+def launch(
+    project: Path, args: list[str], env: dict[str, str] | None = None, check: bool = True
 ) -> subprocess.CompletedProcess[str]:
-    """``torchrun`` of ``command`` (a script, or ``-m module``) on two processes in ``project``.
-
-    torchrun and its workers get a process group of their own, killed whole on a timeout: a
-    killed torchrun alone would leave its workers waiting for each other forever.
-    """
-    args = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2"]
-    args += ["--max-restarts", str(restarts), *command]
+    """Run ``args`` in ``project`` in a process group of its own, killed whole on a timeout: a
+    killed torchrun alone would leave its workers waiting for each other forever."""
     with subprocess.Popen(
         args,
         cwd=project,
@@ -83,6 +75,18 @@ def torchrun(
     if check:
         assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
+
+
+def torchrun(
+    project: Path,
+    *command: str,
+    restarts: int = 0,
+    env: dict[str, str] | None = None,
+    check: bool = True,
+) -> subprocess.CompletedProcess[str]:
+    """``torchrun`` of ``command`` (a script, or ``-m module``) on two processes in ``project``."""
+    args = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2"]
+    return launch(project, [*args, "--max-restarts", str(restarts), *command], env, check)
 
 
 def write_params(project: Path, model: dict[str, Any], train_cfg: dict[str, Any]) -> Path:
@@ -123,6 +127,7 @@ def train_two(prepared: Path, project: Path) -> tuple[Path, str]:
 def train_one(prepared: Path, project: Path, out: Path) -> tuple[Path, dict[str, float]]:
     """The same stage in one process (this one), from ``project``'s ``params.yaml``, in ``out``."""
     raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["train"].pop("nproc_per_node", None)
     trained = out / "one" / "trained"
     metrics = train.run(
         from_dict(TrainConfig, raw["train"]),
@@ -173,14 +178,17 @@ def snn_steps_agreed(stderr: str) -> int:
 
 KILLER = '''"""``switchprune``; rank 1 SIGKILLs itself at training forward KILL_AT, once."""
 import atexit
+import gc
 import os
 import signal
 import sys
 from pathlib import Path
 
+from switchprune.cli import GC_THRESHOLD, main
+
+gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])  # as the command's own entry point
 import torch
 
-from switchprune.cli import main
 from switchprune.models import TaskNet
 
 attempt, rank = os.environ["TORCHELASTIC_RESTART_COUNT"], os.environ["RANK"]
@@ -200,7 +208,9 @@ def count(module, args):
 
 torch.nn.modules.module.register_module_forward_pre_hook(count)
 atexit.register(lambda: Path(f"forwards.{attempt}.{rank}").write_text(str(forwards[0])))
-sys.exit(main(sys.argv[1:]))
+code = main(sys.argv[1:])
+gc.freeze()
+sys.exit(code)
 '''
 # An epoch is 21 TNN steps (the magnitude scorer's SNN steps run no forward), and the baseline
 # trains its 3 epochs after the switched run: the 32nd forward is the middle of the switched
@@ -213,7 +223,8 @@ FORWARDS_AFTER_EPOCH_1 = FORWARDS_WHOLE - 21
 def killer_run(
     project: Path, prepared: Path, *extra: str, kill_at: int = 0, **kwargs: Any
 ) -> subprocess.CompletedProcess[str]:
-    """The shared run's command (``switchprune train`` counting its forwards) in ``project``."""
+    """The shared run's training by ``torchrun`` (``switchprune train`` counting its forwards)
+    in ``project``."""
     write_params(project, MLP, MAGNITUDE)
     (project / "killer.py").write_text(KILLER)
     args = cli_args(prepared)[2:]  # the command's own arguments, after "-m switchprune"
@@ -223,9 +234,12 @@ def killer_run(
 
 @pytest.fixture(scope="module")
 def whole(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """The uninterrupted two-process run, started by hand; its project folder and stderr."""
+    """The uninterrupted two-process run, as ``dvc repro`` starts it: plain ``switchprune
+    train`` with ``nproc_per_node: 2``, which launches itself under torchrun. Its project
+    folder and stderr."""
     project = tmp_path_factory.mktemp("whole")
-    return project, killer_run(project, prepared).stderr
+    write_params(project, MLP, {**MAGNITUDE, "nproc_per_node": 2})
+    return project, launch(project, [sys.executable, *cli_args(prepared)]).stderr
 
 
 def trained(project: Path) -> Path:
@@ -382,10 +396,8 @@ def test_killed_rank_is_restarted_and_resumes_to_the_same_weights(
     killer_run(tmp_path, prepared, kill_at=KILL_AT, restarts=1)
     assert (tmp_path / "killed").read_text() == str(KILL_AT)
     assert not (tmp_path / "forwards.0.1").exists()  # SIGKILL: no exit handler ran
-    full = int((whole[0] / "forwards.0.1").read_text())
-    resumed = int((tmp_path / "forwards.1.1").read_text())
     # Epoch 1 of the switched run came from the checkpoint, not trained again.
-    assert (full, resumed) == (FORWARDS_WHOLE, FORWARDS_AFTER_EPOCH_1)
+    assert int((tmp_path / "forwards.1.1").read_text()) == FORWARDS_AFTER_EPOCH_1
     a, b = state(trained(whole[0])), state(trained(tmp_path))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert widths(trained(whole[0])) == widths(trained(tmp_path))
@@ -424,21 +436,10 @@ def test_a_job_killed_mid_epoch_resumes_on_an_empty_disk_from_its_s3_checkpoints
 
 
 def test_nproc_per_node_makes_the_train_command_launch_itself_under_torchrun(
-    prepared: Path, whole: tuple[Path, str], tmp_path: Path
+    whole: tuple[Path, str],
 ) -> None:
     """What ``dvc repro`` runs (plain ``switchprune train``) trains on ``nproc_per_node``
-    processes, as ``torchrun`` started by hand does."""
-    write_params(tmp_path, MLP, {**MAGNITUDE, "nproc_per_node": 2})
-    proc = subprocess.run(
-        [sys.executable, *cli_args(prepared)],
-        cwd=tmp_path,
-        env={**os.environ, **ENV},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert snn_steps_agreed(proc.stderr) == 10  # two ranks compared their factors
-    a, b = state(trained(tmp_path)), state(trained(whole[0]))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads((tmp_path / "out" / "reports" / "train.json").read_text())
+    processes: the shared run is one, and (a), (e) find it equal to the runs started by hand."""
+    project, stderr = whole
+    assert snn_steps_agreed(stderr) == 10  # two ranks compared their factors
+    assert json.loads((project / "out" / "reports" / "train.json").read_text())
