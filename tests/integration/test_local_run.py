@@ -24,6 +24,7 @@ from project_support import (
     run_pipeline,
     run_tool,
     tool_env,
+    tool_stdout,
 )
 from switchprune.data import export_digits
 from switchprune.dvcfiles import dvc_md5
@@ -182,7 +183,8 @@ def test_make_run_with_a_bad_params_file_is_one_line_and_starts_nothing(
 
 
 def test_an_experiment_registers_and_promotes_nothing(project: Path) -> None:
-    """``dvc exp run -S …`` trains, prunes and evaluates; registry versions and S3 stay put."""
+    """``dvc exp run -S …`` reruns the stages its parameter reaches (prune and evaluate for a
+    threshold); registry versions and S3 stay put."""
     import mlflow
 
     manifest = project / ".s3/data/switchprune-models" / MODEL / "current.json"
@@ -190,11 +192,11 @@ def test_an_experiment_registers_and_promotes_nothing(project: Path) -> None:
     db = f"sqlite:///{project / 'mlflow.db'}"
     client = mlflow.MlflowClient(tracking_uri=db, registry_uri=db)
     versions = sorted(v.version for v in client.search_model_versions(f"name='{MODEL}'"))
-    out = run_tool([str(BIN / "dvc"), "exp", "run", "-S", "train.target_ratio=0.3"], project)
-    assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out, out
+    out = run_tool([str(BIN / "dvc"), "exp", "run", "-S", "prune.threshold=0.5"], project)
+    assert "Running stage 'prune'" in out and "Running stage 'evaluate'" in out, out
     assert "register" not in out and "promote" not in out, out
-    shown = run_tool([str(BIN / "dvc"), "exp", "show", "--json"], project)
-    assert "target_ratio" in shown
+    shown = json.loads(tool_stdout([str(BIN / "dvc"), "exp", "show", "--json"], project))
+    assert '"threshold": 0.5' in json.dumps(shown)
     assert sorted(v.version for v in client.search_model_versions(f"name='{MODEL}'")) == versions
     assert (manifest.read_bytes(), manifest.stat().st_mtime_ns) == before
 
