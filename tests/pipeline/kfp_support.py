@@ -117,6 +117,7 @@ def run_pipeline_locally(
     dvc_remote: DvcRemote,
     params_file: Path,
     runner: Callable[[dict[str, str]], Any],
+    store: str,
 ) -> Iterator[Run]:
     """The compiled pipeline of ``params_file`` (its user network passed as the compiler
     passes it) run by ``kfp.local`` against the S3 server and a real ``mlflow server``.
@@ -127,6 +128,7 @@ def run_pipeline_locally(
         params_file: ``params.yaml`` of a project with ``mynets/net.py`` beside it.
         runner: Makes the ``kfp.local`` runner from the tasks' environment (S3 endpoint and
             keys, tracking URI: what Kubernetes secrets give a pod), which is also set here.
+        store: The server's backend store (an empty one, migrated: ``empty_store``).
     """
     source, sha256 = network_source(USER_ARCH, params_file.parent)
     pipeline_func = in_fresh_thread(
@@ -142,7 +144,7 @@ def run_pipeline_locally(
     assert not (work / "mynets").exists()
     storage.ensure_bucket(storage.make_client(dvc_remote.server.endpoint), "mlflow-artifacts")
     server = MlflowServer(
-        f"sqlite:///{work / 'mlflow.db'}",
+        store,
         "s3://mlflow-artifacts/kfp",
         env=dvc_remote.server.environment,
         log_path=work / "mlflow.log",

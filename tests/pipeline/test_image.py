@@ -27,6 +27,8 @@ from components.image import IMAGE
 from kfp.local import docker_task_handler, status
 from kfp_support import ROOT, DvcRemote, Run, assert_promoted, run_pipeline_locally, user_project
 
+from project_support import empty_store
+
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.filterwarnings("ignore:Task '[a-z]+'. settings:UserWarning"),
@@ -177,7 +179,8 @@ def image_run(
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(docker_task_handler, "DockerTaskHandler", BuildahTaskHandler)
         runner = lambda env: kfp.local.DockerRunner(environment=env)  # noqa: E731
-        with run_pipeline_locally(work, dvc_remote, params_file, runner) as run:
+        store = empty_store(tmp_path_factory, work / "mlflow.db")
+        with run_pipeline_locally(work, dvc_remote, params_file, runner, store) as run:
             yield run
 
 

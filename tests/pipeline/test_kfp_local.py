@@ -27,7 +27,7 @@ from kfp_support import (
     user_project,
 )
 
-from project_support import commit_all, run_tool
+from project_support import commit_all, empty_store, run_tool
 from switchprune.data import export_digits
 from switchprune.dvcfiles import dvc_md5
 
@@ -58,7 +58,8 @@ def kfp_run(
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TMPDIR", str(scratch))  # the tasks' scratch space, checked after the run
         runner = lambda env: kfp.local.SubprocessRunner(use_venv=False)  # noqa: E731
-        with run_pipeline_locally(work, dvc_remote, params_file, runner) as run:
+        store = empty_store(tmp_path_factory, work / "mlflow.db")
+        with run_pipeline_locally(work, dvc_remote, params_file, runner, store) as run:
             yield run
 
 
