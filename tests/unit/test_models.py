@@ -7,11 +7,19 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from model_support import REPRESENTATIVE_ARCHS
+from model_support import ALL_ARCH_PARAMS, REPRESENTATIVE_ARCHS
 from switchprune.config import OWN_ARCHS, ModelConfig
 from switchprune.cost import CostModel
 from switchprune.evaluation import count_macs, count_params
-from switchprune.models import ARCHS, Gate, ModelSpec, build_model, spec_from_config
+from switchprune.models import (
+    ARCHS,
+    Gate,
+    ModelSpec,
+    build_model,
+    build_with_state,
+    is_user_arch,
+    spec_from_config,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -81,6 +89,31 @@ def test_spec_round_trip_rebuilds_same_network(arch, tiny_net, in_shapes):
     x = _batch(in_shapes[arch])
     with torch.no_grad():
         assert torch.equal(clone.eval()(x), model(x))
+
+
+@pytest.mark.parametrize("arch", ALL_ARCH_PARAMS)
+def test_a_network_built_to_hold_a_state_is_the_network_it_came_from(arch, tiny_net, in_shapes):
+    """``build_with_state`` leaves a known network's weights uninitialised for the state to
+    fill: every tensor such a network holds must be in its state dict, and nothing stays on
+    the meta device."""
+    model = tiny_net(arch)
+    if not is_user_arch(arch):
+        named = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+        assert named == set(model.state_dict())
+        plain = [
+            (name, key)
+            for name, m in model.named_modules()
+            for key, value in vars(m).items()
+            if isinstance(value, torch.Tensor)
+        ]
+        assert plain == [], "tensors outside parameters and buffers would not be filled"
+    rebuilt = build_with_state(model.spec, model.state_dict()).eval()
+    assert not any(t.is_meta for t in [*rebuilt.parameters(), *rebuilt.buffers()])
+    x = _batch(in_shapes[arch])
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), model(x))
+    with pytest.raises(RuntimeError, match="Missing key"):
+        build_with_state(model.spec, dict(list(model.state_dict().items())[1:]))
 
 
 def test_unknown_architecture_is_refused():
