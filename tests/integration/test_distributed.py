@@ -178,17 +178,13 @@ def snn_steps_agreed(stderr: str) -> int:
 
 KILLER = '''"""``switchprune``; rank 1 SIGKILLs itself at training forward KILL_AT, once."""
 import atexit
-import gc
 import os
 import signal
-import sys
 from pathlib import Path
 
-from switchprune.cli import GC_THRESHOLD, main
-
-gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])  # as the command's own entry point
 import torch
 
+from switchprune.cli import entry
 from switchprune.models import TaskNet
 
 attempt, rank = os.environ["TORCHELASTIC_RESTART_COUNT"], os.environ["RANK"]
@@ -208,9 +204,7 @@ def count(module, args):
 
 torch.nn.modules.module.register_module_forward_pre_hook(count)
 atexit.register(lambda: Path(f"forwards.{attempt}.{rank}").write_text(str(forwards[0])))
-code = main(sys.argv[1:])
-gc.freeze()
-sys.exit(code)
+entry()  # the command's own entry point, arguments from sys.argv
 '''
 # An epoch is 21 TNN steps (the magnitude scorer's SNN steps run no forward), and the baseline
 # trains its 3 epochs after the switched run: the 32nd forward is the middle of the switched
