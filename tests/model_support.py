@@ -11,8 +11,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from switchprune.config import ModelConfig
-from switchprune.models import TaskNet, build_model, is_user_arch, spec_from_config
+from switchprune.config import TORCHVISION_ARCHS, ModelConfig
+from switchprune.models import TaskNet, build_model, spec_from_config
+from switchprune.models.zoo import build_graph_model
 
 # Small inputs keep every architecture well under a second on a CPU. 8x8 digits for the plain
 # nets (LeNet pads its convs and keeps a 2x2 map before flattening), 16x16 RGB for the conv nets.
@@ -101,17 +102,15 @@ def build_tiny_net(arch: str, seed: int = 0) -> TaskNet:
     """
     torch.manual_seed(seed)
     spec = spec_from_config(model_config(arch), IN_SHAPES[arch], NUM_CLASSES)
-    if is_user_arch(arch):
-        model = build_model(spec)
-    else:
-        # Every weight is drawn below: skip the library's initialisation, which a torchvision
-        # network runs at full width before it is cut to its quarter widths.
-        with torch.device("meta"):
-            model = build_model(spec)
-        model = model.to_empty(device="cpu")
+    if arch in TORCHVISION_ARCHS:
+        # Every weight is drawn below: skip torchvision's initialisation, which is drawn at full
+        # width before the network is cut to its quarter widths.
+        model = build_graph_model(spec, initialise=False)
         for m in model.modules():
             if hasattr(m, "reset_parameters"):
                 m.reset_parameters()  # BatchNorm's statistics, and any other layer's defaults
+    else:
+        model = build_model(spec)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for m in model.modules():

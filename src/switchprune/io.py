@@ -482,7 +482,7 @@ def load_model_file(path: Path) -> tuple[TaskNet, dict[str, Any]]:
             raise ArtifactError(
                 f"{path}: its spec does not match its weights (first mismatch: {bad[0]!r})"
             )
-        model = build_with_state(spec, state, meta=skeleton)
+        model = build_with_state(spec, state)
     except GraphError as exc:
         # The network's own code (its source missing, changed or failing), not the file.
         raise ArtifactError(f"cannot build the network of {path}: {exc}") from exc

@@ -18,6 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from types import ModuleType
 
+import torch
 from torch import nn
 
 from switchprune.config import TORCHVISION_ARCHS
@@ -55,14 +56,18 @@ def default_small_input(in_shape: tuple[int, int, int]) -> bool:
     return max(in_shape[1], in_shape[2]) <= 64
 
 
-def build_graph_model(spec: ModelSpec) -> GraphNet:
+def build_graph_model(spec: ModelSpec, *, initialise: bool = True) -> GraphNet:
     """Build the full-width network of ``spec``, then cut it to ``spec.kept`` when set.
+
+    ``initialise=False`` leaves a torchvision network's weights as allocated, for a state dict
+    to fill (see :func:`switchprune.models.build_with_state`); a user's network is always
+    built as written.
 
     Raises:
         GraphError: If the builder fails, the user's file changed, or the built network's
             groups do not match the spec.
     """
-    net, digest = _build_net(spec)
+    net, digest = _build_net(spec, initialise)
     if spec.source_sha256 and digest != spec.source_sha256:
         raise _changed(spec.arch.rsplit(":", 1)[0], digest, spec.source_sha256)
     check_supported(net)
@@ -121,12 +126,18 @@ def _changed(where: str, digest: str, recorded: str) -> GraphError:
     )
 
 
-def _build_net(spec: ModelSpec) -> tuple[nn.Module, str]:
+def _build_net(spec: ModelSpec, initialise: bool = True) -> tuple[nn.Module, str]:
     in_channels = spec.in_shape[0]
     if spec.arch in TORCHVISION:
         small = bool(spec.options.get("small_input", default_small_input(spec.in_shape)))
-        net = _torchvision(spec.arch, spec.num_classes, in_channels, small, spec.in_shape[1:])
-        return net, ""
+        args = (spec.arch, spec.num_classes, in_channels, small, spec.in_shape[1:])
+        if initialise:
+            return _torchvision(*args), ""
+        # Constructed on the meta device, then given real memory: the graph is traced and cut
+        # with CPU tensors (quick), and no full-width random initialisation is drawn.
+        with torch.device("meta"):
+            net = _torchvision(*args)
+        return net.to_empty(device="cpu"), ""
     try:
         builder, digest = _user_builder(spec.arch, spec.source_sha256)
     except GraphError as exc:
